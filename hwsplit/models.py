@@ -1,0 +1,314 @@
+"""Model families as data: per-layer widths and strides, keyword-only builders, a registry by name.
+
+A family's architecture is a plain, JSON-serialisable dict (``architecture(model)``); the same dict
+plus a state dict rebuilds the same model (``model_from_architecture``). Growth changes only widths.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "silu": nn.SiLU,
+    "relu": nn.ReLU,
+    "relu6": nn.ReLU6,
+    "hardswish": nn.Hardswish,
+    "gelu": nn.GELU,
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
+}
+
+# MobileNetV1 body: (width, stride) of each depthwise-separable block after the stem.
+MOBILENET_V1_STANDARD = {
+    "stem": 32,
+    "blocks": [(64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2)] + [(512, 1)] * 5
+    + [(1024, 2), (1024, 1)],
+}
+# The paper's CIFAR-10 seed (arXiv:1910.03103, §5): 8, 8, 8/s2, 8, 16/s2, 16, 24/s2, 24 ×5, 32/s2, 32.
+MOBILENET_V1_CIFAR_SEED = {
+    "stem": 8,
+    "blocks": [(8, 1), (8, 2), (8, 1), (16, 2), (16, 1), (24, 2)] + [(24, 1)] * 5 + [(32, 2), (32, 1)],
+}
+MOBILENET_V1_CONFIGS = {"standard": MOBILENET_V1_STANDARD, "cifar_seed": MOBILENET_V1_CIFAR_SEED}
+
+
+def _activation(name: str) -> nn.Module:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation: expected one of {sorted(ACTIVATIONS)}, got {name!r}")
+    return ACTIVATIONS[name]()
+
+
+class ConvBNAct(nn.Sequential):
+    """Conv2d (no bias) → BatchNorm2d → activation, with children named conv, bn, act."""
+
+    def __init__(self, in_channels: int, out_channels: int, *, kernel: int, stride: int, groups: int,
+                 activation: str) -> None:
+        super().__init__(OrderedDict(
+            conv=nn.Conv2d(in_channels, out_channels, kernel, stride, kernel // 2, groups=groups, bias=False),
+            bn=nn.BatchNorm2d(out_channels),
+            act=_activation(activation),
+        ))
+
+
+class DepthwiseSeparable(nn.Module):
+    """MobileNetV1 block: depthwise 3×3 (stride s) → BN → act → pointwise 1×1 → BN → act."""
+
+    def __init__(self, in_channels: int, out_channels: int, *, stride: int, activation: str) -> None:
+        super().__init__()
+        self.dw = ConvBNAct(in_channels, in_channels, kernel=3, stride=stride, groups=in_channels,
+                            activation=activation)
+        self.pw = ConvBNAct(in_channels, out_channels, kernel=1, stride=1, groups=1, activation=activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pw(self.dw(x))
+
+
+@dataclass(frozen=True)
+class MobileNetV1Spec:
+    """A MobileNetV1 as data. ``stem_stride`` is 1 for CIFAR-sized inputs, 2 for ImageNet."""
+
+    stem_width: int
+    widths: tuple[int, ...]
+    strides: tuple[int, ...]
+    stem_stride: int = 1
+    num_classes: int = 10
+    in_channels: int = 3
+    activation: str = "silu"
+    dropout: float = 0.0
+    family: str = field(default="mobilenet_v1", init=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.stem_width, int) or self.stem_width < 1:
+            raise ValueError(f"stem_width: expected a positive integer, got {self.stem_width!r}")
+        if len(self.widths) != len(self.strides):
+            raise ValueError(f"widths: {len(self.widths)} widths for {len(self.strides)} strides")
+        if not self.widths:
+            raise ValueError("widths: at least one block is needed")
+        for i, w in enumerate(self.widths):
+            if not isinstance(w, int) or w < 1:
+                raise ValueError(f"widths[{i}]: expected a positive integer, got {w!r}")
+        for i, s in enumerate(self.strides):
+            if s not in (1, 2):
+                raise ValueError(f"strides[{i}]: expected 1 or 2, got {s!r}")
+        if self.stem_stride not in (1, 2):
+            raise ValueError(f"stem_stride: expected 1 or 2, got {self.stem_stride!r}")
+        if not isinstance(self.num_classes, int) or self.num_classes < 1:
+            raise ValueError(f"num_classes: expected a positive integer, got {self.num_classes!r}")
+        if not isinstance(self.in_channels, int) or self.in_channels < 1:
+            raise ValueError(f"in_channels: expected a positive integer, got {self.in_channels!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout: expected 0 <= dropout < 1, got {self.dropout!r}")
+        _activation(self.activation)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"family": self.family, "stem_width": self.stem_width, "widths": list(self.widths),
+                "strides": list(self.strides), "stem_stride": self.stem_stride,
+                "num_classes": self.num_classes, "in_channels": self.in_channels,
+                "activation": self.activation, "dropout": self.dropout}
+
+
+class MobileNetV1(nn.Module):
+    """MobileNetV1 (Howard et al., 2017) built from a :class:`MobileNetV1Spec`.
+
+    Children: ``stem`` (ConvBNAct), ``blocks`` (Sequential of DepthwiseSeparable), ``pool``,
+    ``flatten``, ``dropout``, ``classifier``. Widths are read back from the modules, so a model
+    grown by :func:`hwsplit.apply_split` reports its new widths.
+    """
+
+    def __init__(self, spec: MobileNetV1Spec) -> None:
+        super().__init__()
+        self._spec = spec
+        self.stem = ConvBNAct(spec.in_channels, spec.stem_width, kernel=3, stride=spec.stem_stride, groups=1,
+                              activation=spec.activation)
+        blocks = []
+        prev = spec.stem_width
+        for width, stride in zip(spec.widths, spec.strides):
+            blocks.append(DepthwiseSeparable(prev, width, stride=stride, activation=spec.activation))
+            prev = width
+        self.blocks = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten(1)
+        self.dropout = nn.Dropout(spec.dropout)
+        self.classifier = nn.Linear(prev, spec.num_classes)
+        _init_weights(self)
+
+    @property
+    def spec(self) -> MobileNetV1Spec:
+        """The spec with the widths the modules have now."""
+        return MobileNetV1Spec(
+            stem_width=self.stem.conv.out_channels,
+            widths=tuple(b.pw.conv.out_channels for b in self.blocks),
+            strides=self._spec.strides, stem_stride=self._spec.stem_stride,
+            num_classes=self._spec.num_classes, in_channels=self._spec.in_channels,
+            activation=self._spec.activation, dropout=self._spec.dropout,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(self.stem(x))
+        return self.classifier(self.dropout(self.flatten(self.pool(x))))
+
+
+@dataclass(frozen=True)
+class MLPSpec:
+    """A multi-layer perceptron as data: hidden widths, activation, optional BatchNorm1d."""
+
+    in_features: int
+    widths: tuple[int, ...]
+    num_classes: int = 10
+    activation: str = "silu"
+    batchnorm: bool = False
+    family: str = field(default="mlp", init=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.in_features, int) or self.in_features < 1:
+            raise ValueError(f"in_features: expected a positive integer, got {self.in_features!r}")
+        if not self.widths:
+            raise ValueError("widths: at least one hidden layer is needed")
+        for i, w in enumerate(self.widths):
+            if not isinstance(w, int) or w < 1:
+                raise ValueError(f"widths[{i}]: expected a positive integer, got {w!r}")
+        if not isinstance(self.num_classes, int) or self.num_classes < 1:
+            raise ValueError(f"num_classes: expected a positive integer, got {self.num_classes!r}")
+        _activation(self.activation)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"family": self.family, "in_features": self.in_features, "widths": list(self.widths),
+                "num_classes": self.num_classes, "activation": self.activation, "batchnorm": self.batchnorm}
+
+
+class MLP(nn.Module):
+    """Flatten → [Linear → (BatchNorm1d) → act] × len(widths) → Linear. Hidden layers in ``hidden``."""
+
+    def __init__(self, spec: MLPSpec) -> None:
+        super().__init__()
+        self._spec = spec
+        self.flatten = nn.Flatten(1)
+        layers = []
+        prev = spec.in_features
+        for w in spec.widths:
+            parts = OrderedDict(fc=nn.Linear(prev, w))
+            if spec.batchnorm:
+                parts["bn"] = nn.BatchNorm1d(w)
+            parts["act"] = _activation(spec.activation)
+            layers.append(nn.Sequential(parts))
+            prev = w
+        self.hidden = nn.Sequential(*layers)
+        self.classifier = nn.Linear(prev, spec.num_classes)
+
+    @property
+    def spec(self) -> MLPSpec:
+        return MLPSpec(in_features=self._spec.in_features, widths=tuple(h.fc.out_features for h in self.hidden),
+                       num_classes=self._spec.num_classes, activation=self._spec.activation,
+                       batchnorm=self._spec.batchnorm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.hidden(self.flatten(x)))
+
+
+def _init_weights(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0.0, 0.01)
+            nn.init.zeros_(m.bias)
+
+
+# --------------------------------------------------------------------------------------------
+# Builders and registry
+# --------------------------------------------------------------------------------------------
+
+def mobilenet_v1(*, config: str = "standard", width_mult: float = 1.0, num_classes: int = 1000,
+                 resolution: int = 224, in_channels: int = 3, activation: str | None = None,
+                 widths: list[int] | None = None, stem_width: int | None = None,
+                 strides: list[int] | None = None, stem_stride: int | None = None,
+                 dropout: float = 0.0) -> MobileNetV1:
+    """MobileNetV1 from a named config ("standard" or "cifar_seed") scaled by ``width_mult``.
+
+    ``stem_stride`` defaults to 2 for ``resolution`` ≥ 64 (ImageNet stem) and 1 below (CIFAR stem).
+    ``activation`` defaults to ReLU for "standard" and SiLU (the paper's growth models) for
+    "cifar_seed". Explicit ``widths``/``stem_width``/``strides`` override the config.
+    """
+    if config not in MOBILENET_V1_CONFIGS:
+        raise ValueError(f"config: expected one of {sorted(MOBILENET_V1_CONFIGS)}, got {config!r}")
+    if not width_mult > 0:
+        raise ValueError(f"width_mult: expected a positive number, got {width_mult!r}")
+    if not isinstance(resolution, int) or resolution < 1:
+        raise ValueError(f"resolution: expected a positive integer, got {resolution!r}")
+    base = MOBILENET_V1_CONFIGS[config]
+    scale = (lambda c: max(1, int(round(c * width_mult))))
+    spec = MobileNetV1Spec(
+        stem_width=stem_width if stem_width is not None else scale(base["stem"]),
+        widths=tuple(widths) if widths is not None else tuple(scale(w) for w, _ in base["blocks"]),
+        strides=tuple(strides) if strides is not None else tuple(s for _, s in base["blocks"]),
+        stem_stride=stem_stride if stem_stride is not None else (2 if resolution >= 64 else 1),
+        num_classes=num_classes, in_channels=in_channels,
+        activation=activation or ("relu" if config == "standard" else "silu"), dropout=dropout,
+    )
+    return MobileNetV1(spec)
+
+
+def mlp(*, in_features: int = 64, widths: list[int] | tuple[int, ...] = (32, 32), num_classes: int = 10,
+        activation: str = "silu", batchnorm: bool = False, **_: Any) -> MLP:
+    """A multi-layer perceptron (``in_features`` inputs, flattened)."""
+    return MLP(MLPSpec(in_features=in_features, widths=tuple(widths), num_classes=num_classes,
+                       activation=activation, batchnorm=batchnorm))
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "mobilenet_v1": mobilenet_v1,
+    "mobilenet_v1_cifar": lambda **kw: mobilenet_v1(**{"config": "cifar_seed", "resolution": 32,
+                                                        "num_classes": 10, **kw}),
+    "mlp": mlp,
+}
+
+
+def available_models() -> list[str]:
+    return sorted(MODELS)
+
+
+def build_model(name: str, **options: Any) -> nn.Module:
+    """Build a registered model family by name, e.g. ``build_model("mobilenet_v1", width_mult=0.5)``."""
+    if name not in MODELS:
+        raise ValueError(f"model: unknown name {name!r}; available: {', '.join(available_models())}")
+    return MODELS[name](**options)
+
+
+_SPEC_TYPES = {"mobilenet_v1": (MobileNetV1Spec, MobileNetV1), "mlp": (MLPSpec, MLP)}
+
+
+def architecture(model: nn.Module) -> dict[str, Any]:
+    """The model's current architecture as a JSON-serialisable dict (its family and widths)."""
+    spec = getattr(model, "spec", None)
+    if spec is None or not hasattr(spec, "to_dict"):
+        raise ValueError(f"model: {type(model).__name__} is not an hwsplit model family")
+    return spec.to_dict()
+
+
+def model_from_architecture(arch: dict[str, Any], state_dict: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """Rebuild a model from :func:`architecture`'s dict (and load ``state_dict`` if given)."""
+    arch = copy.deepcopy(dict(arch))
+    family = arch.pop("family", None)
+    if family not in _SPEC_TYPES:
+        raise ValueError(f"family: unknown model family {family!r}; known: {sorted(_SPEC_TYPES)}")
+    spec_type, model_type = _SPEC_TYPES[family]
+    for key in ("widths", "strides"):
+        if key in arch:
+            arch[key] = tuple(arch[key])
+    try:
+        spec = spec_type(**arch)
+    except TypeError as err:
+        raise ValueError(f"architecture: {err}") from None
+    model = model_type(spec)
+    if state_dict is not None:
+        model.load_state_dict(state_dict)
+    return model

@@ -1,0 +1,489 @@
+"""Splitting indices: the minimum eigenvalue of each neuron's splitting matrix (DESIGN.md §2).
+
+For a neuron group with producer P and per-channel chain a_j(θ_j; x) (BatchNorm, activation,
+optionally depthwise conv → BatchNorm → activation), the splitting matrix of channel j is
+
+    S_j = E_x [ Σ_positions ⟨ ∂L/∂a_j , ∇²_θ a_j(θ_j; x) ⟩ ]        (Wu et al. 2019, eq. 4;
+                                                                     Wang et al. 2019, §3)
+
+the Hessian in θ = P.weight of the scalar ⟨g, a(θ)⟩ with the downstream gradient g held fixed.
+S·V for every channel at once is one Hessian-vector product of that scalar on the local chain
+(forward-over-reverse, ``torch.func.jvp`` of ``torch.func.grad``); it is block-diagonal by
+construction because channel j depends only on row j of P.weight.
+
+* ``method="exact"`` accumulates every S_j (n·d² memory) and calls ``torch.linalg.eigh``.
+* ``method="rayleigh"`` is the paper's fast method (Wang et al. 2019, §4): minimise the Rayleigh
+  quotient R(v) = vᵀSv / vᵀv by stochastic gradient 2(Sv − Rv)/‖v‖² with RMSprop, renormalising
+  v after every step; O(n·d) memory. The eigenvalue is then estimated with v fixed.
+
+Kinked activations (ReLU, ReLU6, Hardswish, LeakyReLU) have σ'' = 0 almost everywhere; they are
+scored through a softplus surrogate of sharpness ``surrogate_beta`` (3, as in the paper's code):
+relu → softplus_β(x); relu6 → softplus_β(x) − softplus_β(x − 6); hardswish → x·(softplus_β(x + 3) −
+softplus_β(x − 3))/6; leaky_relu(s) → s·x + (1 − s)·softplus_β(x). SiLU, GELU, tanh, sigmoid, ELU,
+softplus and mish are used exactly.
+
+BatchNorm is frozen at its running statistics while scoring. The model's parameters, buffers,
+gradients and train/eval modes are exactly as before afterwards.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import operator
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from hwsplit.distributed import sum_across_ranks
+from hwsplit.graph import NeuronGroup, find_neuron_groups, trace
+
+log = logging.getLogger(__name__)
+
+KINKED = ("relu", "relu6", "hardswish", "leaky_relu")
+METHODS = ("rayleigh", "exact")
+
+
+@dataclass
+class SplitScore:
+    """Splitting indices of one neuron group.
+
+    eigenvalues: (n,) λ_min(S_j) per output channel, in units of loss (a split with step ε changes
+    the loss by ε²λ/2). eigenvectors: (n, *producer.weight.shape[1:]), unit norm per channel.
+    """
+
+    eigenvalues: torch.Tensor
+    eigenvectors: torch.Tensor
+    method: str = "rayleigh"
+    group: NeuronGroup | None = None  # the coupling the score was computed for; surgery follows it
+
+    def __len__(self) -> int:
+        return int(self.eigenvalues.numel())
+
+
+# --------------------------------------------------------------------------------------------
+# The local chain, as pure functions of the producer weight
+# --------------------------------------------------------------------------------------------
+
+def activation_fn(name: str, kwargs: dict[str, Any] | None = None, *,
+                  surrogate_beta: float = 3.0) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The activation used for scoring: exact where σ'' exists, a softplus surrogate where kinked."""
+    kw = dict(kwargs or {})
+    b = surrogate_beta
+
+    def sp(x: torch.Tensor) -> torch.Tensor:
+        return F.softplus(x, beta=b)
+
+    table: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+        "relu": sp,
+        "relu6": lambda x: sp(x) - sp(x - 6.0),
+        "hardswish": lambda x: x * (sp(x + 3.0) - sp(x - 3.0)) / 6.0,
+        "leaky_relu": lambda x: kw.get("negative_slope", 0.01) * x
+        + (1 - kw.get("negative_slope", 0.01)) * sp(x),
+        "silu": F.silu,
+        "gelu": lambda x: F.gelu(x, approximate=kw.get("approximate", "none")),
+        "tanh": torch.tanh,
+        "sigmoid": torch.sigmoid,
+        "elu": lambda x: F.elu(x, alpha=kw.get("alpha", 1.0)),
+        "softplus": lambda x: F.softplus(x, beta=kw.get("beta", 1.0), threshold=kw.get("threshold", 20.0)),
+        "mish": F.mish,
+    }
+    if name not in table:
+        raise ValueError(f"activation: no scoring rule for {name!r}")
+    return table[name]
+
+
+class LocalChain:
+    """a(θ; x) of one group: producer with weight θ, then its per-channel chain, all frozen.
+
+    The chain is split at its depthwise conv L (if any) into elementwise maps E1 before and E2
+    after it: a = E2(L(E1(conv(x, θ)))). The Hessian-vector product of ⟨g, a⟩ is then computed in
+    closed form from first and second derivatives of E1, E2 (elementwise) and forward/transposed
+    convolutions (no double backward through the network, which is slow for depthwise convs):
+
+        ḣ = conv(x, V);  ż = L(E1'(h) ḣ);  g_s = Lᵀ(g E2'(z))
+        ġh = E1'(h) Lᵀ(g E2''(z) ż) + g_s E1''(h) ḣ;   S·V = ∂⟨ġh, conv(x, θ)⟩/∂θ
+    """
+
+    def __init__(self, model: nn.Module, group: NeuronGroup, *, surrogate_beta: float) -> None:
+        self.group = group
+        self.producer = model.get_submodule(group.producer)
+        self.pre: list[Callable[[torch.Tensor], torch.Tensor]] = []
+        self.post: list[Callable[[torch.Tensor], torch.Tensor]] = []
+        self.dw: nn.Conv2d | None = None
+        for op in group.chain:
+            stage = self.pre if self.dw is None else self.post
+            if op.kind == "bn":
+                stage.append(_frozen_bn(model.get_submodule(op.target)))
+            elif op.kind == "act":
+                stage.append(activation_fn(op.activation, dict(op.kwargs), surrogate_beta=surrogate_beta))
+            elif op.kind == "dwconv":
+                self.dw = model.get_submodule(op.target)
+        self.kinked = [op.activation for op in group.chain if op.kind == "act" and op.activation in KINKED]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.producer.weight.detach()
+
+    def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: bool) -> torch.Tensor:
+        p = self.producer
+        b = p.bias.detach() if bias and p.bias is not None else None
+        if isinstance(p, nn.Conv2d):
+            return F.conv2d(x, weight, b, p.stride, p.padding, p.dilation, 1)
+        return F.linear(x, weight, b)
+
+    def _dw(self, s: torch.Tensor, bias: bool) -> torch.Tensor:
+        d = self.dw
+        b = d.bias.detach() if bias and d.bias is not None else None
+        return F.conv2d(s, d.weight.detach(), b, d.stride, d.padding, d.dilation, d.groups)
+
+    def _dw_transposed(self, grad: torch.Tensor, input_shape: torch.Size) -> torch.Tensor:
+        d = self.dw
+        return torch.nn.grad.conv2d_input(input_shape, d.weight.detach(), grad, d.stride, d.padding, d.dilation,
+                                          d.groups)
+
+    def _weight_grad(self, x: torch.Tensor, grad_h: torch.Tensor) -> torch.Tensor:
+        p = self.producer
+        if isinstance(p, nn.Conv2d):
+            return torch.nn.grad.conv2d_weight(x, p.weight.shape, grad_h, p.stride, p.padding, p.dilation, 1)
+        return grad_h.reshape(-1, grad_h.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+
+    def __call__(self, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """a(θ; x) for all channels at once (the reference definition of the chain)."""
+        h = self._linear(x, weight, True)
+        for step in self.pre:
+            h = step(h)
+        if self.dw is not None:
+            h = self._dw(h, True)
+            for step in self.post:
+                h = step(h)
+        return h
+
+    def prepare(self, x: torch.Tensor, g: torch.Tensor) -> dict[str, Any]:
+        """Everything S·V needs that does not depend on V, for one batch."""
+        h = self._linear(x, self.weight, True)
+        s, e1, e1_2 = _elementwise_derivatives(self.pre, h)
+        ctx: dict[str, Any] = {"x": x, "e1": e1}
+        if self.dw is None:
+            ctx["w2"] = g * e1_2  # ġh = g E''(h) ḣ
+            return ctx
+        z = self._dw(s, True)
+        _, e2, e2_2 = _elementwise_derivatives(self.post, z)
+        ctx.update(s_shape=s.shape, gz2=g * e2_2, gs_e1_2=self._dw_transposed(g * e2, s.shape) * e1_2)
+        return ctx
+
+    def hvp_prepared(self, ctx: dict[str, Any], tangent: torch.Tensor) -> torch.Tensor:
+        x = ctx["x"]
+        h_dot = self._linear(x, tangent, False)
+        if self.dw is None:
+            return self._weight_grad(x, ctx["w2"] * h_dot)
+        z_dot = self._dw(ctx["e1"] * h_dot, False)
+        gh_dot = ctx["e1"] * self._dw_transposed(ctx["gz2"] * z_dot, ctx["s_shape"]) + ctx["gs_e1_2"] * h_dot
+        return self._weight_grad(x, gh_dot)
+
+    def hvp(self, x: torch.Tensor, g: torch.Tensor, tangent: torch.Tensor) -> torch.Tensor:
+        """S·V for every channel: the Hessian of ⟨g, a(θ)⟩ at θ = P.weight applied to ``tangent``."""
+        return self.hvp_prepared(self.prepare(x, g), tangent)
+
+
+def _elementwise_derivatives(steps: list[Callable[[torch.Tensor], torch.Tensor]],
+                             h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """E(h), E'(h), E''(h) of the composition of elementwise maps ``steps`` (BN affine, activations)."""
+    if not steps:
+        return h, torch.ones_like(h), torch.zeros_like(h)
+    with torch.enable_grad():
+        h = h.detach().requires_grad_(True)
+        out = h
+        for step in steps:
+            out = step(out)
+        (d1,) = torch.autograd.grad(out.sum(), h, create_graph=True)
+        if d1.requires_grad:
+            (d2,) = torch.autograd.grad(d1.sum(), h)
+        else:
+            d2 = torch.zeros_like(h)
+    return out.detach(), d1.detach(), d2.detach()
+
+
+def _frozen_bn(bn: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    mean, var = bn.running_mean.detach(), bn.running_var.detach()
+    w = bn.weight.detach() if bn.weight is not None else None
+    b = bn.bias.detach() if bn.bias is not None else None
+    return lambda h: F.batch_norm(h, mean, var, w, b, False, 0.0, bn.eps)
+
+
+def _frozen_dw(dw: nn.Conv2d) -> Callable[[torch.Tensor], torch.Tensor]:
+    w = dw.weight.detach()
+    b = dw.bias.detach() if dw.bias is not None else None
+    return lambda h: F.conv2d(h, w, b, dw.stride, dw.padding, dw.dilation, dw.groups)
+
+
+# --------------------------------------------------------------------------------------------
+# One forward/backward of the whole network: producer inputs x and chain-end gradients g
+# --------------------------------------------------------------------------------------------
+
+_INPLACE_FUNCTIONS = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+                      operator.itruediv: operator.truediv}
+
+
+class _Recorder(fx.Interpreter):
+    """Runs the traced model with every in-place op made out-of-place, keeping chosen node values.
+
+    In-place activations (``nn.ReLU(inplace=True)``, ``out += identity``) would otherwise overwrite
+    the tensors scoring reads after the forward pass.
+    """
+
+    def __init__(self, gm: fx.GraphModule, keep: set[str]) -> None:
+        super().__init__(gm)
+        self.keep = keep
+        self.values: dict[str, torch.Tensor] = {}
+        self._out_of_place: dict[str, nn.Module] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if n.name in self.keep:
+            self.values[n.name] = out
+        return out
+
+    def call_module(self, target: str, args: tuple, kwargs: dict) -> Any:
+        module = self.fetch_attr(target)
+        if getattr(module, "inplace", False) and not list(module.parameters(recurse=False)):
+            if target not in self._out_of_place:
+                clone = copy.copy(module)
+                clone.inplace = False
+                self._out_of_place[target] = clone
+            module = self._out_of_place[target]
+        return module(*args, **kwargs)
+
+    def call_function(self, target: Any, args: tuple, kwargs: dict) -> Any:
+        target = _INPLACE_FUNCTIONS.get(target, target)
+        if kwargs.get("inplace"):
+            kwargs = {**kwargs, "inplace": False}
+        return super().call_function(target, args, kwargs)
+
+    def call_method(self, target: str, args: tuple, kwargs: dict) -> Any:
+        if target.endswith("_") and not target.startswith("_") and hasattr(torch.Tensor, target[:-1]):
+            target = target[:-1]
+        return super().call_method(target, args, kwargs)
+
+
+@dataclass
+class _Batch:
+    weight: float  # share of this batch in the expectation over the data
+    inputs: dict[str, torch.Tensor]  # producer input x per group
+    grads: dict[str, torch.Tensor]  # ∂L/∂a at the chain end per group
+
+
+def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    p = next(model.parameters())
+    return p.device, p.dtype
+
+
+def _batches(model: nn.Module, gm: fx.GraphModule, groups: list[NeuronGroup], loader: Iterable,
+             loss_fn: Callable, total_samples: int, max_batches: int | None) -> Iterable[_Batch]:
+    """One forward and one backward of the network per batch (only down to the chain ends)."""
+    device, dtype = _model_device_dtype(model)
+    keep = {g.input_node for g in groups} | {g.output_node for g in groups}
+    for i, batch in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        x, y = batch[0], batch[1]
+        x = x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype)
+        y = y.to(device)
+        recorder = _Recorder(gm, keep)
+        with torch.enable_grad():
+            # Requiring grad at the input makes every chain end differentiable even when the
+            # model's parameters are frozen; parameter gradients are never computed.
+            x.requires_grad_(x.is_floating_point())
+            loss = loss_fn(recorder.run(x), y)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"scoring: the loss is {loss.item()} at batch {i}")
+            ends = [recorder.values[g.output_node] for g in groups]
+            grads = torch.autograd.grad(loss, ends, allow_unused=True)
+        yield _Batch(
+            weight=x.shape[0] / total_samples,
+            inputs={g.name: recorder.values[g.input_node].detach() for g in groups},
+            grads={g.name: (torch.zeros_like(e) if gr is None else gr.detach())
+                   for g, e, gr in zip(groups, ends, grads)},
+        )
+
+
+def _count_samples(loader: Iterable, max_batches: int | None) -> int:
+    size = getattr(loader, "dataset_size", None)
+    if size is None and hasattr(loader, "dataset"):
+        try:
+            size = len(loader.dataset)
+        except TypeError:
+            size = None
+    if size is None or max_batches is not None:
+        size = 0
+        for i, batch in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                break
+            size += batch[0].shape[0]
+    if hasattr(loader, "batch_size") and max_batches is not None and loader.batch_size:
+        size = min(size, max_batches * loader.batch_size)
+    return int(size)
+
+
+# --------------------------------------------------------------------------------------------
+# Public entry point
+# --------------------------------------------------------------------------------------------
+
+def splitting_indices(
+    model: nn.Module,
+    loader: Iterable,
+    *,
+    method: str = "rayleigh",
+    epochs: int = 1,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    device: str | torch.device | None = None,
+    groups: list[NeuronGroup] | None = None,
+    lr: float = 0.02,
+    alpha: float = 0.9,
+    surrogate_beta: float = 3.0,
+    seed: int = 0,
+    max_batches: int | None = None,
+    progress: Callable[[Iterable, str, int], Iterable] | None = None,
+) -> dict[str, SplitScore]:
+    """Splitting index λ_min(S_j) and direction v_j of every channel of every splittable group.
+
+    loader yields ``(inputs, targets)`` batches; ``loss_fn(output, targets)`` must return the
+    *mean* loss over the batch (default: cross entropy), so that S is an expectation over samples.
+    ``method="rayleigh"`` runs ``epochs`` passes of RMSprop (learning rate ``lr``, squared-gradient
+    decay ``alpha``) on the Rayleigh quotient, then one pass with v fixed to estimate λ;
+    ``method="exact"`` makes one pass. ``max_batches`` caps each pass. ``device`` moves the model
+    there for the call (default: where its parameters are). Returns ``{producer name: SplitScore}``
+    with tensors on the CPU.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+    if not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs: expected a positive integer, got {epochs!r}")
+    if not lr > 0:
+        raise ValueError(f"lr: expected a positive number, got {lr!r}")
+    if not surrogate_beta > 0:
+        raise ValueError(f"surrogate_beta: expected a positive number, got {surrogate_beta!r}")
+    loss_fn = loss_fn or F.cross_entropy
+    progress = progress or (lambda it, desc, total: it)
+
+    original_device, _ = _model_device_dtype(model)
+    if device is not None:
+        model.to(device)
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        if groups is None:
+            first = next(iter(loader))
+            device_now, dtype = _model_device_dtype(model)
+            groups = find_neuron_groups(model, first[0][:2].to(device=device_now, dtype=dtype))
+        groups = [g for g in groups if g.splittable]
+        if not groups:
+            log.info("no splittable neuron group in %s", type(model).__name__)
+            return {}
+        chains = {g.name: LocalChain(model, g, surrogate_beta=surrogate_beta) for g in groups}
+        for name, chain in chains.items():
+            if chain.kinked:
+                log.info("%s: scoring kinked %s through a softplus surrogate (beta=%g)", name,
+                         "/".join(sorted(set(chain.kinked))), surrogate_beta)
+        gm = trace(model)
+        total = _count_samples(loader, max_batches)
+        if total == 0:
+            raise ValueError("loader: yielded no samples")
+
+        def passes(desc: str) -> Iterable[_Batch]:
+            n_batches = len(loader) if hasattr(loader, "__len__") else None
+            if max_batches is not None and n_batches is not None:
+                n_batches = min(n_batches, max_batches)
+            return progress(_batches(model, gm, groups, loader, loss_fn, total, max_batches), desc, n_batches)
+
+        start = time.perf_counter()
+        if method == "exact":
+            scores = _exact(chains, passes)
+        else:
+            scores = _rayleigh(chains, passes, epochs=epochs, lr=lr, alpha=alpha, seed=seed)
+        log.info("scored %d neurons in %d groups (%s) in %.2f s", sum(len(s) for s in scores.values()),
+                 len(scores), method, time.perf_counter() - start)
+        return scores
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+        if device is not None:
+            model.to(original_device)
+
+
+def _exact(chains: dict[str, LocalChain], passes: Callable[[str], Iterable[_Batch]]) -> dict[str, SplitScore]:
+    """Every S_j, column by column: column k of all S_j is S·V with V = e_k in every row."""
+    acc: dict[str, torch.Tensor] = {}
+    for batch in passes("exact splitting matrices"):
+        for name, chain in chains.items():
+            w = chain.weight
+            n, d = w.shape[0], w[0].numel()
+            ctx = chain.prepare(batch.inputs[name], batch.grads[name])
+            if name not in acc:
+                acc[name] = torch.zeros(n, d, d, dtype=w.dtype, device=w.device)
+            eye = torch.eye(d, dtype=w.dtype, device=w.device)
+            for k in range(d):
+                tangent = eye[k].expand(n, d).reshape(w.shape)
+                acc[name][:, :, k] += batch.weight * chain.hvp_prepared(ctx, tangent).reshape(n, d)
+    scores = {}
+    for name, s in acc.items():
+        s = sum_across_ranks(s)
+        s = 0.5 * (s + s.transpose(1, 2))
+        evals, evecs = torch.linalg.eigh(s)
+        shape = chains[name].weight.shape
+        scores[name] = SplitScore(evals[:, 0].cpu(), evecs[:, :, 0].reshape(shape).cpu(), "exact",
+                                  chains[name].group)
+    return scores
+
+
+def _rayleigh(chains: dict[str, LocalChain], passes: Callable[[str], Iterable[_Batch]], *, epochs: int,
+              lr: float, alpha: float, seed: int, eps: float = 1e-8) -> dict[str, SplitScore]:
+    """Stochastic Rayleigh-quotient descent (Wang et al. 2019, §4, Algorithm 1), all groups at once."""
+    gen = torch.Generator().manual_seed(seed)
+    vs: dict[str, torch.Tensor] = {}
+    sq: dict[str, torch.Tensor] = {}
+    for name, chain in chains.items():
+        w = chain.weight
+        v = torch.randn(w.shape, generator=gen, dtype=torch.float64).to(device=w.device, dtype=w.dtype)
+        vs[name] = _normalise(v)
+        sq[name] = torch.zeros_like(w)
+    for epoch in range(epochs):
+        for batch in passes(f"rayleigh epoch {epoch + 1}/{epochs}"):
+            for name, chain in chains.items():
+                v = vs[name]
+                sv = sum_across_ranks(chain.hvp(batch.inputs[name], batch.grads[name], v))
+                r = _rowdot(v, sv)
+                grad = 2.0 * (sv - r * v)  # ‖v‖ = 1 after every step
+                sq[name].mul_(alpha).addcmul_(grad, grad, value=1 - alpha)
+                vs[name] = _normalise(v - lr * grad / (sq[name].sqrt() + eps))
+    # λ with v fixed, over one more pass (the batch weights make it an expectation over samples).
+    lam = {name: torch.zeros(v.shape[0], dtype=v.dtype, device=v.device) for name, v in vs.items()}
+    for batch in passes("rayleigh eigenvalues"):
+        for name, chain in chains.items():
+            sv = chain.hvp(batch.inputs[name], batch.grads[name], vs[name])
+            lam[name] += batch.weight * _rowdot(vs[name], sv).flatten()
+    return {name: SplitScore(sum_across_ranks(lam[name]).cpu(), vs[name].cpu(), "rayleigh", chain.group)
+            for name, chain in chains.items()}
+
+
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-channel dot products, shaped to broadcast against a (n, ...) tensor."""
+    return (a * b).flatten(1).sum(1).reshape(-1, *([1] * (a.dim() - 1)))
+
+
+def _normalise(v: torch.Tensor) -> torch.Tensor:
+    norms = v.flatten(1).norm(dim=1).clamp_min(1e-30)
+    return v / norms.reshape(-1, *([1] * (v.dim() - 1)))
+
+
+def predicted_loss_change(eigenvalue: float, step: float) -> float:
+    """ε²λ/2: the loss change of splitting a neuron with index λ at step ε (DESIGN.md §2)."""
+    return 0.5 * step * step * eigenvalue
+
+
+__all__ = ["SplitScore", "activation_fn", "splitting_indices", "predicted_loss_change", "LocalChain"]

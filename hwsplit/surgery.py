@@ -1,0 +1,131 @@
+"""Apply a split plan to a model: every chosen neuron becomes two offspring (function-preserving).
+
+Neuron j of a group with producer P, chain (BatchNorm, depthwise conv) and consumers C becomes
+two offspring (Wu et al. 2019, §3.1; Wang et al. 2019, eq. 2): incoming weights w_j + ε·v_j (in
+place) and w_j − ε·v_j (appended as a new channel at the end), BatchNorm and depthwise channels
+copied, and each consumer's input column(s) of j halved and duplicated. At ε = 0 the new model
+computes the same function. The coupling comes from the groups the scores were computed on
+(``SplitScore.group``); surgery never walks the model itself.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Mapping
+
+import torch
+import torch.nn as nn
+
+from hwsplit.graph import NeuronGroup
+from hwsplit.score import SplitScore
+
+log = logging.getLogger(__name__)
+
+
+def apply_split(model: nn.Module, plan: Mapping[str, torch.Tensor], scores: Mapping[str, SplitScore], *,
+                step: float = 1e-2, groups: Mapping[str, NeuronGroup] | None = None) -> nn.Module:
+    """A new model in which every channel of ``plan[name]`` (a LongTensor of indices) is split.
+
+    ``scores[name].eigenvectors`` (unit norm per channel) give the directions; ``step`` is ε in the
+    producer's weight units. ``groups`` overrides the coupling stored in the scores. The input
+    model is not modified; the returned model is a deep copy with widened modules of the same
+    types. Raises ``ValueError`` naming the group for a plan that does not fit the model.
+    """
+    if not step >= 0:
+        raise ValueError(f"step: expected a non-negative number, got {step!r}")
+    new = copy.deepcopy(model)
+    edits: list[tuple[NeuronGroup, torch.Tensor, torch.Tensor]] = []
+    for name, channels in plan.items():
+        channels = torch.as_tensor(channels, dtype=torch.long).flatten().cpu()
+        if channels.numel() == 0:
+            continue
+        if name not in scores:
+            raise ValueError(f"plan: group {name!r} has no score")
+        group = (groups or {}).get(name) or scores[name].group
+        if group is None:
+            raise ValueError(f"scores: {name!r} carries no neuron group; pass groups=")
+        if not group.splittable:
+            raise ValueError(f"plan: group {name!r} is not splittable ({group.reason})")
+        producer = new.get_submodule(group.producer)
+        width = producer.weight.shape[0]
+        if channels.unique().numel() != channels.numel():
+            raise ValueError(f"plan: group {name!r} lists a channel twice")
+        if channels.min() < 0 or channels.max() >= width:
+            raise ValueError(f"plan: group {name!r} has channels outside 0..{width - 1}")
+        directions = scores[name].eigenvectors
+        if directions.shape != producer.weight.shape:
+            raise ValueError(f"scores: {name!r} eigenvectors have shape {tuple(directions.shape)}, "
+                             f"the producer's weight {tuple(producer.weight.shape)}")
+        edits.append((group, channels, directions))
+
+    # Rows first, for every group, while every producer still has its old fan-in (the
+    # eigenvectors' shape); then the consumer columns, which may belong to another group's producer.
+    for group, channels, directions in edits:
+        _split_rows(new.get_submodule(group.producer), channels, directions, step)
+        for op in group.chain:
+            if op.kind == "bn":
+                _duplicate_bn(new.get_submodule(op.target), channels)
+            elif op.kind == "dwconv":
+                _duplicate_depthwise(new.get_submodule(op.target), channels)
+    for group, channels, _ in edits:
+        for consumer in group.consumers:
+            _halve_columns(new.get_submodule(consumer.name), channels, consumer.columns)
+        log.debug("split %d channels of %s", channels.numel(), group.name)
+    return new
+
+
+def _param(t: torch.Tensor, like: nn.Parameter) -> nn.Parameter:
+    return nn.Parameter(t.detach().clone(), requires_grad=like.requires_grad)
+
+
+def _split_rows(layer: nn.Module, channels: torch.Tensor, directions: torch.Tensor, step: float) -> None:
+    w = layer.weight.detach()
+    idx = channels.to(w.device)
+    delta = step * directions.to(device=w.device, dtype=w.dtype)[idx]
+    kept = w.clone()
+    kept[idx] = w[idx] + delta
+    layer.weight = _param(torch.cat([kept, w[idx] - delta]), layer.weight)
+    if layer.bias is not None:
+        layer.bias = _param(torch.cat([layer.bias.detach(), layer.bias.detach()[idx]]), layer.bias)
+    if isinstance(layer, nn.Conv2d):
+        layer.out_channels += len(channels)
+    else:
+        layer.out_features += len(channels)
+
+
+def _duplicate_bn(bn: nn.Module, channels: torch.Tensor) -> None:
+    idx = channels.to(bn.running_mean.device)
+    for name in ("weight", "bias"):
+        p = getattr(bn, name)
+        if p is not None:
+            setattr(bn, name, _param(torch.cat([p.detach(), p.detach()[idx]]), p))
+    for name in ("running_mean", "running_var"):
+        b = getattr(bn, name)
+        setattr(bn, name, torch.cat([b, b[idx]]))
+    bn.num_features += len(channels)
+
+
+def _duplicate_depthwise(dw: nn.Conv2d, channels: torch.Tensor) -> None:
+    idx = channels.to(dw.weight.device)
+    dw.weight = _param(torch.cat([dw.weight.detach(), dw.weight.detach()[idx]]), dw.weight)
+    if dw.bias is not None:
+        dw.bias = _param(torch.cat([dw.bias.detach(), dw.bias.detach()[idx]]), dw.bias)
+    k = len(channels)
+    dw.in_channels += k
+    dw.out_channels += k
+    dw.groups += k
+
+
+def _halve_columns(layer: nn.Module, channels: torch.Tensor, columns: int) -> None:
+    w = layer.weight.detach()
+    idx = channels.to(w.device)
+    # Input features of channel j: j·columns … (j+1)·columns − 1 (NCHW flatten order).
+    cols = (idx[:, None] * columns + torch.arange(columns, device=w.device)[None, :]).flatten()
+    w = w.clone()
+    w[:, cols] *= 0.5
+    layer.weight = _param(torch.cat([w, w[:, cols]], dim=1), layer.weight)
+    if isinstance(layer, nn.Conv2d):
+        layer.in_channels += len(channels)
+    else:
+        layer.in_features += len(cols)
