@@ -1,0 +1,411 @@
+"""Parametric descent: SGD training and evaluation of a classifier.
+
+The caller puts the model on its device; batches are moved there here. Mixed precision (autocast to
+float16 with a GradScaler) and channels-last memory format are used on CUDA only. On the CPU, two runs
+from the same seed, initial weights and loader seed give identical weights.
+
+Every cross-batch sum (loss, correct predictions, sample counts) goes through :func:`reduce_sum`, the
+one place that will add the partial sums of all ranks under ``torch.distributed``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = [
+    "TrainConfig",
+    "evaluate",
+    "make_optimizer",
+    "make_scheduler",
+    "reduce_sum",
+    "seed_everything",
+    "train",
+    "train_epoch",
+]
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[Iterable, str, int], Iterable]
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+_SCHEDULES = ("cosine", "step", "constant")
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of SGD training.
+
+    Attributes:
+        epochs: passes over the training loader (>= 1).
+        lr: peak learning rate (per unit loss gradient; > 0).
+        momentum: SGD momentum in [0, 1).
+        weight_decay: L2 coefficient (>= 0), applied to weights only, not to biases or normalisation
+            parameters (any parameter with fewer than 2 dimensions).
+        nesterov: Nesterov momentum (needs momentum > 0).
+        schedule: ``"cosine"`` (to 0 over all steps), ``"step"`` (times ``gamma`` every ``step_size``
+            epochs) or ``"constant"``; applied per optimisation step.
+        step_size: epochs between decays of the step schedule (>= 1).
+        gamma: decay factor of the step schedule, in (0, 1].
+        label_smoothing: cross-entropy label smoothing in [0, 1).
+        amp: float16 autocast + GradScaler; ``None``: on when the device is CUDA (``True`` needs CUDA).
+        channels_last: channels-last memory format for model and inputs; ``None``: on when CUDA.
+    """
+
+    epochs: int = 10
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = True
+    schedule: str = "cosine"
+    step_size: int = 30
+    gamma: float = 0.1
+    label_smoothing: float = 0.0
+    amp: bool | None = None
+    channels_last: bool | None = None
+
+    def __post_init__(self) -> None:
+        def bad(name: str, why: str) -> ValueError:
+            return ValueError(f"{name}: {why}, got {getattr(self, name)!r}")
+
+        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
+            raise bad("epochs", "must be an integer >= 1")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise bad("lr", "must be a finite number > 0")
+        if not (isinstance(self.momentum, (int, float)) and 0 <= self.momentum < 1):
+            raise bad("momentum", "must be in [0, 1)")
+        if not (
+            isinstance(self.weight_decay, (int, float))
+            and math.isfinite(self.weight_decay)
+            and self.weight_decay >= 0
+        ):
+            raise bad("weight_decay", "must be a finite number >= 0")
+        if self.nesterov and self.momentum == 0:
+            raise bad("nesterov", "needs momentum > 0")
+        if self.schedule not in _SCHEDULES:
+            raise bad("schedule", f"must be one of {', '.join(_SCHEDULES)}")
+        if isinstance(self.step_size, bool) or not isinstance(self.step_size, int) or self.step_size < 1:
+            raise bad("step_size", "must be an integer >= 1 (epochs)")
+        if not (isinstance(self.gamma, (int, float)) and 0 < self.gamma <= 1):
+            raise bad("gamma", "must be in (0, 1]")
+        if not (isinstance(self.label_smoothing, (int, float)) and 0 <= self.label_smoothing < 1):
+            raise bad("label_smoothing", "must be in [0, 1)")
+        for name in ("amp", "channels_last"):
+            if getattr(self, name) not in (None, True, False):
+                raise bad(name, "must be True, False or None (auto: on for CUDA)")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's (CPU and CUDA) global random number generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def reduce_sum(*values: torch.Tensor | float) -> list[float]:
+    """Sums of ``values`` over all ranks, as Python floats (the values themselves with one process).
+
+    This is the one place where cross-batch sums are reduced: under an initialised
+    ``torch.distributed`` process group the values are all-reduced (SUM) in float64.
+    """
+    if not values:
+        return []
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if not distributed:
+        return [float(v.item()) if isinstance(v, torch.Tensor) else float(v) for v in values]
+    backend = torch.distributed.get_backend()
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    flat = torch.stack(
+        [torch.as_tensor(v, dtype=torch.float64).detach().reshape(()).to(device) for v in values]
+    )
+    torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+    return [float(v) for v in flat.tolist()]
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.SGD:
+    """SGD with ``config``'s momentum; weight decay on weights (>= 2-D parameters) only.
+
+    Biases and BatchNorm/LayerNorm scales and shifts (1-D parameters) get no weight decay: shrinking
+    them does not regularise the function and interferes with normalisation.
+    """
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    if not decay and not no_decay:
+        raise ValueError("model: has no trainable parameters")
+    groups = [
+        g
+        for g in (
+            {"params": decay, "weight_decay": config.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        )
+        if g["params"]
+    ]
+    return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov)
+
+
+@dataclass
+class _LRFactor:
+    """Learning-rate multiplier at optimisation step ``t`` (a plain object so schedulers' state saves)."""
+
+    schedule: str
+    total_steps: int
+    steps_per_epoch: int
+    step_size: int
+    gamma: float
+
+    def __call__(self, t: int) -> float:
+        if self.schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(t, self.total_steps) / self.total_steps))
+        if self.schedule == "step":
+            return self.gamma ** ((t // self.steps_per_epoch) // self.step_size)
+        return 1.0
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Learning-rate schedule of ``config.schedule``, to be stepped once per optimisation step.
+
+    ``steps_per_epoch`` is the number of batches per epoch; cosine decays from ``lr`` to 0 over
+    ``epochs * steps_per_epoch`` steps, step multiplies by ``gamma`` every ``step_size`` epochs.
+    """
+    if steps_per_epoch < 1:
+        raise ValueError(f"steps_per_epoch: must be >= 1, got {steps_per_epoch}")
+    factor = _LRFactor(
+        config.schedule, config.epochs * steps_per_epoch, steps_per_epoch, config.step_size, config.gamma
+    )
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _no_progress(iterable: Iterable, desc: str, total: int) -> Iterable:
+    return iterable
+
+
+def _to_device(
+    x: torch.Tensor, y: torch.Tensor, device: torch.device, channels_last: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    non_blocking = device.type == "cuda"
+    if channels_last and x.ndim == 4:
+        x = x.to(device, non_blocking=non_blocking, memory_format=torch.channels_last)
+    else:
+        x = x.to(device, non_blocking=non_blocking)
+    return x, y.to(device, non_blocking=non_blocking)
+
+
+def _resolve_flags(config: TrainConfig, device: torch.device) -> tuple[bool, bool]:
+    cuda = device.type == "cuda"
+    amp = cuda if config.amp is None else config.amp
+    if amp and not cuda:
+        raise ValueError(f"amp: mixed precision needs a CUDA device, got {device}")
+    channels_last = cuda if config.channels_last is None else config.channels_last
+    return amp, channels_last
+
+
+def train_epoch(
+    model: nn.Module,
+    loader: Iterable,
+    optimizer: torch.optim.Optimizer,
+    *,
+    device: str | torch.device,
+    loss_fn: LossFn,
+    scaler: torch.amp.GradScaler | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    progress: Progress | None = None,
+    epoch: int = 0,
+    amp: bool = False,
+    channels_last: bool = False,
+) -> dict[str, Any]:
+    """One pass over ``loader`` in training mode.
+
+    ``scheduler`` (if any) is stepped after every optimisation step. ``scaler`` (float16 AMP on CUDA)
+    scales the loss; ``amp`` turns on autocast. ``loss_fn(logits, labels)`` must return the batch mean.
+
+    Returns ``{"epoch", "loss": mean training loss per sample, "top1": training accuracy as a fraction,
+    "samples", "lr": learning rate at the end of the epoch, "seconds"}``.
+
+    Raises:
+        FloatingPointError: the loss of a batch is not finite (names epoch and batch index).
+    """
+    device = torch.device(device)
+    wrap = progress or _no_progress
+    total = len(loader) if hasattr(loader, "__len__") else 0  # type: ignore[arg-type]
+    model.train()
+    start = time.perf_counter()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    count = 0
+    for i, (x, y) in enumerate(wrap(loader, f"train {epoch}", total)):
+        x, y = _to_device(x, y, device, channels_last)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+            logits = model(x)
+            loss = loss_fn(logits.float(), y)
+        if not torch.isfinite(loss).item():
+            raise FloatingPointError(
+                f"training loss is {loss.item()} at epoch {epoch}, batch {i}: lower the learning rate "
+                "or check the inputs"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        n = y.shape[0]
+        loss_sum += loss.detach().to(torch.float64) * n
+        correct += (logits.detach().argmax(dim=1) == y).sum()
+        count += n
+    loss_total, correct_total, n_total = reduce_sum(loss_sum, correct, float(count))
+    if n_total == 0:
+        raise ValueError("loader: yielded no training batches")
+    return {
+        "epoch": epoch,
+        "loss": loss_total / n_total,
+        "top1": correct_total / n_total,
+        "samples": int(n_total),
+        "lr": float(optimizer.param_groups[0]["lr"]),
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def train(
+    model: nn.Module,
+    loader: Iterable,
+    *,
+    config: TrainConfig,
+    device: str | torch.device = "cpu",
+    progress: Progress | None = None,
+    loss_fn: LossFn | None = None,
+) -> dict[str, Any]:
+    """Train ``model`` (already on ``device``) for ``config.epochs`` passes over ``loader``.
+
+    ``loss_fn`` defaults to cross entropy with ``config.label_smoothing``. ``progress``, if given, wraps
+    each epoch's batches (``progress(iterable, desc, total)``, e.g. a tqdm bar). The model is returned
+    to its previous train/eval mode; with channels-last on, its parameters stay channels-last.
+
+    Returns ``{"loss": mean training loss of the last epoch, "top1": training accuracy (fraction) of
+    the last epoch, "epochs": per-epoch dicts (see :func:`train_epoch`), "seconds": wall time}``.
+
+    Raises:
+        FloatingPointError: a non-finite training loss.
+    """
+    device = torch.device(device)
+    amp, channels_last = _resolve_flags(config, device)
+    if loss_fn is None:
+        loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    steps = len(loader)  # type: ignore[arg-type]
+    if steps < 1:
+        raise ValueError("loader: has no batches")
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, config)
+    scheduler = make_scheduler(optimizer, config, steps)
+    scaler = torch.amp.GradScaler(device.type) if amp else None
+    was_training = model.training
+    start = time.perf_counter()
+    epochs: list[dict[str, Any]] = []
+    log.debug("training %d epochs of %d steps: %s", config.epochs, steps, asdict(config))
+    try:
+        for epoch in range(config.epochs):
+            stats = train_epoch(
+                model,
+                loader,
+                optimizer,
+                device=device,
+                loss_fn=loss_fn,
+                scaler=scaler,
+                scheduler=scheduler,
+                progress=progress,
+                epoch=epoch,
+                amp=amp,
+                channels_last=channels_last,
+            )
+            epochs.append(stats)
+            log.info(
+                "epoch %d: loss %.4f, train top1 %.4f, lr %.4g, %.1f s",
+                epoch,
+                stats["loss"],
+                stats["top1"],
+                stats["lr"],
+                stats["seconds"],
+            )
+    finally:
+        model.train(was_training)
+    return {
+        "loss": epochs[-1]["loss"],
+        "top1": epochs[-1]["top1"],
+        "epochs": epochs,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: Iterable,
+    *,
+    device: str | torch.device = "cpu",
+    loss_fn: LossFn | None = None,
+    progress: Progress | None = None,
+    amp: bool | None = None,
+) -> dict[str, float]:
+    """Loss and accuracy of ``model`` (already on ``device``) over ``loader``, in eval mode.
+
+    ``loss_fn`` (batch mean) defaults to plain cross entropy. ``amp``: float16 autocast, ``None`` means
+    on for CUDA. The model is returned to its previous train/eval mode.
+
+    Returns ``{"loss": mean loss per sample, "top1": accuracy as a fraction 0..1, "top5": top-k
+    accuracy with k = min(5, number of classes), "samples": number of samples}``.
+    """
+    device = torch.device(device)
+    use_amp = device.type == "cuda" if amp is None else amp
+    if use_amp and device.type != "cuda":
+        raise ValueError(f"amp: mixed precision needs a CUDA device, got {device}")
+    if loss_fn is None:
+        loss_fn = nn.CrossEntropyLoss()
+    wrap = progress or _no_progress
+    total = len(loader) if hasattr(loader, "__len__") else 0  # type: ignore[arg-type]
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    top1 = torch.zeros((), dtype=torch.int64, device=device)
+    top5 = torch.zeros((), dtype=torch.int64, device=device)
+    count = 0
+    try:
+        for x, y in wrap(loader, "eval", total):
+            x, y = _to_device(x, y, device, channels_last=False)
+            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+                logits = model(x)
+            logits = logits.float()
+            n = y.shape[0]
+            loss_sum += loss_fn(logits, y).to(torch.float64) * n
+            k = min(5, logits.shape[1])
+            hits = logits.topk(k, dim=1).indices == y[:, None]  # (B, k); column 0 is the argmax
+            top1 += hits[:, 0].sum()
+            top5 += hits.any(dim=1).sum()
+            count += n
+    finally:
+        model.train(was_training)
+    loss_total, top1_total, top5_total, n_total = reduce_sum(loss_sum, top1, top5, float(count))
+    if n_total == 0:
+        raise ValueError("loader: yielded no evaluation batches")
+    return {
+        "loss": loss_total / n_total,
+        "top1": top1_total / n_total,
+        "top5": top5_total / n_total,
+        "samples": int(n_total),
+    }
