@@ -1,0 +1,224 @@
+"""Splitting indices: exact vs an independent brute force, the ε²λ/2 identity, Rayleigh vs exact."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from scipy.stats import spearmanr
+
+from hwsplit import apply_split, find_neuron_groups, splitting_indices
+from hwsplit.score import activation_fn
+
+from conftest import batches, synthetic_data, tiny_mobilenet, train_briefly
+
+
+# -- an independent brute force: per-sample Hessians of the composite neuron with torch.func ----
+
+def _chain_end_grads(model, data, groups):
+    """x at each producer and ∂L/∂a at each chain end, from hooks on the plain model (no fx)."""
+    per_batch = []
+    for x, y in data:
+        inputs, ends = {}, {}
+        handles = []
+        for g in groups:
+            producer = model.get_submodule(g.producer)
+            def keep_input(m, inp, out, name=g.name):
+                inputs[name] = inp[0].detach()
+
+            handles.append(producer.register_forward_hook(keep_input))
+            def keep_end(m, inp, out, name=g.name):
+                out.retain_grad()
+                ends[name] = out
+
+            handles.append(model.get_submodule(g.chain[-1].target).register_forward_hook(keep_end))
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        for h in handles:
+            h.remove()
+        per_batch.append((len(x), {n: (inputs[n], ends[n].grad.detach()) for n in inputs}))
+    model.zero_grad(set_to_none=True)
+    return per_batch
+
+
+def _neuron(model, group, j):
+    """a_j(θ_j; x): channel j alone through conv, BN, act, depthwise, BN, act (plain tensors)."""
+    conv = model.get_submodule(group.producer)
+    ops = []
+    for op in group.chain:
+        m = model.get_submodule(op.target)
+        if op.kind == "bn":
+            ops.append(lambda h, m=m: (h - m.running_mean[j]) / torch.sqrt(m.running_var[j] + m.eps)
+                       * m.weight[j] + m.bias[j])
+        elif op.kind == "act":
+            ops.append(lambda h, m=m: m(h))
+        elif op.kind == "dwconv":
+            ops.append(lambda h, m=m: F.conv2d(h[None, None], m.weight[j:j + 1].detach(), None, m.stride,
+                                               m.padding)[0, 0])
+
+    def a(theta, x):  # x: one sample (C, H, W)
+        h = F.conv2d(x[None], theta[None], None, conv.stride, conv.padding)[0, 0]
+        for f in ops:
+            h = f(h)
+        return h
+    return a
+
+
+def brute_force_S(model, data, group):
+    groups = [group]
+    recorded = _chain_end_grads(model, data, groups)
+    n_total = sum(n for n, _ in recorded)
+    w = model.get_submodule(group.producer).weight.detach()
+    mats = []
+    for j in range(w.shape[0]):
+        a = _neuron(model, group, j)
+        s = torch.zeros(w[j].numel(), w[j].numel(), dtype=w.dtype)
+        for n, rec in recorded:
+            x, g = rec[group.name]
+
+            def scalar(theta, xi, gi):
+                return (gi[j] * a(theta, xi)).sum()
+            per_sample = torch.func.vmap(torch.func.hessian(scalar), in_dims=(None, 0, 0))(w[j].detach(), x, g)
+            # g is ∂(batch mean loss)/∂a, so Σ over the batch is this batch's estimate of S;
+            # weight batches by their size to average over all samples.
+            s += per_sample.sum(0).reshape(s.shape) * (n / n_total)
+        mats.append(s)
+    return torch.stack(mats)
+
+
+def test_exact_matches_brute_force_hessians(trained_tiny64):
+    model, data = trained_tiny64
+    data = data[:2]
+    scores = splitting_indices(model, data, method="exact")
+    groups = {g.name: g for g in find_neuron_groups(model, data[0][0][:2]) if g.splittable}
+    for name in ("stem.conv", "blocks.0.pw.conv"):  # both have depthwise chains
+        assert groups[name].depthwise
+        s = brute_force_S(model, data, groups[name])
+        evals, evecs = torch.linalg.eigh(0.5 * (s + s.transpose(1, 2)))
+        ours = scores[name].eigenvalues
+        rel = (ours - evals[:, 0]).abs().max() / evals[:, 0].abs().max()
+        assert rel < 1e-4, f"{name}: relative error {rel:.2e}"
+        # eigenvectors agree up to sign where the eigenvalue is isolated
+        v = scores[name].eigenvectors.flatten(1)
+        cos = (v * evecs[:, :, 0]).sum(1).abs()
+        gap = evals[:, 1] - evals[:, 0]
+        assert (cos[gap > 1e-3 * evals[:, 0].abs().max()] > 0.999).all()
+
+
+def test_split_changes_loss_by_eps2_lambda_over_2(trained_tiny64):
+    """The defining identity (DESIGN.md §2), in float64, on a net with depthwise chains."""
+    model, data = trained_tiny64
+    scores = splitting_indices(model, data, method="exact")
+
+    def loss(m):
+        with torch.no_grad():
+            return sum(F.cross_entropy(m(x), y, reduction="sum") for x, y in data).item() / sum(len(y) for _, y in data)
+
+    base = loss(model)
+    eps = 1e-3
+    checked = 0
+    for name, score in scores.items():
+        j = int(score.eigenvalues.argmin())
+        lam = score.eigenvalues[j].item()
+        if lam > -1e-4:
+            continue
+        new = apply_split(model, {name: torch.tensor([j])}, scores, step=eps)
+        new.eval()
+        measured = loss(new) - base
+        predicted = 0.5 * eps**2 * lam
+        assert measured == pytest.approx(predicted, rel=0.05), name
+        checked += 1
+    assert checked >= 3
+
+
+def test_rayleigh_agrees_with_exact(trained_tiny):
+    model, data = trained_tiny
+    exact = splitting_indices(model, data, method="exact")
+    fast = splitting_indices(model, data, method="rayleigh", epochs=20, seed=1)
+    assert exact.keys() == fast.keys()
+    for name in exact:
+        e, r = exact[name].eigenvalues, fast[name].eigenvalues
+        rho = spearmanr(e.numpy(), r.numpy())[0]
+        assert rho >= 0.9, f"{name}: Spearman {rho:.3f}"
+        assert int(e.argmin()) == int(r.argmin()), name
+        # λ of a unit vector is a Rayleigh quotient, so it can only be ≥ the minimum eigenvalue
+        assert (r >= e - 1e-3 * e.abs().max()).all()
+        assert fast[name].eigenvectors.flatten(1).norm(dim=1).sub(1).abs().max() < 1e-5
+
+
+def test_scoring_leaves_model_untouched(trained_tiny):
+    model, data = trained_tiny
+    model = copy.deepcopy(model).train()
+    model.blocks[0].eval()  # a mixed mode must be restored as it was
+    before = copy.deepcopy(model.state_dict())
+    splitting_indices(model, data[:1], method="rayleigh", epochs=1)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert model.training and not model.blocks[0].training and model.blocks[1].training
+    assert all(p.grad is None for p in model.parameters())
+
+
+class _InplaceNet(nn.Module):
+    def __init__(self, inplace: bool) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(6)
+        self.act = nn.ReLU(inplace=inplace)
+        self.conv2 = nn.Conv2d(6, 6, 3, padding=1)
+        self.fc = nn.Linear(6, 5)
+
+    def forward(self, x):
+        x = self.act(self.bn1(self.conv1(x)))
+        y = self.conv2(x)
+        y = F.relu(y, inplace=True) if self.act.inplace else F.relu(y)
+        return self.fc(y.mean((2, 3)))
+
+
+def test_inplace_activations_do_not_corrupt_scores():
+    x, y = synthetic_data(64, resolution=8)
+    torch.manual_seed(3)
+    a = _InplaceNet(True)
+    b = _InplaceNet(False)
+    b.load_state_dict(a.state_dict())
+    a.eval(), b.eval()
+    sa = splitting_indices(a, batches(x, y, 32), method="exact")
+    sb = splitting_indices(b, batches(x, y, 32), method="exact")
+    assert sa.keys() == sb.keys() == {"conv1", "conv2"}
+    for k in sa:
+        torch.testing.assert_close(sa[k].eigenvalues, sb[k].eigenvalues)
+    assert a.act.inplace  # and the user's module is left as it was
+
+
+def test_relu_is_scored_through_a_documented_surrogate():
+    x, y = synthetic_data(64, resolution=8)
+    data = batches(x, y, 32)
+    model = train_briefly(tiny_mobilenet(activation="relu"), data, epochs=3)
+    s3 = splitting_indices(model, data, method="exact")
+    s10 = splitting_indices(model, data, method="exact", surrogate_beta=10.0)
+    name = "blocks.0.pw.conv"
+    assert s3[name].eigenvalues.abs().max() > 0  # σ'' = 0 a.e. would give exactly zero
+    assert not torch.allclose(s3[name].eigenvalues, s10[name].eigenvalues)
+    t = torch.linspace(-10, 10, 101)
+    assert torch.allclose(activation_fn("relu", surrogate_beta=50.0)(t), F.relu(t), atol=0.02)
+    assert torch.allclose(activation_fn("relu6", surrogate_beta=50.0)(t), F.relu6(t), atol=0.03)
+    assert torch.allclose(activation_fn("hardswish", surrogate_beta=50.0)(t), F.hardswish(t), atol=0.03)
+    assert torch.equal(activation_fn("silu")(t), F.silu(t))
+
+
+def test_mlp_and_bad_arguments():
+    from hwsplit import build_model
+
+    torch.manual_seed(0)
+    model = build_model("mlp", in_features=12, widths=[7, 5], num_classes=3, batchnorm=True).eval()
+    x = torch.randn(40, 12)
+    y = torch.randint(0, 3, (40,))
+    exact = splitting_indices(model, [(x, y)], method="exact")
+    assert set(exact) == {"hidden.0.fc", "hidden.1.fc"}
+    assert exact["hidden.0.fc"].eigenvectors.shape == (7, 12)
+    with pytest.raises(ValueError, match="method"):
+        splitting_indices(model, [(x, y)], method="power")
+    with pytest.raises(ValueError, match="epochs"):
+        splitting_indices(model, [(x, y)], epochs=0)
