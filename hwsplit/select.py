@@ -1,0 +1,514 @@
+"""Which neurons to split: a budgeted knapsack over negative splitting indices (DESIGN.md §3).
+
+Candidate neuron ``i`` has splitting index (minimum eigenvalue) ``λ_i < 0`` and marginal cost
+``c_i > 0`` (cost of the network after splitting ``i`` minus before, under the chosen cost model).
+We solve::
+
+    minimise Σ β_i λ_i   subject to   Σ β_i c_i ≤ B,   Σ_{i ∈ layer l} β_i ≤ cap_l,   β_i ∈ {0, 1}
+
+with one of three methods:
+
+``"lp"``
+    LP relaxation (``0 ≤ β_i ≤ 1``, scipy ``linprog`` / HiGHS) followed by rounding: items with
+    ``β_i = 1`` are kept, then the remaining candidates, fractional ones first, are added greedily by
+    ratio ``λ_i / c_i`` (most negative per unit cost first) while budget and caps allow. The answer
+    is never worse than the plain ratio greedy nor than the best single item, is always feasible, and
+    the LP optimum is a lower bound on the true optimum (reported as ``lp_bound``).
+``"milp"``
+    Exact 0/1 solution with scipy ``milp`` (HiGHS branch and bound, relative gap 0).
+``"greedy"``
+    Ratio greedy alone: a baseline.
+
+*Vanilla splitting* (Liu et al., 2019: split the neurons with the most negative indices, a fixed
+number of them) is the same problem with every ``c_i = 1``: pass ``costs={name: 1.0, ...}`` and the
+number of neurons to split as the budget.
+
+This module is pure: numpy and scipy only. :func:`select_neurons` imports torch inside the function
+to build its ``LongTensor`` results; :func:`solve_knapsack` never does.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import numbers
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import scipy.sparse as sp
+from scipy.optimize import Bounds, LinearConstraint, linprog, milp
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+log = logging.getLogger(__name__)
+
+METHODS = ("lp", "milp", "greedy")
+
+# Relative slack allowed on the budget when checking a selection, so that sums such as
+# 0.1 + 0.2 against a budget of 0.3 are not rejected over the last bit of a float.
+_BUDGET_RTOL = 1e-9
+# An LP variable within this distance of 1 counts as chosen, within this of 0 as not.
+_LP_TOL = 1e-6
+
+
+# --------------------------------------------------------------------------------------------
+# Pure numpy solver
+# --------------------------------------------------------------------------------------------
+
+def _budget_limit(budget: float) -> float:
+    return budget + _BUDGET_RTOL * max(1.0, abs(budget))
+
+
+def _ratio_order(values: np.ndarray, costs: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """``idx`` sorted by ``values / costs`` ascending (best first), ties by more negative value."""
+    ratio = values[idx] / costs[idx]
+    return idx[np.lexsort((values[idx], ratio))]
+
+
+def _greedy_fill(
+    mask: np.ndarray,
+    order: np.ndarray,
+    costs: np.ndarray,
+    limit: float,
+    layer_of: np.ndarray,
+    caps: np.ndarray,
+) -> np.ndarray:
+    """Add the items of ``order`` to ``mask`` one by one when they fit budget and layer caps."""
+    mask = mask.copy()
+    used = float(costs[mask].sum())
+    counts = np.bincount(layer_of[mask], minlength=len(caps)).astype(np.float64)
+    for i in order.tolist():
+        if mask[i]:
+            continue
+        layer = layer_of[i]
+        if used + costs[i] <= limit and counts[layer] + 1 <= caps[layer]:
+            mask[i] = True
+            used += costs[i]
+            counts[layer] += 1
+    return mask
+
+
+def _repair(
+    mask: np.ndarray, values: np.ndarray, costs: np.ndarray, limit: float,
+    layer_of: np.ndarray, caps: np.ndarray,
+) -> np.ndarray:
+    """Drop chosen items, worst ratio first, until budget and caps hold (guards solver tolerances)."""
+    mask = mask.copy()
+    chosen = _ratio_order(values, costs, np.flatnonzero(mask))[::-1]
+    counts = np.bincount(layer_of[mask], minlength=len(caps))
+    for i in chosen.tolist():  # layer caps first
+        if counts[layer_of[i]] > caps[layer_of[i]]:
+            mask[i] = False
+            counts[layer_of[i]] -= 1
+    used = float(costs[mask].sum())
+    for i in chosen.tolist():
+        if used <= limit:
+            break
+        if mask[i]:
+            mask[i] = False
+            used = float(costs[mask].sum())
+    return mask
+
+
+def _objective(mask: np.ndarray, values: np.ndarray) -> float:
+    return float(values[mask].sum())
+
+
+def _time_limit(time_limit_s: float | None) -> dict[str, float]:
+    return {} if time_limit_s is None else {"time_limit": float(time_limit_s)}
+
+
+def _constraint_rows(
+    costs: np.ndarray, layer_of: np.ndarray, caps: np.ndarray, budget: float
+) -> tuple[sp.csr_array, np.ndarray]:
+    """``A x <= b`` over the given items: the budget row, then one row per layer whose cap binds."""
+    m = costs.size
+    layers, local_layer = np.unique(layer_of, return_inverse=True)
+    per_layer = np.bincount(local_layer, minlength=layers.size)
+    binding = np.flatnonzero(caps[layers] < per_layer)
+    row_of_layer = np.full(layers.size, -1, dtype=np.int64)
+    row_of_layer[binding] = np.arange(1, binding.size + 1)
+    in_capped = np.flatnonzero(row_of_layer[local_layer] >= 0)
+    A = sp.csr_array(
+        (np.concatenate([costs, np.ones(in_capped.size)]),
+         (np.concatenate([np.zeros(m, dtype=np.int64), row_of_layer[local_layer][in_capped]]),
+          np.concatenate([np.arange(m), in_capped]))),
+        shape=(1 + binding.size, m),
+    )
+    return A, np.concatenate([[budget], caps[layers[binding]]])
+
+
+def _solve_milp(
+    values: np.ndarray,
+    costs: np.ndarray,
+    budget: float,
+    cand: np.ndarray,
+    layer_of: np.ndarray,
+    caps: np.ndarray,
+    time_limit_s: float | None,
+    fallback: np.ndarray,
+) -> np.ndarray:
+    """Exact 0/1 solve with HiGHS.
+
+    Candidates of one layer with the same cost form a *class*; some optimal solution takes a
+    prefix of each class sorted by value, so ``x_next <= x_prev`` is added along each class. These
+    symmetry-breaking rows make branch and bound an order of magnitude faster when whole layers
+    share one marginal cost (the usual case), and are absent when every cost differs."""
+    limit = _budget_limit(budget)
+    order = cand[np.lexsort((values[cand], costs[cand], layer_of[cand]))]
+    m = order.size
+    lay, cst = layer_of[order], costs[order]
+
+    ub, b = _constraint_rows(cst, lay, caps, budget)
+    constraints = [LinearConstraint(ub, -np.inf, b)]
+
+    prev = np.flatnonzero((lay[1:] == lay[:-1]) & (cst[1:] == cst[:-1]))  # item prev+1 follows prev
+    if prev.size:
+        rows = np.arange(prev.size)
+        chain = sp.csr_array(
+            (np.concatenate([np.ones(prev.size), -np.ones(prev.size)]),
+             (np.concatenate([rows, rows]), np.concatenate([prev + 1, prev]))),
+            shape=(prev.size, m),
+        )
+        constraints.append(LinearConstraint(chain, -np.inf, 0.0))
+
+    res = milp(
+        values[order], constraints=constraints, integrality=np.ones(m), bounds=Bounds(0.0, 1.0),
+        options={"mip_rel_gap": 0.0, **_time_limit(time_limit_s)},
+    )
+    if res.x is None:
+        log.warning("milp found no solution (%s); using the ratio greedy", res.message)
+        return fallback
+    mask = np.zeros(values.shape[0], dtype=bool)
+    mask[order[res.x > 0.5]] = True
+    fixed = _repair(mask, values, costs, limit, layer_of, caps)
+    if not np.array_equal(fixed, mask):
+        log.debug("milp answer violated a constraint by solver tolerance; repaired")
+    if res.status != 0:
+        log.warning("milp stopped early (%s); the selection may not be optimal", res.message)
+        return min((fixed, fallback), key=lambda msk: _objective(msk, values))
+    return fixed
+
+
+def _solve(
+    values: np.ndarray,
+    costs: np.ndarray,
+    budget: float,
+    layer_of: np.ndarray | None,
+    caps: np.ndarray | None,
+    method: str,
+    time_limit_s: float | None,
+) -> tuple[np.ndarray, float | None]:
+    """Validated solve; returns the mask and, for ``method="lp"``, the LP relaxation optimum."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    values = np.asarray(values, dtype=np.float64)
+    costs = np.asarray(costs, dtype=np.float64)
+    if values.ndim != 1:
+        raise ValueError(f"values must be 1-D, got shape {values.shape}")
+    if costs.shape != values.shape:
+        raise ValueError(f"costs must have the shape of values {values.shape}, got {costs.shape}")
+    if not np.all(np.isfinite(values)):
+        raise ValueError("values must be finite")
+    if not np.all(np.isfinite(costs)) or np.any(costs <= 0):
+        raise ValueError("costs must be finite and > 0")
+    budget = float(budget)
+    if math.isnan(budget):
+        raise ValueError("budget must not be NaN")
+
+    n = values.shape[0]
+    if layer_of is None:
+        if caps is not None:
+            raise ValueError("caps needs layer_of (the layer index of each item)")
+        layer_of = np.zeros(n, dtype=np.int64)
+        caps = np.array([np.inf])
+    else:
+        layer_of = np.asarray(layer_of)
+        if layer_of.shape != values.shape:
+            raise ValueError(f"layer_of must have the shape of values {values.shape}, got {layer_of.shape}")
+        if n and (not np.issubdtype(layer_of.dtype, np.integer) or layer_of.min() < 0):
+            raise ValueError("layer_of must hold non-negative integers")
+        layer_of = layer_of.astype(np.int64)
+        n_layers = int(layer_of.max()) + 1 if n else 0
+        if caps is None:
+            caps = np.full(n_layers, np.inf)
+        else:
+            caps = np.asarray(caps, dtype=np.float64)
+            if caps.ndim != 1 or caps.shape[0] < n_layers:
+                raise ValueError(f"caps must be 1-D with at least {n_layers} entries (one per layer)")
+            if np.any(np.isnan(caps)) or np.any(caps < 0):
+                raise ValueError("caps must be >= 0 (inf for no cap)")
+            caps = np.floor(caps + 1e-9)
+
+    mask = np.zeros(n, dtype=bool)
+    if budget <= 0:
+        log.info("budget %g <= 0: nothing selected", budget)
+        return mask, None
+    limit = _budget_limit(budget)
+
+    cand = np.flatnonzero((values < 0) & (costs <= limit) & (caps[layer_of] >= 1))
+    if cand.size == 0:
+        if not np.any(values < 0):
+            log.info("no negative splitting index among %d items: nothing selected", n)
+        else:
+            log.info("no candidate fits budget %g and the caps: nothing selected", budget)
+        return mask, None
+
+    # Best per layer ignoring the budget (the optimum whenever it fits, e.g. budget = inf).
+    by_value = cand[np.argsort(values[cand], kind="stable")]
+    unbounded = _greedy_fill(mask, by_value, np.zeros(n), np.inf, layer_of, caps)
+    if float(costs[unbounded].sum()) <= limit:
+        log.debug("budget %g not binding: all %d capped candidates selected", budget, int(unbounded.sum()))
+        return unbounded, (_objective(unbounded, values) if method == "lp" else None)
+
+    greedy = _greedy_fill(mask, _ratio_order(values, costs, cand), costs, limit, layer_of, caps)
+    if method == "greedy":
+        return greedy, None
+
+    if method == "milp":
+        return _solve_milp(values, costs, budget, cand, layer_of, caps, time_limit_s, greedy), None
+
+    m = cand.size
+    A, b = _constraint_rows(costs[cand], layer_of[cand], caps, budget)
+    c = values[cand]
+
+    res = linprog(c, A_ub=A, b_ub=b, bounds=(0, 1), method="highs", options=_time_limit(time_limit_s))
+    if res.status != 0 or res.x is None:  # includes running out of time: no bound to round
+        log.warning("linprog failed (%s); falling back to the ratio greedy", res.message)
+        return greedy, None
+    x = res.x
+    mask[cand[x >= 1 - _LP_TOL]] = True
+    mask = _repair(mask, values, costs, limit, layer_of, caps)
+    frac = cand[(x > _LP_TOL) & (x < 1 - _LP_TOL)]
+    rest = cand[x <= _LP_TOL]
+    order = np.concatenate([_ratio_order(values, costs, frac), _ratio_order(values, costs, rest)])
+    rounded = _greedy_fill(mask, order, costs, limit, layer_of, caps)
+
+    best_single = np.zeros(n, dtype=bool)
+    best_single[cand[np.argmin(values[cand])]] = True
+    best = min((rounded, greedy, best_single), key=lambda msk: _objective(msk, values))
+    log.debug(
+        "lp: %d candidates, %d rows, lp bound %.6g, rounded %.6g (greedy %.6g)",
+        m, A.shape[0], res.fun, _objective(rounded, values), _objective(greedy, values),
+    )
+    return best, float(res.fun)
+
+
+def solve_knapsack(
+    values: np.ndarray,
+    costs: np.ndarray,
+    budget: float,
+    *,
+    layer_of: np.ndarray | None = None,
+    caps: np.ndarray | None = None,
+    method: str = "lp",
+    time_limit_s: float | None = None,
+) -> np.ndarray:
+    """Choose items minimising ``Σ values`` under a cost budget and per-layer count caps.
+
+    Args:
+        values: shape ``(n,)``, the splitting indices λ (negative = worth splitting). Items with
+            ``value >= 0`` are never chosen.
+        costs: shape ``(n,)``, marginal cost of each item, finite and ``> 0``. Vanilla splitting
+            (2019) is ``costs = 1`` with the number of neurons as the budget.
+        budget: total cost allowed; ``inf`` means only the caps limit; ``<= 0`` selects nothing.
+        layer_of: shape ``(n,)``, non-negative integer layer of each item (``None``: one layer).
+        caps: per layer (indexed by ``layer_of``) the most items to choose; ``inf`` for no cap.
+        method: ``"lp"`` (LP relaxation + rounding), ``"milp"`` (exact) or ``"greedy"`` (ratio).
+        time_limit_s: wall-clock limit for the HiGHS solve (None: none). A MILP stopped early
+            returns the better of its best solution and the ratio greedy, with a warning.
+
+    Returns:
+        boolean mask of shape ``(n,)``; always satisfies budget and caps.
+
+    Raises:
+        ValueError: unknown ``method``, mismatched shapes, non-finite values, costs that are not
+            finite and positive, NaN budget, ``caps`` without ``layer_of``.
+    """
+    return _solve(values, costs, budget, layer_of, caps, method, time_limit_s)[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Selection over named neuron groups
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SelectionInfo:
+    """What :func:`select_neurons_report` chose, in numbers.
+
+    ``objective`` is ``Σ λ`` over the chosen neurons (more negative is better); ``lp_bound`` is the
+    LP relaxation optimum (a lower bound on any feasible objective) for ``method="lp"``, else None.
+    ``cost_used`` and ``budget`` are in the unit of the costs passed in.
+    """
+
+    method: str
+    budget: float
+    cost_used: float
+    objective: float
+    n_candidates: int
+    n_selected: int
+    counts: dict[str, int] = field(default_factory=dict)
+    lp_bound: float | None = None
+
+
+def _eigenvalues(name: str, score: Any) -> np.ndarray:
+    ev = getattr(score, "eigenvalues", score)
+    if hasattr(ev, "detach"):  # a torch Tensor, without importing torch here
+        ev = ev.detach().cpu().double().numpy()
+    arr = np.asarray(ev, dtype=np.float64)
+    if arr.ndim != 1:
+        raise ValueError(f"eigenvalues of group {name!r} must be 1-D, got shape {arr.shape}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"eigenvalues of group {name!r} are not all finite")
+    return arr
+
+
+def _group_costs(name: str, cost: Any, n: int) -> np.ndarray:
+    if isinstance(cost, numbers.Real) and not isinstance(cost, bool):
+        arr = np.full(n, float(cost))
+    else:
+        if hasattr(cost, "detach"):
+            cost = cost.detach().cpu().double().numpy()
+        try:
+            arr = np.asarray(cost, dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"cost of group {name!r} is not a number or a sequence of numbers") from exc
+        if arr.ndim == 0:
+            arr = np.full(n, float(arr))
+        elif arr.shape != (n,):
+            raise ValueError(f"costs of group {name!r} must be a number or have {n} entries, got {arr.shape}")
+    if not np.all(np.isfinite(arr)) or np.any(arr <= 0):
+        raise ValueError(f"costs of group {name!r} must be finite and > 0")
+    return arr
+
+
+def _cap_value(where: str, cap: Any, width: int) -> float:
+    if cap is None:
+        return math.inf
+    bad = f"caps{where} must be an int, a fraction in (0, 1] or None, got {cap!r}"
+    if isinstance(cap, bool):  # ValueError like every other bad argument here (DESIGN.md §6)
+        raise ValueError(bad)  # noqa: TRY004
+    if isinstance(cap, numbers.Integral):
+        if cap < 0:
+            raise ValueError(f"caps{where} must be >= 0, got {cap}")
+        return float(cap)
+    if isinstance(cap, numbers.Real):
+        if not 0.0 < cap <= 1.0:
+            raise ValueError(f"caps{where} as a float is a fraction of the width in (0, 1], got {cap}")
+        return float(max(1, math.floor(cap * width)))
+    raise ValueError(bad)
+
+
+def select_neurons_report(
+    scores: Mapping[str, Any],
+    costs: Mapping[str, float | Sequence[float]],
+    budget: float,
+    *,
+    caps: float | Mapping[str, float | None] | None = None,
+    method: str = "lp",
+    threshold: float = 0.0,
+    time_limit_s: float | None = None,
+) -> tuple[dict[str, torch.Tensor], SelectionInfo]:
+    """:func:`select_neurons`, and a :class:`SelectionInfo` describing the choice."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    threshold = float(threshold)
+    if not threshold <= 0:
+        raise ValueError(f"threshold must be <= 0, got {threshold}")
+    if isinstance(caps, Mapping):
+        unknown = sorted(set(caps) - set(scores))
+        if unknown:
+            log.warning("caps name groups that have no scores (ignored): %s", unknown)
+
+    names = list(scores)
+    values, cost_parts, layer_parts, cap_list, offsets = [], [], [], [], [0]
+    for layer, name in enumerate(names):
+        ev = _eigenvalues(name, scores[name])
+        if name not in costs:
+            raise ValueError(f"no cost given for group {name!r}")
+        cost = _group_costs(name, costs[name], ev.shape[0])
+        if isinstance(caps, Mapping):
+            cap = _cap_value(f"[{name!r}]", caps.get(name), ev.shape[0])
+        else:
+            cap = _cap_value("", caps, ev.shape[0])
+        # Non-candidates (λ >= threshold) become value 0: never chosen by the solver.
+        values.append(np.where(ev < threshold, ev, 0.0))
+        cost_parts.append(cost)
+        layer_parts.append(np.full(ev.shape[0], layer, dtype=np.int64))
+        cap_list.append(cap)
+        offsets.append(offsets[-1] + ev.shape[0])
+
+    v = np.concatenate(values) if values else np.zeros(0)
+    c = np.concatenate(cost_parts) if cost_parts else np.zeros(0)
+    layer_of = np.concatenate(layer_parts) if layer_parts else np.zeros(0, dtype=np.int64)
+    mask, lp_bound = _solve(
+        v, c, budget, layer_of, np.asarray(cap_list, dtype=np.float64), method, time_limit_s
+    )
+
+    import torch  # lazily: the solver above is pure numpy
+
+    plan: dict[str, torch.Tensor] = {}
+    for layer, name in enumerate(names):
+        idx = np.flatnonzero(mask[offsets[layer]:offsets[layer + 1]])
+        if idx.size:
+            plan[name] = torch.as_tensor(idx, dtype=torch.long)
+    info = SelectionInfo(
+        method=method,
+        budget=float(budget),
+        cost_used=float(c[mask].sum()),
+        objective=float(v[mask].sum()),
+        n_candidates=int(np.count_nonzero(v < 0)),
+        n_selected=int(mask.sum()),
+        counts={name: int(t.numel()) for name, t in plan.items()},
+        lp_bound=lp_bound,
+    )
+    log.info(
+        "selected %d of %d candidate neurons in %d groups (%s): cost %.6g of budget %.6g, Σλ = %.6g",
+        info.n_selected, info.n_candidates, len(plan), method, info.cost_used, info.budget, info.objective,
+    )
+    return plan, info
+
+
+def select_neurons(
+    scores: Mapping[str, Any],
+    costs: Mapping[str, float | Sequence[float]],
+    budget: float,
+    *,
+    caps: float | Mapping[str, float | None] | None = None,
+    method: str = "lp",
+    threshold: float = 0.0,
+    time_limit_s: float | None = None,
+) -> dict[str, torch.Tensor]:
+    """Choose the neurons to split: ``{group name: sorted LongTensor of channel indices}``.
+
+    Args:
+        scores: per group, an object with ``.eigenvalues`` (Tensor or array of shape ``(n,)``) or
+            the eigenvalues themselves; channel ``j`` is position ``j``.
+        costs: per group, the marginal cost of splitting ONE more neuron of it (a number), or one
+            number per neuron. Every group in ``scores`` needs one, finite and ``> 0``. Vanilla
+            splitting (2019) is every cost ``1.0`` with the neuron count as the budget.
+        budget: total marginal cost allowed (same unit as the costs); ``inf`` = caps only;
+            ``<= 0`` selects nothing.
+        caps: most splits per group: an int for every group, a float in (0, 1] for that fraction
+            of each group's width (floor, at least 1), a mapping per group name (missing or None =
+            no cap), or None for no caps.
+        method: ``"lp"`` (default), ``"milp"`` (exact) or ``"greedy"``; see the module docstring.
+        threshold: only neurons with ``λ < threshold`` (``threshold <= 0``) are candidates.
+        time_limit_s: wall-clock limit for the solver (None: none); see :func:`solve_knapsack`.
+
+    Returns:
+        only groups with at least one chosen neuron; ``{}`` when nothing is worth splitting or
+        nothing fits the budget (logged at INFO, never an error).
+
+    Raises:
+        ValueError: unknown ``method``; a group without a cost, or with a cost that is not finite
+            and positive, or with the wrong number of per-neuron costs; non-finite eigenvalues;
+            invalid caps or threshold; NaN budget.
+    """
+    return select_neurons_report(
+        scores, costs, budget, caps=caps, method=method, threshold=threshold,
+        time_limit_s=time_limit_s,
+    )[0]
