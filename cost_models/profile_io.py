@@ -1,0 +1,160 @@
+"""The profile JSON schema (DESIGN.md §4): validation, loading and atomic saving.
+
+A profile is data, never code::
+
+    {"schema": "hwsplit.profile/1",
+     "device": {"name", "kind", "driver", "threads", "runtime": {...}, ...},
+     "backend": "onnxruntime" | "torch", "meter": "latency" | "nvml", "batch": 1,
+     "created": ISO-8601 date, "family": "mobilenet_v1", "resolution": 32, "activation": "silu",
+     "overhead": {"latency_ms": {stats}, "energy_mj": {stats}?},
+     "rows": [{"layer": {LayerSpec fields}, "latency_ms": {stats}, "energy_mj": {stats}?}, ...]}
+
+with ``{stats} = {"median", "p25", "p75", "n"}``. Every problem is reported as one ``ValueError``
+line naming the file (or ``<profile>`` for an in-memory dict) and the offending field.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from cost_models.base import LayerSpec
+
+SCHEMA = "hwsplit.profile/1"
+METRICS = ("latency_ms", "energy_mj")
+BACKENDS = ("onnxruntime", "torch")
+METERS = ("latency", "nvml")
+REQUIRED_FIELDS = ("schema", "device", "backend", "meter", "batch", "rows")
+STATS_FIELDS = ("median", "p25", "p75", "n")
+
+
+class ProfileError(ValueError):
+    """A profile file or dict that does not follow the schema (one line: source and problem)."""
+
+
+def _check_stats(data: Any, where: str, source: str) -> None:
+    if not isinstance(data, dict):
+        raise ProfileError(f"{source}: {where}: expected an object with {', '.join(STATS_FIELDS)}")
+    for field in STATS_FIELDS:
+        if field not in data:
+            raise ProfileError(f"{source}: {where}: missing field {field!r}")
+        value = data[field]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ProfileError(f"{source}: {where}.{field}: expected a finite non-negative number, got {value!r}")
+
+
+def validate_profile(data: Any, source: str = "<profile>") -> dict[str, Any]:
+    """Check ``data`` against the schema; return it unchanged. Raises ``ValueError`` (one line)."""
+    if not isinstance(data, dict):
+        raise ProfileError(f"{source}: expected a JSON object at the top level, got {type(data).__name__}")
+    if "schema" not in data:
+        raise ProfileError(f"{source}: missing field 'schema' (expected {SCHEMA!r}); is this an hwsplit profile?")
+    if data["schema"] != SCHEMA:
+        raise ProfileError(f"{source}: unknown schema version {data['schema']!r}; this hwsplit reads {SCHEMA!r}")
+    for field in REQUIRED_FIELDS:
+        if field not in data:
+            raise ProfileError(f"{source}: missing field {field!r}")
+    if not isinstance(data["device"], dict):
+        raise ProfileError(f"{source}: device: expected an object")
+    if data["backend"] not in BACKENDS:
+        raise ProfileError(f"{source}: backend: expected one of {BACKENDS}, got {data['backend']!r}")
+    if data["meter"] not in METERS:
+        raise ProfileError(f"{source}: meter: expected one of {METERS}, got {data['meter']!r}")
+    if isinstance(data["batch"], bool) or not isinstance(data["batch"], int) or data["batch"] < 1:
+        raise ProfileError(f"{source}: batch: expected a positive integer, got {data['batch']!r}")
+    overhead = data.get("overhead")
+    if overhead is not None:
+        if not isinstance(overhead, dict):
+            raise ProfileError(f"{source}: overhead: expected an object")
+        for metric in METRICS:
+            if metric in overhead:
+                _check_stats(overhead[metric], f"overhead.{metric}", source)
+    rows = data["rows"]
+    if not isinstance(rows, list):
+        raise ProfileError(f"{source}: rows: expected a list")
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ProfileError(f"{source}: rows[{i}]: expected an object")
+        if "layer" not in row:
+            raise ProfileError(f"{source}: rows[{i}]: missing field 'layer'")
+        if not isinstance(row["layer"], dict):
+            raise ProfileError(f"{source}: rows[{i}].layer: expected an object")
+        try:
+            LayerSpec.from_dict(row["layer"])
+        except (TypeError, ValueError) as err:
+            detail = str(err).removeprefix("layer: ")
+            raise ProfileError(f"{source}: rows[{i}].layer: {detail}") from None
+        present = [m for m in METRICS if m in row]
+        if not present:
+            raise ProfileError(f"{source}: rows[{i}]: missing field 'latency_ms' (no metric measured)")
+        for metric in present:
+            _check_stats(row[metric], f"rows[{i}].{metric}", source)
+    return data
+
+
+def load_profile(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and validate a profile file. Raises ``ValueError`` naming the path and the problem."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ProfileError(f"{path}: no such profile file") from None
+    except OSError as err:
+        raise ProfileError(f"{path}: cannot read the profile ({err.strerror or err})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ProfileError(f"{path}: malformed JSON ({err.msg} at line {err.lineno} column {err.colno})") from None
+    return validate_profile(data, str(path))
+
+
+def resolve_profile(profile: str | os.PathLike[str] | dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """A profile given as a path or an already-loaded dict → (validated dict, name for messages)."""
+    if isinstance(profile, dict):
+        name = str(profile.get("source", "<profile>"))
+        return validate_profile(profile, name), name
+    if isinstance(profile, (str, os.PathLike)):
+        return load_profile(profile), str(profile)
+    raise ValueError(f"profile: expected a path or a dict, got {type(profile).__name__}")
+
+
+def save_profile(profile: dict[str, Any], path: str | os.PathLike[str]) -> None:
+    """Write ``profile`` atomically: a temporary file in the same directory, then ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(profile, fh, indent=1)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def metric_unit(metric: str) -> str:
+    if metric == "latency_ms":
+        return "ms"
+    if metric == "energy_mj":
+        return "mJ"
+    raise ValueError(f"metric: expected one of {METRICS}, got {metric!r}")
+
+
+def missing_metric_message(source: str, metric: str) -> str:
+    if metric == "energy_mj":
+        return (f"profile {source} has no energy_mj: measure one with "
+                "`python cli.py profile --meter nvml --device cuda:0` on an NVIDIA GPU")
+    return f"profile {source} has no {metric}: measure one with `python cli.py profile`"
