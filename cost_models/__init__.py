@@ -1,5 +1,8 @@
 """Everything that prices a layer on hardware: LayerSpec, cost models and their registry."""
 
+from cost_models import flops as _flops  # noqa: F401  (registers "flops")
+from cost_models import lut as _lut  # noqa: F401  (registers "lut")
+from cost_models import uniform as _uniform  # noqa: F401  (registers "none")
 from cost_models.base import (
     LAYER_KINDS,
     CostModel,
@@ -9,13 +12,12 @@ from cost_models.base import (
     get_cost_model,
     register_cost_model,
 )
-from cost_models import flops as _flops  # noqa: F401  (registers "flops")
-from cost_models import lut as _lut  # noqa: F401  (registers "lut")
 from cost_models.meters import NoGpuError
 
 
 @register_cost_model("energy")
-def _energy(**options):  # noqa: ANN003, ANN202 - imports scikit-learn only when asked for
+def _energy(**options):
+    """The "energy" predictor, imported on first use (scikit-learn is slow to import)."""
     from cost_models.predictor import EnergyPredictorCostModel
 
     return EnergyPredictorCostModel(**options)

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:  # pragma: no cover
-    import torch.nn as nn
+    from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -98,14 +99,14 @@ class LayerSpec:
         return d
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "LayerSpec":
+    def from_dict(cls, data: dict[str, Any]) -> LayerSpec:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"layer: unknown fields {sorted(unknown)}")
         return cls(**data)
 
-    def replace(self, **changes: Any) -> "LayerSpec":
+    def replace(self, **changes: Any) -> LayerSpec:
         return dataclasses.replace(self, **changes)
 
 
@@ -118,9 +119,9 @@ class CostModel(Protocol):
 
     def layer_cost(self, spec: LayerSpec) -> float: ...
 
-    def total(self, model: "nn.Module", input_shape: tuple[int, ...]) -> float: ...
+    def total(self, model: nn.Module, input_shape: tuple[int, ...]) -> float: ...
 
-    def marginal(self, model: "nn.Module", input_shape: tuple[int, ...]) -> dict[str, float]: ...
+    def marginal(self, model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, float]: ...
 
 
 def widened_specs(spec: LayerSpec, role: str, columns: int = 1) -> LayerSpec:
@@ -155,12 +156,12 @@ class LayerCostModel:
     def layer_cost(self, spec: LayerSpec) -> float:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def total(self, model: "nn.Module", input_shape: tuple[int, ...]) -> float:
+    def total(self, model: nn.Module, input_shape: tuple[int, ...]) -> float:
         from hwsplit.graph import layer_specs
 
         return self.overhead + sum(self.layer_cost(s) for s in layer_specs(model, input_shape))
 
-    def marginal(self, model: "nn.Module", input_shape: tuple[int, ...]) -> dict[str, float]:
+    def marginal(self, model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, float]:
         import torch
 
         from hwsplit.graph import find_neuron_groups, layer_specs

@@ -19,9 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.fx as fx
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import fx, nn
 
 from cost_models.base import LayerSpec
 
@@ -391,6 +390,9 @@ def _group_of(gm: fx.GraphModule, node: fx.Node, producer: nn.Module,
         if kind == "pass":
             out = _shape(user)
             if is_conv and (out is None or out[0] != (end_shape or (None,))[0] or len(out) not in (2, 4)):
+                return refuse(f"its channels are reshaped in an unsupported way ({_describe(user)})")
+            if not is_conv and (out is None or out[-1] != width):
+                # a Linear's channels are the last dim; flattening (N, T, C) interleaves them
                 return refuse(f"its channels are reshaped in an unsupported way ({_describe(user)})")
             frontier.extend(user.users)
             continue

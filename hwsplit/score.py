@@ -32,13 +32,13 @@ import copy
 import logging
 import operator
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
-import torch.fx as fx
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import fx, nn
 
 from hwsplit.distributed import sum_across_ranks
 from hwsplit.graph import NeuronGroup, find_neuron_groups, trace
@@ -343,7 +343,7 @@ def splitting_indices(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     device: str | torch.device | None = None,
     groups: list[NeuronGroup] | None = None,
-    lr: float = 0.02,
+    lr: float = 0.05,
     alpha: float = 0.9,
     surrogate_beta: float = 3.0,
     seed: int = 0,
@@ -486,4 +486,4 @@ def predicted_loss_change(eigenvalue: float, step: float) -> float:
     return 0.5 * step * step * eigenvalue
 
 
-__all__ = ["SplitScore", "activation_fn", "splitting_indices", "predicted_loss_change", "LocalChain"]
+__all__ = ["LocalChain", "SplitScore", "activation_fn", "predicted_loss_change", "splitting_indices"]

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from hwsplit.graph import NeuronGroup
 from hwsplit.score import SplitScore
