@@ -134,6 +134,8 @@ def grow(model: str, model_config: str | None, width_mult: float | None, activat
     for key, value in (("config", model_config), ("width_mult", width_mult), ("activation", activation)):
         if value is not None:
             model_options[key] = value
+    if cost in ("lut", "energy"):
+        click.echo(f"pricing with {cost_model.name} ({cost_model.unit}) from {profile_path}", err=True)
     config = GrowConfig(
         model=model, model_options=model_options, dataset=dataset, data_dir=data_dir, download=download,
         data_limit=limit, cost=cost, cost_options=cost_options, growth_ratio=growth_ratio, stages=stages,
@@ -212,6 +214,64 @@ def summary(model_or_checkpoint: str, resolution: int | None, in_channels: int |
     total_params = sum(p.numel() for p in model.parameters())
     click.echo(f"\ninput {tuple(shape)}: {sum(s.macs for s in specs):,} MACs (conv + linear), "
                f"{total_params:,} parameters")
+
+
+# --------------------------------------------------------------------------------------------
+# profile, fit
+# --------------------------------------------------------------------------------------------
+
+@main.command()
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--backend", type=click.Choice(["onnxruntime", "torch"]), default="onnxruntime", show_default=True)
+@click.option("--meter", type=click.Choice(["latency", "nvml"]), default="latency", show_default=True,
+              help="latency: wall clock; nvml: energy per inference from the NVML counter (NVIDIA GPUs).")
+@click.option("--model", "family", type=click.Choice(["mobilenet_v1"]), default="mobilenet_v1", show_default=True,
+              help="Model family whose layers are measured.")
+@click.option("--resolution", type=click.IntRange(min=8), default=32, show_default=True)
+@click.option("--activation", default="silu", show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads.")
+@click.option("--time-budget", "time_budget_s", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Seconds of timed runs per layer (default 1, 0.05 with --quick).")
+@click.option("--quick", is_flag=True, help="A small grid (about 50 layers, under a minute).")
+@click.option("--out", type=click.Path(dir_okay=False), required=True,
+              help="Profile JSON; an existing one with the same device is resumed.")
+@_library_errors
+def profile(device: str, backend: str, meter: str, family: str, resolution: int, activation: str,
+            threads: int | None, time_budget_s: float | None, quick: bool, out: str) -> None:
+    """Measure every layer the family can take while it grows into a device cost table."""
+    from cost_models.profiler import profile_family
+
+    if device != "cpu" and not device.startswith("cuda"):
+        raise click.BadParameter(f"expected cpu, cuda or cuda:N, got {device!r}", param_hint="--device")
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    result = profile_family(family=family, resolution=resolution, device=device, backend=backend, meter=meter,
+                            out=out, quick=quick, threads=threads, time_budget_s=time_budget_s,
+                            activation=activation, progress=_progress)
+    dev = result.get("device", {})
+    click.echo(f"{len(result['rows'])} layers measured on {dev.get('name')} ({backend}, {meter}, "
+               f"{dev.get('threads')} threads) -> {out}")
+
+
+@main.command()
+@click.argument("profile_path", metavar="PROFILE", type=click.Path(dir_okay=False))
+@click.option("--metric", default=None, help="latency_ms or energy_mj (default: energy_mj if measured).")
+@click.option("--test-size", type=click.FloatRange(0.05, 0.9), default=0.25, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@_library_errors
+def fit(profile_path: str, metric: str | None, test_size: float, seed: int) -> None:
+    """Fit the layer-cost regressor on a profile and report its held-out accuracy."""
+    from cost_models.predictor import fit_report
+    from cost_models.profile_io import load_profile
+
+    data = load_profile(profile_path)
+    if metric is None:
+        metric = "energy_mj" if any("energy_mj" in r for r in data["rows"]) else "latency_ms"
+    report = fit_report(data, metric, test_size=test_size, seed=seed)
+    click.echo(f"{profile_path}: {report['metric']} ({report['unit']}), {report['n_train']} rows fitted, "
+               f"{report['n_test']} held out")
+    click.echo(f"  RMSPE          {100 * report['rmspe']:.1f} %")
+    click.echo(f"  within ±10 %   {100 * report['within_10pct']:.1f} % of held-out layers")
+    click.echo(f"  R²             {report['r2']:.3f}")
 
 
 if __name__ == "__main__":

@@ -105,6 +105,12 @@ class GrowConfig:
     schedule: str = "cosine"
     device: str = "cpu"
     seed: int = 0
+    measure: bool | None = None  # measure each stage end to end; None: with --cost lut|energy
+    measure_time_s: float = 1.0
+
+    @property
+    def profile(self) -> str | None:
+        return self.cost_options.get("profile")
 
     def __post_init__(self) -> None:
         checks = {
@@ -200,6 +206,7 @@ def grow(config: GrowConfig, out: str | Path, *, progress: Progress | None = Non
     flops = cost_models.get_cost_model("flops")
 
     model = build_seed(config, bundle).to(device)
+    measure = _end_to_end_measurer(config)
     records: list[dict[str, Any]] = []
     stop_reason = STOP_STAGES
 
@@ -225,6 +232,8 @@ def grow(config: GrowConfig, out: str | Path, *, progress: Progress | None = Non
             "seconds": timings,
             **extra,
         }
+        if measure is not None:
+            record["measured"] = measure(model, input_shape)
         save_checkpoint(run.checkpoint(stage), model, stage=stage, extra={"test_top1": test["top1"],
                                                                          "input_shape": list(input_shape)})
         run.append(record)
@@ -263,6 +272,9 @@ def grow(config: GrowConfig, out: str | Path, *, progress: Progress | None = Non
             break
         caps = config.max_layer_growth
         plan = select_neurons(scores, {k: marginal[k] for k in scores}, budget, caps=caps, method=config.selection)
+        if plan:
+            plan = fit_plan_to_budget(plan, scores, marginal, lambda p: cost_model.total(
+                apply_split(model, p, scores, step=0.0), input_shape) - total, budget)
         timings["select_s"] = time.perf_counter() - t0
         if not plan:
             stop_reason = STOP_BUDGET if n_negative else STOP_NO_NEGATIVE
@@ -299,6 +311,80 @@ def grow(config: GrowConfig, out: str | Path, *, progress: Progress | None = Non
     return records
 
 
+def fit_plan_to_budget(plan: dict[str, torch.Tensor], scores: dict[str, Any], marginal: dict[str, float],
+                       increase: Callable[[dict[str, torch.Tensor]], float], budget: float,
+                       max_rounds: int = 20) -> dict[str, torch.Tensor]:
+    """Drop the least valuable chosen neurons until the *actual* cost increase fits the budget.
+
+    The knapsack prices neurons one at a time; splitting neighbouring layers together also adds
+    their cross terms (a conv grows in both its input and its output channels), so the real
+    increase can exceed the sum of marginals by a few percent. ``increase(plan)`` measures it on
+    the architecture the plan would produce; neurons with the worst λ/cost ratio go first.
+    """
+    items = sorted(((float(scores[k].eigenvalues[int(j)]) / marginal[k], k, int(j))
+                    for k, v in plan.items() for j in v), reverse=True)  # worst (least negative per cost) first
+    for _ in range(max_rounds):
+        over = increase(plan) - budget
+        if over <= 1e-9 * max(1.0, abs(budget)) or not items:
+            return plan
+        drop, freed = [], 0.0
+        while items and freed < over:
+            _, k, j = items.pop(0)
+            drop.append((k, j))
+            freed += marginal[k]
+        dropped: dict[str, set[int]] = {}
+        for k, j in drop:
+            dropped.setdefault(k, set()).add(j)
+        plan = {k: torch.tensor([j for j in v.tolist() if j not in dropped.get(k, ())], dtype=torch.long)
+                for k, v in plan.items()}
+        plan = {k: v for k, v in plan.items() if v.numel()}
+        log.info("dropped %d neurons whose joint cost exceeded the budget by %.4g", len(drop), over)
+    return plan
+
+
+def _end_to_end_measurer(config: GrowConfig) -> Callable[[nn.Module, tuple[int, ...]], dict[str, Any]] | None:
+    """A function measuring a whole network as the profile's device measured its layers, or None.
+
+    Uses the profile's backend, meter and threads on the device the profile was made on, when
+    this machine has that kind of device; otherwise every stage records why it was not measured.
+    A profile from another machine is allowed (that is what tables are for) and said so.
+    """
+    wanted = config.measure if config.measure is not None else config.profile is not None
+    if not wanted:
+        return None
+    from cost_models.meters import nvidia_gpu_available
+    from cost_models.profile_io import load_profile
+    from cost_models.profiler import _cpu_name, measure_model
+
+    if config.profile is None:
+        backend, meter, kind, threads, name = "onnxruntime", "latency", "cpu", None, None
+    else:
+        profile = load_profile(config.profile)
+        dev = profile.get("device", {})
+        backend, meter = profile.get("backend", "onnxruntime"), profile.get("meter", "latency")
+        kind, threads, name = dev.get("kind", "cpu"), dev.get("threads"), dev.get("name")
+    here = _cpu_name() if kind == "cpu" else (torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
+    same = name is None or name == here
+    if not same:
+        log.warning("the profile was measured on %r, this machine is %r: costs are predictions for the "
+                    "profile's device, end-to-end measurements are of this one", name, here)
+    reason = None
+    if kind == "cuda" and not torch.cuda.is_available():
+        reason = "the profile is of a CUDA device and this machine has none"
+    elif meter == "nvml" and not nvidia_gpu_available():
+        reason = "the profile measured NVML energy and this machine has no NVIDIA GPU"
+
+    def measure(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, Any]:
+        info: dict[str, Any] = {"device": here, "backend": backend, "meter": meter, "same_device_as_profile": same}
+        if reason is not None:
+            return {**info, "skipped": reason}
+        result = measure_model(model, input_shape, device="cpu" if kind == "cpu" else "cuda", backend=backend,
+                               meter=meter, threads=threads, time_budget_s=config.measure_time_s)
+        return {**info, **result}
+
+    return measure
+
+
 def _fmt_num(x: float) -> str:
     if x == 0 or not math.isfinite(x):
         return str(x)
@@ -311,12 +397,17 @@ def _fmt_num(x: float) -> str:
 def stage_table(records: list[dict[str, Any]]) -> list[list[str]]:
     """Rows (header first) of the per-stage table the CLI prints and summary.md shows."""
     unit = records[0]["cost"]["unit"] if records else ""
-    rows = [["stage", "test top-1", "test loss", "MACs", "params", f"cost ({unit})", "split", "widths"]]
+    measured = any("measured" in r for r in records)
+    rows = [["stage", "test top-1", "test loss", "MACs", "params", f"cost ({unit})"]
+            + (["measured ms"] if measured else []) + ["split", "widths"]]
     for r in records:
         widths = r["architecture"].get("widths", list(r["widths"].values()))
-        rows.append([str(r["stage"]), f"{r['test_top1']:.4f}", f"{r['test_loss']:.4f}", _fmt_num(r["macs"]),
-                     _fmt_num(r["params"]), f"{r['cost']['value']:.4g}", str(r.get("neurons_split", 0)),
-                     " ".join(str(w) for w in widths)])
+        row = [str(r["stage"]), f"{r['test_top1']:.4f}", f"{r['test_loss']:.4f}", _fmt_num(r["macs"]),
+               _fmt_num(r["params"]), f"{r['cost']['value']:.4g}"]
+        if measured:
+            lat = (r.get("measured") or {}).get("latency_ms")
+            row.append(f"{lat['median']:.4g}" if lat else "-")
+        rows.append(row + [str(r.get("neurons_split", 0)), " ".join(str(w) for w in widths)])
     return rows
 
 
