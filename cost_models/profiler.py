@@ -519,7 +519,12 @@ def profile_family(*, family: str = "mobilenet_v1", resolution: int = 32, device
                  len(todo), len(grid), len(grid) - len([s for s in grid if s.key() not in done]), device, backend,
                  meter, estimate)
 
+        spent_before = float(profile.get("profiling_seconds", 0.0))
+        session_start = time.perf_counter()
+
         def save() -> None:
+            # wall time of all sessions that built this profile, resumed ones included
+            profile["profiling_seconds"] = round(spent_before + time.perf_counter() - session_start, 1)
             if path is not None:
                 save_profile(profile, path)
 

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from hwsplit.distributed import reduce_sum
+
 __all__ = [
     "TrainConfig",
     "evaluate",
@@ -109,26 +111,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def reduce_sum(*values: torch.Tensor | float) -> list[float]:
-    """Sums of ``values`` over all ranks, as Python floats (the values themselves with one process).
-
-    This is the one place where cross-batch sums are reduced: under an initialised
-    ``torch.distributed`` process group the values are all-reduced (SUM) in float64.
-    """
-    if not values:
-        return []
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if not distributed:
-        return [float(v.item()) if isinstance(v, torch.Tensor) else float(v) for v in values]
-    backend = torch.distributed.get_backend()
-    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-    flat = torch.stack(
-        [torch.as_tensor(v, dtype=torch.float64).detach().reshape(()).to(device) for v in values]
-    )
-    torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
-    return [float(v) for v in flat.tolist()]
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.SGD:
