@@ -202,9 +202,9 @@ def _elementwise_derivatives(steps: list[Callable[[torch.Tensor], torch.Tensor]]
         for step in steps:
             out = step(out)
         (d1,) = torch.autograd.grad(out.sum(), h, create_graph=True)
-        if d1.requires_grad:
-            (d2,) = torch.autograd.grad(d1.sum(), h)
-        else:
+        # An affine chain (BatchNorm alone) has a constant E' that may still carry a graph.
+        d2 = torch.autograd.grad(d1.sum(), h, allow_unused=True)[0] if d1.requires_grad else None
+        if d2 is None:
             d2 = torch.zeros_like(h)
     return out.detach(), d1.detach(), d2.detach()
 
@@ -385,6 +385,12 @@ def splitting_indices(
         if not groups:
             log.info("no splittable neuron group in %s", type(model).__name__)
             return {}
+        # Without a nonlinearity between producer and consumers a_j is linear in θ_j, so S_j = 0:
+        # those groups get λ = 0 (never worth splitting) without any computation.
+        linear = {g.name: _zero_score(model, g, method) for g in groups if not any(op.kind == "act" for op in g.chain)}
+        groups = [g for g in groups if g.name not in linear]
+        if not groups:
+            return linear
         chains = {g.name: LocalChain(model, g, surrogate_beta=surrogate_beta) for g in groups}
         for name, chain in chains.items():
             if chain.kinked:
@@ -408,12 +414,19 @@ def splitting_indices(
             scores = _rayleigh(chains, passes, epochs=epochs, lr=lr, alpha=alpha, seed=seed)
         log.info("scored %d neurons in %d groups (%s) in %.2f s", sum(len(s) for s in scores.values()),
                  len(scores), method, time.perf_counter() - start)
-        return scores
+        return {**scores, **linear}
     finally:
         for m, mode in modes.items():
             m.training = mode
         if device is not None:
             model.to(original_device)
+
+
+def _zero_score(model: nn.Module, group: NeuronGroup, method: str) -> SplitScore:
+    w = model.get_submodule(group.producer).weight.detach()
+    v = torch.zeros_like(w).flatten(1)
+    v[:, 0] = 1.0
+    return SplitScore(torch.zeros(w.shape[0], dtype=w.dtype).cpu(), v.reshape(w.shape).cpu(), method, group)
 
 
 def _exact(chains: dict[str, LocalChain], passes: Callable[[str], Iterable[_Batch]]) -> dict[str, SplitScore]:

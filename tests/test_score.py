@@ -8,13 +8,11 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import batches, synthetic_data, tiny_mobilenet, train_briefly
 from scipy.stats import spearmanr
 
 from hwsplit import apply_split, find_neuron_groups, splitting_indices
 from hwsplit.score import activation_fn
-
-from conftest import batches, synthetic_data, tiny_mobilenet, train_briefly
-
 
 # -- an independent brute force: per-sample Hessians of the composite neuron with torch.func ----
 
@@ -26,11 +24,11 @@ def _chain_end_grads(model, data, groups):
         handles = []
         for g in groups:
             producer = model.get_submodule(g.producer)
-            def keep_input(m, inp, out, name=g.name):
+            def keep_input(m, inp, out, name=g.name, inputs=inputs):
                 inputs[name] = inp[0].detach()
 
             handles.append(producer.register_forward_hook(keep_input))
-            def keep_end(m, inp, out, name=g.name):
+            def keep_end(m, inp, out, name=g.name, ends=ends):
                 out.retain_grad()
                 ends[name] = out
 
@@ -79,7 +77,7 @@ def brute_force_S(model, data, group):
         for n, rec in recorded:
             x, g = rec[group.name]
 
-            def scalar(theta, xi, gi):
+            def scalar(theta, xi, gi, j=j, a=a):
                 return (gi[j] * a(theta, xi)).sum()
             per_sample = torch.func.vmap(torch.func.hessian(scalar), in_dims=(None, 0, 0))(w[j].detach(), x, g)
             # g is ∂(batch mean loss)/∂a, so Σ over the batch is this batch's estimate of S;
@@ -222,3 +220,21 @@ def test_mlp_and_bad_arguments():
         splitting_indices(model, [(x, y)], method="power")
     with pytest.raises(ValueError, match="epochs"):
         splitting_indices(model, [(x, y)], epochs=0)
+
+
+def test_affine_only_chains_have_zero_index_without_crashing():
+    """A producer followed by BatchNorm alone (MobileNetV2's projections) is linear: S = 0."""
+    from hwsplit.score import _elementwise_derivatives, _frozen_bn
+
+    bn = nn.BatchNorm2d(3).eval()
+    h = torch.randn(2, 3, 4, 4)
+    _, d1, d2 = _elementwise_derivatives([_frozen_bn(bn)], h)
+    assert torch.all(d2 == 0) and torch.allclose(d1, torch.full_like(h, 1 / (1 + bn.eps) ** 0.5))
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1), nn.SiLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
+    x, y = torch.randn(8, 3, 6, 6), torch.randint(0, 3, (8,))
+    for method in ("exact", "rayleigh"):
+        scores = splitting_indices(net, [(x, y)], method=method)
+        assert torch.all(scores["0"].eigenvalues == 0)
+        assert scores["2"].eigenvalues.abs().max() > 0
