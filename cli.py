@@ -1,7 +1,13 @@
-"""hwsplit command line: grow, summary, profile, fit. Parses, calls the library, prints."""
+"""hwsplit command line: grow, baseline, report, export, summary, profile, fit. Parses, calls the library, prints.
+
+Exit status: 0 success; 1 a run failed (a non-finite loss, a failed write, an ONNX export that does
+not match PyTorch) after keeping everything completed so far; 2 bad arguments, missing data,
+malformed files or missing hardware (one line, no traceback); 130 interrupted (Ctrl-C).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 from collections.abc import Callable, Iterable
@@ -9,14 +15,26 @@ from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 EXIT_USAGE = 2
+EXIT_FAILED = 1
 
 
 class HwsplitError(click.ClickException):
     """A user-facing error: one line, exit status 2, no traceback."""
 
     exit_code = EXIT_USAGE
+
+
+class RunFailed(click.ClickException):
+    """A run that stopped on a failure (non-finite loss, failed write, export mismatch): one line, exit 1."""
+
+    exit_code = EXIT_FAILED
+
+
+# Library exceptions (by class name, so that cli.py imports nothing heavy up front) that end a run: exit 1.
+_FAILURES = ("StageFailed", "ExportMismatchError")
 
 
 def _progress(it: Iterable, desc: str, total: int | None) -> Iterable:
@@ -26,7 +44,7 @@ def _progress(it: Iterable, desc: str, total: int | None) -> Iterable:
 
 
 def _library_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn the library's documented errors into one-line messages with exit status 2."""
+    """Turn the library's documented errors into one-line messages with exit status 2 (1 for failed runs)."""
     import functools
 
     @functools.wraps(fn)
@@ -38,6 +56,8 @@ def _library_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except RuntimeError as err:
             if type(err).__name__ in ("NoGpuError", "DeviceUnavailableError"):
                 raise HwsplitError(str(err)) from None
+            if type(err).__name__ in _FAILURES:
+                raise RunFailed(str(err).splitlines()[0]) from None
             raise
         except KeyboardInterrupt:
             click.echo("\ninterrupted: every file written so far is complete", err=True)
@@ -54,6 +74,20 @@ def _table(rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _given(name: str) -> bool:
+    """Whether the option ``name`` of the current command was given on the command line."""
+    return click.get_current_context().get_parameter_source(name) == ParameterSource.COMMANDLINE
+
+
+def _options(*decorators: Callable[[Callable], Callable]) -> Callable[[Callable], Callable]:
+    def apply(fn: Callable) -> Callable:
+        for d in reversed(decorators):
+            fn = d(fn)
+        return fn
+
+    return apply
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
 def main(verbose: int) -> None:
@@ -63,30 +97,80 @@ def main(verbose: int) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# options shared by grow and baseline
+# --------------------------------------------------------------------------------------------
+
+_MODEL_OPTIONS = _options(
+    click.option("--model", default="mobilenet_v1", show_default=True,
+                 help="Model family: mobilenet_v1 (picks its seed config from the input resolution), "
+                      "mobilenet_v1_cifar, mlp, torchvision:mobilenet_v2 (torchvision's own module; its "
+                      "expansion layers grow)."),
+    click.option("--config", "model_config", default=None,
+                 help="Named seed config of the family (mobilenet_v1: tiny_seed, cifar_seed, standard)."),
+    click.option("--width-mult", type=float, default=None, help="Scale the seed's widths."),
+    click.option("--activation", default=None, help="Activation of the model family (silu, relu, ...)."),
+)
+_DATA_OPTIONS = _options(
+    click.option("--dataset", default="digits", show_default=True,
+                 help="digits (embedded), cifar10, cifar100, npz, imagefolder."),
+    click.option("--data-dir", type=click.Path(), default=None, help="Directory of the data set."),
+    click.option("--download", is_flag=True, help="Let torchvision download CIFAR into --data-dir."),
+    click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N training images."),
+)
+_COST_OPTIONS = _options(
+    click.option("--cost", type=click.Choice(["flops", "none", "lut", "energy"]), default="flops", show_default=True,
+                 help="What a neuron costs: MACs, 1 (vanilla splitting), a measured table, an energy predictor."),
+    click.option("--profile", "profile_path", type=click.Path(dir_okay=False), default=None,
+                 help="Device profile JSON for --cost lut|energy."),
+    click.option("--metric", default=None, help="Profile metric for --cost lut|energy (latency_ms, energy_mj)."),
+)
+_SGD_OPTIONS = _options(
+    click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True),
+    click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True),
+    click.option("--weight-decay", type=click.FloatRange(min=0), default=5e-4, show_default=True),
+    click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N."),
+    click.option("--seed", type=int, default=0, show_default=True),
+)
+
+
+def _cost_options(cost: str, profile_path: str | None, metric: str | None) -> dict[str, Any]:
+    cost_options: dict[str, Any] = {}
+    if cost in ("lut", "energy"):
+        if profile_path is None:
+            raise click.UsageError(f"--cost {cost} needs --profile PROFILE.json "
+                                   "(make one with `python cli.py profile`)")
+        cost_options["profile"] = profile_path
+        if metric:
+            cost_options["metric"] = metric
+    elif profile_path is not None:
+        raise click.UsageError("--profile is only used with --cost lut or --cost energy")
+    return cost_options
+
+
+def _model_options(model_config: str | None, width_mult: float | None, activation: str | None) -> dict[str, Any]:
+    return {key: value for key, value in (("config", model_config), ("width_mult", width_mult),
+                                          ("activation", activation)) if value is not None}
+
+
+def _print_stage(record: dict[str, Any]) -> None:
+    what = f"width ×{record['width_mult']:g}" if "width_mult" in record else f"stage {record['stage']}"
+    click.echo(f"{what}: test top-1 {record['test_top1']:.4f}, {record['macs'] / 1e6:.4g}M MACs, "
+               f"{record['cost']['value']:.4g} {record['cost']['unit']}, "
+               f"{record.get('neurons_split', 0)} neurons split", err=True)
+
+
+# --------------------------------------------------------------------------------------------
 # grow
 # --------------------------------------------------------------------------------------------
 
 @main.command()
-@click.option("--model", default="mobilenet_v1", show_default=True,
-              help="Model family (mobilenet_v1, mobilenet_v1_cifar, mlp). mobilenet_v1 picks its seed "
-                   "config from the input resolution.")
-@click.option("--config", "model_config", default=None,
-              help="Named seed config of the family (mobilenet_v1: tiny_seed, cifar_seed, standard).")
-@click.option("--width-mult", type=float, default=None, help="Scale the seed's widths.")
-@click.option("--activation", default=None, help="Activation of the model family (silu, relu, ...).")
-@click.option("--dataset", default="digits", show_default=True,
-              help="digits (embedded), cifar10, cifar100, npz, imagefolder.")
-@click.option("--data-dir", type=click.Path(), default=None, help="Directory of the data set.")
-@click.option("--download", is_flag=True, help="Let torchvision download CIFAR into --data-dir.")
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N training images.")
-@click.option("--cost", type=click.Choice(["flops", "none", "lut", "energy"]), default="flops", show_default=True,
-              help="What a neuron costs: MACs, 1 (vanilla splitting), a measured table, an energy predictor.")
-@click.option("--profile", "profile_path", type=click.Path(dir_okay=False), default=None,
-              help="Device profile JSON for --cost lut|energy.")
-@click.option("--metric", default=None, help="Profile metric for --cost lut|energy (latency_ms, energy_mj).")
+@_MODEL_OPTIONS
+@_DATA_OPTIONS
+@_COST_OPTIONS
 @click.option("--growth-ratio", type=click.FloatRange(min=0, min_open=True), default=0.5, show_default=True,
               help="Budget of a stage as a fraction of the current network's cost.")
-@click.option("--stages", type=click.IntRange(min=0), default=4, show_default=True, help="Growth stages after the seed.")
+@click.option("--stages", type=click.IntRange(min=0), default=4, show_default=True,
+              help="Growth stages after the seed.")
 @click.option("--budget", default=None,
               help="Absolute cost limit with its unit, e.g. 4.5ms, 12mJ, 300M (MACs).")
 @click.option("--epochs", type=click.IntRange(min=1), default=15, show_default=True, help="Training epochs per stage.")
@@ -96,62 +180,175 @@ def main(verbose: int) -> None:
 @click.option("--split-method", type=click.Choice(["rayleigh", "exact"]), default="rayleigh", show_default=True)
 @click.option("--split-step", type=click.FloatRange(min=0), default=1e-2, show_default=True,
               help="Offspring step epsilon (weight units).")
-@click.option("--selection", type=click.Choice(["lp", "milp", "greedy"]), default="lp", show_default=True)
+@click.option("--selection", type=click.Choice(["lp", "milp", "greedy", "random"]), default="lp", show_default=True,
+              help="Knapsack by LP relaxation, exact MILP or ratio greedy; random: the baseline that splits "
+                   "uniformly random neurons under the same budget.")
 @click.option("--max-layer-growth", type=click.FloatRange(min=0, max=1, min_open=True), default=None,
               help="Cap per layer and stage, as a fraction of its width.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True)
-@click.option("--weight-decay", type=click.FloatRange(min=0), default=5e-4, show_default=True)
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@_SGD_OPTIONS
 @click.option("--out", type=click.Path(file_okay=False), default="runs/grow", show_default=True,
-              help="Run directory (created).")
+              help="Run directory (created; a previous run in it is replaced).")
+@click.option("--resume", type=click.Path(file_okay=False), default=None, metavar="RUN",
+              help="Continue the run in RUN after its last completed stage, with the settings of its config.json "
+                   "(only --stages may be given with it, to extend the run).")
 @_library_errors
 def grow(model: str, model_config: str | None, width_mult: float | None, activation: str | None, dataset: str,
          data_dir: str | None, download: bool, limit: int | None, cost: str, profile_path: str | None,
          metric: str | None, growth_ratio: float, stages: int, budget: str | None, epochs: int,
          seed_epochs: int | None, split_epochs: int, split_method: str, split_step: float, selection: str,
          max_layer_growth: float | None, batch_size: int, lr: float, weight_decay: float, device: str, seed: int,
-         out: str) -> None:
+         out: str, resume: str | None) -> None:
     """Grow a network stage by stage: train, score, price, select, split."""
     import cost_models
-    from hwsplit.grow import GrowConfig, parse_budget, stage_table
+    from hwsplit.grow import GrowConfig, load_config, parse_budget, stage_table
     from hwsplit.grow import grow as run_grow
 
+    if resume is not None:
+        ctx = click.get_current_context()
+        given = [p.opts[0] for p in ctx.command.params
+                 if p.name not in ("resume", "stages") and _given(p.name)]
+        if given:
+            raise click.UsageError(f"--resume continues RUN with the settings of its config.json; "
+                                   f"{', '.join(given)} cannot be combined with it (only --stages, to extend the run)")
+        if not Path(resume).is_dir():
+            raise HwsplitError(f"resume: {resume} is not a run directory")
+        config = load_config(resume)
+        if _given("stages"):
+            config = dataclasses.replace(config, stages=stages)
+        _check_device(config.device)
+        click.echo(f"resuming {resume} ({config.model} on {config.dataset}, cost {config.cost}, "
+                   f"{config.stages} stages)", err=True)
+        records = run_grow(config, resume, resume=True, progress=_progress, on_stage=_print_stage)
+        click.echo(_table(stage_table(records)))
+        click.echo(f"\nrun directory: {resume}")
+        return
+
     _check_device(device)
-    cost_options: dict[str, Any] = {}
-    if cost in ("lut", "energy"):
-        if profile_path is None:
-            raise click.UsageError(f"--cost {cost} needs --profile PROFILE.json (make one with `python cli.py profile`)")
-        cost_options["profile"] = profile_path
-        if metric:
-            cost_options["metric"] = metric
-    elif profile_path is not None:
-        raise click.UsageError("--profile is only used with --cost lut or --cost energy")
+    cost_options = _cost_options(cost, profile_path, metric)
     cost_model = cost_models.get_cost_model(cost, **cost_options)
     budget_value = parse_budget(budget, cost_model.unit) if budget is not None else None
-    model_options: dict[str, Any] = {}
-    for key, value in (("config", model_config), ("width_mult", width_mult), ("activation", activation)):
-        if value is not None:
-            model_options[key] = value
     if cost in ("lut", "energy"):
         click.echo(f"pricing with {cost_model.name} ({cost_model.unit}) from {profile_path}", err=True)
     config = GrowConfig(
-        model=model, model_options=model_options, dataset=dataset, data_dir=data_dir, download=download,
+        model=model, model_options=_model_options(model_config, width_mult, activation), dataset=dataset,
+        data_dir=data_dir, download=download,
         data_limit=limit, cost=cost, cost_options=cost_options, growth_ratio=growth_ratio, stages=stages,
         budget=budget_value, epochs=epochs, seed_epochs=seed_epochs, split_epochs=split_epochs,
         split_method=split_method, split_step=split_step, selection=selection, max_layer_growth=max_layer_growth,
         batch_size=batch_size, lr=lr, weight_decay=weight_decay, device=device, seed=seed,
     )
-
-    def on_stage(record: dict[str, Any]) -> None:
-        click.echo(f"stage {record['stage']}: test top-1 {record['test_top1']:.4f}, "
-                   f"{record['macs'] / 1e6:.4g}M MACs, {record['cost']['value']:.4g} {record['cost']['unit']}, "
-                   f"{record.get('neurons_split', 0)} neurons split", err=True)
-
-    records = run_grow(config, out, progress=_progress, on_stage=on_stage)
+    records = run_grow(config, out, progress=_progress, on_stage=_print_stage)
     click.echo(_table(stage_table(records)))
     click.echo(f"\nrun directory: {out}")
+
+
+# --------------------------------------------------------------------------------------------
+# baseline
+# --------------------------------------------------------------------------------------------
+
+@main.group()
+def baseline() -> None:
+    """Baselines written in the run-directory format of grow, for `report` to compare."""
+
+
+@baseline.command("width")
+@click.option("--multipliers", default="0.5,1,1.5,2", show_default=True,
+              help="Comma-separated width multipliers of the seed config (1 = the seed grow starts from; "
+                   "with --config standard, the MobileNet paper's multipliers).")
+@click.option("--like", type=click.Path(file_okay=False), default=None, metavar="RUN",
+              help="Take every setting from a grow run's config.json (options given here override it).")
+@_MODEL_OPTIONS
+@_DATA_OPTIONS
+@_COST_OPTIONS
+@click.option("--epochs", type=click.IntRange(min=1), default=None,
+              help="Training epochs of each network (default: what grow spends on its final network, "
+                   "seed epochs + stages × stage epochs).")
+@click.option("--stages", type=click.IntRange(min=0), default=4, show_default=True,
+              help="Stages of the grow run to match (for the default --epochs).")
+@click.option("--stage-epochs", type=click.IntRange(min=1), default=15, show_default=True,
+              help="Epochs per stage of the grow run to match (for the default --epochs).")
+@click.option("--seed-epochs", type=click.IntRange(min=1), default=None,
+              help="Seed epochs of the grow run to match (default: --stage-epochs).")
+@_SGD_OPTIONS
+@click.option("--out", type=click.Path(file_okay=False), default="runs/width", show_default=True,
+              help="Run directory (created; a previous run in it is replaced).")
+@_library_errors
+def baseline_width(multipliers: str, like: str | None, model: str, model_config: str | None,
+                   width_mult: float | None, activation: str | None, dataset: str, data_dir: str | None,
+                   download: bool, limit: int | None, cost: str, profile_path: str | None, metric: str | None,
+                   epochs: int | None, stages: int, stage_epochs: int, seed_epochs: int | None, batch_size: int,
+                   lr: float, weight_decay: float, device: str, seed: int, out: str) -> None:
+    """Train the family uniformly scaled by width multipliers, from scratch, on grow's schedule."""
+    from hwsplit.baselines import grow_epochs, parse_multipliers, width_baseline
+    from hwsplit.grow import GrowConfig, load_config, stage_table
+
+    mults = parse_multipliers(multipliers)
+    fields = load_config(like).to_dict() if like is not None else GrowConfig().to_dict()
+    use = (lambda name: like is None or _given(name))
+    for option, key, value in (("model", "model", model), ("dataset", "dataset", dataset),
+                               ("data_dir", "data_dir", data_dir), ("download", "download", download),
+                               ("limit", "data_limit", limit), ("stages", "stages", stages),
+                               ("stage_epochs", "epochs", stage_epochs), ("seed_epochs", "seed_epochs", seed_epochs),
+                               ("batch_size", "batch_size", batch_size), ("lr", "lr", lr),
+                               ("weight_decay", "weight_decay", weight_decay), ("device", "device", device),
+                               ("seed", "seed", seed)):
+        if use(option):
+            fields[key] = value
+    if any(use(o) for o in ("model_config", "width_mult", "activation")):
+        given = _model_options(model_config, width_mult, activation)
+        fields["model_options"] = given if like is None else {**fields["model_options"], **given}
+    if any(use(o) for o in ("cost", "profile_path", "metric")):
+        fields["cost"] = cost
+        fields["cost_options"] = _cost_options(cost, profile_path, metric)
+    config = GrowConfig(**fields)
+    _check_device(config.device)
+    total = epochs if epochs is not None else grow_epochs(config)
+    click.echo(f"width baseline: {config.model} × {', '.join(f'{m:g}' for m in mults)}, {total} epochs each",
+               err=True)
+    records = width_baseline(config, mults, out, epochs=total, progress=_progress, on_stage=_print_stage)
+    click.echo(_table(stage_table(records)))
+    click.echo(f"\nrun directory: {out}")
+
+
+# --------------------------------------------------------------------------------------------
+# report, export
+# --------------------------------------------------------------------------------------------
+
+@main.command()
+@click.argument("runs", nargs=-1, required=True, metavar="RUN [RUN ...]")
+@click.option("--out", type=click.Path(file_okay=False), default="runs/report", show_default=True,
+              help="Directory for table.md and the plots.")
+@_library_errors
+def report(runs: tuple[str, ...], out: str) -> None:
+    """Compare runs stage by stage: table.md, accuracy_vs_macs.png, accuracy_vs_cost.png, widths.png."""
+    from hwsplit.report import write_report
+
+    result = write_report(list(runs), out)
+    click.echo(_table(result["rows"]))
+    click.echo("")
+    for path in result["files"]:
+        click.echo(f"wrote {path}")
+
+
+@main.command()
+@click.argument("run", metavar="RUN")
+@click.option("--stage", type=click.IntRange(min=0), default=None,
+              help="Stage to export (default: the last completed).")
+@click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False), required=True, help="ONNX file to write.")
+@click.option("--atol", type=click.FloatRange(min=0), default=1e-4, show_default=True,
+              help="Largest |onnxruntime - torch| accepted on random inputs.")
+@_library_errors
+def export(run: str, stage: int | None, onnx_path: str, atol: float) -> None:
+    """Export a stage of a run (or a stage-K.pt) to ONNX, checked against PyTorch with onnxruntime."""
+    from hwsplit.export import export_onnx, resolve_checkpoint
+
+    checkpoint = resolve_checkpoint(run, stage)
+    info = export_onnx(checkpoint, onnx_path, atol=atol)
+    shape = "x".join(str(d) for d in info["input_shape"][1:])
+    click.echo(f"wrote {info['path']} from {checkpoint} (stage {info['stage']}, input N x {shape}, dynamic batch, "
+               f"opset {info['opset']})")
+    click.echo(f"onnxruntime vs torch: max |difference| = {info['max_abs_diff']:.3g} over batches of "
+               f"{', '.join(str(b) for b in info['batch_sizes'])} random inputs (tolerance {atol:g})")
 
 
 def _check_device(device: str) -> None:
@@ -198,7 +395,7 @@ def summary(model_or_checkpoint: str, resolution: int | None, in_channels: int |
         if in_channels is not None:
             options["in_channels"] = in_channels
         model = build_model(model_or_checkpoint, **options)
-        res = resolution or (224 if model_or_checkpoint == "mobilenet_v1" else 32)
+        res = resolution or (224 if model_or_checkpoint in ("mobilenet_v1", "torchvision:mobilenet_v2") else 32)
         shape = [1, in_channels or 3, res, res]
         if model_or_checkpoint == "mlp":
             shape = [1, model.spec.in_features]

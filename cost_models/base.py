@@ -170,8 +170,10 @@ class LayerCostModel:
         by_name: dict[str, list[LayerSpec]] = {}
         for s in specs:
             by_name.setdefault(s.name, []).append(s)
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        groups = find_neuron_groups(model, torch.zeros(input_shape, device=device))
+        param = next(model.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+        groups = find_neuron_groups(model, torch.zeros(input_shape, device=device, dtype=dtype))
         out: dict[str, float] = {}
         for g in groups:
             if not g.splittable:

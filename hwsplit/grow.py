@@ -7,6 +7,15 @@
 A run directory holds ``config.json`` (what was asked), ``stages.jsonl`` (one JSON record per
 completed stage), ``stage-K.pt`` (architecture + weights, loadable with ``weights_only=True``) and
 ``summary.md`` (the same records, for people). Every file is written atomically.
+
+**Determinism and resume.** Each stage starts from the previous stage's weights (in memory, or
+read back from ``stage-K.pt``) and re-seeds every random number generator with
+:func:`stage_seed`; its data order comes from loader epochs derived from the stage number and its
+Rayleigh-quotient start from ``seed + stage``. Nothing random carries over from one stage to the
+next, so a run resumed after a crash at any moment (``grow(..., resume=True)``) continues after
+its last completed stage and ends, on the CPU, with the same per-stage architectures and weights
+as an uninterrupted run. A stage is complete when its record is in ``stages.jsonl`` (written after
+its checkpoint); a checkpoint without a record is redone.
 """
 
 from __future__ import annotations
@@ -15,7 +24,9 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import re
+import signal
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -26,10 +37,10 @@ import torch
 from torch import nn
 
 import cost_models
-from hwsplit.checkpoint import atomic_write_json, atomic_write_text, load_model, save_checkpoint
+from hwsplit.checkpoint import atomic_write_json, atomic_write_text, load_checkpoint, load_model, save_checkpoint
 from hwsplit.data import DataBundle, load_dataset, make_loaders
 from hwsplit.graph import find_neuron_groups
-from hwsplit.models import architecture, build_model, default_config
+from hwsplit.models import TORCHVISION_MOBILENET_V2, architecture, build_model, default_config
 from hwsplit.score import splitting_indices
 from hwsplit.select import select_neurons
 from hwsplit.surgery import apply_split
@@ -42,6 +53,11 @@ Progress = Callable[[Iterable, str, int], Iterable]
 STOP_STAGES = "stages done"
 STOP_NO_NEGATIVE = "no neuron has a negative splitting index"
 STOP_BUDGET = "budget reached"
+
+SELECTIONS = ("lp", "milp", "greedy", "random")
+
+# Test hook for crash-safety tests: SIGKILL the process at a named point ("stage-K:<point>").
+KILL_AT_ENV = "HWSPLIT_KILL_AT"
 
 # Units a budget may be written in, per cost-model unit: suffix → multiplier to the model's unit.
 _UNIT_SUFFIXES = {
@@ -127,6 +143,8 @@ class GrowConfig:
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"{name}: invalid value {getattr(self, name)!r}")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection: expected one of {', '.join(SELECTIONS)}, got {self.selection!r}")
         if self.split_method not in ("rayleigh", "exact"):
             raise ValueError(f"split_method: expected rayleigh or exact, got {self.split_method!r}")
 
@@ -136,6 +154,23 @@ class GrowConfig:
     def train_config(self, epochs: int) -> TrainConfig:
         return TrainConfig(epochs=epochs, lr=self.lr, weight_decay=self.weight_decay,
                            label_smoothing=self.label_smoothing, schedule=self.schedule)
+
+
+
+class StageFailed(RuntimeError):
+    """A stage could not complete (a non-finite loss, a failed write). Earlier stages are intact.
+
+    ``stage`` is the stage that failed, ``run`` the run directory; ``summary.md`` says why.
+    """
+
+    def __init__(self, message: str, *, stage: int, run: Path) -> None:
+        super().__init__(message)
+        self.stage = stage
+        self.run = run
+
+
+class WriteFailed(OSError):
+    """Writing a file of the run directory failed (disk full, permission); the previous file is intact."""
 
 
 class RunDir:
@@ -151,27 +186,88 @@ class RunDir:
     def checkpoint(self, stage: int) -> Path:
         return self.path / f"stage-{stage}.pt"
 
+    def checkpoints(self) -> dict[int, Path]:
+        """Existing ``stage-K.pt`` files by K."""
+        out = {}
+        for p in self.path.glob("stage-*.pt"):
+            m = re.fullmatch(r"stage-(\d+)\.pt", p.name)
+            if m:
+                out[int(m.group(1))] = p
+        return dict(sorted(out.items()))
+
+    def temporaries(self) -> list[Path]:
+        """Temporary files an interrupted atomic write may have left (``.NAME.XXXX.tmp``)."""
+        return sorted(p for p in self.path.glob(".*.tmp") if p.is_file())
+
     def records(self) -> list[dict[str, Any]]:
         if not self.stages.exists():
             return []
-        return [json.loads(line) for line in self.stages.read_text(encoding="utf-8").splitlines() if line.strip()]
+        records = []
+        for i, line in enumerate(self.stages.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"run: {self.stages} line {i} is not JSON ({err})") from None
+        return records
+
+    def write_records(self, records: list[dict[str, Any]]) -> None:
+        atomic_write_text(self.stages, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
 
     def append(self, record: dict[str, Any]) -> None:
-        records = self.records() + [record]
-        atomic_write_text(self.stages, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+        self.write_records(self.records() + [record])
+
+
+def start_fresh(run: RunDir) -> None:
+    """Create ``run`` or empty it of a previous run's files (a warning says what was replaced)."""
+    run.path.mkdir(parents=True, exist_ok=True)
+    try:
+        old = len(run.records())
+    except ValueError:  # an unreadable stages.jsonl is replaced too
+        old = -1
+    if old:
+        log.warning("replacing the run in %s (%s completed stage(s)); resume continues a run instead",
+                    run.path, old if old > 0 else "unreadable")
+    # config.json first: killed half-way, the directory holds no run to resume rather than a mix of two
+    for p in [run.config, run.stages, *run.checkpoints().values(), *run.temporaries(), run.summary]:
+        if p.exists():
+            p.unlink()
+
+
+def load_config(out: str | Path) -> GrowConfig:
+    """The :class:`GrowConfig` saved in a grow run directory's config.json."""
+    from hwsplit.baselines import read_config
+
+    data = read_config(out)
+    if data.get("baseline"):
+        raise ValueError(f"resume: {out} is a {data['baseline']} baseline, not a grow run")
+    known = {f.name for f in dataclasses.fields(GrowConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"resume: {Path(out) / 'config.json'} has unknown field(s) {', '.join(unknown)}")
+    return GrowConfig(**data)
+
+
+def stage_seed(config: GrowConfig, stage: int) -> int:
+    """The seed of every global random number generator at the start of ``stage``."""
+    return config.seed * 1000 + stage
+
+
+def _kill_point(point: str) -> None:
+    """SIGKILL this process when the environment variable HWSPLIT_KILL_AT names ``point`` (tests only)."""
+    if os.environ.get(KILL_AT_ENV) == point:
+        log.warning("%s=%s: killing this process", KILL_AT_ENV, point)
+        os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
 
 
 def _params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _widths(groups: list) -> dict[str, int]:
-    return {g.name: g.width for g in groups}
-
-
-def build_seed(config: GrowConfig, bundle: DataBundle) -> nn.Module:
-    """The stage-0 model of ``config.model`` sized for ``bundle``'s inputs and classes."""
-    c, h, _ = bundle.input_shape
+def seed_options(config: GrowConfig, bundle: DataBundle) -> dict[str, Any]:
+    """Builder options of the stage-0 model: ``config.model_options`` completed from the data."""
+    c, h, w = bundle.input_shape
     options = dict(config.model_options)
     if config.model == "mobilenet_v1":
         options.setdefault("config", default_config(h))
@@ -180,149 +276,312 @@ def build_seed(config: GrowConfig, bundle: DataBundle) -> nn.Module:
         options.setdefault("resolution", h)
         options.setdefault("num_classes", bundle.num_classes)
     elif config.model == "mlp":
-        options.setdefault("in_features", c * h * bundle.input_shape[2])
+        options.setdefault("in_features", c * h * w)
         options.setdefault("num_classes", bundle.num_classes)
+    elif config.model == TORCHVISION_MOBILENET_V2:
+        # in_channels other than 3 (e.g. 1-channel digits) replaces torchvision's stem convolution
+        options.setdefault("in_channels", c)
+        options.setdefault("num_classes", bundle.num_classes)
+    return options
+
+
+def build_seed(config: GrowConfig, bundle: DataBundle, *, width_mult: float = 1.0) -> nn.Module:
+    """The stage-0 model of ``config.model`` sized for ``bundle``'s inputs and classes.
+
+    ``width_mult`` multiplies the configured width multiplier (the width baseline's scaling).
+    """
+    options = seed_options(config, bundle)
+    if width_mult != 1.0:
+        options["width_mult"] = options.get("width_mult", 1.0) * width_mult
     return build_model(config.model, **options)
 
 
-def grow(config: GrowConfig, out: str | Path, *, progress: Progress | None = None,
-         on_stage: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
-    """Run the stage loop, writing the run directory ``out``; returns the stage records.
+@dataclass
+class Session:
+    """What every stage of a run uses: data, loaders, device, cost models, end-to-end measurer."""
 
-    ``progress`` wraps long loops (``progress(iterable, desc, total)``, e.g. tqdm); ``on_stage`` is
-    called with each record as soon as the stage is on disk.
-    """
-    run = RunDir(out)
-    run.path.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run.config, config.to_dict())
+    config: GrowConfig
+    bundle: DataBundle
+    train_loader: Any
+    test_loader: Any
+    device: torch.device
+    input_shape: tuple[int, ...]
+    cost_model: Any
+    flops: Any
+    measure: Callable[[nn.Module, tuple[int, ...]], dict[str, Any]] | None
+
+
+def open_session(config: GrowConfig) -> Session:
     seed_everything(config.seed)
     device = torch.device(config.device)
     bundle = load_dataset(config.dataset, data_dir=config.data_dir, download=config.download, seed=config.seed,
                           limit=config.data_limit)
     train_loader, test_loader = make_loaders(bundle, batch_size=config.batch_size, seed=config.seed,
                                              device=device if device.type == "cuda" else None)
-    input_shape = (1, *bundle.input_shape)
-    cost_model = cost_models.get_cost_model(config.cost, **config.cost_options)
-    flops = cost_models.get_cost_model("flops")
+    return Session(config=config, bundle=bundle, train_loader=train_loader, test_loader=test_loader, device=device,
+                   input_shape=(1, *bundle.input_shape),
+                   cost_model=cost_models.get_cost_model(config.cost, **config.cost_options),
+                   flops=cost_models.get_cost_model("flops"), measure=_end_to_end_measurer(config))
 
-    model = build_seed(config, bundle).to(device)
-    measure = _end_to_end_measurer(config)
-    records: list[dict[str, Any]] = []
+
+def train_and_record(session: Session, model: nn.Module, stage: int, *, epochs: int, loader_epoch: int,
+                     timings: dict[str, float], extra: dict[str, Any],
+                     progress: Progress | None = None) -> dict[str, Any]:
+    """Train ``model`` for ``epochs`` (data order from ``loader_epoch`` on), evaluate, describe: the record."""
+    config, device, shape = session.config, session.device, session.input_shape
+    if hasattr(session.train_loader, "set_epoch"):
+        session.train_loader.set_epoch(loader_epoch)  # the shuffles depend on the stage only
+    t0 = time.perf_counter()
+    fit = train(model, session.train_loader, config=config.train_config(epochs), device=device, progress=progress)
+    timings["train_s"] = time.perf_counter() - t0
+    test = evaluate(model, session.test_loader, device=device, progress=progress)
+    groups = [g for g in find_neuron_groups(model, torch.zeros(shape, device=device)) if g.splittable]
+    record = {
+        "stage": stage,
+        "architecture": architecture(model),
+        "layers": [g.name for g in groups],
+        "widths": {g.name: g.width for g in groups},
+        "train_loss": fit["loss"], "train_top1": fit["top1"],
+        "test_loss": test["loss"], "test_top1": test["top1"], "test_top5": test["top5"],
+        "macs": session.flops.total(model, shape),
+        "params": _params(model),
+        "cost": {"name": session.cost_model.name, "unit": session.cost_model.unit,
+                 "value": session.cost_model.total(model, shape)},
+        "seconds": timings,
+        **extra,
+    }
+    if session.measure is not None:
+        record["measured"] = session.measure(model, shape)
+    return record
+
+
+def write_stage(run: RunDir, session: Session, model: nn.Module, record: dict[str, Any],
+                records: list[dict[str, Any]]) -> None:
+    """Checkpoint, then record (the record is what makes the stage complete); appends to ``records``."""
+    stage = record["stage"]
+    path = run.checkpoint(stage)
+    try:
+        save_checkpoint(path, model, stage=stage, extra={"test_top1": record["test_top1"],
+                                                         "input_shape": list(session.input_shape)})
+        _kill_point(f"stage-{stage}:checkpoint")
+        run.write_records(records + [record])
+    except OSError as err:
+        raise WriteFailed(f"could not write stage {stage} to {run.path} ({err.__class__.__name__}: {err})") from err
+    records.append(record)
+    _kill_point(f"stage-{stage}:record")
+
+
+def _check_resume(run: RunDir, config: GrowConfig) -> list[dict[str, Any]]:
+    """Make ``run`` consistent for resuming: the records of completed stages, stale files removed."""
+    if not run.config.exists():
+        raise ValueError(f"resume: {run.path} has no config.json (nothing to resume; start a new run)")
+    saved = load_config(run.path)
+    for f in dataclasses.fields(GrowConfig):
+        if f.name != "stages" and getattr(saved, f.name) != getattr(config, f.name):
+            raise ValueError(f"resume: {f.name} differs from {run.config} ({getattr(saved, f.name)!r} there, "
+                             f"{getattr(config, f.name)!r} here)")
+    for tmp in run.temporaries():
+        log.info("removing %s, left by an interrupted write", tmp.name)
+        tmp.unlink()
+    records = run.records()
+    checkpoints = run.checkpoints()
+    kept: list[dict[str, Any]] = []
+    for i, r in enumerate(records):
+        if r.get("stage") != i or i not in checkpoints:
+            break
+        kept.append(r)
+    if kept:  # the last completed stage's checkpoint is what the run continues from: it must load
+        payload = load_checkpoint(checkpoints[len(kept) - 1])
+        if payload["architecture"] != kept[-1]["architecture"]:
+            raise ValueError(f"resume: {checkpoints[len(kept) - 1]} does not hold the architecture recorded for "
+                             f"stage {len(kept) - 1} in {run.stages}")
+    if len(kept) != len(records):
+        log.warning("resume: keeping %d of the %d records in %s", len(kept), len(records), run.stages)
+        run.write_records(kept)
+    for k, p in checkpoints.items():
+        if k >= len(kept):
+            log.info("resume: removing %s (its stage did not complete)", p.name)
+            p.unlink()
+    return kept
+
+
+def grow(config: GrowConfig, out: str | Path, *, resume: bool = False, progress: Progress | None = None,
+         on_stage: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    """Run the stage loop, writing the run directory ``out``; returns the stage records.
+
+    ``resume=True`` continues the run in ``out`` after its last completed stage (``config`` must
+    equal its config.json except for ``stages``, which may extend it); without it a previous run
+    in ``out`` is replaced. ``progress`` wraps long loops (``progress(iterable, desc, total)``,
+    e.g. tqdm); ``on_stage`` is called with each record as soon as the stage is on disk.
+
+    Raises :class:`StageFailed` when a stage cannot complete — a non-finite training or scoring
+    loss, or a failed write (disk full, permission) — after writing ``summary.md`` with the
+    reason; the completed stages' checkpoints and records stay intact. ``KeyboardInterrupt``
+    propagates after the same bookkeeping; no partial file is left behind.
+    """
+    run = RunDir(out)
+    if resume:
+        records = _check_resume(run, config)
+    else:
+        start_fresh(run)
+        records = []
+    atomic_write_json(run.config, config.to_dict())
+    session = open_session(config)
+    device, input_shape, cost_model = session.device, session.input_shape, session.cost_model
+    train_loader, test_loader = session.train_loader, session.test_loader
     stop_reason = STOP_STAGES
+    stage = len(records)
+    if records:
+        model = load_model(run.checkpoint(stage - 1)).to(device)
+        log.info("resuming %s after stage %d", run.path, stage - 1)
 
     def finish_stage(stage: int, extra: dict[str, Any], timings: dict[str, float], epochs: int) -> dict[str, Any]:
-        nonlocal model
-        if hasattr(train_loader, "set_epoch"):
-            train_loader.set_epoch(stage * 10_000)  # each stage's shuffles depend on the stage only
-        t0 = time.perf_counter()
-        fit = train(model, train_loader, config=config.train_config(epochs), device=device, progress=progress)
-        timings["train_s"] = time.perf_counter() - t0
-        test = evaluate(model, test_loader, device=device, progress=progress)
-        groups = find_neuron_groups(model, torch.zeros(input_shape, device=device))
-        record = {
-            "stage": stage,
-            "architecture": architecture(model),
-            "widths": _widths([g for g in groups if g.splittable]),
-            "train_loss": fit["loss"], "train_top1": fit["top1"],
-            "test_loss": test["loss"], "test_top1": test["top1"], "test_top5": test["top5"],
-            "macs": flops.total(model, input_shape),
-            "params": _params(model),
-            "cost": {"name": cost_model.name, "unit": cost_model.unit,
-                     "value": cost_model.total(model, input_shape)},
-            "seconds": timings,
-            **extra,
-        }
-        if measure is not None:
-            record["measured"] = measure(model, input_shape)
-        save_checkpoint(run.checkpoint(stage), model, stage=stage, extra={"test_top1": test["top1"],
-                                                                         "input_shape": list(input_shape)})
-        run.append(record)
-        records.append(record)
-        _write_summary(run, config, records, stop_reason=None)
-        log.info("stage %d: test top-1 %.4f, %.4g MACs, %s %.4g %s", stage, test["top1"], record["macs"],
+        record = train_and_record(session, model, stage, epochs=epochs, loader_epoch=stage * 10_000,
+                                  timings=timings, extra=extra, progress=progress)
+        write_stage(run, session, model, record, records)
+        write_summary(run, config, records, status="running")
+        log.info("stage %d: test top-1 %.4f, %.4g MACs, %s %.4g %s", stage, record["test_top1"], record["macs"],
                  cost_model.name, record["cost"]["value"], cost_model.unit)
         if on_stage:
             on_stage(record)
         return record
 
-    finish_stage(0, {"split": {}, "neurons_split": 0}, {}, config.seed_epochs or config.epochs)
+    try:
+        if stage == 0:
+            seed_everything(stage_seed(config, 0))
+            model = build_seed(config, session.bundle).to(device)
+            finish_stage(0, {"split": {}, "neurons_split": 0}, {}, config.seed_epochs or config.epochs)
+            stage = 1
 
-    for stage in range(1, config.stages + 1):
-        timings: dict[str, float] = {}
-        t0 = time.perf_counter()
-        if hasattr(train_loader, "set_epoch"):
-            train_loader.set_epoch(stage * 10_000 - 1)
-        scores = splitting_indices(model, train_loader, method=config.split_method, epochs=config.split_epochs,
-                                   lr=config.split_lr, seed=config.seed + stage, progress=progress)
-        timings["score_s"] = time.perf_counter() - t0
+        first = stage
+        for stage in range(first, config.stages + 1):
+            seed_everything(stage_seed(config, stage))
+            _kill_point(f"stage-{stage}:start")
+            timings: dict[str, float] = {}
+            t0 = time.perf_counter()
+            if hasattr(train_loader, "set_epoch"):
+                train_loader.set_epoch(stage * 10_000 - 1)
+            groups = find_neuron_groups(model, torch.zeros(input_shape, device=device))
+            scores = splitting_indices(model, train_loader, method=config.split_method, epochs=config.split_epochs,
+                                       lr=config.split_lr, seed=config.seed + stage, groups=groups,
+                                       progress=progress)
+            timings["score_s"] = time.perf_counter() - t0
 
-        t0 = time.perf_counter()
-        total = cost_model.total(model, input_shape)
-        marginal = cost_model.marginal(model, input_shape)
-        budget = config.growth_ratio * total
-        if config.budget is not None:
-            budget = min(budget, config.budget - total)
-        eig = torch.cat([s.eigenvalues for s in scores.values()]) if scores else torch.zeros(0)
-        n_negative = int((eig < 0).sum())
-        if n_negative == 0:
-            stop_reason = STOP_NO_NEGATIVE
-            break
-        if budget <= 0:
-            stop_reason = STOP_BUDGET
-            break
-        caps = config.max_layer_growth
-        plan = select_neurons(scores, {k: marginal[k] for k in scores}, budget, caps=caps, method=config.selection)
-        if plan:
-            plan = fit_plan_to_budget(plan, scores, marginal, lambda p: cost_model.total(
-                apply_split(model, p, scores, step=0.0), input_shape) - total, budget)
-        timings["select_s"] = time.perf_counter() - t0
-        if not plan:
-            stop_reason = STOP_BUDGET if n_negative else STOP_NO_NEGATIVE
-            break
+            t0 = time.perf_counter()
+            total = cost_model.total(model, input_shape)
+            marginal = cost_model.marginal(model, input_shape)
+            budget = config.growth_ratio * total
+            if config.budget is not None:
+                budget = min(budget, config.budget - total)
+            eig = torch.cat([s.eigenvalues for s in scores.values()]) if scores else torch.zeros(0)
+            if not bool(torch.isfinite(eig).all()):
+                raise FloatingPointError("scoring: some splitting indices are not finite")
+            n_negative = int((eig < 0).sum())
+            if n_negative == 0 and config.selection != "random":
+                stop_reason = STOP_NO_NEGATIVE
+                break
+            if budget <= 0:
+                stop_reason = STOP_BUDGET
+                break
+            caps = config.max_layer_growth
+            costs = {k: marginal[k] for k in scores}
+            rank = None
+            if config.selection == "random":
+                from hwsplit.baselines import random_selection
 
-        t0 = time.perf_counter()
-        before = evaluate(model, test_loader, device=device)["loss"]
-        model = apply_split(model, plan, scores, step=config.split_step).to(device)
-        after = evaluate(model, test_loader, device=device)["loss"]
-        timings["split_s"] = time.perf_counter() - t0
-        chosen = torch.cat([scores[k].eigenvalues[v] for k, v in plan.items()])
-        extra = {
-            "split": {k: int(v.numel()) for k, v in plan.items()},
-            "neurons_split": int(sum(v.numel() for v in plan.values())),
-            "budget": {"value": budget, "unit": cost_model.unit,
-                       "used": float(sum(marginal[k] * v.numel() for k, v in plan.items()))},
-            "eigenvalues": {
-                "min": float(eig.min()), "median": float(eig.median()), "negative": n_negative,
-                "count": int(eig.numel()),
-                "per_layer_min": {k: float(s.eigenvalues.min()) for k, s in scores.items()},
-                "chosen_sum": float(chosen.sum()),
-            },
-            "loss_before_split": before,
-            "loss_after_split": after,
-            "predicted_loss_change": 0.5 * config.split_step ** 2 * float(chosen.sum()),
-        }
-        finish_stage(stage, extra, timings, config.epochs)
-        if config.budget is not None and records[-1]["cost"]["value"] >= config.budget * (1 - 1e-9):
-            stop_reason = STOP_BUDGET
-            break
+                plan = random_selection({k: len(s) for k, s in scores.items()}, costs, budget, caps=caps,
+                                        seed=[config.seed, stage])
+                rank = _random_rank([config.seed, stage, 1])
+            else:
+                plan = select_neurons(scores, costs, budget, caps=caps, method=config.selection)
+            if plan:
+                def increase(p: dict[str, torch.Tensor], m: nn.Module = model, s: dict = scores,
+                             t: float = total) -> float:
+                    return cost_model.total(apply_split(m, p, s, step=0.0), input_shape) - t
 
-    _write_summary(run, config, records, stop_reason=stop_reason)
+                plan = fit_plan_to_budget(plan, scores, marginal, increase, budget, rank=rank)
+            timings["select_s"] = time.perf_counter() - t0
+            if not plan:
+                stop_reason = STOP_BUDGET if n_negative or config.selection == "random" else STOP_NO_NEGATIVE
+                break
+
+            t0 = time.perf_counter()
+            before = evaluate(model, test_loader, device=device)["loss"]
+            model = apply_split(model, plan, scores, step=config.split_step).to(device)
+            after = evaluate(model, test_loader, device=device)["loss"]
+            timings["split_s"] = time.perf_counter() - t0
+            _kill_point(f"stage-{stage}:split")
+            chosen = torch.cat([scores[k].eigenvalues[v] for k, v in plan.items()])
+            extra = {
+                "split": {k: int(v.numel()) for k, v in plan.items()},
+                "neurons_split": int(sum(v.numel() for v in plan.values())),
+                "selection": config.selection,
+                "budget": {"value": budget, "unit": cost_model.unit,
+                           "used": float(sum(marginal[k] * v.numel() for k, v in plan.items()))},
+                "eigenvalues": {
+                    "min": float(eig.min()), "median": float(eig.median()), "negative": n_negative,
+                    "count": int(eig.numel()),
+                    "per_layer_min": {k: float(s.eigenvalues.min()) for k, s in scores.items()},
+                    "chosen_sum": float(chosen.sum()),
+                },
+                "loss_before_split": before,
+                "loss_after_split": after,
+                "predicted_loss_change": 0.5 * config.split_step ** 2 * float(chosen.sum()),
+            }
+            finish_stage(stage, extra, timings, config.epochs)
+            if config.budget is not None and records[-1]["cost"]["value"] >= config.budget * (1 - 1e-9):
+                stop_reason = STOP_BUDGET
+                break
+    except (FloatingPointError, WriteFailed) as err:
+        what = "non-finite loss" if isinstance(err, FloatingPointError) else "write failed"
+        reason = f"failed in stage {stage} ({what}): {err}"
+        write_summary(run, config, records, status=reason, safe=True)
+        kept = (f"stages 0-{len(records) - 1} in {run.path} are intact" if records
+                else f"no stage of {run.path} completed")
+        raise StageFailed(f"stage {stage} failed ({what}): {str(err).splitlines()[0]}; {kept}",
+                          stage=stage, run=run.path) from None
+    except KeyboardInterrupt:
+        write_summary(run, config, records, safe=True,
+                      status=f"interrupted in stage {stage}; continue with `grow --resume {run.path}`")
+        raise
+
+    write_summary(run, config, records, status=f"stopped: {stop_reason}")
     log.info("stopped: %s", stop_reason)
     return records
 
 
+def _random_rank(seed: list[int]) -> Callable[[str, int], float]:
+    """A random priority per (group, channel), for dropping neurons of a random plan in random order."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    table: dict[tuple[str, int], float] = {}
+
+    def rank(name: str, channel: int) -> float:
+        if (name, channel) not in table:
+            table[(name, channel)] = float(rng.random())
+        return table[(name, channel)]
+
+    return rank
+
+
 def fit_plan_to_budget(plan: dict[str, torch.Tensor], scores: dict[str, Any], marginal: dict[str, float],
                        increase: Callable[[dict[str, torch.Tensor]], float], budget: float,
-                       max_rounds: int = 20) -> dict[str, torch.Tensor]:
+                       max_rounds: int = 20, rank: Callable[[str, int], float] | None = None,
+                       ) -> dict[str, torch.Tensor]:
     """Drop the least valuable chosen neurons until the *actual* cost increase fits the budget.
 
     The knapsack prices neurons one at a time; splitting neighbouring layers together also adds
     their cross terms (a conv grows in both its input and its output channels), so the real
     increase can exceed the sum of marginals by a few percent. ``increase(plan)`` measures it on
-    the architecture the plan would produce; neurons with the worst λ/cost ratio go first.
+    the architecture the plan would produce; neurons with the worst λ/cost ratio go first, or
+    those with the highest ``rank(group, channel)`` when given (the random baseline).
     """
-    items = sorted(((float(scores[k].eigenvalues[int(j)]) / marginal[k], k, int(j))
-                    for k, v in plan.items() for j in v), reverse=True)  # worst (least negative per cost) first
+    def value(k: str, j: int) -> float:
+        return rank(k, j) if rank is not None else float(scores[k].eigenvalues[j]) / marginal[k]
+
+    items = sorted(((value(k, int(j)), k, int(j)) for k, v in plan.items() for j in v),
+                   reverse=True)  # worst (least negative per cost) first
     for _ in range(max_rounds):
         over = increase(plan) - budget
         if over <= 1e-9 * max(1.0, abs(budget)) or not items:
@@ -385,6 +644,8 @@ def _end_to_end_measurer(config: GrowConfig) -> Callable[[nn.Module, tuple[int, 
     return measure
 
 
+
+
 def _fmt_num(x: float) -> str:
     if x == 0 or not math.isfinite(x):
         return str(x)
@@ -394,37 +655,59 @@ def _fmt_num(x: float) -> str:
     return f"{x:.4g}"
 
 
+def record_widths(record: dict[str, Any]) -> list[int]:
+    """The per-layer widths a table shows: the family's width list, else every splittable layer in graph order."""
+    arch = record.get("architecture", {}).get("widths")
+    if isinstance(arch, list):
+        return arch
+    widths = record.get("widths", {})
+    return [widths[n] for n in record.get("layers", widths) if n in widths]
+
+
 def stage_table(records: list[dict[str, Any]]) -> list[list[str]]:
     """Rows (header first) of the per-stage table the CLI prints and summary.md shows."""
     unit = records[0]["cost"]["unit"] if records else ""
     measured = any("measured" in r for r in records)
-    rows = [["stage", "test top-1", "test loss", "MACs", "params", f"cost ({unit})"]
+    baseline = any("width_mult" in r for r in records)
+    rows = [["stage"] + (["width ×"] if baseline else []) + ["test top-1", "test loss", "MACs", "params",
+                                                            f"cost ({unit})"]
             + (["measured ms"] if measured else []) + ["split", "widths"]]
     for r in records:
-        widths = r["architecture"].get("widths", list(r["widths"].values()))
-        row = [str(r["stage"]), f"{r['test_top1']:.4f}", f"{r['test_loss']:.4f}", _fmt_num(r["macs"]),
-               _fmt_num(r["params"]), f"{r['cost']['value']:.4g}"]
+        row = [str(r["stage"])] + ([f"{r['width_mult']:g}"] if baseline else [])
+        row += [f"{r['test_top1']:.4f}", f"{r['test_loss']:.4f}", _fmt_num(r["macs"]), _fmt_num(r["params"]),
+                f"{r['cost']['value']:.4g}"]
         if measured:
             lat = (r.get("measured") or {}).get("latency_ms")
             row.append(f"{lat['median']:.4g}" if lat else "-")
-        rows.append(row + [str(r.get("neurons_split", 0)), " ".join(str(w) for w in widths)])
+        rows.append(row + [str(r.get("neurons_split", 0)), " ".join(str(w) for w in record_widths(r))])
     return rows
 
 
-def _write_summary(run: RunDir, config: GrowConfig, records: list[dict[str, Any]], *, stop_reason: str | None) -> None:
+def write_summary(run: RunDir, config: GrowConfig, records: list[dict[str, Any]], *, status: str,
+                  title: str | None = None, safe: bool = False) -> None:
+    """summary.md: the settings, the stage table and the run's status (running, stopped: why, failed: why).
+
+    ``safe=True`` (while handling another error) logs a failed write instead of raising it.
+    """
     rows = stage_table(records)
-    lines = [f"# hwsplit run: {config.model} on {config.dataset}, cost {config.cost}", "",
+    lines = [f"# hwsplit run: {title or f'{config.model} on {config.dataset}, cost {config.cost}'}", "",
              f"growth ratio {config.growth_ratio}, budget {config.budget}, {config.epochs} epochs per stage, "
              f"split by {config.split_method} ({config.split_epochs} epoch(s)), step {config.split_step}, "
-             f"seed {config.seed}", ""]
+             f"selection {config.selection}, seed {config.seed}", ""]
     lines.append("| " + " | ".join(rows[0]) + " |")
     lines.append("|" + "---|" * len(rows[0]))
     lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
     lines.append("")
-    lines.append(f"Status: {'stopped: ' + stop_reason if stop_reason else 'running'}")
+    lines.append(f"Status: {status}")
     lines.append("")
     lines.append("Load a stage: `hwsplit.checkpoint.load_model('stage-K.pt')`.")
-    atomic_write_text(run.summary, "\n".join(lines) + "\n")
+    try:
+        atomic_write_text(run.summary, "\n".join(lines) + "\n")
+    except OSError as err:
+        if not safe:
+            raise WriteFailed(f"could not write {run.summary} ({err})") from err
+        log.error("could not write %s: %s", run.summary, err)
 
 
-__all__ = ["GrowConfig", "RunDir", "build_seed", "grow", "load_model", "parse_budget", "stage_table"]
+__all__ = ["GrowConfig", "RunDir", "StageFailed", "build_seed", "grow", "load_config", "load_model", "parse_budget",
+           "stage_table"]

@@ -266,11 +266,103 @@ def mobilenet_v1(*, config: str = "standard", width_mult: float = 1.0, num_class
     return MobileNetV1(spec)
 
 
-def mlp(*, in_features: int = 64, widths: list[int] | tuple[int, ...] = (32, 32), num_classes: int = 10,
-        activation: str = "silu", batchnorm: bool = False, **_: Any) -> MLP:
-    """A multi-layer perceptron (``in_features`` inputs, flattened)."""
+def mlp(*, in_features: int | None = None, widths: list[int] | tuple[int, ...] = (32, 32), num_classes: int = 10,
+        activation: str = "silu", batchnorm: bool = False, width_mult: float = 1.0, in_channels: int | None = None,
+        resolution: int | None = None) -> MLP:
+    """A multi-layer perceptron (``in_features`` inputs, flattened).
+
+    ``in_features`` defaults to ``in_channels × resolution²`` when those are given, else 64 (8×8
+    digits). ``width_mult`` scales the hidden ``widths`` (rounded, at least 1).
+    """
+    if not (isinstance(width_mult, (int, float)) and width_mult > 0):
+        raise ValueError(f"width_mult: expected a positive number, got {width_mult!r}")
+    if in_features is None:
+        in_features = (in_channels or 1) * (resolution or 8) ** 2 if (in_channels or resolution) else 64
+    if width_mult != 1.0:
+        widths = [max(1, int(round(w * width_mult))) if isinstance(w, int) else w for w in widths]
     return MLP(MLPSpec(in_features=in_features, widths=tuple(widths), num_classes=num_classes,
                        activation=activation, batchnorm=batchnorm))
+
+
+# --------------------------------------------------------------------------------------------
+# torchvision's MobileNetV2 as a family: base build + per-layer widths
+# --------------------------------------------------------------------------------------------
+
+TORCHVISION_MOBILENET_V2 = "torchvision:mobilenet_v2"
+# Resolution of the zero input used to trace a torchvision MobileNetV2 (any size ≥ 1 works).
+_TRACE_RESOLUTION = 32
+
+
+def _producer_widths(model: nn.Module) -> dict[str, int]:
+    """Output channels of every dense Conv2d (groups=1), by module path, in module order."""
+    return {name: m.out_channels for name, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups == 1}
+
+
+def torchvision_mobilenet_v2(*, width_mult: float = 1.0, num_classes: int = 1000, in_channels: int = 3,
+                             dropout: float = 0.2, widths: dict[str, int] | None = None,
+                             resolution: int | None = None) -> nn.Module:
+    """torchvision's own ``MobileNetV2`` (``torchvision.models.mobilenet_v2``, no pretrained weights).
+
+    ``in_channels`` other than 3 replaces the stem convolution ``features.0.0`` by one with that
+    many input channels (same kernel, stride and padding), so 1-channel images work; the model is
+    still a ``torchvision.models.MobileNetV2``. ``widths`` maps dense convolutions (module paths,
+    e.g. ``"features.2.conv.0.0"``) to their number of output channels; layers may only be wider
+    than the base build, and only splittable ones (the expansion layers, the stem, the last
+    projection and the head: channels tied by a residual add cannot change). ``resolution`` is
+    accepted for symmetry with the other families and ignored (the network is fully convolutional).
+    """
+    import torchvision
+
+    if not (isinstance(width_mult, (int, float)) and width_mult > 0):
+        raise ValueError(f"width_mult: expected a positive number, got {width_mult!r}")
+    for name, value in (("num_classes", num_classes), ("in_channels", in_channels)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+    if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
+        raise ValueError(f"dropout: expected 0 <= dropout < 1, got {dropout!r}")
+    if resolution is not None and (not isinstance(resolution, int) or resolution < 1):
+        raise ValueError(f"resolution: expected a positive integer, got {resolution!r}")
+    model = torchvision.models.mobilenet_v2(weights=None, width_mult=float(width_mult), num_classes=num_classes,
+                                            dropout=float(dropout))
+    if in_channels != 3:
+        old = model.features[0][0]
+        stem = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding, bias=False)
+        nn.init.kaiming_normal_(stem.weight, mode="fan_out")
+        model.features[0][0] = stem
+    model.hwsplit_arch = {"family": TORCHVISION_MOBILENET_V2, "width_mult": float(width_mult),
+                          "num_classes": num_classes, "in_channels": in_channels, "dropout": float(dropout)}
+    if widths:
+        _resize_torchvision(model, widths)
+    return model
+
+
+def _resize_torchvision(model: nn.Module, widths: dict[str, int]) -> None:
+    from hwsplit.graph import find_neuron_groups
+    from hwsplit.surgery import resize_groups
+
+    if not isinstance(widths, dict):
+        raise ValueError(f"widths: expected {{layer path: width}} for {TORCHVISION_MOBILENET_V2}, "
+                         f"got {type(widths).__name__}")
+    base = _producer_widths(model)
+    for name, width in widths.items():
+        if name not in base:
+            raise ValueError(f"widths[{name!r}]: no dense convolution of that name in {TORCHVISION_MOBILENET_V2} "
+                             f"(width_mult={model.hwsplit_arch['width_mult']})")
+        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+            raise ValueError(f"widths[{name!r}]: expected a positive integer, got {width!r}")
+    changed = {name: w for name, w in widths.items() if w != base[name]}
+    if not changed:
+        return
+    example = torch.zeros(1, model.hwsplit_arch["in_channels"], _TRACE_RESOLUTION, _TRACE_RESOLUTION)
+    resize_groups(model, changed, find_neuron_groups(model, example))
+
+
+def _torchvision_architecture(model: nn.Module) -> dict[str, Any]:
+    arch = dict(model.hwsplit_arch)
+    arch["in_channels"] = model.features[0][0].in_channels
+    arch["num_classes"] = model.classifier[-1].out_features
+    arch["widths"] = _producer_widths(model)
+    return arch
 
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
@@ -278,6 +370,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "mobilenet_v1_cifar": lambda **kw: mobilenet_v1(**{"config": "cifar_seed", "resolution": 32,
                                                         "num_classes": 10, **kw}),
     "mlp": mlp,
+    TORCHVISION_MOBILENET_V2: torchvision_mobilenet_v2,
 }
 
 
@@ -289,7 +382,13 @@ def build_model(name: str, **options: Any) -> nn.Module:
     """Build a registered model family by name, e.g. ``build_model("mobilenet_v1", width_mult=0.5)``."""
     if name not in MODELS:
         raise ValueError(f"model: unknown name {name!r}; available: {', '.join(available_models())}")
-    return MODELS[name](**options)
+    try:
+        return MODELS[name](**options)
+    except TypeError as err:
+        if "unexpected keyword argument" not in str(err):
+            raise
+        unknown = str(err).rsplit("argument", 1)[-1].strip()
+        raise ValueError(f"model: {name} does not take the option {unknown}") from None
 
 
 _SPEC_TYPES = {"mobilenet_v1": (MobileNetV1Spec, MobileNetV1), "mlp": (MLPSpec, MLP)}
@@ -297,6 +396,11 @@ _SPEC_TYPES = {"mobilenet_v1": (MobileNetV1Spec, MobileNetV1), "mlp": (MLPSpec, 
 
 def architecture(model: nn.Module) -> dict[str, Any]:
     """The model's current architecture as a JSON-serialisable dict (its family and widths)."""
+    if getattr(model, "hwsplit_arch", {}).get("family") == TORCHVISION_MOBILENET_V2:
+        return _torchvision_architecture(model)
+    if type(model).__name__ == "MobileNetV2" and type(model).__module__.startswith("torchvision"):
+        raise ValueError(f"model: a torchvision MobileNetV2 must be built with build_model("
+                         f"{TORCHVISION_MOBILENET_V2!r}, width_mult=...) so that its architecture is known")
     spec = getattr(model, "spec", None)
     if spec is None or not hasattr(spec, "to_dict"):
         raise ValueError(f"model: {type(model).__name__} is not an hwsplit model family")
@@ -305,19 +409,35 @@ def architecture(model: nn.Module) -> dict[str, Any]:
 
 def model_from_architecture(arch: dict[str, Any], state_dict: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """Rebuild a model from :func:`architecture`'s dict (and load ``state_dict`` if given)."""
+    if not isinstance(arch, dict):
+        raise ValueError(f"architecture: expected a dict, got {type(arch).__name__}")
     arch = copy.deepcopy(dict(arch))
     family = arch.pop("family", None)
-    if family not in _SPEC_TYPES:
-        raise ValueError(f"family: unknown model family {family!r}; known: {sorted(_SPEC_TYPES)}")
-    spec_type, model_type = _SPEC_TYPES[family]
-    for key in ("widths", "strides"):
-        if key in arch:
-            arch[key] = tuple(arch[key])
-    try:
-        spec = spec_type(**arch)
-    except TypeError as err:
-        raise ValueError(f"architecture: {err}") from None
-    model = model_type(spec)
+    known = sorted([*_SPEC_TYPES, TORCHVISION_MOBILENET_V2])
+    if family not in known:
+        raise ValueError(f"family: unknown model family {family!r}; known: {known}")
+    if family == TORCHVISION_MOBILENET_V2:
+        try:
+            model = torchvision_mobilenet_v2(**arch)
+        except TypeError as err:
+            raise ValueError(f"architecture: {err}") from None
+    else:
+        spec_type, model_type = _SPEC_TYPES[family]
+        for key in ("widths", "strides"):
+            if key in arch:
+                if not isinstance(arch[key], (list, tuple)):
+                    raise ValueError(f"{key}: expected a list, got {type(arch[key]).__name__}")
+                arch[key] = tuple(arch[key])
+        try:
+            spec = spec_type(**arch)
+        except TypeError as err:
+            raise ValueError(f"architecture: {err}") from None
+        model = model_type(spec)
     if state_dict is not None:
-        model.load_state_dict(state_dict)
+        try:
+            model.load_state_dict(state_dict)
+        except RuntimeError as err:
+            lines = [line.strip() for line in str(err).splitlines()[1:] if line.strip()]
+            detail = lines[0] if lines else str(err).splitlines()[0]
+            raise ValueError(f"state_dict: does not fit the {family} architecture ({detail})") from None
     return model

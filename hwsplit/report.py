@@ -1,0 +1,256 @@
+"""Compare runs (grow runs and baselines) stage by stage: a markdown table and plots.
+
+``write_report(["runs/flops", "runs/width"], "report/")`` writes
+
+* ``table.md`` — one row per run and stage: test top-1, MACs, parameters, the cost in its unit and
+  the measured end-to-end latency where the run measured it;
+* ``accuracy_vs_macs.png`` — test accuracy against log10 MACs, one series per run, one marker per
+  stage (the style of Wang et al. 2019, Figures 3–4);
+* ``accuracy_vs_cost.png`` — when some run prices neurons in another unit than MACs (measured
+  latency, energy, neurons): one panel per unit;
+* ``widths.png`` — per-layer widths across stages, one panel per run: where each method put its
+  neurons.
+
+Runs are read from their directories (``config.json`` and ``stages.jsonl``) only; the plots carry
+their own titles, axis units and legends.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hwsplit.checkpoint import atomic_write, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "h", "<", ">")
+
+
+@dataclass
+class Run:
+    """One run directory as the report sees it."""
+
+    path: Path
+    config: dict[str, Any]
+    records: list[dict[str, Any]]
+    name: str = ""
+
+    @property
+    def is_baseline(self) -> bool:
+        return bool(self.config.get("baseline"))
+
+    def description(self) -> str:
+        """A short summary of the settings, e.g. ``grow: mobilenet_v1, cost flops, lp``."""
+        c = self.config
+        if self.is_baseline:
+            mults = ", ".join(f"{m:g}" for m in c.get("multipliers", []))
+            return f"{c.get('baseline')} baseline: {c.get('model')} × {mults}"
+        return f"grow: {c.get('model')}, cost {c.get('cost')}, {c.get('selection', 'lp')} selection"
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} ({self.description()})"
+
+    def point_label(self, record: dict[str, Any]) -> str:
+        """How a stage is named on plots: ``0``, ``1``, … for growth, ``×0.5`` for a width baseline."""
+        return f"×{record['width_mult']:g}" if "width_mult" in record else str(record["stage"])
+
+
+def load_run(path: str | Path) -> Run:
+    """Read a run directory; ``ValueError`` naming it when it is not one or has no completed stage."""
+    from hwsplit.baselines import read_config
+    from hwsplit.grow import RunDir
+
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"run: {path} is not a directory")
+    config = read_config(path)
+    records = RunDir(path).records()
+    if not records:
+        raise ValueError(f"run: {path} has no completed stage yet (stages.jsonl is empty or missing)")
+    for i, r in enumerate(records):
+        missing = [k for k in ("stage", "test_top1", "macs", "params", "cost") if k not in r]
+        if missing:
+            raise ValueError(f"run: {path}/stages.jsonl record {i} lacks {', '.join(missing)}")
+    return Run(path=path, config=config, records=records)
+
+
+def _name_runs(runs: list[Run]) -> None:
+    """Name each run by its directory, adding parent directories until the names are distinct."""
+    depth = 1
+    while True:
+        names = ["/".join(r.path.resolve().parts[-depth:]) for r in runs]
+        if len(set(names)) == len(names) or depth > 8:
+            break
+        depth += 1
+    for r, n in zip(runs, names):
+        r.name = n
+
+
+def _fmt(x: float) -> str:
+    if x == 0 or not math.isfinite(x):
+        return str(x)
+    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= div:
+            return f"{x / div:.3g}{suffix}"
+    return f"{x:.4g}"
+
+
+def _latency_ms(record: dict[str, Any]) -> float | None:
+    lat = (record.get("measured") or {}).get("latency_ms")
+    return float(lat["median"]) if isinstance(lat, dict) and "median" in lat else None
+
+
+def comparison_rows(runs: Sequence[Run]) -> list[list[str]]:
+    """Rows (header first): one per run and stage."""
+    rows = [["run", "stage", "test top-1 (%)", "MACs", "params", "cost", "measured latency (ms)"]]
+    for run in runs:
+        for r in run.records:
+            stage = str(r["stage"]) + (f" (×{r['width_mult']:g})" if "width_mult" in r else "")
+            lat = _latency_ms(r)
+            rows.append([run.name, stage, f"{100 * r['test_top1']:.2f}", _fmt(r["macs"]), _fmt(r["params"]),
+                         f"{r['cost']['value']:.4g} {r['cost']['unit']}", f"{lat:.4g}" if lat is not None else "-"])
+    return rows
+
+
+def _markdown(runs: Sequence[Run], rows: list[list[str]], plots: list[str]) -> str:
+    lines = ["# hwsplit report", "", "Runs:", ""]
+    for run in runs:
+        c = run.config
+        lines.append(f"- **{run.name}** — {run.description()}; dataset {c.get('dataset')}, seed {c.get('seed')}, "
+                     f"{len(run.records)} stage(s) (`{run.path}`)")
+    lines += ["", "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+    lines += ["", "Test top-1 is measured on the run's test split; MACs count conv and linear multiply-accumulates "
+              "per image; cost is each run's own cost model in its unit."]
+    if plots:
+        lines += [""] + [f"![{p}]({p})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def _save(fig: Any, path: Path) -> None:
+    buffer = __import__("io").BytesIO()
+    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    atomic_write(path, lambda f: f.write(buffer.getvalue()), binary=True)
+
+
+def _accuracy_plot(ax: Any, runs: Sequence[Run], x_of: Any, *, annotate: bool = True) -> None:
+    for i, run in enumerate(runs):
+        points = [(x_of(r), 100 * r["test_top1"], run.point_label(r)) for r in run.records]
+        points = [p for p in points if p[0] is not None]
+        if not points:
+            continue
+        xs, ys, names = zip(*points)
+        (line,) = ax.plot(xs, ys, marker=_MARKERS[i % len(_MARKERS)], markersize=7, linewidth=1.6,
+                          label=run.label)
+        if annotate:
+            for x, y, name in points:
+                ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8,
+                            color=line.get_color())
+    ax.grid(True, alpha=0.3)
+    ax.set_ylabel("test top-1 accuracy (%)")
+
+
+def _legend(ax: Any, n: int) -> None:
+    ax.legend(fontsize=8, loc="best" if n <= 4 else "upper left", bbox_to_anchor=None if n <= 4 else (1.02, 1))
+
+
+def write_report(run_paths: Sequence[str | Path], out: str | Path) -> dict[str, Any]:
+    """Read the runs, write ``out``/table.md and the plots; returns ``{"rows", "files", "runs"}``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not run_paths:
+        raise ValueError("runs: give at least one run directory")
+    runs = [load_run(p) for p in run_paths]
+    _name_runs(runs)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    files: list[Path] = []
+    datasets = sorted({str(r.config.get("dataset")) for r in runs})
+    on = f" on {', '.join(datasets)}"
+
+    # accuracy against log10 MACs
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    _accuracy_plot(ax, runs, lambda r: math.log10(r["macs"]) if r["macs"] > 0 else None)
+    ax.set_xlabel("log10 MACs (multiply-accumulates per image)")
+    ax.set_title(f"Test accuracy against MACs{on}\n(one marker per stage; labels: stage or width multiplier)")
+    _legend(ax, len(runs))
+    _save(fig, out / "accuracy_vs_macs.png")
+    plt.close(fig)
+    files.append(out / "accuracy_vs_macs.png")
+
+    # accuracy against each other cost unit
+    units = sorted({r["cost"]["unit"] for run in runs for r in run.records} - {"MACs"})
+    if units:
+        fig, axes = plt.subplots(1, len(units), figsize=(7 * len(units), 5.5), squeeze=False)
+        for ax, unit in zip(axes[0], units):
+            chosen = [run for run in runs if any(r["cost"]["unit"] == unit for r in run.records)]
+            _accuracy_plot(ax, chosen, lambda r, u=unit: r["cost"]["value"] if r["cost"]["unit"] == u else None)
+            names = sorted({r["cost"]["name"] for run in chosen for r in run.records if r["cost"]["unit"] == unit})
+            ax.set_xlabel(f"cost ({unit}; cost model {', '.join(names)})")
+            ax.set_title(f"Test accuracy against cost in {unit}{on}")
+            _legend(ax, len(chosen))
+        _save(fig, out / "accuracy_vs_cost.png")
+        plt.close(fig)
+        files.append(out / "accuracy_vs_cost.png")
+
+    # per-layer widths across stages
+    fig, axes = plt.subplots(len(runs), 1, figsize=(10, 3.8 * len(runs)), squeeze=False)
+    for ax, run in zip(axes[:, 0], runs):
+        cmap = plt.get_cmap("viridis")
+        n = len(run.records)
+        layers: list[str] = []
+        for k, r in enumerate(run.records):
+            names, widths = _layer_widths(r)
+            layers = names if len(names) > len(layers) else layers
+            ax.plot(range(len(widths)), widths, marker="o", markersize=4, linewidth=1.4,
+                    color=cmap(k / max(1, n - 1)), label=("width " if "width_mult" in r else "stage ")
+                    + run.point_label(r))
+        ax.set_xticks(range(len(layers)))
+        ax.set_xticklabels(layers, rotation=60, ha="right", fontsize=7)
+        ax.set_xlabel("layer (in order from input to output)")
+        ax.set_ylabel("width (output channels)")
+        all_w = [w for r in run.records for w in _layer_widths(r)[1]]
+        if all_w and min(all_w) > 0 and max(all_w) / min(all_w) > 30:
+            ax.set_yscale("log")
+        ax.grid(True, alpha=0.3)
+        ax.set_title(f"Per-layer widths: {run.label}", fontsize=10)
+        ax.legend(fontsize=8, ncol=2 if n > 6 else 1, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
+    _save(fig, out / "widths.png")
+    plt.close(fig)
+    files.append(out / "widths.png")
+
+    rows = comparison_rows(runs)
+    atomic_write_text(out / "table.md", _markdown(runs, rows, [f.name for f in files]))
+    files.insert(0, out / "table.md")
+    log.info("report of %d run(s) written to %s", len(runs), out)
+    return {"rows": rows, "files": [str(f) for f in files], "runs": [r.name for r in runs]}
+
+
+def _layer_widths(record: dict[str, Any]) -> tuple[list[str], list[int]]:
+    """(short layer names, widths) of a record's splittable layers in graph order."""
+    from hwsplit.grow import record_widths
+
+    widths = record.get("widths")
+    if isinstance(widths, dict) and isinstance(record.get("layers"), list):
+        names = [n for n in record["layers"] if n in widths]
+        return [_short(n) for n in names], [widths[n] for n in names]
+    values = record_widths(record)
+    return [f"block {i}" for i in range(len(values))], values
+
+
+def _short(name: str) -> str:
+    """``stem.conv`` → ``stem``, ``blocks.3.pw.conv`` → ``blocks.3.pw``; other module paths as they are."""
+    return name[: -len(".conv")] if name.endswith(".conv") and len(name) > len(".conv") else name
+
+
+__all__ = ["Run", "comparison_rows", "load_run", "write_report"]
