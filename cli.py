@@ -430,11 +430,13 @@ def summary(model_or_checkpoint: str, resolution: int | None, in_channels: int |
 @click.option("--time-budget", "time_budget_s", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Seconds of timed runs per layer (default 1, 0.05 with --quick).")
 @click.option("--quick", is_flag=True, help="A small grid (about 50 layers, under a minute).")
+@click.option("--networks", type=click.IntRange(min=0), default=None,
+              help="Random whole networks measured end to end to calibrate layer sums (default 16, 4 with --quick).")
 @click.option("--out", type=click.Path(dir_okay=False), required=True,
               help="Profile JSON; an existing one with the same device is resumed.")
 @_library_errors
 def profile(device: str, backend: str, meter: str, family: str, resolution: int, activation: str,
-            threads: int | None, time_budget_s: float | None, quick: bool, out: str) -> None:
+            threads: int | None, time_budget_s: float | None, quick: bool, networks: int | None, out: str) -> None:
     """Measure every layer the family can take while it grows into a device cost table."""
     from cost_models.profiler import profile_family
 
@@ -443,9 +445,9 @@ def profile(device: str, backend: str, meter: str, family: str, resolution: int,
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     result = profile_family(family=family, resolution=resolution, device=device, backend=backend, meter=meter,
                             out=out, quick=quick, threads=threads, time_budget_s=time_budget_s,
-                            activation=activation, progress=_progress)
+                            activation=activation, progress=_progress, networks=networks)
     dev = result.get("device", {})
-    click.echo(f"{len(result['rows'])} layers measured on {dev.get('name')} ({backend}, {meter}, "
+    click.echo(f"{len(result['rows'])} layers and {len(result.get('networks', []))} whole networks measured on {dev.get('name')} ({backend}, {meter}, "
                f"{dev.get('threads')} threads) -> {out}")
 
 

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
+from cost_models.calibration import Calibration
+
 log = logging.getLogger(__name__)
 
 LAYER_KINDS = ("conv", "dwconv", "pwconv", "linear")
@@ -152,14 +154,21 @@ class LayerCostModel:
     name = "base"
     unit = ""
     overhead: float = 0.0
+    #: scale and offset fitted on whole networks (cost_models.calibration); identity by default
+    calibration: Calibration = Calibration()
 
     def layer_cost(self, spec: LayerSpec) -> float:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def total(self, model: nn.Module, input_shape: tuple[int, ...]) -> float:
+    def layer_sum(self, model: nn.Module, input_shape: tuple[int, ...]) -> float:
+        """``overhead`` + Σ ``layer_cost`` over the model's LayerSpecs, before any calibration."""
         from hwsplit.graph import layer_specs
 
         return self.overhead + sum(self.layer_cost(s) for s in layer_specs(model, input_shape))
+
+    def total(self, model: nn.Module, input_shape: tuple[int, ...]) -> float:
+        cal = self.calibration
+        return cal.scale * self.layer_sum(model, input_shape) + cal.offset
 
     def marginal(self, model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, float]:
         import torch
@@ -185,7 +194,7 @@ class LayerCostModel:
             for name, role, columns in touched:
                 for spec in by_name.get(name, []):
                     delta += self.layer_cost(widened_specs(spec, role, columns)) - self.layer_cost(spec)
-            out[g.name] = delta
+            out[g.name] = self.calibration.scale * delta
         return out
 
 

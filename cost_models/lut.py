@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cost_models.base import LayerCostModel, LayerSpec, register_cost_model
+from cost_models.calibration import fit_calibration
 from cost_models.profile_io import METRICS, metric_unit, missing_metric_message, resolve_profile
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -181,12 +182,14 @@ class LookupTableCostModel(LayerCostModel):
     ``metric``: ``"latency_ms"`` (unit ``"ms"``) or ``"energy_mj"`` (unit ``"mJ"``). ``strict``: raise
     ``ValueError`` instead of extrapolating outside the measured grid. ``subtract_overhead``: table
     values are row medians minus the profile's runtime overhead (added back once by ``total``).
+    ``calibrate``: when the profile measured whole networks end to end (``networks``), ``total``
+    and ``marginal`` are scaled to them (:mod:`cost_models.calibration`); ``layer_cost`` never is.
     """
 
     name = "lut"
 
     def __init__(self, profile: str | os.PathLike[str] | dict[str, Any], metric: str = "latency_ms",
-                 strict: bool = False, subtract_overhead: bool = True) -> None:
+                 strict: bool = False, subtract_overhead: bool = True, calibrate: bool = True) -> None:
         if metric not in METRICS:
             raise ValueError(f"metric: expected one of {METRICS}, got {metric!r}")
         self.profile, self.source = resolve_profile(profile)
@@ -214,6 +217,8 @@ class LookupTableCostModel(LayerCostModel):
                      "marginal costs there fall back to the cost-per-MAC slope", self.source, bad, metric)
         self._cache: dict[tuple, float] = {}
         self._warned: set[tuple] = set()
+        if calibrate and self.profile.get("networks"):
+            self.calibration = fit_calibration(self, self.profile["networks"], metric)
 
     # -- pricing ------------------------------------------------------------------------------------
     def layer_cost(self, spec: LayerSpec) -> float:
@@ -324,8 +329,9 @@ def _positive_marginals(model: Any, out: dict[str, float], net: nn.Module,
     if not bad:
         return out
     prior = _SlopeModel(model.slope).marginal(net, input_shape)
+    scale = model.calibration.scale
     for name in bad:
-        out[name] = max(prior.get(name, 0.0), MIN_MARGINAL)
+        out[name] = max(scale * prior.get(name, 0.0), MIN_MARGINAL)
     log.info("%s: %d of %d neuron groups had a non-positive marginal %s (non-monotone measurements); "
              "priced them by cost per MAC instead", model.name, len(bad), len(out), getattr(model, "metric", ""))
     return out

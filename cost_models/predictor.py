@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from sklearn.base import BaseEstimator, RegressorMixin
 
+from cost_models.calibration import fit_calibration
 from cost_models.base import LAYER_KINDS, LayerCostModel, LayerSpec, register_cost_model
 from cost_models.lut import NET_FLOOR, _positive_marginals
 from cost_models.profile_io import METRICS, metric_unit, missing_metric_message, resolve_profile
@@ -252,13 +253,14 @@ class EnergyPredictorCostModel(LayerCostModel):
 
     ``metric=None`` means ``"energy_mj"`` (unit ``"mJ"``); a profile without energy is then a
     ``ValueError`` that says how to measure one. ``metric="latency_ms"`` (unit ``"ms"``) predicts
-    latency instead. ``total`` adds the profile's measured runtime overhead once.
+    latency instead. ``total`` adds the profile's measured runtime overhead once and, where the
+    profile measured whole networks, is calibrated to them (:mod:`cost_models.calibration`).
     """
 
     name = "energy"
 
     def __init__(self, profile: str | os.PathLike[str] | dict[str, Any], metric: str | None = None,
-                 subtract_overhead: bool = True, **regressor_options: Any) -> None:
+                 subtract_overhead: bool = True, calibrate: bool = True, **regressor_options: Any) -> None:
         metric = "energy_mj" if metric is None else metric
         if metric not in METRICS:
             raise ValueError(f"metric: expected one of {METRICS}, got {metric!r}")
@@ -268,6 +270,8 @@ class EnergyPredictorCostModel(LayerCostModel):
         specs, y, self.overhead = profile_targets(self.profile, metric, self.source, subtract_overhead)
         self.regressor = LayerRegressor(**regressor_options).fit(specs, y)
         self._cache: dict[tuple, float] = {}
+        if calibrate and self.profile.get("networks"):
+            self.calibration = fit_calibration(self, self.profile["networks"], metric)
 
     def layer_cost(self, spec: LayerSpec) -> float:
         key = spec.key()

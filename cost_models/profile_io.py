@@ -93,6 +93,16 @@ def validate_profile(data: Any, source: str = "<profile>") -> dict[str, Any]:
             raise ProfileError(f"{source}: rows[{i}]: missing field 'latency_ms' (no metric measured)")
         for metric in present:
             _check_stats(row[metric], f"rows[{i}].{metric}", source)
+    networks = data.get("networks", [])
+    if not isinstance(networks, list):
+        raise ProfileError(f"{source}: networks: expected a list")
+    for i, net in enumerate(networks):
+        if not isinstance(net, dict) or not isinstance(net.get("architecture"), dict) \
+                or not isinstance(net.get("input_shape"), list):
+            raise ProfileError(f"{source}: networks[{i}]: expected an object with architecture and input_shape")
+        for metric in METRICS:
+            if metric in net:
+                _check_stats(net[metric], f"networks[{i}].{metric}", source)
     return data
 
 

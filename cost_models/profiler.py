@@ -35,7 +35,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BACKENDS", "CHANNEL_LADDER", "DEFAULT_TIME_BUDGET_S", "METERS", "QUICK_TIME_BUDGET_S",
+__all__ = ["BACKENDS", "CHANNEL_LADDER", "calibration_architectures", "DEFAULT_TIME_BUDGET_S", "METERS", "QUICK_TIME_BUDGET_S",
            "estimate_profile_seconds", "family_grid", "load_profile", "make_meter", "measure_layer",
            "measure_model", "profile_family"]
 
@@ -432,7 +432,7 @@ def profile_family(*, family: str = "mobilenet_v1", resolution: int = 32, device
                    warmup: int = DEFAULT_WARMUP, activation: str = "silu", num_classes: int = 10,
                    layers: Sequence[LayerSpec] | None = None, max_rows: int | None = None, save_every: int = 10,
                    shuffle: bool = True, progress: ProgressFn | None = None, nvml: Any = None,
-                   meter_options: dict[str, Any] | None = None) -> dict[str, Any]:
+                   meter_options: dict[str, Any] | None = None, networks: int | None = None) -> dict[str, Any]:
     """Measure the family's layer grid on ``device`` and write the profile to ``out``.
 
     ``quick`` measures only the corners of every channel range (≈ 50 rows) with a short time budget.
@@ -444,7 +444,9 @@ def profile_family(*, family: str = "mobilenet_v1", resolution: int = 32, device
     called as ``progress(iterable, desc=..., total=...)`` and returns an iterable (e.g. tqdm).
     ``meter="nvml"`` without an NVIDIA GPU raises :class:`~cost_models.meters.NoGpuError`.
     Rows are measured in a fixed shuffled order (``shuffle``) so slow drifts of the machine do not
-    bias one geometry.
+    bias one geometry. Then ``networks`` random networks of the family (default 16, 4 with
+    ``quick``; :func:`calibration_architectures`) are measured end to end into ``profile["networks"]``,
+    which the cost models use to calibrate layer sums to whole networks (:mod:`cost_models.calibration`).
     """
     _check_choice("backend", backend, BACKENDS)
     _check_choice("meter", meter, METERS)
@@ -545,12 +547,75 @@ def profile_family(*, family: str = "mobilenet_v1", resolution: int = 32, device
                     elapsed = time.perf_counter() - started
                     log.info("%d/%d rows, about %.0f s left", measured, len(todo),
                              elapsed / measured * (len(todo) - measured))
+            n_networks = networks if networks is not None else (4 if quick else 16)
+            if layers is None and n_networks > 0:
+                _measure_networks(profile, family, resolution, n_networks, num_classes=num_classes,
+                                  activation=activation, backend=backend, device=device, meter=meter_obj,
+                                  threads=threads, time_budget_s=max(time_budget_s, 2 * time_budget_s if quick
+                                                                     else 2.0), warmup=warmup, save=save,
+                                  progress=progress)
         finally:
             save()
         return profile
     finally:
         if isinstance(meter_obj, NvmlEnergyMeter):
             meter_obj.close()
+
+
+def calibration_architectures(family: str, resolution: int, n: int, *, num_classes: int = 10,
+                              activation: str = "silu", seed: int = 20191007) -> list[dict[str, Any]]:
+    """``n`` random architectures of ``family``: each layer's width drawn log-uniformly between the
+    CIFAR seed's and the standard network's (one size level per network plus per-layer jitter, so
+    the set spans small to large networks). Deterministic in ``seed``."""
+    import math
+
+    import numpy as np
+
+    from hwsplit.models import MOBILENET_V1_CIFAR_SEED, MOBILENET_V1_STANDARD
+
+    if family not in FAMILIES:
+        raise ValueError(f"family: expected one of {FAMILIES}, got {family!r}")
+    lo = [MOBILENET_V1_CIFAR_SEED["stem"]] + [w for w, _ in MOBILENET_V1_CIFAR_SEED["blocks"]]
+    hi = [MOBILENET_V1_STANDARD["stem"]] + [w for w, _ in MOBILENET_V1_STANDARD["blocks"]]
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        level = (i + rng.uniform()) / n  # stratified over sizes
+        widths = [int(round(math.exp(math.log(a) + float(np.clip(level + rng.normal(0, 0.15), 0, 1))
+                                     * (math.log(b) - math.log(a))))) for a, b in zip(lo, hi)]
+        out.append({"family": "mobilenet_v1", "stem_width": widths[0], "widths": widths[1:],
+                    "strides": [st for _, st in MOBILENET_V1_CIFAR_SEED["blocks"]],
+                    "stem_stride": 1 if resolution < 64 else 2, "num_classes": num_classes, "in_channels": 3,
+                    "activation": activation, "dropout": 0.0})
+    return out
+
+
+def _measure_networks(profile: dict[str, Any], family: str, resolution: int, n: int, *, num_classes: int,
+                      activation: str, backend: str, device: str, meter: Any, threads: int, time_budget_s: float,
+                      warmup: int, save: Callable[[], None], progress: ProgressFn | None) -> None:
+    import torch
+
+    from hwsplit.models import model_from_architecture
+
+    entries = profile.setdefault("networks", [])
+    done = [e["architecture"] for e in entries]
+    todo = [a for a in calibration_architectures(family, resolution, n, num_classes=num_classes,
+                                                 activation=activation) if a not in done]
+    shape = (int(profile["batch"]), 3, resolution, resolution)
+    iterable: Iterable[dict[str, Any]] = todo
+    if progress is not None and todo:
+        iterable = progress(todo, desc="profile whole networks", total=len(todo))
+    for arch in iterable:
+        torch.manual_seed(0)
+        model = model_from_architecture(arch).eval()
+        example = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+        m = _measure(model, example, backend=backend, device=device, meter=meter, threads=threads,
+                     time_budget_s=time_budget_s, warmup=warmup)
+        entry: dict[str, Any] = {"architecture": arch, "input_shape": list(shape), "latency_ms": m.latency_ms.to_dict()}
+        if m.energy_mj is not None:
+            entry["energy_mj"] = m.energy_mj.to_dict()
+        entries.append(entry)
+        save()
 
 
 def measure_model(model: nn.Module, input_shape: tuple[int, ...], *, device: str = "cpu",

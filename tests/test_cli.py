@@ -106,7 +106,7 @@ def test_a_crafted_checkpoint_does_not_run_code(tmp_path):
 
     path = tmp_path / "stage-0.pt"
     with open(path, "wb") as f:
-        pickle.dump({"format": "hwsplit.checkpoint/1", "x": Evil()}, f)
+        pickle.dump({"format": "hwsplit.checkpoint/1", "x": Evil()}, f, protocol=2)
     result = CliRunner().invoke(main, ["summary", str(path)])
     assert result.exit_code == 2
     assert not (tmp_path / "pwned").exists()

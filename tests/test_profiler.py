@@ -107,14 +107,17 @@ def test_grid_validation() -> None:
 
 def test_quick_profile_with_onnxruntime(tmp_path: Path) -> None:
     out = tmp_path / "quick.json"
-    seen = {}
+    seen = []
 
     def progress(iterable, desc, total):
-        seen.update(desc=desc, total=total)
+        seen.append({"desc": desc, "total": total})
         return iterable
 
     profile = profile_family(quick=True, out=out, progress=progress, time_budget_s=0.005, warmup=1)
-    assert seen["total"] == len(family_grid(quick=True)) and "cpu" in seen["desc"]
+    assert seen[0]["total"] == len(family_grid(quick=True)) and "cpu" in seen[0]["desc"]
+    # then whole networks, measured end to end for calibration
+    assert seen[1] == {"desc": "profile whole networks", "total": 4}
+    assert len(profile["networks"]) == 4 and all(n["latency_ms"]["median"] > 0 for n in profile["networks"])
     loaded = load_profile(out)
     assert loaded == json.loads(json.dumps(profile))
     assert loaded["schema"] == SCHEMA and loaded["backend"] == "onnxruntime" and loaded["meter"] == "latency"
