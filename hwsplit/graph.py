@@ -13,6 +13,7 @@ Coupling is found here, by tracing; scoring (:mod:`hwsplit.score`) and surgery
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import operator
 from dataclasses import dataclass, field
@@ -125,13 +126,15 @@ class ChainOp:
     """One per-channel op after a producer: ``kind`` is "bn", "act", "dwconv" or "identity".
 
     ``target`` is the module path for module calls (None for functions); ``activation`` the
-    canonical activation name ("silu", "relu", ...) with its keyword arguments in ``kwargs``.
+    canonical activation name ("silu", "relu", ...) with its keyword arguments in ``kwargs``;
+    ``node`` the fx node's name (scoring reads the op's output there instead of recomputing it).
     """
 
     kind: str
     target: str | None = None
     activation: str | None = None
     kwargs: tuple[tuple[str, Any], ...] = ()
+    node: str = ""
 
 
 @dataclass(frozen=True)
@@ -153,7 +156,7 @@ class NeuronGroup:
     ``name`` (= ``producer``) is the producer's module path. ``chain`` lists the per-channel ops
     from the producer's output to ``a_j`` (DESIGN.md §2), ``consumers`` the layers that read it.
     ``input_node``/``output_node`` are the fx node names of the producer's input and of the chain's
-    end (where scoring reads x and ∂L/∂a). Not splittable groups carry the ``reason``.
+    end (where scoring reads x and ∂L/∂a), ``producer_node`` that of the producer's output. Not splittable groups carry the ``reason``.
     """
 
     name: str
@@ -166,6 +169,7 @@ class NeuronGroup:
     reason: str = ""
     input_node: str = ""
     output_node: str = ""
+    producer_node: str = ""
 
     @property
     def depthwise(self) -> list[str]:
@@ -334,7 +338,7 @@ def _group_of(gm: fx.GraphModule, node: fx.Node, producer: nn.Module,
     fan_in = producer.weight[0].numel()
     group = NeuronGroup(name=node.target, producer=node.target, width=width, fan_in=fan_in,
                         input_node=node.args[0].name if node.args and isinstance(node.args[0], fx.Node) else "",
-                        output_node=node.name)
+                        output_node=node.name, producer_node=node.name)
 
     def refuse(reason: str) -> NeuronGroup:
         group.splittable = False
@@ -365,7 +369,7 @@ def _group_of(gm: fx.GraphModule, node: fx.Node, producer: nn.Module,
             dw_seen = True
         if op.target is not None and op.kind in ("bn", "dwconv") and call_counts[op.target] > 1:
             return refuse(f"{op.target} is called more than once (shared weights)")
-        group.chain.append(op)
+        group.chain.append(dataclasses.replace(op, node=user.name))
         end = user
     group.output_node = end.name
 

@@ -98,6 +98,84 @@ def activation_fn(name: str, kwargs: dict[str, Any] | None = None, *,
     return table[name]
 
 
+Derivs = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def activation_derivatives(name: str, kwargs: dict[str, Any] | None = None, *,
+                           surrogate_beta: float = 3.0) -> Derivs | None:
+    """x ↦ (f(x), f'(x), f''(x)) in closed form for the scoring activation ``name`` (same
+    surrogates as :func:`activation_fn`); None where only autograd knows (mish, tanh-GELU)."""
+    kw = dict(kwargs or {})
+    b = surrogate_beta
+
+    def sp(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        s = torch.sigmoid(b * x)
+        return F.softplus(x, beta=b), s, b * s * (1 - s)
+
+    def silu(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # f = xσ, f' = σ + xσ(1−σ), f'' = σ(1−σ)(2 + x − 2f); few temporaries (memory-bound on CPU)
+        s = torch.sigmoid(x)
+        f = x * s
+        t = s - s * s
+        return f, torch.addcmul(s, x, t), torch.add(x, f, alpha=-2.0).add_(2.0).mul_(t)
+
+    def relu6(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        (a0, a1, a2), (c0, c1, c2) = sp(x), sp(x - 6.0)
+        return a0 - c0, a1 - c1, a2 - c2
+
+    def hardswish(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        (a0, a1, a2), (c0, c1, c2) = sp(x + 3.0), sp(x - 3.0)
+        q, q1, q2 = a0 - c0, a1 - c1, a2 - c2
+        return x * q / 6.0, (q + x * q1) / 6.0, (2 * q1 + x * q2) / 6.0
+
+    def leaky(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        slope = kw.get("negative_slope", 0.01)
+        f, f1, f2 = sp(x)
+        return slope * x + (1 - slope) * f, slope + (1 - slope) * f1, (1 - slope) * f2
+
+    def gelu(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        pdf = torch.exp(-0.5 * x * x) / (2 * torch.pi) ** 0.5
+        cdf = 0.5 * (1 + torch.erf(x / 2 ** 0.5))
+        return x * cdf, cdf + x * pdf, pdf * (2 - x * x)
+
+    def tanh(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        t = torch.tanh(x)
+        return t, 1 - t * t, -2 * t * (1 - t * t)
+
+    def sigmoid(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        s = torch.sigmoid(x)
+        return s, s * (1 - s), s * (1 - s) * (1 - 2 * s)
+
+    def elu(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        alpha = kw.get("alpha", 1.0)
+        e = alpha * torch.exp(torch.clamp(x, max=0.0))
+        neg = x <= 0
+        return F.elu(x, alpha=alpha), torch.where(neg, e, torch.ones_like(x)), torch.where(neg, e, torch.zeros_like(x))
+
+    def softplus(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        beta, threshold = kw.get("beta", 1.0), kw.get("threshold", 20.0)
+        s = torch.sigmoid(beta * x)
+        linear = beta * x > threshold
+        return (F.softplus(x, beta=beta, threshold=threshold), torch.where(linear, torch.ones_like(x), s),
+                torch.where(linear, torch.zeros_like(x), beta * s * (1 - s)))
+
+    table: dict[str, Derivs] = {"relu": sp, "relu6": relu6, "hardswish": hardswish, "leaky_relu": leaky,
+                                "silu": silu, "tanh": tanh, "sigmoid": sigmoid, "elu": elu, "softplus": softplus}
+    if name == "gelu" and kw.get("approximate", "none") == "none":
+        return gelu
+    return table.get(name)
+
+
+class _Step:
+    """An elementwise map of the chain: its value and, where known, its closed-form derivatives."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], derivs: Derivs | None) -> None:
+        self.fn, self.derivs = fn, derivs
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+
 class LocalChain:
     """a(θ; x) of one group: producer with weight θ, then its per-channel chain, all frozen.
 
@@ -113,15 +191,17 @@ class LocalChain:
     def __init__(self, model: nn.Module, group: NeuronGroup, *, surrogate_beta: float) -> None:
         self.group = group
         self.producer = model.get_submodule(group.producer)
-        self.pre: list[Callable[[torch.Tensor], torch.Tensor]] = []
-        self.post: list[Callable[[torch.Tensor], torch.Tensor]] = []
+        self.pre: list[_Step] = []
+        self.post: list[_Step] = []
         self.dw: nn.Conv2d | None = None
         for op in group.chain:
             stage = self.pre if self.dw is None else self.post
             if op.kind == "bn":
                 stage.append(_frozen_bn(model.get_submodule(op.target)))
             elif op.kind == "act":
-                stage.append(activation_fn(op.activation, dict(op.kwargs), surrogate_beta=surrogate_beta))
+                kw = dict(op.kwargs)
+                stage.append(_Step(activation_fn(op.activation, kw, surrogate_beta=surrogate_beta),
+                                   activation_derivatives(op.activation, kw, surrogate_beta=surrogate_beta)))
             elif op.kind == "dwconv":
                 self.dw = model.get_submodule(op.target)
         self.kinked = [op.activation for op in group.chain if op.kind == "act" and op.activation in KINKED]
@@ -164,15 +244,19 @@ class LocalChain:
                 h = step(h)
         return h
 
-    def prepare(self, x: torch.Tensor, g: torch.Tensor) -> dict[str, Any]:
-        """Everything S·V needs that does not depend on V, for one batch."""
-        h = self._linear(x, self.weight, True)
+    def prepare(self, x: torch.Tensor, g: torch.Tensor, h: torch.Tensor | None = None,
+                z: torch.Tensor | None = None) -> dict[str, Any]:
+        """Everything S·V needs that does not depend on V, for one batch. ``h`` (producer output) and
+        ``z`` (depthwise output), when the forward pass recorded them, are not computed again."""
+        if h is None:
+            h = self._linear(x, self.weight, True)
         s, e1, e1_2 = _elementwise_derivatives(self.pre, h)
         ctx: dict[str, Any] = {"x": x, "e1": e1}
         if self.dw is None:
             ctx["w2"] = g * e1_2  # ġh = g E''(h) ḣ
             return ctx
-        z = self._dw(s, True)
+        if z is None:
+            z = self._dw(s, True)
         _, e2, e2_2 = _elementwise_derivatives(self.post, z)
         ctx.update(s_shape=s.shape, gz2=g * e2_2, gs_e1_2=self._dw_transposed(g * e2, s.shape) * e1_2)
         return ctx
@@ -191,11 +275,28 @@ class LocalChain:
         return self.hvp_prepared(self.prepare(x, g), tangent)
 
 
-def _elementwise_derivatives(steps: list[Callable[[torch.Tensor], torch.Tensor]],
-                             h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """E(h), E'(h), E''(h) of the composition of elementwise maps ``steps`` (BN affine, activations)."""
+def _elementwise_derivatives(steps: list[_Step], h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """E(h), E'(h), E''(h) of the composition of elementwise maps ``steps`` (BN affine, activations).
+
+    Closed form by the chain rule, (g∘f)'' = g''(f)·f'² + g'(f)·f'', where every step knows its
+    derivatives (autograd's double backward through these ops is several times slower);
+    autograd otherwise.
+    """
     if not steps:
         return h, torch.ones_like(h), torch.zeros_like(h)
+    if all(step.derivs is not None for step in steps):
+        # None stands for the identity's derivatives (d1 = 1, d2 = 0), which need no memory.
+        value, d1, d2 = h, None, None
+        for step in steps:
+            value, g1, g2 = step.derivs(value)
+            if d1 is None:
+                d1, d2 = g1, g2
+                continue
+            new_d2 = g1 * d2 if d2 is not None else None
+            if g2 is not None:
+                new_d2 = g2 * d1 * d1 if new_d2 is None else new_d2.addcmul_(g2, d1 * d1)
+            d1, d2 = g1 * d1, new_d2
+        return value, d1.expand_as(value), (d2 if d2 is not None else torch.zeros_like(value))
     with torch.enable_grad():
         h = h.detach().requires_grad_(True)
         out = h
@@ -209,11 +310,18 @@ def _elementwise_derivatives(steps: list[Callable[[torch.Tensor], torch.Tensor]]
     return out.detach(), d1.detach(), d2.detach()
 
 
-def _frozen_bn(bn: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+def _frozen_bn(bn: nn.Module) -> _Step:
+    """BatchNorm at its running statistics: the affine map h ↦ c·h + d per channel."""
     mean, var = bn.running_mean.detach(), bn.running_var.detach()
     w = bn.weight.detach() if bn.weight is not None else None
     b = bn.bias.detach() if bn.bias is not None else None
-    return lambda h: F.batch_norm(h, mean, var, w, b, False, 0.0, bn.eps)
+    c = torch.rsqrt(var + bn.eps) * (w if w is not None else 1.0)
+
+    def derivs(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        scale = c.reshape(1, -1, *([1] * (h.dim() - 2)))  # broadcasts; f'' = 0 (None)
+        return F.batch_norm(h, mean, var, w, b, False, 0.0, bn.eps), scale, None
+
+    return _Step(lambda h: F.batch_norm(h, mean, var, w, b, False, 0.0, bn.eps), derivs)
 
 
 def _frozen_dw(dw: nn.Conv2d) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -276,6 +384,24 @@ class _Batch:
     weight: float  # share of this batch in the expectation over the data
     inputs: dict[str, torch.Tensor]  # producer input x per group
     grads: dict[str, torch.Tensor]  # ∂L/∂a at the chain end per group
+    intermediates: dict[str, dict[str, torch.Tensor]]  # producer output h, depthwise output z per group
+
+    def prepare(self, chain: LocalChain) -> dict[str, Any]:
+        name = chain.group.name
+        return chain.prepare(self.inputs[name], self.grads[name], **self.intermediates[name])
+
+
+def _intermediate_names(group: NeuronGroup) -> dict[str, str]:
+    """fx nodes whose forward values scoring reuses: the producer's output and the depthwise conv's."""
+    out = {"h": group.producer_node} if group.producer_node else {}
+    dw = [op.node for op in group.chain if op.kind == "dwconv" and op.node]
+    if dw:
+        out["z"] = dw[0]
+    return out
+
+
+def _intermediate_nodes(groups: list[NeuronGroup]) -> set[str]:
+    return {n for g in groups for n in _intermediate_names(g).values()}
 
 
 def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -287,7 +413,7 @@ def _batches(model: nn.Module, gm: fx.GraphModule, groups: list[NeuronGroup], lo
              loss_fn: Callable, total_samples: int, max_batches: int | None) -> Iterable[_Batch]:
     """One forward and one backward of the network per batch (only down to the chain ends)."""
     device, dtype = _model_device_dtype(model)
-    keep = {g.input_node for g in groups} | {g.output_node for g in groups}
+    keep = {g.input_node for g in groups} | {g.output_node for g in groups} | _intermediate_nodes(groups)
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
@@ -307,6 +433,8 @@ def _batches(model: nn.Module, gm: fx.GraphModule, groups: list[NeuronGroup], lo
         yield _Batch(
             weight=x.shape[0] / total_samples,
             inputs={g.name: recorder.values[g.input_node].detach() for g in groups},
+            intermediates={g.name: {k: recorder.values[n].detach() for k, n in _intermediate_names(g).items()}
+                           for g in groups},
             grads={g.name: (torch.zeros_like(e) if gr is None else gr.detach())
                    for g, e, gr in zip(groups, ends, grads)},
         )
@@ -436,7 +564,7 @@ def _exact(chains: dict[str, LocalChain], passes: Callable[[str], Iterable[_Batc
         for name, chain in chains.items():
             w = chain.weight
             n, d = w.shape[0], w[0].numel()
-            ctx = chain.prepare(batch.inputs[name], batch.grads[name])
+            ctx = batch.prepare(chain)
             if name not in acc:
                 acc[name] = torch.zeros(n, d, d, dtype=w.dtype, device=w.device)
             eye = torch.eye(d, dtype=w.dtype, device=w.device)
@@ -469,7 +597,7 @@ def _rayleigh(chains: dict[str, LocalChain], passes: Callable[[str], Iterable[_B
         for batch in passes(f"rayleigh epoch {epoch + 1}/{epochs}"):
             for name, chain in chains.items():
                 v = vs[name]
-                sv = sum_across_ranks(chain.hvp(batch.inputs[name], batch.grads[name], v))
+                sv = sum_across_ranks(chain.hvp_prepared(batch.prepare(chain), v))
                 r = _rowdot(v, sv)
                 grad = 2.0 * (sv - r * v)  # ‖v‖ = 1 after every step
                 sq[name].mul_(alpha).addcmul_(grad, grad, value=1 - alpha)
@@ -478,7 +606,7 @@ def _rayleigh(chains: dict[str, LocalChain], passes: Callable[[str], Iterable[_B
     lam = {name: torch.zeros(v.shape[0], dtype=v.dtype, device=v.device) for name, v in vs.items()}
     for batch in passes("rayleigh eigenvalues"):
         for name, chain in chains.items():
-            sv = chain.hvp(batch.inputs[name], batch.grads[name], vs[name])
+            sv = chain.hvp_prepared(batch.prepare(chain), vs[name])
             lam[name] += batch.weight * _rowdot(vs[name], sv).flatten()
     return {name: SplitScore(sum_across_ranks(lam[name]).cpu(), vs[name].cpu(), "rayleigh", chain.group)
             for name, chain in chains.items()}
