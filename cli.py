@@ -447,8 +447,9 @@ def profile(device: str, backend: str, meter: str, family: str, resolution: int,
                             out=out, quick=quick, threads=threads, time_budget_s=time_budget_s,
                             activation=activation, progress=_progress, networks=networks)
     dev = result.get("device", {})
-    click.echo(f"{len(result['rows'])} layers and {len(result.get('networks', []))} whole networks measured on {dev.get('name')} ({backend}, {meter}, "
-               f"{dev.get('threads')} threads) -> {out}")
+    n_networks = len(result.get("networks", []))
+    click.echo(f"{len(result['rows'])} layers and {n_networks} whole networks measured on {dev.get('name')} "
+               f"({backend}, {meter}, {dev.get('threads')} threads) -> {out}")
 
 
 @main.command()

@@ -157,7 +157,15 @@ class LayerCostModel:
     #: scale and offset fitted on whole networks (cost_models.calibration); identity by default
     calibration: Calibration = Calibration()
 
-    def layer_cost(self, spec: LayerSpec) -> float:  # pragma: no cover - abstract
+    def layer_cost(self, spec: LayerSpec) -> float:
+        """The cost of one layer, memoised per LayerSpec key (``_price`` does the work)."""
+        cache = self.__dict__.setdefault("_cache", {})
+        key = spec.key()
+        if key not in cache:
+            cache[key] = self._price(spec)
+        return cache[key]
+
+    def _price(self, spec: LayerSpec) -> float:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def layer_sum(self, model: nn.Module, input_shape: tuple[int, ...]) -> float:

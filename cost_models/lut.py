@@ -221,13 +221,6 @@ class LookupTableCostModel(LayerCostModel):
             self.calibration = fit_calibration(self, self.profile["networks"], metric)
 
     # -- pricing ------------------------------------------------------------------------------------
-    def layer_cost(self, spec: LayerSpec) -> float:
-        key = spec.key()
-        cached = self._cache.get(key)
-        if cached is None:
-            cached = self._cache[key] = self._price(spec)
-        return cached
-
     def _extrapolating(self, key: tuple, message: str) -> None:
         if self.strict:
             raise ValueError(f"{message} (profile {self.source}; strict=True, so no extrapolation)")

@@ -252,7 +252,8 @@ class NvmlEnergyMeter:
     ``nvml`` is the ``pynvml`` module (imported lazily when ``None``). ``min_window_s`` is the
     minimum length of one measurement window, ``windows`` how many valid windows to take,
     ``idle_gap_s`` the pause between windows, ``idle_s`` the idle period whose power is recorded
-    before measuring (again when the last reading is older than ``idle_every_s``). ``clock``/``sleep`` are injectable so tests run on a fake clock.
+    before measuring (again when the last reading is older than ``idle_every_s``). ``clock``/``sleep``
+    are injectable so tests run on a fake clock.
     Raises :class:`NoGpuError` when NVML cannot be initialised or has no such device.
     """
 

@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from sklearn.base import BaseEstimator, RegressorMixin
 
-from cost_models.calibration import fit_calibration
 from cost_models.base import LAYER_KINDS, LayerCostModel, LayerSpec, register_cost_model
+from cost_models.calibration import fit_calibration
 from cost_models.lut import NET_FLOOR, _positive_marginals
 from cost_models.profile_io import METRICS, metric_unit, missing_metric_message, resolve_profile
 
@@ -273,12 +273,8 @@ class EnergyPredictorCostModel(LayerCostModel):
         if calibrate and self.profile.get("networks"):
             self.calibration = fit_calibration(self, self.profile["networks"], metric)
 
-    def layer_cost(self, spec: LayerSpec) -> float:
-        key = spec.key()
-        cached = self._cache.get(key)
-        if cached is None:
-            cached = self._cache[key] = float(self.regressor.predict([spec])[0])
-        return cached
+    def _price(self, spec: LayerSpec) -> float:
+        return float(self.regressor.predict([spec])[0])
 
     def slope(self, spec: LayerSpec) -> float:
         return self.regressor.slope(spec)

@@ -35,7 +35,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BACKENDS", "CHANNEL_LADDER", "calibration_architectures", "DEFAULT_TIME_BUDGET_S", "METERS", "QUICK_TIME_BUDGET_S",
+__all__ = ["BACKENDS", "CHANNEL_LADDER", "calibration_architectures", "DEFAULT_TIME_BUDGET_S", "METERS",
+           "QUICK_TIME_BUDGET_S",
            "estimate_profile_seconds", "family_grid", "load_profile", "make_meter", "measure_layer",
            "measure_model", "profile_family"]
 

@@ -156,7 +156,8 @@ class NeuronGroup:
     ``name`` (= ``producer``) is the producer's module path. ``chain`` lists the per-channel ops
     from the producer's output to ``a_j`` (DESIGN.md §2), ``consumers`` the layers that read it.
     ``input_node``/``output_node`` are the fx node names of the producer's input and of the chain's
-    end (where scoring reads x and ∂L/∂a), ``producer_node`` that of the producer's output. Not splittable groups carry the ``reason``.
+    end (where scoring reads x and ∂L/∂a), ``producer_node`` that of the producer's output. Not
+    splittable groups carry the ``reason``.
     """
 
     name: str

@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import re
 import signal
@@ -45,6 +44,7 @@ from hwsplit.score import splitting_indices
 from hwsplit.select import select_neurons
 from hwsplit.surgery import apply_split
 from hwsplit.train import TrainConfig, evaluate, seed_everything, train
+from hwsplit.units import fmt_si
 
 log = logging.getLogger(__name__)
 
@@ -646,13 +646,6 @@ def _end_to_end_measurer(config: GrowConfig) -> Callable[[nn.Module, tuple[int, 
 
 
 
-def _fmt_num(x: float) -> str:
-    if x == 0 or not math.isfinite(x):
-        return str(x)
-    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(x) >= div:
-            return f"{x / div:.3g}{suffix}"
-    return f"{x:.4g}"
 
 
 def record_widths(record: dict[str, Any]) -> list[int]:
@@ -674,7 +667,7 @@ def stage_table(records: list[dict[str, Any]]) -> list[list[str]]:
             + (["measured ms"] if measured else []) + ["split", "widths"]]
     for r in records:
         row = [str(r["stage"])] + ([f"{r['width_mult']:g}"] if baseline else [])
-        row += [f"{r['test_top1']:.4f}", f"{r['test_loss']:.4f}", _fmt_num(r["macs"]), _fmt_num(r["params"]),
+        row += [f"{r['test_top1']:.4f}", f"{r['test_loss']:.4f}", fmt_si(r["macs"]), fmt_si(r["params"]),
                 f"{r['cost']['value']:.4g}"]
         if measured:
             lat = (r.get("measured") or {}).get("latency_ms")

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from hwsplit.checkpoint import atomic_write, atomic_write_text
+from hwsplit.units import fmt_si
 
 log = logging.getLogger(__name__)
 
@@ -92,13 +93,6 @@ def _name_runs(runs: list[Run]) -> None:
         r.name = n
 
 
-def _fmt(x: float) -> str:
-    if x == 0 or not math.isfinite(x):
-        return str(x)
-    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(x) >= div:
-            return f"{x / div:.3g}{suffix}"
-    return f"{x:.4g}"
 
 
 def _latency_ms(record: dict[str, Any]) -> float | None:
@@ -113,7 +107,7 @@ def comparison_rows(runs: Sequence[Run]) -> list[list[str]]:
         for r in run.records:
             stage = str(r["stage"]) + (f" (×{r['width_mult']:g})" if "width_mult" in r else "")
             lat = _latency_ms(r)
-            rows.append([run.name, stage, f"{100 * r['test_top1']:.2f}", _fmt(r["macs"]), _fmt(r["params"]),
+            rows.append([run.name, stage, f"{100 * r['test_top1']:.2f}", fmt_si(r["macs"]), fmt_si(r["params"]),
                          f"{r['cost']['value']:.4g} {r['cost']['unit']}", f"{lat:.4g}" if lat is not None else "-"])
     return rows
 

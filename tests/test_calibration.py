@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from test_lut import SHAPE, affine_cost, synthetic_profile
 
 from cost_models import get_cost_model
 from cost_models.profiler import calibration_architectures, family_grid
 from hwsplit.models import model_from_architecture
-from test_lut import SHAPE, affine_cost, synthetic_profile
 
 
 def _with_networks(profile: dict, measured) -> dict:

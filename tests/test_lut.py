@@ -115,7 +115,8 @@ def test_monotone_between_grid_points(grid: list[LayerSpec]) -> None:
 
 def test_scattered_rows_still_interpolate_monotonically() -> None:
     # a grid with holes (as left by an interrupted profile): no full cell around most queries
-    specs = [LayerSpec("pwconv", ci, co, height=8, width=8) for ci in (8, 16, 32, 64, 128) for co in (8, 16, 32, 64, 128)
+    channels = (8, 16, 32, 64, 128)
+    specs = [LayerSpec("pwconv", ci, co, height=8, width=8) for ci in channels for co in channels
              if (ci * co) % 3 != 1]
     lut = get_cost_model("lut", profile=synthetic_profile(curved_cost, specs))
     for spec in specs:

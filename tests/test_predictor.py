@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -59,15 +58,7 @@ def synthetic_profile(specs, *, noise: float = 0.03, seed: int = 0, energy: bool
             "overhead": overhead, "rows": rows}
 
 
-def fake_find_neuron_groups(model, example):
-    groups, prev = [], "stem.conv"
-    for i in range(len(model.blocks)):
-        groups.append(SimpleNamespace(name=prev, producer=prev, splittable=True, depthwise=[f"blocks.{i}.dw.conv"],
-                                      consumers=[SimpleNamespace(name=f"blocks.{i}.pw.conv", columns=1)]))
-        prev = f"blocks.{i}.pw.conv"
-    groups.append(SimpleNamespace(name=prev, producer=prev, splittable=True, depthwise=[],
-                                  consumers=[SimpleNamespace(name="classifier", columns=1)]))
-    return groups
+from test_lut import fake_find_neuron_groups  # noqa: E402  (the same fake MobileNetV1 groups)
 
 
 @pytest.fixture
