@@ -127,16 +127,10 @@ def plot_timing(rows: list[dict], path: Path, args: argparse.Namespace) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    common.prepare_process(args.threads, args.test_limit)
-    out = common.resolve(args.out)
-    if args.fragment_only:
-        run_info, run_args = common.load_run_info(out)
-        write_fragment(out, run_args, run_info)
+    started = common.begin(args, write_fragment)
+    if started is None:
         return
-    info = common.machine()
-    t_start = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
-    log.info("machine: %s", common.machine_line(info))
+    out, info, t_start = started
     extra: dict = {}
     if not args.skip_timing:  # (a)
         t0 = time.perf_counter()

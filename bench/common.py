@@ -399,6 +399,22 @@ def save_run_info(out: Path, args: argparse.Namespace, info: dict[str, Any], wal
     return run_info
 
 
+def begin(args: argparse.Namespace, write_fragment: Any) -> tuple[Path, dict[str, Any], float] | None:
+    """The shared start of a benchmark's ``main``: set up the process; with ``--fragment-only`` rebuild
+    the fragment from saved results and return None; else create ``--out`` and return
+    ``(out, machine info, start time)``."""
+    prepare_process(args.threads, args.test_limit)
+    out = resolve(args.out)
+    if args.fragment_only:
+        run_info, run_args = load_run_info(out)
+        write_fragment(out, run_args, run_info)
+        return None
+    info = machine()
+    out.mkdir(parents=True, exist_ok=True)
+    log.info("machine: %s", machine_line(info))
+    return out, info, time.perf_counter()
+
+
 def load_run_info(out: Path) -> tuple[dict[str, Any], argparse.Namespace]:
     """The saved run info and the arguments the results were made with."""
     path = out / "run_info.json"
