@@ -116,6 +116,8 @@ _DATA_OPTIONS = _options(
     click.option("--data-dir", type=click.Path(), default=None, help="Directory of the data set."),
     click.option("--download", is_flag=True, help="Let torchvision download CIFAR into --data-dir."),
     click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N training images."),
+    click.option("--test-limit", default="auto", show_default=True,
+                 help="Test images: N, 'all', or 'auto' (limit // 5 with --limit, else all)."),
 )
 _COST_OPTIONS = _options(
     click.option("--cost", type=click.Choice(["flops", "none", "lut", "energy"]), default="flops", show_default=True,
@@ -193,8 +195,9 @@ def _print_stage(record: dict[str, Any]) -> None:
                    "(only --stages may be given with it, to extend the run).")
 @_library_errors
 def grow(model: str, model_config: str | None, width_mult: float | None, activation: str | None, dataset: str,
-         data_dir: str | None, download: bool, limit: int | None, cost: str, profile_path: str | None,
-         metric: str | None, growth_ratio: float, stages: int, budget: str | None, epochs: int,
+         data_dir: str | None, download: bool, limit: int | None, test_limit: str, cost: str,
+         profile_path: str | None, metric: str | None, growth_ratio: float, stages: int, budget: str | None,
+         epochs: int,
          seed_epochs: int | None, split_epochs: int, split_method: str, split_step: float, selection: str,
          max_layer_growth: float | None, batch_size: int, lr: float, weight_decay: float, device: str, seed: int,
          out: str, resume: str | None) -> None:
@@ -232,7 +235,8 @@ def grow(model: str, model_config: str | None, width_mult: float | None, activat
     config = GrowConfig(
         model=model, model_options=_model_options(model_config, width_mult, activation), dataset=dataset,
         data_dir=data_dir, download=download,
-        data_limit=limit, cost=cost, cost_options=cost_options, growth_ratio=growth_ratio, stages=stages,
+        data_limit=limit, test_limit=_test_limit(test_limit), cost=cost, cost_options=cost_options,
+        growth_ratio=growth_ratio, stages=stages,
         budget=budget_value, epochs=epochs, seed_epochs=seed_epochs, split_epochs=split_epochs,
         split_method=split_method, split_step=split_step, selection=selection, max_layer_growth=max_layer_growth,
         batch_size=batch_size, lr=lr, weight_decay=weight_decay, device=device, seed=seed,
@@ -275,7 +279,8 @@ def baseline() -> None:
 @_library_errors
 def baseline_width(multipliers: str, like: str | None, model: str, model_config: str | None,
                    width_mult: float | None, activation: str | None, dataset: str, data_dir: str | None,
-                   download: bool, limit: int | None, cost: str, profile_path: str | None, metric: str | None,
+                   download: bool, limit: int | None, test_limit: str, cost: str, profile_path: str | None,
+                   metric: str | None,
                    epochs: int | None, stages: int, stage_epochs: int, seed_epochs: int | None, batch_size: int,
                    lr: float, weight_decay: float, device: str, seed: int, out: str) -> None:
     """Train the family uniformly scaled by width multipliers, from scratch, on grow's schedule."""
@@ -287,7 +292,8 @@ def baseline_width(multipliers: str, like: str | None, model: str, model_config:
     use = (lambda name: like is None or _given(name))
     for option, key, value in (("model", "model", model), ("dataset", "dataset", dataset),
                                ("data_dir", "data_dir", data_dir), ("download", "download", download),
-                               ("limit", "data_limit", limit), ("stages", "stages", stages),
+                               ("limit", "data_limit", limit), ("test_limit", "test_limit", _test_limit(test_limit)),
+                               ("stages", "stages", stages),
                                ("stage_epochs", "epochs", stage_epochs), ("seed_epochs", "seed_epochs", seed_epochs),
                                ("batch_size", "batch_size", batch_size), ("lr", "lr", lr),
                                ("weight_decay", "weight_decay", weight_decay), ("device", "device", device),
@@ -349,6 +355,16 @@ def export(run: str, stage: int | None, onnx_path: str, atol: float) -> None:
                f"opset {info['opset']})")
     click.echo(f"onnxruntime vs torch: max |difference| = {info['max_abs_diff']:.3g} over batches of "
                f"{', '.join(str(b) for b in info['batch_sizes'])} random inputs (tolerance {atol:g})")
+
+
+def _test_limit(text: str) -> int | str | None:
+    """--test-limit: 'auto', 'all' (None) or a positive integer."""
+    if text in ("auto", "all"):
+        return None if text == "all" else "auto"
+    if not text.isdigit() or int(text) < 1:
+        raise click.BadParameter(f"expected a positive integer, 'all' or 'auto', got {text!r}",
+                                 param_hint="--test-limit")
+    return int(text)
 
 
 def _check_device(device: str) -> None:

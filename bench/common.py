@@ -10,8 +10,8 @@ Two choices every benchmark makes here, and says so in its fragment:
 
 * **Full test set.** ``hwsplit.data.load_dataset(limit=N)`` also cuts the *test* set to ``N // 5``
   images. The benchmarks limit only the training images (``--limit``) and evaluate on the full
-  CIFAR-10 test set (10,000 images), by replacing ``hwsplit.data._test_limit`` in their own processes
-  (``--test-limit`` restores the library's behaviour or sets another number).
+  CIFAR-10 test set (10,000 images) through ``GrowConfig(test_limit=None)`` (``--test-limit -1``
+  restores the library's default, ``--test-limit N`` sets another number).
 * **Shared seed.** Two arms of a comparison that differ only from stage 1 on (cost model, scoring
   method) start from the *same* trained seed: stage 0 is trained once, copied into the other arm's
   run directory (its record re-priced by that arm's cost model) and both arms continue with
@@ -113,6 +113,8 @@ def grow_config(args: argparse.Namespace, **overrides: Any):
         data_limit=data_limit(args), stages=args.stages, epochs=args.epochs, seed_epochs=args.seed_epochs,
         batch_size=args.batch_size, lr=args.lr, growth_ratio=args.growth_ratio, device=args.device,
         seed=args.seed, measure=False,
+        # --limit cuts the training set only: all 10,000 test images unless --test-limit says otherwise
+        test_limit={0: None, -1: "auto"}.get(args.test_limit, args.test_limit),
     )
     fields.update(overrides)
     return GrowConfig(**fields)
@@ -129,11 +131,7 @@ def prepare_process(threads: int, test_limit: int, tag: str = "") -> None:
     torch.set_num_threads(max(1, int(threads)))
     os.chdir(ROOT)  # relative paths in run configs (profiles/..., ../shared/data/...) are from the repository root
     setup_logging(f"[{tag}] " if tag else "")
-    if test_limit >= 0:
-        import hwsplit.data as data
-
-        # hwsplit's limit=N also keeps only N // 5 test images; evaluate on the full test set (or test_limit).
-        data._test_limit = (lambda limit: None) if test_limit == 0 else (lambda limit: int(test_limit))
+    del test_limit  # the test-set size travels in each run's GrowConfig (grow_config)
 
 
 def _arm(task: dict[str, Any]) -> dict[str, Any]:

@@ -395,12 +395,13 @@ def _in_memory_bundle(
     num_classes: int,
     augment: bool,
     limit: int | None,
+    test_limit: int | None,
     class_names: list[str] | None = None,
 ) -> DataBundle:
     if limit is not None:
         train_x, train_y = train_x[:limit], train_y[:limit]
-        tl = _test_limit(limit)
-        test_x, test_y = test_x[:tl], test_y[:tl]
+    if test_limit is not None:
+        test_x, test_y = test_x[:test_limit], test_y[:test_limit]
     mean, std = _channel_stats(train_x)
     h = int(train_x.shape[2])
     pad = max(1, round(h / 8))  # 4 pixels for 32x32, as in the usual CIFAR recipe
@@ -448,6 +449,7 @@ def _load_digits(
     seed: int,
     augment: bool,
     limit: int | None,
+    test_limit: int | None,
     image_size: int | None,
 ) -> DataBundle:
     """scikit-learn's 8x8 digits (embedded, no download), stratified 75/25 split by ``seed``."""
@@ -469,6 +471,7 @@ def _load_digits(
         num_classes=10,
         augment=False,
         limit=limit,
+        test_limit=test_limit,
         class_names=[str(i) for i in range(10)],
     )
 
@@ -609,6 +612,7 @@ def _load_cifar(
     seed: int,
     augment: bool,
     limit: int | None,
+    test_limit: int | None,
     image_size: int | None,
 ) -> DataBundle:
     """CIFAR-10/100 in the python-pickled batch format torchvision uses (no md5 check: user copies)."""
@@ -629,9 +633,8 @@ def _load_cifar(
             f"{fmt.name}: {data_dir} has no {fmt.folder}/ "
             "(pass --download to fetch it, or --dataset npz for an npz directory)"
         )
-    tl = _test_limit(limit)
     tr_x, tr_y = _read_cifar_split(fmt, root, fmt.train_files, limit)
-    te_x, te_y = _read_cifar_split(fmt, root, fmt.test_files, tl)
+    te_x, te_y = _read_cifar_split(fmt, root, fmt.test_files, test_limit)
     class_names = None
     meta_path = root / fmt.meta_file
     if meta_path.exists():
@@ -649,6 +652,7 @@ def _load_cifar(
         num_classes=num_classes,
         augment=augment,
         limit=limit,
+        test_limit=test_limit,
         class_names=class_names,
     )
 
@@ -703,6 +707,7 @@ def _load_npz(
     seed: int,
     augment: bool,
     limit: int | None,
+    test_limit: int | None,
     image_size: int | None,
 ) -> DataBundle:
     """A directory with train.npz and test.npz: 'x' uint8 (N, H, W, C), 'y' integer labels (N,)."""
@@ -723,14 +728,16 @@ def _load_npz(
     num_classes = len(names) if names else int(tr_y.max()) + 1
     if limit is not None:  # slice before the NHWC -> NCHW copy
         tr_x, tr_y = tr_x[:limit], tr_y[:limit]
-        te_x, te_y = te_x[: _test_limit(limit)], te_y[: _test_limit(limit)]
+    if test_limit is not None:
+        te_x, te_y = te_x[:test_limit], te_y[:test_limit]
     tr = torch.from_numpy(np.ascontiguousarray(tr_x.transpose(0, 3, 1, 2)))
     te = torch.from_numpy(np.ascontiguousarray(te_x.transpose(0, 3, 1, 2)))
     tr_yt = torch.from_numpy(tr_y.astype(np.int64))
     te_yt = torch.from_numpy(te_y.astype(np.int64))
     _check_labels("npz", data_dir, tr_yt, te_yt, num_classes)
     return _in_memory_bundle(
-        "npz", tr, tr_yt, te, te_yt, num_classes=num_classes, augment=augment, limit=None, class_names=names
+        "npz", tr, tr_yt, te, te_yt, num_classes=num_classes, augment=augment, limit=None, test_limit=None,
+        class_names=names
     )
 
 
@@ -741,6 +748,7 @@ def _load_imagefolder(
     seed: int,
     augment: bool,
     limit: int | None,
+    test_limit: int | None,
     image_size: int | None,
 ) -> DataBundle:
     """ImageNet-style ``train/<class>/*`` and ``val/<class>/*`` read by torchvision's ImageFolder.
@@ -803,7 +811,8 @@ def _load_imagefolder(
     test_set: Dataset = val
     if limit is not None:
         train_set = torch.utils.data.Subset(train, range(min(limit, len(train))))
-        test_set = torch.utils.data.Subset(val, range(min(_test_limit(limit) or 1, len(val))))
+    if test_limit is not None:
+        test_set = torch.utils.data.Subset(val, range(min(test_limit, len(val))))
     log.info(
         "imagefolder: %d train, %d val images, %d classes, input 3x%dx%d",
         len(train_set),
@@ -851,6 +860,7 @@ def load_dataset(
     augment: bool = True,
     limit: int | None = None,
     image_size: int | None = None,
+    test_limit: int | str | None = "auto",
 ) -> DataBundle:
     """Load data set ``name`` (see :func:`available_datasets`).
 
@@ -862,7 +872,9 @@ def load_dataset(
         download: let torchvision fetch CIFAR into ``data_dir`` (other sets ignore it).
         seed: seed of the ``digits`` train/test split (the others have fixed splits).
         augment: random crop + horizontal flip of training batches (cifar, npz, imagefolder; never digits).
-        limit: keep the first ``limit`` training samples and the first ``max(1, limit // 5)`` test samples.
+        limit: keep the first ``limit`` training samples.
+        test_limit: keep the first ``test_limit`` test samples; ``"auto"`` (default): ``max(1, limit // 5)``
+            when ``limit`` is given, else all; ``None``: all of them.
         image_size: crop size in pixels for ``imagefolder`` (default 224); other sets are not resized
             and only accept their native size.
 
@@ -874,9 +886,14 @@ def load_dataset(
     if name not in registry:
         raise ValueError(f"name: unknown dataset {name!r} (available: {', '.join(sorted(registry))})")
     _check_limit(limit)
+    if test_limit == "auto":
+        test_limit = _test_limit(limit)
+    elif test_limit is not None and (isinstance(test_limit, bool) or not isinstance(test_limit, int) or test_limit < 1):
+        raise ValueError(f"test_limit: expected 'auto', None or an integer >= 1, got {test_limit!r}")
     path = None if data_dir is None else Path(data_dir).expanduser()
     return registry[name](
-        data_dir=path, download=download, seed=seed, augment=augment, limit=limit, image_size=image_size
+        data_dir=path, download=download, seed=seed, augment=augment, limit=limit, test_limit=test_limit,
+        image_size=image_size,
     )
 
 

@@ -101,6 +101,7 @@ class GrowConfig:
     data_dir: str | None = None
     download: bool = False
     data_limit: int | None = None
+    test_limit: int | str | None = "auto"  # test images: "auto" = data_limit // 5 (all without a limit), None = all
     cost: str = "flops"
     cost_options: dict[str, Any] = field(default_factory=dict)
     growth_ratio: float = 0.5
@@ -315,7 +316,7 @@ def open_session(config: GrowConfig) -> Session:
     seed_everything(config.seed)
     device = torch.device(config.device)
     bundle = load_dataset(config.dataset, data_dir=config.data_dir, download=config.download, seed=config.seed,
-                          limit=config.data_limit)
+                          limit=config.data_limit, test_limit=config.test_limit)
     train_loader, test_loader = make_loaders(bundle, batch_size=config.batch_size, seed=config.seed,
                                              device=device if device.type == "cuda" else None)
     return Session(config=config, bundle=bundle, train_loader=train_loader, test_loader=test_loader, device=device,

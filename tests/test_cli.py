@@ -110,3 +110,13 @@ def test_a_crafted_checkpoint_does_not_run_code(tmp_path):
     result = CliRunner().invoke(main, ["summary", str(path)])
     assert result.exit_code == 2
     assert not (tmp_path / "pwned").exists()
+
+
+def test_test_limit_option(tmp_path):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["grow", "--stages", "0", "--epochs", "1", "--limit", "200", "--test-limit",
+                                       "all", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "config.json").read_text())["test_limit"] is None
+    bad = CliRunner().invoke(main, ["grow", "--test-limit", "0"])
+    assert bad.exit_code == 2 and "--test-limit" in bad.output

@@ -451,3 +451,12 @@ def test_real_cifar10_npz_limited():
     train, _ = make_loaders(b, batch_size=128)
     x, y = next(iter(train))
     assert x.shape == (128, 3, 32, 32) and y.max() < 10
+
+
+def test_test_limit_is_independent_of_the_training_limit():
+    full = load_dataset("digits")
+    assert len(load_dataset("digits", limit=100).test) == 20  # "auto": limit // 5
+    assert len(load_dataset("digits", limit=100, test_limit=None).test) == len(full.test)
+    assert len(load_dataset("digits", limit=100, test_limit=33).test) == 33
+    with pytest.raises(ValueError, match="test_limit"):
+        load_dataset("digits", test_limit=0)
