@@ -26,13 +26,11 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
-from common import log  # noqa: E402
 
 NAME = "energy_vs_vanilla"
 ARMS = {"energy": "flops", "vanilla": "none"}
@@ -125,11 +123,7 @@ def main(argv=None) -> None:
     groups = {f"k{k}": {arm: common.grow_config(args, cost=cost, model_options=variant(k, args.width))
                         for arm, cost in ARMS.items()} for k in ks}
     walls = common.grow_groups_shared_seed(groups, out, args)
-    common.delete_checkpoints(out, keep=lambda p: args.keep_checkpoints)
-    wall = time.perf_counter() - t_start
-    run_info = common.save_run_info(out, args, info, wall, walls=walls)
-    write_fragment(out, args, run_info)
-    log.info("done in %.1f min; results %s (%d bytes)", wall / 60, common.rel(out), common.tree_size(out))
+    common.finish(out, args, info, t_start, write_fragment, walls=walls)
 
 
 def write_fragment(out: Path, args: argparse.Namespace, run_info: dict) -> None:

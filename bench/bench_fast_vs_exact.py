@@ -141,11 +141,7 @@ def main(argv=None) -> None:
         t0 = time.perf_counter()
         extra["growth_walls"] = common.grow_arms_shared_seed(arms, out, args)
         extra["growth_s"] = time.perf_counter() - t0
-        common.delete_checkpoints(out, keep=lambda p: args.keep_checkpoints)
-    wall = time.perf_counter() - t_start
-    run_info = common.save_run_info(out, args, info, wall, **extra)
-    write_fragment(out, args, run_info)
-    log.info("done in %.1f min; results %s (%s bytes)", wall / 60, common.rel(out), common.tree_size(out))
+    common.finish(out, args, info, t_start, write_fragment, **extra)
 
 
 def write_fragment(out: Path, args: argparse.Namespace, run_info: dict) -> None:

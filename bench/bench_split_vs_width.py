@@ -26,7 +26,6 @@ import argparse
 import math
 import shutil
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -89,11 +88,7 @@ def main(argv=None) -> None:
         log.info("%s: %d record(s) in %.0f s", common.rel(r["out"]), r["stages"], r["wall_s"])
     merge_width_parts([parts_dir / f"x{m:g}" for m in multipliers], out / "width", config)
     shutil.rmtree(parts_dir)
-    common.delete_checkpoints(out, keep=lambda p: args.keep_checkpoints)
-    wall = time.perf_counter() - t_start
-    run_info = common.save_run_info(out, args, info, wall, total_epochs=total)
-    write_fragment(out, args, run_info)
-    log.info("done in %.1f min; results %s (%d bytes)", wall / 60, common.rel(out), common.tree_size(out))
+    common.finish(out, args, info, t_start, write_fragment, total_epochs=total)
 
 
 def write_fragment(out: Path, args: argparse.Namespace, run_info: dict) -> None:

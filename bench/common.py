@@ -413,6 +413,17 @@ def begin(args: argparse.Namespace, write_fragment: Any) -> tuple[Path, dict[str
     return out, info, time.perf_counter()
 
 
+def finish(out: Path, args: argparse.Namespace, info: dict[str, Any], t_start: float, write_fragment: Any,
+           **extra: Any) -> None:
+    """The shared end of a benchmark's ``main``: drop checkpoints (unless ``--keep-checkpoints``), save
+    ``run_info.json`` with ``extra``, write the fragment and log the wall time."""
+    delete_checkpoints(out, keep=lambda p: args.keep_checkpoints)
+    wall = time.perf_counter() - t_start
+    run_info = save_run_info(out, args, info, wall, **extra)
+    write_fragment(out, args, run_info)
+    log.info("done in %.1f min; results %s (%d bytes)", wall / 60, rel(out), tree_size(out))
+
+
 def load_run_info(out: Path) -> tuple[dict[str, Any], argparse.Namespace]:
     """The saved run info and the arguments the results were made with."""
     path = out / "run_info.json"
