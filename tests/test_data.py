@@ -25,13 +25,6 @@ from hwsplit.data import (
 REAL_CIFAR = Path("/work/shared/data/cifar10")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small tensors: one intra-op thread is faster, and far faster when another process holds a core.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _collect(loader):
