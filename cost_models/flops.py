@@ -6,7 +6,8 @@ Only convolutions and linear layers are counted, one MAC per weight per output p
 
 from __future__ import annotations
 
-from cost_models.base import LayerCostModel, LayerSpec, register_cost_model
+from cost_models.base import LayerCostModel, register_cost_model
+from hwsplit.specs import LayerSpec
 
 
 @register_cost_model("flops")

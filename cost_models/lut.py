@@ -34,9 +34,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cost_models.base import LayerCostModel, LayerSpec, register_cost_model
+from cost_models.base import LayerCostModel, register_cost_model
 from cost_models.calibration import fit_calibration
 from cost_models.profile_io import METRICS, metric_unit, missing_metric_message, resolve_profile
+from hwsplit.specs import LayerSpec
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn

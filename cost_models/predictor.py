@@ -29,10 +29,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from sklearn.base import BaseEstimator, RegressorMixin
 
-from cost_models.base import LAYER_KINDS, LayerCostModel, LayerSpec, register_cost_model
+from cost_models.base import LayerCostModel, register_cost_model
 from cost_models.calibration import fit_calibration
 from cost_models.lut import NET_FLOOR, _positive_marginals
 from cost_models.profile_io import METRICS, metric_unit, missing_metric_message, resolve_profile
+from hwsplit.specs import LAYER_KINDS, LayerSpec
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn

@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from cost_models.base import LayerSpec
+from hwsplit.specs import LayerSpec
 
 SCHEMA = "hwsplit.profile/1"
 METRICS = ("latency_ms", "energy_mj")

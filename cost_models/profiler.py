@@ -26,9 +26,9 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cost_models.base import LayerSpec
 from cost_models.meters import LatencyMeter, Measurement, NoGpuError, NvmlEnergyMeter, nvidia_gpu_available
 from cost_models.profile_io import SCHEMA, load_profile, save_profile
+from hwsplit.specs import LayerSpec
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from cost_models.base import LayerSpec, register_cost_model
+from cost_models.base import register_cost_model
+from hwsplit.specs import LayerSpec
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn

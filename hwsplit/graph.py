@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from cost_models.base import LayerSpec
+from hwsplit.specs import LayerSpec
 
 log = logging.getLogger(__name__)
 

@@ -13,12 +13,12 @@ import pytest
 
 import hwsplit.graph
 from cost_models import get_cost_model
-from cost_models.base import LayerSpec
 from cost_models.lut import LookupTableCostModel, LutExtrapolationWarning
 from cost_models.profile_io import SCHEMA, load_profile, save_profile
 from cost_models.profiler import family_grid, profile_family
 from hwsplit.graph import layer_specs
 from hwsplit.models import build_model
+from hwsplit.specs import LayerSpec
 
 SHAPE = (1, 3, 32, 32)
 PROFILES = sorted((Path(__file__).resolve().parents[1] / "profiles").glob("*.json"))

@@ -11,7 +11,6 @@ from sklearn.base import clone
 
 import hwsplit.graph
 from cost_models import get_cost_model
-from cost_models.base import LAYER_KINDS, LayerSpec
 from cost_models.predictor import (
     FEATURE_NAMES,
     SPEC_COLUMNS,
@@ -26,6 +25,7 @@ from cost_models.profile_io import SCHEMA, load_profile, save_profile
 from cost_models.profiler import family_grid
 from hwsplit.graph import layer_specs
 from hwsplit.models import build_model
+from hwsplit.specs import LAYER_KINDS, LayerSpec
 
 SHAPE = (1, 3, 32, 32)
 PROFILES = sorted((Path(__file__).resolve().parents[1] / "profiles").glob("*.json"))

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from cost_models import profiler
-from cost_models.base import LayerSpec
 from cost_models.meters import NoGpuError, nvidia_gpu_available
 from cost_models.profile_io import SCHEMA, load_profile, save_profile, validate_profile
 from cost_models.profiler import (
@@ -21,6 +20,7 @@ from cost_models.profiler import (
     profile_family,
 )
 from hwsplit.models import MOBILENET_V1_STANDARD, build_model
+from hwsplit.specs import LayerSpec
 
 FAST = {"time_budget_s": 0.005, "warmup": 1}
 
