@@ -17,24 +17,15 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-EXIT_USAGE = 2
-EXIT_FAILED = 1
+from hwsplit.errors import EXIT_INTERRUPTED, EXIT_USAGE, HwsplitError
 
 
-class HwsplitError(click.ClickException):
-    """A user-facing error: one line, exit status 2, no traceback."""
+class CliError(click.ClickException):
+    """A library error shown as one line with its class's exit status."""
 
-    exit_code = EXIT_USAGE
-
-
-class RunFailed(click.ClickException):
-    """A run that stopped on a failure (non-finite loss, failed write, export mismatch): one line, exit 1."""
-
-    exit_code = EXIT_FAILED
-
-
-# Library exceptions (by class name, so that cli.py imports nothing heavy up front) that end a run: exit 1.
-_FAILURES = ("StageFailed", "ExportMismatchError")
+    def __init__(self, message: str, exit_code: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def _progress(it: Iterable, desc: str, total: int | None) -> Iterable:
@@ -43,25 +34,29 @@ def _progress(it: Iterable, desc: str, total: int | None) -> Iterable:
     return tqdm(it, desc=desc, total=total, leave=False, dynamic_ncols=True, disable=None)
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err)
+    return text.splitlines()[0] if text.strip() else type(err).__name__
+
+
 def _library_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn the library's documented errors into one-line messages with exit status 2 (1 for failed runs)."""
+    """Turn the library's errors into one-line messages: the exit status of an :class:`HwsplitError`
+    comes from its class (hwsplit.errors); other bad inputs (``ValueError``, missing files) exit 2."""
     import functools
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
+        except HwsplitError as err:
+            raise CliError(_first_line(err), err.exit_code) from None
         except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as err:
-            raise HwsplitError(str(err).splitlines()[0] if str(err) else type(err).__name__) from None
-        except RuntimeError as err:
-            if type(err).__name__ in ("NoGpuError", "DeviceUnavailableError"):
-                raise HwsplitError(str(err)) from None
-            if type(err).__name__ in _FAILURES:
-                raise RunFailed(str(err).splitlines()[0]) from None
-            raise
+            raise CliError(_first_line(err), EXIT_USAGE) from None
         except KeyboardInterrupt:
-            click.echo("\ninterrupted: every file written so far is complete", err=True)
-            sys.exit(130)
+            try:
+                click.echo("\ninterrupted: every file written so far is complete", err=True)
+            finally:
+                sys.exit(EXIT_INTERRUPTED)
 
     return wrapper
 
@@ -136,17 +131,13 @@ _SGD_OPTIONS = _options(
 
 
 def _cost_options(cost: str, profile_path: str | None, metric: str | None) -> dict[str, Any]:
-    cost_options: dict[str, Any] = {}
-    if cost in ("lut", "energy"):
-        if profile_path is None:
-            raise click.UsageError(f"--cost {cost} needs --profile PROFILE.json "
-                                   "(make one with `python cli.py profile`)")
-        cost_options["profile"] = profile_path
-        if metric:
-            cost_options["metric"] = metric
-    elif profile_path is not None:
-        raise click.UsageError("--profile is only used with --cost lut or --cost energy")
-    return cost_options
+    """cost_options of a GrowConfig from the command line (GrowConfig checks which combine)."""
+    options: dict[str, Any] = {}
+    if profile_path is not None:
+        options["profile"] = profile_path
+    if metric:
+        options["metric"] = metric
+    return options
 
 
 def _model_options(model_config: str | None, width_mult: float | None, activation: str | None) -> dict[str, Any]:
@@ -203,8 +194,10 @@ def grow(model: str, model_config: str | None, width_mult: float | None, activat
          out: str, resume: str | None) -> None:
     """Grow a network stage by stage: train, score, price, select, split."""
     import cost_models
-    from hwsplit.grow import GrowConfig, load_config, parse_budget, stage_table
+    from hwsplit.config import GrowConfig, load_config, parse_budget
+    from hwsplit.devices import check_device
     from hwsplit.grow import grow as run_grow
+    from hwsplit.rundir import stage_table
 
     if resume is not None:
         ctx = click.get_current_context()
@@ -214,11 +207,11 @@ def grow(model: str, model_config: str | None, width_mult: float | None, activat
             raise click.UsageError(f"--resume continues RUN with the settings of its config.json; "
                                    f"{', '.join(given)} cannot be combined with it (only --stages, to extend the run)")
         if not Path(resume).is_dir():
-            raise HwsplitError(f"resume: {resume} is not a run directory")
+            raise click.UsageError(f"--resume: {resume} is not a run directory")
         config = load_config(resume)
         if _given("stages"):
             config = dataclasses.replace(config, stages=stages)
-        _check_device(config.device)
+        check_device(config.device)
         click.echo(f"resuming {resume} ({config.model} on {config.dataset}, cost {config.cost}, "
                    f"{config.stages} stages)", err=True)
         records = run_grow(config, resume, resume=True, progress=_progress, on_stage=_print_stage)
@@ -226,8 +219,9 @@ def grow(model: str, model_config: str | None, width_mult: float | None, activat
         click.echo(f"\nrun directory: {resume}")
         return
 
-    _check_device(device)
+    check_device(device, field="--device")
     cost_options = _cost_options(cost, profile_path, metric)
+    GrowConfig(cost=cost, cost_options=cost_options)  # which cost options combine, before reading a profile
     cost_model = cost_models.get_cost_model(cost, **cost_options)
     budget_value = parse_budget(budget, cost_model.unit) if budget is not None else None
     if cost in ("lut", "energy"):
@@ -285,11 +279,13 @@ def baseline_width(multipliers: str, like: str | None, model: str, model_config:
                    lr: float, weight_decay: float, device: str, seed: int, out: str) -> None:
     """Train the family uniformly scaled by width multipliers, from scratch, on grow's schedule."""
     from hwsplit.baselines import grow_epochs, parse_multipliers, width_baseline
-    from hwsplit.grow import GrowConfig, load_config, stage_table
+    from hwsplit.config import config_like
+    from hwsplit.devices import check_device
+    from hwsplit.rundir import stage_table
 
     mults = parse_multipliers(multipliers)
-    fields = load_config(like).to_dict() if like is not None else GrowConfig().to_dict()
     use = (lambda name: like is None or _given(name))
+    overrides: dict[str, Any] = {}
     for option, key, value in (("model", "model", model), ("dataset", "dataset", dataset),
                                ("data_dir", "data_dir", data_dir), ("download", "download", download),
                                ("limit", "data_limit", limit), ("test_limit", "test_limit", _test_limit(test_limit)),
@@ -299,15 +295,14 @@ def baseline_width(multipliers: str, like: str | None, model: str, model_config:
                                ("weight_decay", "weight_decay", weight_decay), ("device", "device", device),
                                ("seed", "seed", seed)):
         if use(option):
-            fields[key] = value
+            overrides[key] = value
     if any(use(o) for o in ("model_config", "width_mult", "activation")):
-        given = _model_options(model_config, width_mult, activation)
-        fields["model_options"] = given if like is None else {**fields["model_options"], **given}
+        overrides["model_options"] = _model_options(model_config, width_mult, activation)
     if any(use(o) for o in ("cost", "profile_path", "metric")):
-        fields["cost"] = cost
-        fields["cost_options"] = _cost_options(cost, profile_path, metric)
-    config = GrowConfig(**fields)
-    _check_device(config.device)
+        overrides["cost"] = cost
+        overrides["cost_options"] = _cost_options(cost, profile_path, metric)
+    config = config_like(like, overrides)
+    check_device(config.device)
     total = epochs if epochs is not None else grow_epochs(config)
     click.echo(f"width baseline: {config.model} × {', '.join(f'{m:g}' for m in mults)}, {total} epochs each",
                err=True)
@@ -367,17 +362,6 @@ def _test_limit(text: str) -> int | str | None:
     return int(text)
 
 
-def _check_device(device: str) -> None:
-    import torch
-
-    if device == "cpu":
-        return
-    if not device.startswith("cuda"):
-        raise click.BadParameter(f"expected cpu, cuda or cuda:N, got {device!r}", param_hint="--device")
-    if not torch.cuda.is_available():
-        raise HwsplitError(f"--device {device}: no CUDA GPU is available on this machine (use --device cpu)")
-
-
 # --------------------------------------------------------------------------------------------
 # summary
 # --------------------------------------------------------------------------------------------
@@ -390,43 +374,12 @@ def _check_device(device: str) -> None:
 @_library_errors
 def summary(model_or_checkpoint: str, resolution: int | None, in_channels: int | None) -> None:
     """Per-layer widths, MACs and params of a model name or a stage checkpoint (stage-K.pt)."""
-    import torch
+    from hwsplit.summary import model_summary
 
-    from hwsplit.checkpoint import load_checkpoint, load_model
-    from hwsplit.graph import find_neuron_groups, layer_specs
-    from hwsplit.models import build_model
-
-    path = Path(model_or_checkpoint)
-    if path.suffix == ".pt" or path.is_file():
-        payload = load_checkpoint(path)
-        model = load_model(path)
-        shape = payload.get("extra", {}).get("input_shape")
-        if shape is None:
-            shape = [1, in_channels or 3, resolution or 32, resolution or 32]
-        shape = [1, in_channels or shape[1], resolution or shape[2], resolution or shape[3]]
-    else:
-        options: dict[str, Any] = {}
-        if resolution is not None:
-            options["resolution"] = resolution
-        if in_channels is not None:
-            options["in_channels"] = in_channels
-        model = build_model(model_or_checkpoint, **options)
-        res = resolution or (224 if model_or_checkpoint in ("mobilenet_v1", "torchvision:mobilenet_v2") else 32)
-        shape = [1, in_channels or 3, res, res]
-        if model_or_checkpoint == "mlp":
-            shape = [1, model.spec.in_features]
-    specs = layer_specs(model, tuple(shape))
-    groups = {g.name: g for g in find_neuron_groups(model, torch.zeros(shape))}
-    rows = [["layer", "kind", "in", "out", "k", "s", "input", "MACs", "params", "splittable"]]
-    for s in specs:
-        g = groups.get(s.name)
-        rows.append([s.name, s.kind, str(s.in_channels), str(s.out_channels), str(s.kernel), str(s.stride),
-                     f"{s.height}x{s.width}", f"{s.macs:,}", f"{s.params:,}",
-                     "yes" if g is not None and g.splittable else "" if g is None else f"no: {g.reason}"])
-    click.echo(_table(rows))
-    total_params = sum(p.numel() for p in model.parameters())
-    click.echo(f"\ninput {tuple(shape)}: {sum(s.macs for s in specs):,} MACs (conv + linear), "
-               f"{total_params:,} parameters")
+    result = model_summary(model_or_checkpoint, resolution=resolution, in_channels=in_channels)
+    click.echo(_table(result["rows"]))
+    click.echo(f"\ninput {result['input_shape']}: {result['macs']:,} MACs (conv + linear), "
+               f"{result['params']:,} parameters")
 
 
 # --------------------------------------------------------------------------------------------
@@ -455,9 +408,9 @@ def profile(device: str, backend: str, meter: str, family: str, resolution: int,
             threads: int | None, time_budget_s: float | None, quick: bool, networks: int | None, out: str) -> None:
     """Measure every layer the family can take while it grows into a device cost table."""
     from cost_models.profiler import profile_family
+    from hwsplit.devices import check_device
 
-    if device != "cpu" and not device.startswith("cuda"):
-        raise click.BadParameter(f"expected cpu, cuda or cuda:N, got {device!r}", param_hint="--device")
+    check_device(device, field="--device")
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     result = profile_family(family=family, resolution=resolution, device=device, backend=backend, meter=meter,
                             out=out, quick=quick, threads=threads, time_budget_s=time_budget_s,

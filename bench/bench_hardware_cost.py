@@ -60,7 +60,7 @@ def arms(args: argparse.Namespace) -> dict:
 
 def networks(out: Path) -> dict[str, Path]:
     """The checkpoints present, by network name: ``seed`` (the shared stage 0) and ``<arm> <stage>``."""
-    from hwsplit.grow import RunDir
+    from hwsplit.rundir import RunDir
 
     nets = {}
     seed = out / "lut" / "stage-0.pt"

@@ -47,8 +47,8 @@ def merge_width_parts(parts: list[Path], dest: Path, config) -> list[dict]:
     """One baseline run directory from single-multiplier ones: records sorted by multiplier, renumbered."""
     import json
 
-    from hwsplit.checkpoint import atomic_write_json
-    from hwsplit.grow import RunDir, start_fresh, write_summary
+    from hwsplit.fsio import atomic_write_json
+    from hwsplit.rundir import RunDir, start_fresh, write_summary
 
     recs = sorted((r for p in parts for r in common.records(p)), key=lambda r: r["width_mult"])
     for i, r in enumerate(recs):

@@ -106,7 +106,7 @@ def data_limit(args: argparse.Namespace) -> int | None:
 
 def grow_config(args: argparse.Namespace, **overrides: Any):
     """A GrowConfig for CIFAR-10 (npz) from the common flags; ``overrides`` win."""
-    from hwsplit.grow import GrowConfig
+    from hwsplit.config import GrowConfig
 
     fields = dict(
         model="mobilenet_v1_cifar", dataset="npz", data_dir=str(args.data_dir),  # from the repository root
@@ -137,7 +137,8 @@ def prepare_process(threads: int, test_limit: int, tag: str = "") -> None:
 def _arm(task: dict[str, Any]) -> dict[str, Any]:
     """Run one task in this process: ``{"kind": "grow"|"width", "config": {...}, "out": ..., ...}``."""
     prepare_process(task["threads"], task["test_limit"], task.get("tag", ""))
-    from hwsplit.grow import GrowConfig, grow
+    from hwsplit.config import GrowConfig
+    from hwsplit.grow import grow
 
     config = GrowConfig(**task["config"])
     t0 = time.perf_counter()
@@ -205,8 +206,9 @@ def grow_groups_shared_seed(groups: dict[str, dict[str, Any]], root: Path,
 def copy_seed(src: Path, dst: Path, config) -> None:
     """Make ``dst`` a run of ``config`` whose stage 0 is ``src``'s (re-priced by ``config``'s cost model)."""
     import cost_models
-    from hwsplit.checkpoint import atomic_write_json, load_checkpoint, load_model
-    from hwsplit.grow import RunDir, start_fresh
+    from hwsplit.checkpoint import load_checkpoint, load_model
+    from hwsplit.fsio import atomic_write_json
+    from hwsplit.rundir import RunDir, start_fresh
 
     s, d = RunDir(src), RunDir(dst)
     start_fresh(d)
@@ -279,7 +281,7 @@ def delete_checkpoints(root: Path, keep: Callable[[Path], bool] = lambda p: Fals
 
 
 def last_checkpoint(run: Path) -> Path | None:
-    from hwsplit.grow import RunDir
+    from hwsplit.rundir import RunDir
 
     cps = RunDir(run).checkpoints()
     return cps[max(cps)] if cps else None
@@ -319,7 +321,7 @@ def write_fragment(path: Path, title: str, sections: Sequence[tuple[str, str]]) 
 
 
 def records(run: Path) -> list[dict[str, Any]]:
-    from hwsplit.grow import RunDir
+    from hwsplit.rundir import RunDir
 
     return RunDir(run).records()
 

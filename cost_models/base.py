@@ -37,7 +37,8 @@ class CostModel(Protocol):
 
     def total(self, model: nn.Module, input_shape: tuple[int, ...]) -> float: ...
 
-    def marginal(self, model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, float]: ...
+    def marginal(self, model: nn.Module, input_shape: tuple[int, ...], *,
+                 groups: list | None = None) -> dict[str, float]: ...
 
 
 class LayerCostModel:
@@ -73,7 +74,13 @@ class LayerCostModel:
         cal = self.calibration
         return cal.scale * self.layer_sum(model, input_shape) + cal.offset
 
-    def marginal(self, model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, float]:
+    def marginal(self, model: nn.Module, input_shape: tuple[int, ...], *,
+                 groups: list | None = None) -> dict[str, float]:
+        """Cost of one more channel in each splittable group of ``model`` (new minus old).
+
+        ``groups`` are the model's neuron groups when the caller has traced it already (the stage
+        loop traces once per stage); otherwise they are found here.
+        """
         import torch
 
         specs = layer_specs(model, input_shape)
@@ -83,7 +90,8 @@ class LayerCostModel:
         param = next(model.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
         dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-        groups = find_neuron_groups(model, torch.zeros(input_shape, device=device, dtype=dtype))
+        if groups is None:
+            groups = find_neuron_groups(model, torch.zeros(input_shape, device=device, dtype=dtype))
         out: dict[str, float] = {}
         for g in groups:
             if not g.splittable:

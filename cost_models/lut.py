@@ -299,11 +299,12 @@ class LookupTableCostModel(LayerCostModel):
                 return float(np.median([t.slope for t in self.tables.values()]))
         return table.slope
 
-    def marginal(self, model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, float]:
+    def marginal(self, model: nn.Module, input_shape: tuple[int, ...], *,
+                 groups: list | None = None) -> dict[str, float]:
         """Cost of one more channel per neuron group (base class), always > 0: where the table is
         not monotone (measurement noise), the per-geometry cost-per-MAC slope prices it instead."""
-        out = super().marginal(model, input_shape)
-        return _positive_marginals(self, out, model, input_shape)
+        out = super().marginal(model, input_shape, groups=groups)
+        return positive_marginals(self, out, model, input_shape, groups=groups)
 
 
 class _SlopeModel(LayerCostModel):
@@ -316,13 +317,13 @@ class _SlopeModel(LayerCostModel):
         return self.slope_of(spec) * spec.macs
 
 
-def _positive_marginals(model: Any, out: dict[str, float], net: nn.Module,
-                        input_shape: tuple[int, ...]) -> dict[str, float]:
+def positive_marginals(model: Any, out: dict[str, float], net: nn.Module, input_shape: tuple[int, ...], *,
+                       groups: list | None = None) -> dict[str, float]:
     """Replace non-positive marginals by the smooth MACs prior (``model.slope(spec)`` per layer)."""
     bad = [name for name, value in out.items() if not value > MIN_MARGINAL]
     if not bad:
         return out
-    prior = _SlopeModel(model.slope).marginal(net, input_shape)
+    prior = _SlopeModel(model.slope).marginal(net, input_shape, groups=groups)
     scale = model.calibration.scale
     for name in bad:
         out[name] = max(scale * prior.get(name, 0.0), MIN_MARGINAL)

@@ -25,13 +25,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+from hwsplit.errors import DeviceUnavailableError
+
 log = logging.getLogger(__name__)
 
 STATS_FIELDS = ("median", "p25", "p75", "n")
 METHODS = ("wallclock", "nvml_counter", "nvml_power_integration")
 
 
-class NoGpuError(RuntimeError):
+class NoGpuError(DeviceUnavailableError):
     """Energy was asked for on a machine without a usable NVIDIA GPU / NVML."""
 
     def __init__(self, reason: str = "") -> None:

@@ -29,9 +29,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from sklearn.base import BaseEstimator, RegressorMixin
 
-from cost_models.base import LayerCostModel, register_cost_model
+from cost_models.base import LayerCostModel
 from cost_models.calibration import fit_calibration
-from cost_models.lut import NET_FLOOR, _positive_marginals
+from cost_models.lut import NET_FLOOR, positive_marginals
 from cost_models.profile_io import METRICS, metric_unit, missing_metric_message, resolve_profile
 from hwsplit.specs import LAYER_KINDS, LayerSpec
 
@@ -248,7 +248,6 @@ def fit_report(profile: str | os.PathLike[str] | dict[str, Any], metric: str = "
             "n_train": len(train), "n_test": len(test)}
 
 
-@register_cost_model("energy")
 class EnergyPredictorCostModel(LayerCostModel):
     """Layer costs predicted by a :class:`LayerRegressor` fitted on a profile.
 
@@ -280,6 +279,8 @@ class EnergyPredictorCostModel(LayerCostModel):
     def slope(self, spec: LayerSpec) -> float:
         return self.regressor.slope(spec)
 
-    def marginal(self, model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, float]:
+    def marginal(self, model: nn.Module, input_shape: tuple[int, ...], *,
+                 groups: list | None = None) -> dict[str, float]:
         """Cost of one more channel per neuron group; > 0 by construction (floored as a safeguard)."""
-        return _positive_marginals(self, super().marginal(model, input_shape), model, input_shape)
+        return positive_marginals(self, super().marginal(model, input_shape, groups=groups), model, input_shape,
+                                  groups=groups)

@@ -18,10 +18,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from hwsplit.errors import ConfigError
+from hwsplit.fsio import atomic_write
 from hwsplit.specs import LayerSpec
 
 SCHEMA = "hwsplit.profile/1"
@@ -32,7 +33,7 @@ REQUIRED_FIELDS = ("schema", "device", "backend", "meter", "batch", "rows")
 STATS_FIELDS = ("median", "p25", "p75", "n")
 
 
-class ProfileError(ValueError):
+class ProfileError(ConfigError):
     """A profile file or dict that does not follow the schema (one line: source and problem)."""
 
 
@@ -113,12 +114,16 @@ def load_profile(path: str | os.PathLike[str]) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ProfileError(f"{path}: no such profile file") from None
+    except UnicodeDecodeError:
+        raise ProfileError(f"{path}: not a profile (not UTF-8 JSON text)") from None
     except OSError as err:
         raise ProfileError(f"{path}: cannot read the profile ({err.strerror or err})") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
         raise ProfileError(f"{path}: malformed JSON ({err.msg} at line {err.lineno} column {err.colno})") from None
+    except RecursionError:
+        raise ProfileError(f"{path}: malformed profile (JSON nested too deeply)") from None
     return validate_profile(data, str(path))
 
 
@@ -133,26 +138,10 @@ def resolve_profile(profile: str | os.PathLike[str] | dict[str, Any]) -> tuple[d
 
 
 def save_profile(profile: dict[str, Any], path: str | os.PathLike[str]) -> None:
-    """Write ``profile`` atomically: a temporary file in the same directory, then ``os.replace``."""
+    """Write ``profile`` atomically (:func:`hwsplit.fsio.atomic_write`), creating its directory."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(profile, fh, indent=1)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    atomic_write(path, lambda fh: (json.dump(profile, fh, indent=1), fh.write("\n")))
 
 
 def metric_unit(metric: str) -> str:

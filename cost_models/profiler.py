@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cost_models.meters import LatencyMeter, Measurement, NoGpuError, NvmlEnergyMeter, nvidia_gpu_available
-from cost_models.profile_io import SCHEMA, load_profile, save_profile
+from cost_models.profile_io import BACKENDS, METERS, SCHEMA, load_profile, save_profile
 from hwsplit.specs import LayerSpec
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -40,8 +40,6 @@ __all__ = ["BACKENDS", "CHANNEL_LADDER", "calibration_architectures", "DEFAULT_T
            "estimate_profile_seconds", "family_grid", "load_profile", "make_meter", "measure_layer",
            "measure_model", "profile_family"]
 
-BACKENDS = ("onnxruntime", "torch")
-METERS = ("latency", "nvml")
 FAMILIES = ("mobilenet_v1",)
 #: Channel counts measured: geometric, alternating ×1.5 and ×4/3 (≈ √2 per step).
 CHANNEL_LADDER = (8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from cost_models.base import register_cost_model
+from hwsplit.graph import find_neuron_groups
 from hwsplit.specs import LayerSpec
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -24,13 +25,13 @@ class UniformCostModel:
     def _groups(self, model: nn.Module, input_shape: tuple[int, ...]) -> list:
         import torch
 
-        from hwsplit.graph import find_neuron_groups
-
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         return [g for g in find_neuron_groups(model, torch.zeros(input_shape, device=device)) if g.splittable]
 
     def total(self, model: nn.Module, input_shape: tuple[int, ...]) -> float:
         return float(sum(g.width for g in self._groups(model, input_shape)))
 
-    def marginal(self, model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, float]:
-        return {g.name: 1.0 for g in self._groups(model, input_shape)}
+    def marginal(self, model: nn.Module, input_shape: tuple[int, ...], *,
+                 groups: list | None = None) -> dict[str, float]:
+        found = self._groups(model, input_shape) if groups is None else [g for g in groups if g.splittable]
+        return {g.name: 1.0 for g in found}

@@ -1,9 +1,7 @@
 """Baselines recorded in the same run-directory format as growth, so reports compare them point for point.
 
-* :func:`random_selection` — the ``--selection random`` baseline of the stage loop: neurons drawn
-  uniformly at random among *all* neurons of the scored groups (whatever their splitting index),
-  seeded, under the same budget, layer caps and cost model as the knapsack. Only *which* neurons
-  are split changes: offspring still move along the eigenvectors from scoring.
+(The ``--selection random`` baseline is a selection strategy: :func:`hwsplit.select.random_selection`.)
+
 * :func:`width_baseline` — the family scaled uniformly by width multipliers, each network trained
   from scratch on one schedule, written as a run directory whose ``stages.jsonl`` has one record
   per multiplier (``"stage"`` = index, plus ``"width_mult"`` and ``"epochs"``).
@@ -11,84 +9,19 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import numpy as np
-
-if TYPE_CHECKING:  # pragma: no cover
-    import torch
-
-    from hwsplit.grow import GrowConfig
+from hwsplit.config import GrowConfig
+from hwsplit.fsio import atomic_write_json
+from hwsplit.rundir import RunDir, StageFailed, WriteFailed, start_fresh, write_summary
+from hwsplit.stages import build_seed, open_session, stage_seed, train_and_record, write_stage
+from hwsplit.train import seed_everything
 
 log = logging.getLogger(__name__)
-
-_BUDGET_RTOL = 1e-9
-
-
-def _cap(name: str, caps: float | int | Mapping[str, float | int | None] | None, width: int) -> int:
-    """Most neurons of a group with ``width`` channels that may be chosen (same rule as hwsplit.select)."""
-    value = caps.get(name) if isinstance(caps, Mapping) else caps
-    if value is None:
-        return width
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"caps[{name!r}]: expected a positive number, got {value!r}")
-    if isinstance(value, float) and value <= 1:
-        return max(1, int(math.floor(value * width)))
-    return min(width, int(value))
-
-
-def random_selection(widths: Mapping[str, int], costs: Mapping[str, float], budget: float, *,
-                     caps: float | int | Mapping[str, float | int | None] | None = None,
-                     seed: int | Sequence[int] = 0) -> dict[str, torch.Tensor]:
-    """Neurons chosen uniformly at random under a budget: ``{group: sorted LongTensor of channels}``.
-
-    Every neuron ``j < widths[name]`` of every group is a candidate, whatever its splitting index.
-    They are visited in one uniformly random order (``numpy.random.default_rng(seed)``) and each is
-    taken when its marginal cost ``costs[name]`` still fits the remaining ``budget`` and its group's
-    cap (``caps`` as in :func:`hwsplit.select.select_neurons`: a fraction in (0, 1] of the width,
-    an integer, or a mapping per group). Deterministic for a given ``seed``. Groups with no chosen
-    neuron are left out; ``{}`` when nothing fits. ``ValueError`` names a missing or non-positive
-    cost or a negative width.
-    """
-    import torch
-
-    if math.isnan(budget):
-        raise ValueError("budget: NaN")
-    names = list(widths)
-    for name in names:
-        w = widths[name]
-        if isinstance(w, bool) or not isinstance(w, int) or w < 0:
-            raise ValueError(f"widths[{name!r}]: expected a non-negative integer, got {w!r}")
-        if name not in costs:
-            raise ValueError(f"costs: no cost given for group {name!r}")
-        c = costs[name]
-        if not (isinstance(c, (int, float)) and math.isfinite(c) and c > 0):
-            raise ValueError(f"costs[{name!r}]: expected a finite positive number, got {c!r}")
-    if budget <= 0 or not names:
-        return {}
-    group_of = np.concatenate([np.full(widths[n], i, dtype=np.int64) for i, n in enumerate(names)])
-    channel = np.concatenate([np.arange(widths[n], dtype=np.int64) for n in names])
-    order = np.random.default_rng(seed).permutation(group_of.size)
-    limit = budget + _BUDGET_RTOL * max(1.0, abs(budget))
-    caps_left = [_cap(n, caps, widths[n]) for n in names]
-    cost = [float(costs[n]) for n in names]
-    used = 0.0
-    chosen: dict[str, list[int]] = {}
-    for k in order:
-        g = int(group_of[k])
-        if caps_left[g] == 0 or used + cost[g] > limit:
-            continue
-        used += cost[g]
-        caps_left[g] -= 1
-        chosen.setdefault(names[g], []).append(int(channel[k]))
-    log.info("random selection: %d neurons, %.4g of budget %.4g", sum(map(len, chosen.values())), used, budget)
-    return {n: torch.tensor(sorted(v), dtype=torch.long) for n, v in chosen.items()}
-
 
 # --------------------------------------------------------------------------------------------
 # Width-multiplier baseline
@@ -138,43 +71,41 @@ def width_baseline(config: GrowConfig, multipliers: Sequence[float], out: str | 
     keys of a grow seed record plus ``"width_mult"`` and ``"epochs"``), ``stage-K.pt`` and
     ``summary.md``, all written atomically. Returns the records.
     """
-    from hwsplit import grow as g
-
     multipliers = parse_multipliers(multipliers)
     total = grow_epochs(config) if epochs is None else epochs
     if isinstance(total, bool) or not isinstance(total, int) or total < 1:
         raise ValueError(f"epochs: expected a positive integer, got {epochs!r}")
-    run = g.RunDir(out)
-    g.start_fresh(run)
+    run = RunDir(out)
+    start_fresh(run)
     info = {**config.to_dict(), "baseline": WIDTH_BASELINE, "multipliers": multipliers, "total_epochs": total}
-    g.atomic_write_json(run.config, info)
-    session = g.open_session(config)
+    atomic_write_json(run.config, info)
+    session = open_session(config)
     records: list[dict[str, Any]] = []
     title = f"width baseline: {config.model} on {config.dataset} × {', '.join(f'{m:g}' for m in multipliers)}"
     index = 0
     try:
         for index, mult in enumerate(multipliers):
-            g.seed_everything(g.stage_seed(config, 0))
-            model = g.build_seed(config, session.bundle, width_mult=mult).to(session.device)
+            seed_everything(stage_seed(config, 0))
+            model = build_seed(config, session.bundle, width_mult=mult).to(session.device)
             timings: dict[str, float] = {}
-            record = g.train_and_record(session, model, index, epochs=total, loader_epoch=0, timings=timings,
+            record = train_and_record(session, model, index, epochs=total, loader_epoch=0, timings=timings,
                                         progress=progress,
                                         extra={"width_mult": mult, "epochs": total, "split": {}, "neurons_split": 0})
-            g.write_stage(run, session, model, record, records)
-            g.write_summary(run, config, records, status="running", title=title)
+            write_stage(run, session, model, record, records)
+            write_summary(run, config, records, status="running", title=title)
             log.info("width ×%g: test top-1 %.4f, %.4g MACs", mult, record["test_top1"], record["macs"])
             if on_stage:
                 on_stage(record)
-    except (FloatingPointError, g.WriteFailed) as err:
+    except (FloatingPointError, WriteFailed) as err:
         reason = f"failed at width ×{multipliers[index]:g}: {err}"
-        g.write_summary(run, config, records, status=reason, title=title, safe=True)
-        raise g.StageFailed(f"{reason}; {len(records)} network(s) in {run.path} are complete",
+        write_summary(run, config, records, status=reason, title=title, safe=True)
+        raise StageFailed(f"{reason}; {len(records)} network(s) in {run.path} are complete",
                             stage=index, run=run.path) from None
     except KeyboardInterrupt:
-        g.write_summary(run, config, records, status=f"interrupted at width ×{multipliers[index]:g}", title=title,
+        write_summary(run, config, records, status=f"interrupted at width ×{multipliers[index]:g}", title=title,
                         safe=True)
         raise
-    g.write_summary(run, config, records, status="done", title=title)
+    write_summary(run, config, records, status="done", title=title)
     return records
 
 
@@ -182,18 +113,4 @@ def is_baseline(config: Mapping[str, Any]) -> bool:
     return bool(config.get("baseline"))
 
 
-def read_config(path: str | Path) -> dict[str, Any]:
-    """A run directory's config.json as a dict; ``ValueError`` naming the file if absent or malformed."""
-    path = Path(path) / "config.json"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ValueError(f"run: {path} does not exist (not an hwsplit run directory)") from None
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"run: {path} is not readable JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"run: {path} does not hold a JSON object")
-    return data
-
-
-__all__ = ["grow_epochs", "parse_multipliers", "random_selection", "read_config", "width_baseline"]
+__all__ = ["grow_epochs", "is_baseline", "parse_multipliers", "width_baseline"]

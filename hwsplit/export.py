@@ -17,7 +17,10 @@ from typing import Any
 
 import torch
 
-from hwsplit.checkpoint import atomic_write, load_checkpoint, load_model
+from hwsplit.checkpoint import load_checkpoint, load_model
+from hwsplit.errors import RunFailed
+from hwsplit.fsio import atomic_write
+from hwsplit.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +28,7 @@ INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 
 
-class ExportMismatchError(RuntimeError):
+class ExportMismatchError(RunFailed):
     """onnxruntime's outputs differ from PyTorch's by more than the tolerance (nothing is written)."""
 
 
@@ -41,8 +44,6 @@ def resolve_checkpoint(run_or_checkpoint: str | Path, stage: int | None = None) 
         return path
     if not path.is_dir():
         raise ValueError(f"run: {path} does not exist")
-    from hwsplit.grow import RunDir
-
     run = RunDir(path)
     records = run.records()
     if stage is None:

@@ -24,7 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hwsplit.checkpoint import atomic_write, atomic_write_text
+from hwsplit.config import read_config
+from hwsplit.fsio import atomic_write, atomic_write_text
+from hwsplit.rundir import RunDir, record_widths
 from hwsplit.units import fmt_si
 
 log = logging.getLogger(__name__)
@@ -64,9 +66,6 @@ class Run:
 
 def load_run(path: str | Path) -> Run:
     """Read a run directory; ``ValueError`` naming it when it is not one or has no completed stage."""
-    from hwsplit.baselines import read_config
-    from hwsplit.grow import RunDir
-
     path = Path(path)
     if not path.is_dir():
         raise ValueError(f"run: {path} is not a directory")
@@ -232,8 +231,6 @@ def write_report(run_paths: Sequence[str | Path], out: str | Path) -> dict[str, 
 
 def _layer_widths(record: dict[str, Any]) -> tuple[list[str], list[int]]:
     """(short layer names, widths) of a record's splittable layers in graph order."""
-    from hwsplit.grow import record_widths
-
     widths = record.get("widths")
     if isinstance(widths, dict) and isinstance(record.get("layers"), list):
         names = [n for n in record["layers"] if n in widths]

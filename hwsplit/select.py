@@ -1,4 +1,4 @@
-"""Which neurons to split: a budgeted knapsack over negative splitting indices (DESIGN.md §3).
+"""Which neurons to split: a budgeted knapsack over negative splitting indices (docs/design.md §3).
 
 Candidate neuron ``i`` has splitting index (minimum eigenvalue) ``λ_i < 0`` and marginal cost
 ``c_i > 0`` (cost of the network after splitting ``i`` minus before, under the chosen cost model).
@@ -22,6 +22,12 @@ with one of three methods:
 *Vanilla splitting* (Liu et al., 2019: split the neurons with the most negative indices, a fixed
 number of them) is the same problem with every ``c_i = 1``: pass ``costs={name: 1.0, ...}`` and the
 number of neurons to split as the budget.
+
+``"random"`` (:func:`random_selection`)
+    The baseline that tells how much the indices matter: neurons drawn uniformly at random among
+    *all* neurons of the scored groups, under the same budget and caps.
+
+:data:`SELECTIONS` dispatches every strategy by name with one signature (:func:`select_by_name`).
 
 This module is pure: numpy and scipy only. :func:`select_neurons` imports torch inside the function
 to build its ``LongTensor`` results; :func:`solve_knapsack` never does.
@@ -386,10 +392,11 @@ def _group_costs(name: str, cost: Any, n: int) -> np.ndarray:
 
 
 def _cap_value(where: str, cap: Any, width: int) -> float:
+    """The most neurons a group of ``width`` channels may give: the one cap rule of every strategy."""
     if cap is None:
         return math.inf
     bad = f"caps{where} must be an int, a fraction in (0, 1] or None, got {cap!r}"
-    if isinstance(cap, bool):  # ValueError like every other bad argument here (DESIGN.md §6)
+    if isinstance(cap, bool):  # ValueError like every other bad argument here
         raise ValueError(bad)  # noqa: TRY004
     if isinstance(cap, numbers.Integral):
         if cap < 0:
@@ -512,3 +519,81 @@ def select_neurons(
         scores, costs, budget, caps=caps, method=method, threshold=threshold,
         time_limit_s=time_limit_s,
     )[0]
+
+
+# --------------------------------------------------------------------------------------------
+# The random baseline, and every strategy by name
+# --------------------------------------------------------------------------------------------
+
+def random_selection(widths: Mapping[str, int], costs: Mapping[str, float], budget: float, *,
+                     caps: float | Mapping[str, float | None] | None = None,
+                     seed: int | Sequence[int] = 0) -> dict[str, torch.Tensor]:
+    """Neurons chosen uniformly at random under a budget: ``{group: sorted LongTensor of channels}``.
+
+    Every neuron ``j < widths[name]`` of every group is a candidate, whatever its splitting index.
+    They are visited in one uniformly random order (``numpy.random.default_rng(seed)``) and each is
+    taken when its marginal cost ``costs[name]`` still fits the remaining ``budget`` and its group's
+    cap (the same rule as :func:`select_neurons`). Deterministic for a given ``seed``. Groups with
+    no chosen neuron are left out; ``{}`` when nothing fits. ``ValueError`` names a missing or
+    non-positive cost or a negative width.
+    """
+    import torch
+
+    if math.isnan(budget):
+        raise ValueError("budget: NaN")
+    names = list(widths)
+    for name in names:
+        w = widths[name]
+        if isinstance(w, bool) or not isinstance(w, int) or w < 0:
+            raise ValueError(f"widths[{name!r}]: expected a non-negative integer, got {w!r}")
+        if name not in costs:
+            raise ValueError(f"costs: no cost given for group {name!r}")
+        c = costs[name]
+        if not (isinstance(c, (int, float)) and math.isfinite(c) and c > 0):
+            raise ValueError(f"costs[{name!r}]: expected a finite positive number, got {c!r}")
+    if budget <= 0 or not names:
+        return {}
+    group_of = np.concatenate([np.full(widths[n], i, dtype=np.int64) for i, n in enumerate(names)])
+    channel = np.concatenate([np.arange(widths[n], dtype=np.int64) for n in names])
+    order = np.random.default_rng(seed).permutation(group_of.size)
+    limit = _budget_limit(budget)
+    caps_left = [_cap_value(f"[{n!r}]", caps.get(n) if isinstance(caps, Mapping) else caps, widths[n])
+                 for n in names]
+    cost = [float(costs[n]) for n in names]
+    used = 0.0
+    chosen: dict[str, list[int]] = {}
+    for k in order:
+        g = int(group_of[k])
+        if caps_left[g] <= 0 or used + cost[g] > limit:
+            continue
+        used += cost[g]
+        caps_left[g] -= 1
+        chosen.setdefault(names[g], []).append(int(channel[k]))
+    log.info("random selection: %d neurons, %.4g of budget %.4g", sum(map(len, chosen.values())), used, budget)
+    return {n: torch.tensor(sorted(v), dtype=torch.long) for n, v in chosen.items()}
+
+
+def _knapsack_strategy(method: str):
+    def strategy(scores, costs, budget, *, caps=None, seed=0):
+        return select_neurons(scores, costs, budget, caps=caps, method=method)
+    strategy.__doc__ = f"The {method!r} knapsack (:func:`select_neurons`); ``seed`` is unused."
+    return strategy
+
+
+def _random_strategy(scores, costs, budget, *, caps=None, seed=0):
+    """:func:`random_selection` over every neuron of the scored groups."""
+    return random_selection({k: len(_eigenvalues(k, s)) for k, s in scores.items()}, costs, budget, caps=caps,
+                            seed=seed)
+
+
+#: Every selection strategy by name: ``strategy(scores, costs, budget, *, caps, seed) -> plan``.
+SELECTIONS = {**{m: _knapsack_strategy(m) for m in METHODS}, "random": _random_strategy}
+
+
+def select_by_name(name: str, scores: Mapping[str, Any], costs: Mapping[str, float], budget: float, *,
+                   caps: float | Mapping[str, float | None] | None = None,
+                   seed: int | Sequence[int] = 0) -> dict[str, torch.Tensor]:
+    """Run the strategy ``name`` of :data:`SELECTIONS`; ``ValueError`` naming ``selection`` if unknown."""
+    if name not in SELECTIONS:
+        raise ValueError(f"selection: expected one of {', '.join(SELECTIONS)}, got {name!r}")
+    return SELECTIONS[name](scores, costs, budget, caps=caps, seed=seed)

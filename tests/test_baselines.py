@@ -10,9 +10,10 @@ import torch
 from click.testing import CliRunner
 
 from cli import main
-from hwsplit.baselines import grow_epochs, parse_multipliers, random_selection
+from hwsplit.baselines import grow_epochs, parse_multipliers
+from hwsplit.select import random_selection
 from hwsplit.checkpoint import load_model
-from hwsplit.grow import GrowConfig
+from hwsplit.config import GrowConfig
 
 TINY = ["--epochs", "1", "--limit", "300", "--batch-size", "32"]
 

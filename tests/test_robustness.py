@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import importlib
 import json
 import os
 import pickle
@@ -38,8 +39,10 @@ def _assert_only_stage_0_kept(out: Path, status: str) -> None:
 
 
 def _fail_on_call(monkeypatch, target: str, n: int, error: BaseException) -> None:
-    """Make ``hwsplit.grow.<target>`` raise ``error`` on its n-th call (1-based)."""
-    real = getattr(hwsplit.grow, target)
+    """Make ``<module>.<target>`` raise ``error`` on its n-th call (1-based); ``target`` is "module:name"."""
+    module_name, target = target.split(":")
+    module = importlib.import_module(module_name)
+    real = getattr(module, target)
     calls = {"n": 0}
 
     def wrapper(*args, **kwargs):
@@ -48,14 +51,14 @@ def _fail_on_call(monkeypatch, target: str, n: int, error: BaseException) -> Non
             raise error
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(hwsplit.grow, target, wrapper)
+    monkeypatch.setattr(module, target, wrapper)
 
 
 # -- non-finite losses ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("target, n, message", [
-    ("train", 2, "training loss is nan at epoch 0, batch 3"),
-    ("splitting_indices", 1, "scoring: the loss is inf at batch 0"),
+    ("hwsplit.stages:train", 2, "training loss is nan at epoch 0, batch 3"),
+    ("hwsplit.grow:splitting_indices", 1, "scoring: the loss is inf at batch 0"),
 ])
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_stage(tmp_path, monkeypatch, target, n, message):
     _fail_on_call(monkeypatch, target, n, FloatingPointError(message))
@@ -115,20 +118,20 @@ def test_a_refused_rename_keeps_the_previous_file(tmp_path, monkeypatch):
 
 
 def test_records_file_write_failure_stops_the_run(tmp_path, monkeypatch):
-    real = hwsplit.grow.RunDir.write_records
+    real = hwsplit.rundir.RunDir.write_records
 
     def write_records(self, records):
         if len(records) == 2:
             raise OSError(errno.EROFS, "Read-only file system")
         return real(self, records)
 
-    monkeypatch.setattr(hwsplit.grow.RunDir, "write_records", write_records)
+    monkeypatch.setattr(hwsplit.rundir.RunDir, "write_records", write_records)
     out = tmp_path / "run"
     result = _grow(out)
     assert result.exit_code == 1 and "Read-only file system" in result.output, result.output
     assert [r["stage"] for r in _records(out)] == [0]
     # the orphan checkpoint of stage 1 is redone on resume: the run completes
-    monkeypatch.setattr(hwsplit.grow.RunDir, "write_records", real)
+    monkeypatch.setattr(hwsplit.rundir.RunDir, "write_records", real)
     result = CliRunner().invoke(main, ["grow", "--resume", str(out)])
     assert result.exit_code == 0, result.output
     assert [r["stage"] for r in _records(out)] == [0, 1, 2]
@@ -158,7 +161,7 @@ def test_ctrl_c_while_writing_a_checkpoint_leaves_nothing_half_written(tmp_path,
 
 
 def test_ctrl_c_during_training(tmp_path, monkeypatch):
-    _fail_on_call(monkeypatch, "train", 2, KeyboardInterrupt())
+    _fail_on_call(monkeypatch, "hwsplit.stages:train", 2, KeyboardInterrupt())
     out = tmp_path / "run"
     result = _grow(out)
     assert result.exit_code == 130, result.output
@@ -187,7 +190,7 @@ def test_a_crafted_checkpoint_runs_no_code(tmp_path, command):
             "resume": ["grow", "--resume", str(run)],
             "summary": ["summary", str(run / "stage-0.pt")]}[command]
     if command == "resume":
-        (run / "config.json").write_text(json.dumps(hwsplit.grow.GrowConfig(stages=1).to_dict()))
+        (run / "config.json").write_text(json.dumps(hwsplit.config.GrowConfig(stages=1).to_dict()))
     result = CliRunner().invoke(main, argv)
     assert result.exit_code == 2, result.output
     assert "not a loadable hwsplit checkpoint" in result.output

@@ -1,0 +1,212 @@
+"""What a growth run depends on: :class:`GrowConfig`, budgets with units, and reading a run's config.
+
+Every rule about which settings combine lives here, so the library and the command line refuse the
+same things with the same ``ValueError`` (naming the field): a ``--cost lut|energy`` needs a
+profile, ``--profile`` needs one of them, options of ``--resume`` and ``--like``. See
+docs/design.md §5.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hwsplit.errors import ConfigError
+from hwsplit.families import FAMILIES
+from hwsplit.select import SELECTIONS
+from hwsplit.train import TrainConfig
+
+#: Cost models that price from a device profile (and need one).
+PROFILED_COSTS = ("lut", "energy")
+COSTS = ("flops", "none", *PROFILED_COSTS)
+SPLIT_METHODS = ("rayleigh", "exact")
+
+# Units a budget may be written in, per cost-model unit: suffix → multiplier to the model's unit.
+_UNIT_SUFFIXES = {
+    "MACs": {"": 1.0, "macs": 1.0, "k": 1e3, "kmacs": 1e3, "m": 1e6, "mmacs": 1e6, "g": 1e9, "gmacs": 1e9},
+    "ms": {"ms": 1.0, "s": 1e3, "us": 1e-3},
+    "mJ": {"mj": 1.0, "j": 1e3, "uj": 1e-3},
+    "neurons": {"": 1.0, "neurons": 1.0},
+}
+
+
+def parse_budget(text: str | float, unit: str) -> float:
+    """A budget such as ``"4.5ms"``, ``"12mJ"`` or ``"300M"`` (MACs) in the cost model's ``unit``.
+
+    Raises ``ValueError`` naming the budget when the number is malformed, not finite, not positive
+    or its unit does not match the cost model's (e.g. ``"4.5ms"`` for an energy model in mJ).
+    """
+    if isinstance(text, (int, float)):
+        value, suffix = float(text), ""
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([A-Za-zµ]*)\s*", str(text))
+        if not m:
+            raise ConfigError(f"budget: cannot read {text!r}; write a number with its unit, e.g. 4.5ms, 12mJ, 300M")
+        value, suffix = float(m.group(1)), m.group(2).replace("µ", "u").lower()
+    table = _UNIT_SUFFIXES.get(unit, {unit.lower(): 1.0})
+    if suffix not in table:
+        accepted = ", ".join(s for s in table if s) or "a plain number"
+        raise ConfigError(f"budget: unit {suffix or '(none)'!r} does not match the cost model's unit {unit!r} "
+                          f"(accepted: {accepted})")
+    value *= table[suffix]
+    if not (value > 0 and math.isfinite(value)):
+        raise ConfigError(f"budget: must be a finite positive number, got {text!r}")
+    return value
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass
+class GrowConfig:
+    """Everything a growth run depends on (saved as config.json); invalid values raise ``ValueError``."""
+
+    model: str = "mobilenet_v1"
+    model_options: dict[str, Any] = field(default_factory=dict)
+    dataset: str = "digits"
+    data_dir: str | None = None
+    download: bool = False
+    data_limit: int | None = None
+    test_limit: int | str | None = "auto"  # test images: "auto" = data_limit // 5 (all without a limit), None = all
+    cost: str = "flops"
+    cost_options: dict[str, Any] = field(default_factory=dict)
+    growth_ratio: float = 0.5
+    stages: int = 4
+    budget: float | None = None  # absolute, in the cost model's unit
+    epochs: int = 15
+    seed_epochs: int | None = None  # stage 0; defaults to epochs
+    split_epochs: int = 1
+    split_method: str = "rayleigh"
+    split_step: float = 1e-2
+    split_lr: float = 0.05
+    selection: str = "lp"
+    max_layer_growth: float | None = None  # cap per layer and stage, as a fraction of its width
+    batch_size: int = 64
+    lr: float = 0.1
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.0
+    schedule: str = "cosine"
+    device: str = "cpu"
+    seed: int = 0
+    measure: bool | None = None  # measure each stage end to end; None: with --cost lut|energy
+    measure_time_s: float = 1.0
+
+    @property
+    def profile(self) -> str | None:
+        return self.cost_options.get("profile")
+
+    def __post_init__(self) -> None:
+        checks = {
+            "model_options": isinstance(self.model_options, dict),
+            "cost_options": isinstance(self.cost_options, dict),
+            "growth_ratio": _number(self.growth_ratio) and self.growth_ratio > 0,
+            "stages": isinstance(self.stages, int) and not isinstance(self.stages, bool) and self.stages >= 0,
+            "epochs": _positive_int(self.epochs),
+            "split_epochs": _positive_int(self.split_epochs),
+            "split_step": _number(self.split_step) and self.split_step >= 0,
+            "split_lr": _number(self.split_lr) and self.split_lr > 0,
+            "batch_size": _positive_int(self.batch_size),
+            "budget": self.budget is None or (_number(self.budget) and self.budget > 0),
+            "seed_epochs": self.seed_epochs is None or _positive_int(self.seed_epochs),
+            "max_layer_growth": self.max_layer_growth is None
+            or (_number(self.max_layer_growth) and 0 < self.max_layer_growth <= 1),
+            "data_limit": self.data_limit is None or _positive_int(self.data_limit),
+            "test_limit": self.test_limit in (None, "auto") or _positive_int(self.test_limit),
+            "lr": _number(self.lr) and self.lr > 0,
+            "weight_decay": _number(self.weight_decay) and self.weight_decay >= 0,
+            "label_smoothing": _number(self.label_smoothing) and 0 <= self.label_smoothing < 1,
+            "seed": isinstance(self.seed, int) and not isinstance(self.seed, bool),
+            "measure_time_s": _number(self.measure_time_s) and self.measure_time_s > 0,
+            "device": isinstance(self.device, str) and re.fullmatch(r"cpu|cuda(:\d+)?", self.device) is not None,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ConfigError(f"{name}: invalid value {getattr(self, name)!r}")
+        if self.model not in FAMILIES:
+            raise ConfigError(f"model: unknown name {self.model!r}; available: {', '.join(sorted(FAMILIES))}")
+        if self.selection not in SELECTIONS:
+            raise ConfigError(f"selection: expected one of {', '.join(SELECTIONS)}, got {self.selection!r}")
+        if self.split_method not in SPLIT_METHODS:
+            raise ConfigError(f"split_method: expected rayleigh or exact, got {self.split_method!r}")
+        if self.cost not in COSTS:
+            raise ConfigError(f"cost: expected one of {', '.join(COSTS)}, got {self.cost!r}")
+        if self.cost in PROFILED_COSTS and not self.profile:
+            raise ConfigError(f"cost: {self.cost} needs a device profile (cost_options['profile']; "
+                              "--profile PROFILE.json, made with `python cli.py profile`)")
+        if self.cost not in PROFILED_COSTS and self.profile is not None:
+            raise ConfigError("profile: only used with cost lut or energy")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def train_config(self, epochs: int) -> TrainConfig:
+        return TrainConfig(epochs=epochs, lr=self.lr, weight_decay=self.weight_decay,
+                           label_smoothing=self.label_smoothing, schedule=self.schedule)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "config") -> GrowConfig:
+        """A config from a dict (config.json's); ``ValueError`` naming ``source`` and the field."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown field(s) {', '.join(unknown)}")
+        try:
+            return cls(**dict(data))
+        except ValueError as err:
+            raise ConfigError(f"{source}: {err}") from None
+
+
+#: Fields a width baseline's config.json adds to a grow config.
+BASELINE_FIELDS = ("baseline", "multipliers", "total_epochs")
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    """A run directory's config.json as a dict; ``ValueError`` naming the file if absent or malformed."""
+    path = Path(path) / "config.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"run: {path} does not exist (not an hwsplit run directory)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise ConfigError(f"run: {path} is not readable JSON ({type(err).__name__})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"run: {path} does not hold a JSON object")
+    return data
+
+
+def load_config(out: str | Path, *, purpose: str = "resume") -> GrowConfig:
+    """The :class:`GrowConfig` of a grow run directory's config.json (``purpose`` prefixes messages)."""
+    data = read_config(out)
+    if data.get("baseline"):
+        raise ConfigError(f"{purpose}: {out} is a {data['baseline']} baseline, not a grow run")
+    return GrowConfig.from_dict(data, source=f"{purpose}: {Path(out) / 'config.json'}")
+
+
+def config_like(run: str | Path | None, overrides: Mapping[str, Any]) -> GrowConfig:
+    """A config taking every field from the grow run ``run`` (or the defaults), then ``overrides``.
+
+    ``model_options`` given in ``overrides`` are merged into the run's (so ``width_mult`` alone
+    keeps its ``config``); any other field replaces the run's.
+    """
+    base = (load_config(run, purpose="like").to_dict() if run is not None else GrowConfig().to_dict())
+    fields = dict(base)
+    for key, value in overrides.items():
+        if key == "model_options" and run is not None:
+            fields[key] = {**base.get(key, {}), **value}
+        else:
+            fields[key] = value
+    return GrowConfig.from_dict(fields)
+
+
+__all__ = ["COSTS", "PROFILED_COSTS", "GrowConfig", "config_like", "load_config", "parse_budget", "read_config"]

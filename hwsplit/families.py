@@ -1,0 +1,114 @@
+"""One registry record per model family: its builder, default input, seed sizing and width range.
+
+Everything the run layer, the CLI and the profiler need to know about a family lives here (and
+nowhere else): how to size its seed for a data set (input channels, resolution, classes), what
+input a summary traces it with, and the range of widths its layers take while it grows (from the
+seed to the standard widths), which the profiler's grid covers. Builders are in
+:mod:`hwsplit.models`. See docs/design.md §5.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from hwsplit.models import (
+    MOBILENET_V1_CIFAR_SEED,
+    MOBILENET_V1_STANDARD,
+    TORCHVISION_MOBILENET_V2,
+    build_model,
+    default_config,
+)
+
+
+def _mobilenet_v1_seed(options: dict[str, Any], shape: tuple[int, int, int], classes: int) -> dict[str, Any]:
+    c, h, _ = shape
+    options.setdefault("config", default_config(h))
+    options.setdefault("in_channels", c)
+    options.setdefault("resolution", h)
+    options.setdefault("num_classes", classes)
+    return options
+
+
+def _mobilenet_v1_cifar_seed(options: dict[str, Any], shape: tuple[int, int, int], classes: int) -> dict[str, Any]:
+    c, h, _ = shape
+    options.setdefault("in_channels", c)
+    options.setdefault("resolution", h)
+    options.setdefault("num_classes", classes)
+    return options
+
+
+def _mlp_seed(options: dict[str, Any], shape: tuple[int, int, int], classes: int) -> dict[str, Any]:
+    c, h, w = shape
+    options.setdefault("in_features", c * h * w)
+    options.setdefault("num_classes", classes)
+    return options
+
+
+def _tv_mobilenet_v2_seed(options: dict[str, Any], shape: tuple[int, int, int], classes: int) -> dict[str, Any]:
+    # in_channels other than 3 (e.g. 1-channel digits) replaces torchvision's stem convolution
+    options.setdefault("in_channels", shape[0])
+    options.setdefault("num_classes", classes)
+    return options
+
+
+def _mobilenet_v1_widths() -> tuple[list[int], list[int]]:
+    lo = [MOBILENET_V1_CIFAR_SEED["stem"]] + [w for w, _ in MOBILENET_V1_CIFAR_SEED["blocks"]]
+    hi = [MOBILENET_V1_STANDARD["stem"]] + [w for w, _ in MOBILENET_V1_STANDARD["blocks"]]
+    return lo, hi
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family as the run layer sees it.
+
+    ``seed_options(options, (C, H, W), classes)`` completes builder options from a data set;
+    ``default_resolution`` is the input side a summary traces the family with when none is given
+    (``None``: a flat input of ``in_features``); ``width_range()`` gives the per-layer widths of the
+    seed and of the largest network the family grows towards (stem first, then the blocks), or
+    ``None`` when the family has no fixed layer list.
+    """
+
+    name: str
+    seed_options: Callable[[dict[str, Any], tuple[int, int, int], int], dict[str, Any]]
+    default_resolution: int | None = 32
+    width_range: Callable[[], tuple[list[int], list[int]]] | None = None
+
+    def build(self, **options: Any) -> nn.Module:
+        return build_model(self.name, **options)
+
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (
+    Family("mobilenet_v1", _mobilenet_v1_seed, 224, _mobilenet_v1_widths),
+    Family("mobilenet_v1_cifar", _mobilenet_v1_cifar_seed, 32, _mobilenet_v1_widths),
+    Family("mlp", _mlp_seed, None),
+    Family(TORCHVISION_MOBILENET_V2, _tv_mobilenet_v2_seed, 224),
+)}
+
+
+def get_family(name: str) -> Family:
+    """The registry record of ``name``; ``ValueError`` naming the field ``model`` if unknown."""
+    if name not in FAMILIES:
+        raise ValueError(f"model: unknown name {name!r}; available: {', '.join(sorted(FAMILIES))}")
+    return FAMILIES[name]
+
+
+def seed_options(name: str, options: dict[str, Any], input_shape: tuple[int, int, int],
+                 num_classes: int) -> dict[str, Any]:
+    """Builder options of a family's seed: ``options`` completed for ``input_shape`` (C, H, W) and classes."""
+    return get_family(name).seed_options(dict(options), tuple(input_shape), int(num_classes))
+
+
+def build_seed(name: str, options: dict[str, Any], input_shape: tuple[int, int, int], num_classes: int, *,
+               width_mult: float = 1.0) -> nn.Module:
+    """The seed of family ``name`` sized for the data; ``width_mult`` multiplies the configured width multiplier."""
+    opts = seed_options(name, options, input_shape, num_classes)
+    if width_mult != 1.0:
+        opts["width_mult"] = opts.get("width_mult", 1.0) * width_mult
+    return build_model(name, **opts)
+
+
+__all__ = ["FAMILIES", "Family", "build_seed", "get_family", "seed_options"]

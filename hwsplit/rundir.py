@@ -1,0 +1,241 @@
+"""The run directory: its format, its records, its summary and the rule of one writer per run.
+
+A run directory holds ``config.json`` (what was asked), ``stages.jsonl`` (one JSON record per
+completed stage, see :class:`StageRecord`), ``stage-K.pt`` (architecture + weights, loadable with
+``weights_only=True``), ``summary.md`` (the same records, for people) and ``.lock`` (held by the
+one process writing it). Every file is written atomically (:mod:`hwsplit.fsio`). A stage is
+complete when its record is in ``stages.jsonl``, which is written after its checkpoint.
+See docs/design.md §5.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hwsplit.errors import RunFailed, RunLocked
+from hwsplit.fsio import atomic_write_text
+from hwsplit.units import fmt_si
+
+log = logging.getLogger(__name__)
+
+#: Keys every stage record has (grow, baseline and finetune records alike).
+RECORD_KEYS = ("stage", "test_top1", "macs", "params", "cost")
+
+
+class WriteFailed(OSError):
+    """Writing a file of the run directory failed (disk full, permission); the previous file is intact."""
+
+
+class StageFailed(RunFailed):
+    """A stage could not complete (a non-finite loss, a failed write). Earlier stages are intact.
+
+    ``stage`` is the stage that failed, ``run`` the run directory; ``summary.md`` says why.
+    """
+
+    def __init__(self, message: str, *, stage: int, run: Path) -> None:
+        super().__init__(message)
+        self.stage = stage
+        self.run = run
+
+
+@dataclass(frozen=True)
+class StageRecord:
+    """The typed view of one line of ``stages.jsonl`` (the full dict is kept in ``data``).
+
+    ``test_top1`` is a fraction in [0, 1]; ``macs`` multiply-accumulates of one inference;
+    ``cost`` ``{"name", "unit", "value"}`` in the run's cost model.
+    """
+
+    stage: int
+    test_top1: float
+    macs: float
+    params: int
+    cost: dict[str, Any]
+    data: dict[str, Any]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, where: str = "record") -> StageRecord:
+        if not isinstance(data, dict):
+            raise ValueError(f"{where}: expected a JSON object")
+        missing = [k for k in RECORD_KEYS if k not in data]
+        if missing:
+            raise ValueError(f"{where} lacks {', '.join(missing)}")
+        return cls(stage=data["stage"], test_top1=data["test_top1"], macs=data["macs"], params=data["params"],
+                   cost=data["cost"], data=data)
+
+
+class RunDir:
+    """The files of one run directory."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    config = property(lambda self: self.path / "config.json")
+    stages = property(lambda self: self.path / "stages.jsonl")
+    summary = property(lambda self: self.path / "summary.md")
+    lockfile = property(lambda self: self.path / ".lock")
+
+    def checkpoint(self, stage: int) -> Path:
+        return self.path / f"stage-{stage}.pt"
+
+    def checkpoints(self) -> dict[int, Path]:
+        """Existing ``stage-K.pt`` files by K."""
+        out = {}
+        for p in self.path.glob("stage-*.pt"):
+            m = re.fullmatch(r"stage-(\d+)\.pt", p.name)
+            if m:
+                out[int(m.group(1))] = p
+        return dict(sorted(out.items()))
+
+    def temporaries(self) -> list[Path]:
+        """Temporary files an interrupted atomic write may have left (``.NAME.XXXX.tmp``)."""
+        return sorted(p for p in self.path.glob(".*.tmp") if p.is_file())
+
+    def is_run(self) -> bool:
+        """Whether the directory holds (part of) an hwsplit run: a config.json, records or checkpoints."""
+        return self.config.exists() or self.stages.exists() or bool(self.checkpoints())
+
+    def records(self) -> list[dict[str, Any]]:
+        if not self.stages.exists():
+            return []
+        records = []
+        try:
+            text = self.stages.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"run: {self.stages} is not UTF-8 text") from None
+        for i, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except (json.JSONDecodeError, RecursionError) as err:
+                raise ValueError(f"run: {self.stages} line {i} is not JSON ({type(err).__name__})") from None
+        return records
+
+    def typed_records(self) -> list[StageRecord]:
+        return [StageRecord.from_dict(r, where=f"run: {self.stages} record {i}") for i, r in enumerate(self.records())]
+
+    def write_records(self, records: list[dict[str, Any]]) -> None:
+        atomic_write_text(self.stages, "".join(json.dumps(r, sort_keys=True, allow_nan=False) + "\n"
+                                               for r in records))
+
+    def append(self, record: dict[str, Any]) -> None:
+        self.write_records(self.records() + [record])
+
+    @contextlib.contextmanager
+    def lock(self, what: str = "write") -> Iterator[None]:
+        """Hold the run's advisory lock (``.lock``, ``fcntl.flock``) while the block runs.
+
+        The kernel releases it when the process dies, so a killed run never stays locked. A second
+        process gets :class:`~hwsplit.errors.RunLocked` at once, with the holder's pid.
+        """
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX: no lock, as before
+            yield
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lockfile, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as err:
+                if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise
+                holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "another process"
+                raise RunLocked(f"run: {self.path} is in use by {holder} (one process may {what} a run at a "
+                                "time; wait for it or use another directory)") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
+            yield
+        finally:
+            os.close(fd)  # closing the descriptor releases the lock
+
+
+def remove_run_files(run: RunDir) -> None:
+    """Delete a previous run's files from ``run`` (config.json first: killed half-way, no run is left
+    to resume rather than a mix of two). Nothing else in the directory is touched."""
+    for p in [run.config, run.stages, *run.checkpoints().values(), *run.temporaries(), run.summary]:
+        if p.exists():
+            p.unlink()
+
+
+def start_fresh(run: RunDir) -> None:
+    """Create ``run`` or empty it of a previous run's files (a warning says what was replaced)."""
+    run.path.mkdir(parents=True, exist_ok=True)
+    try:
+        old = len(run.records())
+    except ValueError:  # an unreadable stages.jsonl is replaced too
+        old = -1
+    if old:
+        log.warning("replacing the run in %s (%s completed stage(s)); resume continues a run instead",
+                    run.path, old if old > 0 else "unreadable")
+    remove_run_files(run)
+
+
+def record_widths(record: dict[str, Any]) -> list[int]:
+    """The per-layer widths a table shows: the family's width list, else every splittable layer in graph order."""
+    arch = record.get("architecture", {}).get("widths")
+    if isinstance(arch, list):
+        return arch
+    widths = record.get("widths", {})
+    return [widths[n] for n in record.get("layers", widths) if n in widths]
+
+
+def stage_table(records: list[dict[str, Any]]) -> list[list[str]]:
+    """Rows (header first) of the per-stage table the CLI prints and summary.md shows."""
+    unit = records[0]["cost"]["unit"] if records else ""
+    measured = any("measured" in r for r in records)
+    baseline = any("width_mult" in r for r in records)
+    rows = [["stage"] + (["width ×"] if baseline else []) + ["test top-1", "test loss", "MACs", "params",
+                                                            f"cost ({unit})"]
+            + (["measured ms"] if measured else []) + ["split", "widths"]]
+    for r in records:
+        row = [str(r["stage"])] + ([f"{r['width_mult']:g}"] if baseline else [])
+        row += [f"{r['test_top1']:.4f}", f"{r['test_loss']:.4f}", fmt_si(r["macs"]), fmt_si(r["params"]),
+                f"{r['cost']['value']:.4g}"]
+        if measured:
+            lat = (r.get("measured") or {}).get("latency_ms")
+            row.append(f"{lat['median']:.4g}" if lat else "-")
+        rows.append(row + [str(r.get("neurons_split", 0)), " ".join(str(w) for w in record_widths(r))])
+    return rows
+
+
+def write_summary(run: RunDir, config: Any, records: list[dict[str, Any]], *, status: str,
+                  title: str | None = None, safe: bool = False) -> None:
+    """summary.md: the settings, the stage table and the run's status (running, stopped: why, failed: why).
+
+    ``config`` is the run's :class:`~hwsplit.config.GrowConfig`. ``safe=True`` (while handling
+    another error) logs a failed write instead of raising it.
+    """
+    rows = stage_table(records)
+    lines = [f"# hwsplit run: {title or f'{config.model} on {config.dataset}, cost {config.cost}'}", "",
+             f"growth ratio {config.growth_ratio}, budget {config.budget}, {config.epochs} epochs per stage, "
+             f"split by {config.split_method} ({config.split_epochs} epoch(s)), step {config.split_step}, "
+             f"selection {config.selection}, seed {config.seed}", ""]
+    lines.append("| " + " | ".join(rows[0]) + " |")
+    lines.append("|" + "---|" * len(rows[0]))
+    lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+    lines.append("")
+    lines.append(f"Status: {status}")
+    lines.append("")
+    lines.append("Load a stage: `hwsplit.checkpoint.load_model('stage-K.pt')`.")
+    try:
+        atomic_write_text(run.summary, "\n".join(lines) + "\n")
+    except (OSError, RuntimeError) as err:
+        if not safe:
+            raise WriteFailed(f"could not write {run.summary} ({err})") from err
+        log.error("could not write %s: %s", run.summary, err)
+
+
+__all__ = ["RECORD_KEYS", "RunDir", "StageFailed", "StageRecord", "WriteFailed", "record_widths",
+           "remove_run_files", "stage_table", "start_fresh", "write_summary"]

@@ -1,0 +1,213 @@
+"""What every command that trains networks into a run directory shares: the session and one stage.
+
+A :class:`Session` holds what all stages of a run use (data, loaders, device, cost models, the
+end-to-end measurer); :func:`train_and_record` trains a model and describes it as a stage record;
+:func:`write_stage` makes the stage durable (checkpoint, then record). The stage loop
+(:mod:`hwsplit.grow`), the width baseline (:mod:`hwsplit.baselines`) and fine-tuning use them
+alike. See docs/design.md §5.
+
+**Determinism.** Each stage re-seeds every random number generator with :func:`stage_seed` and
+draws its data order from loader epochs derived from the stage number, so a run resumed after a
+crash continues, on the CPU, bit for bit as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+import cost_models
+from hwsplit.checkpoint import save_checkpoint
+from hwsplit.config import GrowConfig
+from hwsplit.data import DataBundle, load_dataset, make_loaders
+from hwsplit.families import build_seed as _build_family_seed
+from hwsplit.graph import NeuronGroup, find_neuron_groups
+from hwsplit.models import architecture
+from hwsplit.rundir import RunDir, WriteFailed
+from hwsplit.train import evaluate, seed_everything, train
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[Iterable, str, int], Iterable]
+
+# Test hook for crash-safety tests: SIGKILL the process at a named point ("stage-K:<point>").
+KILL_AT_ENV = "HWSPLIT_KILL_AT"
+
+
+def kill_point(point: str) -> None:
+    """SIGKILL this process when the environment variable HWSPLIT_KILL_AT names ``point`` (tests only)."""
+    if os.environ.get(KILL_AT_ENV) == point:
+        log.warning("%s=%s: killing this process", KILL_AT_ENV, point)
+        os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
+
+
+def stage_seed(config: GrowConfig, stage: int) -> int:
+    """The seed of every global random number generator at the start of ``stage``."""
+    return config.seed * 1000 + stage
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def build_seed(config: GrowConfig, bundle: DataBundle, *, width_mult: float = 1.0) -> nn.Module:
+    """The stage-0 model of ``config.model`` sized for ``bundle``'s inputs and classes.
+
+    ``width_mult`` multiplies the configured width multiplier (the width baseline's scaling).
+    """
+    return _build_family_seed(config.model, config.model_options, bundle.input_shape, bundle.num_classes,
+                              width_mult=width_mult)
+
+
+@dataclass
+class Session:
+    """What every stage of a run uses: data, loaders, device, cost models, end-to-end measurer."""
+
+    config: GrowConfig
+    bundle: DataBundle
+    train_loader: Any
+    test_loader: Any
+    device: torch.device
+    input_shape: tuple[int, ...]
+    cost_model: Any
+    flops: Any
+    measure: Callable[[nn.Module, tuple[int, ...]], dict[str, Any]] | None
+
+    def trace(self, model: nn.Module) -> list[NeuronGroup]:
+        """The neuron groups of ``model`` (one fx trace; pass the result on instead of tracing again)."""
+        return find_neuron_groups(model, torch.zeros(self.input_shape, device=self.device))
+
+
+def open_session(config: GrowConfig, *, bundle: DataBundle | None = None) -> Session:
+    """Load the data and build the cost models of ``config`` (``bundle``: data already loaded)."""
+    seed_everything(config.seed)
+    device = torch.device(config.device)
+    if bundle is None:
+        bundle = load_dataset(config.dataset, data_dir=config.data_dir, download=config.download, seed=config.seed,
+                              limit=config.data_limit, test_limit=config.test_limit)
+    train_loader, test_loader = make_loaders(bundle, batch_size=config.batch_size, seed=config.seed,
+                                             device=device if device.type == "cuda" else None)
+    return Session(config=config, bundle=bundle, train_loader=train_loader, test_loader=test_loader, device=device,
+                   input_shape=(1, *bundle.input_shape),
+                   cost_model=cost_models.get_cost_model(config.cost, **config.cost_options),
+                   flops=cost_models.get_cost_model("flops"), measure=end_to_end_measurer(config))
+
+
+def describe(session: Session, model: nn.Module, groups: list[NeuronGroup] | None = None) -> dict[str, Any]:
+    """Architecture, widths, MACs, parameters and cost of ``model`` (the non-training part of a record)."""
+    shape = session.input_shape
+    groups = [g for g in (groups if groups is not None else session.trace(model)) if g.splittable]
+    return {
+        "architecture": architecture(model),
+        "layers": [g.name for g in groups],
+        "widths": {g.name: g.width for g in groups},
+        "macs": session.flops.total(model, shape),
+        "params": count_params(model),
+        "cost": {"name": session.cost_model.name, "unit": session.cost_model.unit,
+                 "value": session.cost_model.total(model, shape)},
+    }
+
+
+def train_and_record(session: Session, model: nn.Module, stage: int, *, epochs: int, loader_epoch: int,
+                     timings: dict[str, float], extra: dict[str, Any], progress: Progress | None = None,
+                     groups: list[NeuronGroup] | None = None) -> dict[str, Any]:
+    """Train ``model`` for ``epochs`` (data order from ``loader_epoch`` on), evaluate, describe: the record.
+
+    ``groups`` are ``model``'s neuron groups if already traced (training does not change them).
+    """
+    config, device = session.config, session.device
+    if hasattr(session.train_loader, "set_epoch"):
+        session.train_loader.set_epoch(loader_epoch)  # the shuffles depend on the stage only
+    t0 = time.perf_counter()
+    fit = train(model, session.train_loader, config=config.train_config(epochs), device=device, progress=progress)
+    timings["train_s"] = time.perf_counter() - t0
+    test = evaluate(model, session.test_loader, device=device, progress=progress)
+    info = describe(session, model, groups)
+    record = {
+        "stage": stage,
+        "architecture": info["architecture"],
+        "layers": info["layers"],
+        "widths": info["widths"],
+        "train_loss": fit["loss"], "train_top1": fit["top1"],
+        "test_loss": test["loss"], "test_top1": test["top1"], "test_top5": test["top5"],
+        "macs": info["macs"],
+        "params": info["params"],
+        "cost": info["cost"],
+        "seconds": timings,
+        **extra,
+    }
+    if session.measure is not None:
+        record["measured"] = session.measure(model, session.input_shape)
+    return record
+
+
+def write_stage(run: RunDir, session: Session, model: nn.Module, record: dict[str, Any],
+                records: list[dict[str, Any]]) -> None:
+    """Checkpoint, then record (the record is what makes the stage complete); appends to ``records``."""
+    stage = record["stage"]
+    path = run.checkpoint(stage)
+    try:
+        save_checkpoint(path, model, stage=stage, extra={"test_top1": record["test_top1"],
+                                                         "input_shape": list(session.input_shape)})
+        kill_point(f"stage-{stage}:checkpoint")
+        run.write_records(records + [record])
+    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
+        raise WriteFailed(f"could not write stage {stage} to {run.path} ({err.__class__.__name__}: "
+                          f"{str(err).splitlines()[0] if str(err) else ''})") from err
+    records.append(record)
+    kill_point(f"stage-{stage}:record")
+
+
+def end_to_end_measurer(config: GrowConfig) -> Callable[[nn.Module, tuple[int, ...]], dict[str, Any]] | None:
+    """A function measuring a whole network as the profile's device measured its layers, or None.
+
+    Uses the profile's backend, meter and threads on the device the profile was made on, when
+    this machine has that kind of device; otherwise every stage records why it was not measured.
+    A profile from another machine is allowed (that is what tables are for) and said so.
+    """
+    wanted = config.measure if config.measure is not None else config.profile is not None
+    if not wanted:
+        return None
+    from cost_models.meters import nvidia_gpu_available
+    from cost_models.profile_io import load_profile
+    from cost_models.profiler import _cpu_name, measure_model
+
+    if config.profile is None:
+        backend, meter, kind, threads, name = "onnxruntime", "latency", "cpu", None, None
+    else:
+        profile = load_profile(config.profile)
+        dev = profile.get("device", {})
+        backend, meter = profile.get("backend", "onnxruntime"), profile.get("meter", "latency")
+        kind, threads, name = dev.get("kind", "cpu"), dev.get("threads"), dev.get("name")
+    here = _cpu_name() if kind == "cpu" else (torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
+    same = name is None or name == here
+    if not same:
+        log.warning("the profile was measured on %r, this machine is %r: costs are predictions for the "
+                    "profile's device, end-to-end measurements are of this one", name, here)
+    reason = None
+    if kind == "cuda" and not torch.cuda.is_available():
+        reason = "the profile is of a CUDA device and this machine has none"
+    elif meter == "nvml" and not nvidia_gpu_available():
+        reason = "the profile measured NVML energy and this machine has no NVIDIA GPU"
+
+    def measure(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, Any]:
+        info: dict[str, Any] = {"device": here, "backend": backend, "meter": meter, "same_device_as_profile": same}
+        if reason is not None:
+            return {**info, "skipped": reason}
+        result = measure_model(model, input_shape, device="cpu" if kind == "cpu" else "cuda", backend=backend,
+                               meter=meter, threads=threads, time_budget_s=config.measure_time_s)
+        return {**info, **result}
+
+    return measure
+
+
+__all__ = ["KILL_AT_ENV", "Session", "build_seed", "count_params", "describe", "end_to_end_measurer", "kill_point",
+           "open_session", "stage_seed", "train_and_record", "write_stage"]
