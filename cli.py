@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import signal
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from hwsplit.errors import EXIT_INTERRUPTED, EXIT_USAGE, HwsplitError
+from hwsplit.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, HwsplitError
 
 
 class CliError(click.ClickException):
@@ -26,6 +27,15 @@ class CliError(click.ClickException):
     def __init__(self, message: str, exit_code: int = EXIT_USAGE) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def _show_usage_error(self: click.UsageError, file: Any = None) -> None:
+    """A usage error in one line: the message and where to find help (click prints three)."""
+    hint = f" (see '{self.ctx.command_path} --help')" if self.ctx is not None else ""
+    click.echo(f"Error: {self.format_message()}{hint}", err=True)
+
+
+click.UsageError.show = _show_usage_error  # every usage error of these commands, one line
 
 
 def _progress(it: Iterable, desc: str, total: int | None) -> Iterable:
@@ -52,11 +62,14 @@ def _library_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise CliError(_first_line(err), err.exit_code) from None
         except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as err:
             raise CliError(_first_line(err), EXIT_USAGE) from None
+        except OSError as err:  # disk full, I/O errors: the run stopped, what it completed is intact
+            raise CliError(_first_line(err), EXIT_FAILED) from None
+        except RecursionError:
+            raise CliError("an input is nested too deeply to be read", EXIT_USAGE) from None
         except KeyboardInterrupt:
-            try:
-                click.echo("\ninterrupted: every file written so far is complete", err=True)
-            finally:
-                sys.exit(EXIT_INTERRUPTED)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not print a traceback
+            click.echo("\ninterrupted: every file written so far is complete", err=True)
+            sys.exit(EXIT_INTERRUPTED)
 
     return wrapper
 
@@ -180,7 +193,8 @@ def _print_stage(record: dict[str, Any]) -> None:
               help="Cap per layer and stage, as a fraction of its width.")
 @_SGD_OPTIONS
 @click.option("--out", type=click.Path(file_okay=False), default="runs/grow", show_default=True,
-              help="Run directory (created; a previous run in it is replaced).")
+              help="Run directory (created; a previous run in it is replaced only with --overwrite).")
+@click.option("--overwrite", is_flag=True, help="Replace the run already in --out (its stages are deleted).")
 @click.option("--resume", type=click.Path(file_okay=False), default=None, metavar="RUN",
               help="Continue the run in RUN after its last completed stage, with the settings of its config.json "
                    "(only --stages may be given with it, to extend the run).")
@@ -191,7 +205,7 @@ def grow(model: str, model_config: str | None, width_mult: float | None, activat
          epochs: int,
          seed_epochs: int | None, split_epochs: int, split_method: str, split_step: float, selection: str,
          max_layer_growth: float | None, batch_size: int, lr: float, weight_decay: float, device: str, seed: int,
-         out: str, resume: str | None) -> None:
+         out: str, overwrite: bool, resume: str | None) -> None:
     """Grow a network stage by stage: train, score, price, select, split."""
     import cost_models
     from hwsplit.config import GrowConfig, load_config, parse_budget
@@ -235,7 +249,7 @@ def grow(model: str, model_config: str | None, width_mult: float | None, activat
         split_method=split_method, split_step=split_step, selection=selection, max_layer_growth=max_layer_growth,
         batch_size=batch_size, lr=lr, weight_decay=weight_decay, device=device, seed=seed,
     )
-    records = run_grow(config, out, progress=_progress, on_stage=_print_stage)
+    records = run_grow(config, out, overwrite=overwrite, progress=_progress, on_stage=_print_stage)
     click.echo(_table(stage_table(records)))
     click.echo(f"\nrun directory: {out}")
 
@@ -269,14 +283,15 @@ def baseline() -> None:
               help="Seed epochs of the grow run to match (default: --stage-epochs).")
 @_SGD_OPTIONS
 @click.option("--out", type=click.Path(file_okay=False), default="runs/width", show_default=True,
-              help="Run directory (created; a previous run in it is replaced).")
+              help="Run directory (created; a previous run in it is replaced only with --overwrite).")
+@click.option("--overwrite", is_flag=True, help="Replace the run already in --out.")
 @_library_errors
 def baseline_width(multipliers: str, like: str | None, model: str, model_config: str | None,
                    width_mult: float | None, activation: str | None, dataset: str, data_dir: str | None,
                    download: bool, limit: int | None, test_limit: str, cost: str, profile_path: str | None,
                    metric: str | None,
                    epochs: int | None, stages: int, stage_epochs: int, seed_epochs: int | None, batch_size: int,
-                   lr: float, weight_decay: float, device: str, seed: int, out: str) -> None:
+                   lr: float, weight_decay: float, device: str, seed: int, out: str, overwrite: bool) -> None:
     """Train the family uniformly scaled by width multipliers, from scratch, on grow's schedule."""
     from hwsplit.baselines import grow_epochs, parse_multipliers, width_baseline
     from hwsplit.config import config_like
@@ -306,7 +321,8 @@ def baseline_width(multipliers: str, like: str | None, model: str, model_config:
     total = epochs if epochs is not None else grow_epochs(config)
     click.echo(f"width baseline: {config.model} × {', '.join(f'{m:g}' for m in mults)}, {total} epochs each",
                err=True)
-    records = width_baseline(config, mults, out, epochs=total, progress=_progress, on_stage=_print_stage)
+    records = width_baseline(config, mults, out, epochs=total, overwrite=overwrite, progress=_progress,
+                             on_stage=_print_stage)
     click.echo(_table(stage_table(records)))
     click.echo(f"\nrun directory: {out}")
 
@@ -341,10 +357,10 @@ def report(runs: tuple[str, ...], out: str) -> None:
 @_library_errors
 def export(run: str, stage: int | None, onnx_path: str, atol: float) -> None:
     """Export a stage of a run (or a stage-K.pt) to ONNX, checked against PyTorch with onnxruntime."""
-    from hwsplit.export import export_onnx, resolve_checkpoint
+    from hwsplit.export import export_run
 
-    checkpoint = resolve_checkpoint(run, stage)
-    info = export_onnx(checkpoint, onnx_path, atol=atol)
+    info = export_run(run, onnx_path, stage=stage, atol=atol)
+    checkpoint = info["checkpoint"]
     shape = "x".join(str(d) for d in info["input_shape"][1:])
     click.echo(f"wrote {info['path']} from {checkpoint} (stage {info['stage']}, input N x {shape}, dynamic batch, "
                f"opset {info['opset']})")

@@ -28,7 +28,7 @@ __all__ = ["LAYER_KINDS", "CostModel", "LayerCostModel", "LayerSpec", "available
 
 @runtime_checkable
 class CostModel(Protocol):
-    """What the knapsack needs from a cost model (DESIGN.md §4)."""
+    """What the knapsack needs from a cost model (docs/design.md §4)."""
 
     name: str
     unit: str

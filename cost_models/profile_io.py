@@ -1,4 +1,4 @@
-"""The profile JSON schema (DESIGN.md §4): validation, loading and atomic saving.
+"""The profile JSON schema (docs/design.md §4): validation, loading and atomic saving.
 
 A profile is data, never code::
 
@@ -37,7 +37,9 @@ class ProfileError(ConfigError):
     """A profile file or dict that does not follow the schema (one line: source and problem)."""
 
 
-def _check_stats(data: Any, where: str, source: str) -> None:
+def _check_stats(data: Any, where: str, source: str, *, positive: bool = False) -> None:
+    """Stats fields present, finite and >= 0; with ``positive`` the median must be > 0 (a layer or
+    network measured at zero cost is a broken measurement, and would let the knapsack split for free)."""
     if not isinstance(data, dict):
         raise ProfileError(f"{source}: {where}: expected an object with {', '.join(STATS_FIELDS)}")
     for field in STATS_FIELDS:
@@ -46,6 +48,9 @@ def _check_stats(data: Any, where: str, source: str) -> None:
         value = data[field]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
             raise ProfileError(f"{source}: {where}.{field}: expected a finite non-negative number, got {value!r}")
+    if positive and not data["median"] > 0:
+        raise ProfileError(f"{source}: {where}.median: expected a positive cost, got {data['median']!r} "
+                           "(a measurement of zero cost cannot be right)")
 
 
 def validate_profile(data: Any, source: str = "<profile>") -> dict[str, Any]:
@@ -93,7 +98,7 @@ def validate_profile(data: Any, source: str = "<profile>") -> dict[str, Any]:
         if not present:
             raise ProfileError(f"{source}: rows[{i}]: missing field 'latency_ms' (no metric measured)")
         for metric in present:
-            _check_stats(row[metric], f"rows[{i}].{metric}", source)
+            _check_stats(row[metric], f"rows[{i}].{metric}", source, positive=True)
     networks = data.get("networks", [])
     if not isinstance(networks, list):
         raise ProfileError(f"{source}: networks: expected a list")
@@ -103,7 +108,7 @@ def validate_profile(data: Any, source: str = "<profile>") -> dict[str, Any]:
             raise ProfileError(f"{source}: networks[{i}]: expected an object with architecture and input_shape")
         for metric in METRICS:
             if metric in net:
-                _check_stats(net[metric], f"networks[{i}].{metric}", source)
+                _check_stats(net[metric], f"networks[{i}].{metric}", source, positive=True)
     return data
 
 

@@ -1,6 +1,6 @@
 """hwsplit: grow neural networks by splitting neurons under a hardware cost budget.
 
-Public names (DESIGN.md §5) are imported lazily so that ``import hwsplit`` stays cheap and the
+Public names (docs/design.md §5) are imported lazily so that ``import hwsplit`` stays cheap and the
 pure parts (``hwsplit.select``) never pull in model code.
 """
 

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from hwsplit.config import GrowConfig
-from hwsplit.fsio import atomic_write_json
+from hwsplit.data import BadImageError
+from hwsplit.fsio import atomic_write_json, check_writable_name
 from hwsplit.rundir import RunDir, StageFailed, WriteFailed, start_fresh, write_summary
 from hwsplit.stages import build_seed, open_session, stage_seed, train_and_record, write_stage
 from hwsplit.train import seed_everything
@@ -55,7 +56,7 @@ def parse_multipliers(text: str | Sequence[float]) -> list[float]:
 
 
 def width_baseline(config: GrowConfig, multipliers: Sequence[float], out: str | Path, *,
-                   epochs: int | None = None, progress: Callable | None = None,
+                   epochs: int | None = None, overwrite: bool = False, progress: Callable | None = None,
                    on_stage: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
     """Train ``config``'s seed family scaled by each multiplier from scratch; write a run directory.
 
@@ -69,17 +70,25 @@ def width_baseline(config: GrowConfig, multipliers: Sequence[float], out: str | 
     ``out`` gets ``config.json`` (``config``'s fields plus ``"baseline": "width"``,
     ``"multipliers"``, ``"total_epochs"``), ``stages.jsonl`` (one record per multiplier, with the
     keys of a grow seed record plus ``"width_mult"`` and ``"epochs"``), ``stage-K.pt`` and
-    ``summary.md``, all written atomically. Returns the records.
+    ``summary.md``, all written atomically. A previous run in ``out`` is replaced only with
+    ``overwrite=True`` (see :func:`hwsplit.rundir.start_fresh`). Returns the records.
     """
     multipliers = parse_multipliers(multipliers)
     total = grow_epochs(config) if epochs is None else epochs
     if isinstance(total, bool) or not isinstance(total, int) or total < 1:
         raise ValueError(f"epochs: expected a positive integer, got {epochs!r}")
     run = RunDir(out)
-    start_fresh(run)
-    info = {**config.to_dict(), "baseline": WIDTH_BASELINE, "multipliers": multipliers, "total_epochs": total}
-    atomic_write_json(run.config, info)
-    session = open_session(config)
+    check_writable_name(run.summary)
+    session = open_session(config)  # data, family and cost model must load before anything is written
+    with run.lock("write"):
+        start_fresh(run, overwrite=overwrite)
+        info = {**config.to_dict(), "baseline": WIDTH_BASELINE, "multipliers": multipliers, "total_epochs": total}
+        atomic_write_json(run.config, info)
+        return _train_all(run, config, session, multipliers, total, progress=progress, on_stage=on_stage)
+
+
+def _train_all(run: RunDir, config: GrowConfig, session: Any, multipliers: list[float], total: int, *,
+               progress: Callable | None, on_stage: Callable[[dict[str, Any]], None] | None) -> list[dict[str, Any]]:
     records: list[dict[str, Any]] = []
     title = f"width baseline: {config.model} on {config.dataset} × {', '.join(f'{m:g}' for m in multipliers)}"
     index = 0
@@ -96,7 +105,7 @@ def width_baseline(config: GrowConfig, multipliers: Sequence[float], out: str | 
             log.info("width ×%g: test top-1 %.4f, %.4g MACs", mult, record["test_top1"], record["macs"])
             if on_stage:
                 on_stage(record)
-    except (FloatingPointError, WriteFailed) as err:
+    except (FloatingPointError, WriteFailed, BadImageError) as err:
         reason = f"failed at width ×{multipliers[index]:g}: {err}"
         write_summary(run, config, records, status=reason, title=title, safe=True)
         raise StageFailed(f"{reason}; {len(records)} network(s) in {run.path} are complete",

@@ -40,8 +40,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling errors come in many types
-        raise ValueError(f"checkpoint: {path} is not a loadable hwsplit checkpoint ({err.__class__.__name__}: "
-                         f"{str(err).splitlines()[0] if str(err) else ''})") from None
+        # torch's own message advises weights_only=False, which would run the file's code: never pass it on
+        why = ("it holds Python objects beyond tensors and plain data, which hwsplit never unpickles"
+               if "weights_only" in str(err) or "Unsupported global" in str(err) else err.__class__.__name__)
+        raise ValueError(f"checkpoint: {path} is not a loadable hwsplit checkpoint ({why})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"checkpoint: {path} is not an {FORMAT} file")
     return payload

@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from hwsplit.errors import ConfigError, RunFailed
+
 __all__ = [
     "DataBundle",
     "DataError",
@@ -48,8 +50,24 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class DataError(ValueError):
+class DataError(ConfigError):
     """A missing or malformed data directory: one line naming the path and what was expected."""
+
+
+class BadImageError(RunFailed):
+    """An image file that cannot be decoded, found while a run reads it (image folders are read lazily)."""
+
+
+def _load_image(path: str) -> Any:
+    """torchvision's default image loader, with an unreadable file reported as :class:`BadImageError`."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            return img.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise BadImageError(f"imagefolder: {path} is not a readable image ({type(err).__name__})") from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -657,6 +675,27 @@ def _load_cifar(
     )
 
 
+#: Most classes a data set may have (a label beyond it is a corrupt file, not a real class).
+MAX_CLASSES = 100_000
+
+
+def _label_space(path: Path, train_y: np.ndarray, test_y: np.ndarray) -> int:
+    """Number of classes implied by integer labels 0..K-1; ``DataError`` when the labels cannot be that.
+
+    A label far beyond the labels that occur (one 50000 among ten classes) would silently build a
+    network with that many outputs: refused, naming the file.
+    """
+    both = np.concatenate([train_y.astype(np.int64), test_y.astype(np.int64)])
+    lo, hi = int(both.min()), int(train_y.max())  # test labels beyond training's are refused later
+    if lo < 0:
+        raise DataError(f"npz: {path} has a negative label ({lo}); labels must be 0..K-1")
+    distinct = int(np.unique(both).size)
+    if hi + 1 > MAX_CLASSES or hi + 1 > max(2 * distinct, distinct + 16):
+        raise DataError(f"npz: {path} has label {hi} but only {distinct} distinct labels; labels must be "
+                        f"0..K-1 for K classes (at most {MAX_CLASSES:,})")
+    return hi + 1
+
+
 def _check_labels(
     name: str, path: Path, train_y: torch.Tensor, test_y: torch.Tensor, num_classes: int
 ) -> None:
@@ -686,7 +725,10 @@ def _read_npz(path: Path, split: str) -> tuple[np.ndarray, np.ndarray, list[str]
     except DataError:
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise DataError(f"npz: {path} is not a readable npz archive ({exc})") from None
+        if "allow_pickle" in str(exc) or "pickle" in str(exc).lower():
+            raise DataError(f"npz: {path} holds object arrays (pickled Python objects); hwsplit reads only "
+                            f"numeric arrays (expected {expected})") from None
+        raise DataError(f"npz: {path} is not a readable npz archive ({type(exc).__name__})") from None
     if x.dtype != np.uint8:
         raise DataError(f"npz: {path} has 'x' of dtype {x.dtype} (expected uint8 0..255)")
     if x.ndim == 3:  # grayscale (N, H, W)
@@ -725,7 +767,7 @@ def _load_npz(
     if tr_x.shape[0] == 0 or te_x.shape[0] == 0:
         raise DataError(f"npz: {data_dir} has an empty train or test split (expected samples in both)")
     _check_image_size("npz", image_size, int(tr_x.shape[1]))
-    num_classes = len(names) if names else int(tr_y.max()) + 1
+    num_classes = len(names) if names else _label_space(data_dir, tr_y, te_y)
     if limit is not None:  # slice before the NHWC -> NCHW copy
         tr_x, tr_y = tr_x[:limit], tr_y[:limit]
     if test_limit is not None:
@@ -795,7 +837,7 @@ def _load_imagefolder(
     sets = {}
     for sub, tf in (("train", train_tf), ("val", eval_tf)):
         try:
-            sets[sub] = datasets.ImageFolder(str(data_dir / sub), transform=tf)
+            sets[sub] = datasets.ImageFolder(str(data_dir / sub), transform=tf, loader=_load_image)
         except (FileNotFoundError, OSError) as exc:
             raise DataError(
                 f"imagefolder: {data_dir / sub} holds no images in class folders ({exc})"

@@ -19,7 +19,7 @@ import torch
 
 from hwsplit.checkpoint import load_checkpoint, load_model
 from hwsplit.errors import RunFailed
-from hwsplit.fsio import atomic_write
+from hwsplit.fsio import atomic_write, check_writable_name
 from hwsplit.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, atol: float = 1e-4, 
     import onnx
     import onnxruntime as ort
 
+    check_writable_name(out)
     payload = load_checkpoint(checkpoint)
     shape = payload.get("extra", {}).get("input_shape")
     if not (isinstance(shape, list) and len(shape) >= 2 and all(isinstance(d, int) and d > 0 for d in shape)):
@@ -117,4 +118,19 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, atol: float = 1e-4, 
             "batch_sizes": list(batch_sizes), "opset": opset_used, "bytes": len(data)}
 
 
-__all__ = ["ExportMismatchError", "export_onnx", "resolve_checkpoint"]
+__all__ = ["ExportMismatchError", "export_onnx", "export_run", "resolve_checkpoint"]
+
+
+def export_run(run_or_checkpoint: str | Path, out: str | Path, *, stage: int | None = None,
+               atol: float = 1e-4) -> dict[str, Any]:
+    """:func:`export_onnx` of a run's stage (:func:`resolve_checkpoint`), refused while another
+    process writes the run (:class:`~hwsplit.errors.RunLocked`). Returns export_onnx's dict plus
+    ``"checkpoint"``."""
+    checkpoint = resolve_checkpoint(run_or_checkpoint, stage)
+    path = Path(run_or_checkpoint)
+    if path.is_dir():
+        with RunDir(path).lock("export"):
+            info = export_onnx(checkpoint, out, atol=atol)
+    else:
+        info = export_onnx(checkpoint, out, atol=atol)
+    return {**info, "checkpoint": checkpoint}

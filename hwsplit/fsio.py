@@ -39,7 +39,10 @@ def atomic_write(path: str | Path, write: Callable[[Any], None], *, binary: bool
     """
     path = Path(path)
     check_writable_name(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:  # name the file the user asked for, not the temporary one
+        raise type(err)(err.errno, f"cannot write {path}: {err.strerror}") from None
     try:
         # mkstemp creates 0600 files: give the result the mode a plain open() would (or the old file's)
         os.chmod(tmp, path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask())
@@ -48,11 +51,13 @@ def atomic_write(path: str | Path, write: Callable[[Any], None], *, binary: bool
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(err, OSError) and err.errno is not None and str(path) not in str(err):
+            raise type(err)(err.errno, f"cannot write {path}: {err.strerror}") from None
         raise
 
 

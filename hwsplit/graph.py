@@ -1,6 +1,6 @@
 """Neuron groups of a plain nn.Module, found by tracing with torch.fx, and the model's LayerSpecs.
 
-A *neuron group* (DESIGN.md §2) is a producer layer P (Conv2d with groups=1, or Linear) together
+A *neuron group* (docs/design.md §2) is a producer layer P (Conv2d with groups=1, or Linear) together
 with everything that is duplicated when one of its output channels is split: the per-channel ops
 after it (BatchNorm, an elementwise activation, optionally a depthwise Conv2d → BatchNorm →
 activation chain) and the consumers (Conv2d/Linear, possibly behind pooling, flatten or dropout)
@@ -154,7 +154,7 @@ class NeuronGroup:
     """A producer layer and everything that changes when one of its output channels is split.
 
     ``name`` (= ``producer``) is the producer's module path. ``chain`` lists the per-channel ops
-    from the producer's output to ``a_j`` (DESIGN.md §2), ``consumers`` the layers that read it.
+    from the producer's output to ``a_j`` (docs/design.md §2), ``consumers`` the layers that read it.
     ``input_node``/``output_node`` are the fx node names of the producer's input and of the chain's
     end (where scoring reads x and ∂L/∂a), ``producer_node`` that of the producer's output. Not
     splittable groups carry the ``reason``.
@@ -299,7 +299,7 @@ def _describe(node: fx.Node) -> str:
 
 
 def find_neuron_groups(model: nn.Module, example_input: torch.Tensor) -> list[NeuronGroup]:
-    """Trace ``model`` and return its neuron groups (DESIGN.md §2), in graph order.
+    """Trace ``model`` and return its neuron groups (docs/design.md §2), in graph order.
 
     ``example_input`` is one batch the model accepts (its values do not matter; shapes do). The
     model is run once in eval mode without gradients; its train/eval modes are restored. Groups

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,11 +36,23 @@ from torch import nn
 
 from hwsplit.checkpoint import load_checkpoint, load_model
 from hwsplit.config import GrowConfig, load_config, parse_budget
-from hwsplit.fsio import atomic_write_json
+from hwsplit.data import BadImageError
+from hwsplit.errors import ConfigError
+from hwsplit.fsio import atomic_write_json, check_writable_name
 from hwsplit.rundir import RunDir, StageFailed, WriteFailed, stage_table, start_fresh, write_summary
 from hwsplit.score import splitting_indices
 from hwsplit.select import select_by_name
-from hwsplit.stages import Progress, build_seed, kill_point, open_session, stage_seed, train_and_record, write_stage
+from hwsplit.stages import (
+    Progress,
+    Session,
+    build_seed,
+    ignoring_interrupts,
+    kill_point,
+    open_session,
+    stage_seed,
+    train_and_record,
+    write_stage,
+)
 from hwsplit.surgery import apply_split
 from hwsplit.train import evaluate, seed_everything
 
@@ -50,15 +63,39 @@ STOP_NO_NEGATIVE = "no neuron has a negative splitting index"
 STOP_BUDGET = "budget reached"
 
 
-def _check_resume(run: RunDir, config: GrowConfig) -> list[dict[str, Any]]:
-    """Make ``run`` consistent for resuming: the records of completed stages, stale files removed."""
+def _resume_preflight(run: RunDir, config: GrowConfig) -> None:
+    """Refuse a resume that cannot work, before anything in ``run`` is touched."""
     if not run.config.exists():
-        raise ValueError(f"resume: {run.path} has no config.json (nothing to resume; start a new run)")
+        raise ConfigError(f"resume: {run.path} has no config.json (nothing to resume; start a new run)")
     saved = load_config(run.path)
     for f in dataclasses.fields(GrowConfig):
         if f.name != "stages" and getattr(saved, f.name) != getattr(config, f.name):
-            raise ValueError(f"resume: {f.name} differs from {run.config} ({getattr(saved, f.name)!r} there, "
-                             f"{getattr(config, f.name)!r} here)")
+            raise ConfigError(f"resume: {f.name} differs from {run.config} ({getattr(saved, f.name)!r} there, "
+                              f"{getattr(config, f.name)!r} here)")
+    done = len(run.records()) - 1  # growth stages completed after the seed
+    if config.stages < done:
+        raise ConfigError(f"stages: {config.stages} is fewer than the {done} growth stage(s) {run.path} has "
+                          "completed (--stages may only extend a run)")
+
+
+def check_seed_cost(session: Session, model: nn.Module) -> float:
+    """The seed's cost under the run's cost model; ``ConfigError`` when it cannot be right or when the
+    budget leaves nothing to grow (both before anything is written)."""
+    config, cost_model = session.config, session.cost_model
+    total = cost_model.total(model, session.input_shape)
+    source = f" from the profile {config.profile}" if config.profile else ""
+    if not (math.isfinite(total) and total > 0):
+        raise ConfigError(f"cost: the {cost_model.name} cost model{source} prices the seed network at {total:.4g} "
+                          f"{cost_model.unit}; a network cannot cost <= 0 (the profile does not fit networks "
+                          "this small: profile the device again, or use --cost flops)")
+    if config.budget is not None and config.budget <= total:
+        raise ConfigError(f"budget: {config.budget:.4g} {cost_model.unit} is not above the seed's own cost "
+                          f"({total:.4g} {cost_model.unit}{source}); nothing could grow")
+    return total
+
+
+def _check_resume(run: RunDir, config: GrowConfig) -> list[dict[str, Any]]:
+    """Make ``run`` consistent for resuming: the records of completed stages, stale files removed."""
     for tmp in run.temporaries():
         log.info("removing %s, left by an interrupted write", tmp.name)
         tmp.unlink()
@@ -84,13 +121,18 @@ def _check_resume(run: RunDir, config: GrowConfig) -> list[dict[str, Any]]:
     return kept
 
 
-def grow(config: GrowConfig, out: str | Path, *, resume: bool = False, progress: Progress | None = None,
+def grow(config: GrowConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False,
+         progress: Progress | None = None,
          on_stage: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
     """Run the stage loop, writing the run directory ``out``; returns the stage records.
 
     ``resume=True`` continues the run in ``out`` after its last completed stage (``config`` must
-    equal its config.json except for ``stages``, which may extend it); without it a previous run
-    in ``out`` is replaced. ``progress`` wraps long loops (``progress(iterable, desc, total)``,
+    equal its config.json except for ``stages``, which may extend it); without it, a previous run
+    in ``out`` is replaced only with ``overwrite=True``, and a directory that holds files of the
+    run format but no hwsplit run is never touched. Every input (data, model, cost model and
+    profile, the seed's cost against the budget, path lengths) is checked before anything in
+    ``out`` is written, and ``out`` is locked against a second writer (:class:`~hwsplit.errors.RunLocked`).
+    ``progress`` wraps long loops (``progress(iterable, desc, total)``,
     e.g. tqdm); ``on_stage`` is called with each record as soon as the stage is on disk.
 
     Raises :class:`StageFailed` when a stage cannot complete — a non-finite training or scoring
@@ -99,13 +141,31 @@ def grow(config: GrowConfig, out: str | Path, *, resume: bool = False, progress:
     propagates after the same bookkeeping; no partial file is left behind.
     """
     run = RunDir(out)
+    check_writable_name(run.summary)
+    if config.data_dir is not None and not resume:  # resumable from any working directory
+        config = dataclasses.replace(config, data_dir=str(Path(config.data_dir).resolve()))
     if resume:
-        records = _check_resume(run, config)
-    else:
-        start_fresh(run)
-        records = []
-    atomic_write_json(run.config, config.to_dict())
-    session = open_session(config)
+        _resume_preflight(run, config)
+    session = open_session(config)  # the data, the model's family and the cost model's profile must load
+    if not resume:
+        seed_everything(stage_seed(config, 0))  # stage 0 re-seeds before it builds the same seed
+        check_seed_cost(session, build_seed(config, session.bundle))
+    with run.lock("grow"):
+        if resume:
+            records = _check_resume(run, config)
+        else:
+            start_fresh(run, overwrite=overwrite)
+            records = []
+        try:
+            atomic_write_json(run.config, config.to_dict())
+        except OSError as err:
+            raise WriteFailed(f"could not write {run.config} ({err.strerror or err})") from None
+        return _stages(run, config, session, records, progress=progress, on_stage=on_stage)
+
+
+def _stages(run: RunDir, config: GrowConfig, session: Session, records: list[dict[str, Any]], *,
+            progress: Progress | None, on_stage: Callable[[dict[str, Any]], None] | None) -> list[dict[str, Any]]:
+    """The stage loop proper, on a locked, prepared run directory."""
     device, input_shape, cost_model = session.device, session.input_shape, session.cost_model
     train_loader, test_loader = session.train_loader, session.test_loader
     stop_reason = STOP_STAGES
@@ -208,8 +268,9 @@ def grow(config: GrowConfig, out: str | Path, *, resume: bool = False, progress:
             if config.budget is not None and records[-1]["cost"]["value"] >= config.budget * (1 - 1e-9):
                 stop_reason = STOP_BUDGET
                 break
-    except (FloatingPointError, WriteFailed) as err:
-        what = "non-finite loss" if isinstance(err, FloatingPointError) else "write failed"
+    except (FloatingPointError, WriteFailed, BadImageError) as err:
+        what = ("non-finite loss" if isinstance(err, FloatingPointError) else
+                "bad input image" if isinstance(err, BadImageError) else "write failed")
         reason = f"failed in stage {stage} ({what}): {err}"
         write_summary(run, config, records, status=reason, safe=True)
         kept = (f"stages 0-{len(records) - 1} in {run.path} are intact" if records
@@ -217,8 +278,9 @@ def grow(config: GrowConfig, out: str | Path, *, resume: bool = False, progress:
         raise StageFailed(f"stage {stage} failed ({what}): {str(err).splitlines()[0]}; {kept}",
                           stage=stage, run=run.path) from None
     except KeyboardInterrupt:
-        write_summary(run, config, records, safe=True,
-                      status=f"interrupted in stage {stage}; continue with `grow --resume {run.path}`")
+        with ignoring_interrupts():  # a second Ctrl-C must not break the bookkeeping
+            write_summary(run, config, records, safe=True,
+                          status=f"interrupted in stage {stage}; continue with `grow --resume {run.path}`")
         raise
 
     write_summary(run, config, records, status=f"stopped: {stop_reason}")

@@ -42,6 +42,19 @@ MOBILENET_V1_CONFIGS = {"standard": MOBILENET_V1_STANDARD, "cifar_seed": MOBILEN
                         "tiny_seed": MOBILENET_V1_TINY_SEED}
 
 
+#: Widest layer (channels or features) and most classes a family accepts: beyond them an
+#: architecture is a corrupt or hostile file (a 10⁶-wide layer needs terabytes), not a network.
+MAX_WIDTH = 1 << 16
+MAX_CLASSES = 100_000
+
+
+def _check_count(name: str, value: Any, limit: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+    if value > limit:
+        raise ValueError(f"{name}: {value:,} is more than hwsplit builds (at most {limit:,})")
+
+
 def default_config(resolution: int) -> str:
     """The seed config that suits an input resolution: tiny_seed ≤ 16 px, cifar_seed < 64 px, else standard."""
     return "tiny_seed" if resolution <= 16 else "cifar_seed" if resolution < 64 else "standard"
@@ -93,24 +106,20 @@ class MobileNetV1Spec:
     family: str = field(default="mobilenet_v1", init=False)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.stem_width, int) or self.stem_width < 1:
-            raise ValueError(f"stem_width: expected a positive integer, got {self.stem_width!r}")
+        _check_count("stem_width", self.stem_width, MAX_WIDTH)
         if len(self.widths) != len(self.strides):
             raise ValueError(f"widths: {len(self.widths)} widths for {len(self.strides)} strides")
         if not self.widths:
             raise ValueError("widths: at least one block is needed")
         for i, w in enumerate(self.widths):
-            if not isinstance(w, int) or w < 1:
-                raise ValueError(f"widths[{i}]: expected a positive integer, got {w!r}")
+            _check_count(f"widths[{i}]", w, MAX_WIDTH)
         for i, s in enumerate(self.strides):
             if s not in (1, 2):
                 raise ValueError(f"strides[{i}]: expected 1 or 2, got {s!r}")
         if self.stem_stride not in (1, 2):
             raise ValueError(f"stem_stride: expected 1 or 2, got {self.stem_stride!r}")
-        if not isinstance(self.num_classes, int) or self.num_classes < 1:
-            raise ValueError(f"num_classes: expected a positive integer, got {self.num_classes!r}")
-        if not isinstance(self.in_channels, int) or self.in_channels < 1:
-            raise ValueError(f"in_channels: expected a positive integer, got {self.in_channels!r}")
+        _check_count("num_classes", self.num_classes, MAX_CLASSES)
+        _check_count("in_channels", self.in_channels, MAX_WIDTH)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout: expected 0 <= dropout < 1, got {self.dropout!r}")
         _activation(self.activation)
@@ -175,15 +184,12 @@ class MLPSpec:
     family: str = field(default="mlp", init=False)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.in_features, int) or self.in_features < 1:
-            raise ValueError(f"in_features: expected a positive integer, got {self.in_features!r}")
+        _check_count("in_features", self.in_features, MAX_WIDTH * 64)
         if not self.widths:
             raise ValueError("widths: at least one hidden layer is needed")
         for i, w in enumerate(self.widths):
-            if not isinstance(w, int) or w < 1:
-                raise ValueError(f"widths[{i}]: expected a positive integer, got {w!r}")
-        if not isinstance(self.num_classes, int) or self.num_classes < 1:
-            raise ValueError(f"num_classes: expected a positive integer, got {self.num_classes!r}")
+            _check_count(f"widths[{i}]", w, MAX_WIDTH)
+        _check_count("num_classes", self.num_classes, MAX_CLASSES)
         _activation(self.activation)
 
     def to_dict(self) -> dict[str, Any]:
@@ -348,8 +354,7 @@ def _resize_torchvision(model: nn.Module, widths: dict[str, int]) -> None:
         if name not in base:
             raise ValueError(f"widths[{name!r}]: no dense convolution of that name in {TORCHVISION_MOBILENET_V2} "
                              f"(width_mult={model.hwsplit_arch['width_mult']})")
-        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-            raise ValueError(f"widths[{name!r}]: expected a positive integer, got {width!r}")
+        _check_count(f"widths[{name!r}]", width, MAX_WIDTH)
     changed = {name: w for name, w in widths.items() if w != base[name]}
     if not changed:
         return

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hwsplit.errors import RunFailed, RunLocked
+from hwsplit.errors import ConfigError, RunFailed, RunLocked
 from hwsplit.fsio import atomic_write_text
 from hwsplit.units import fmt_si
 
@@ -101,8 +101,19 @@ class RunDir:
         return sorted(p for p in self.path.glob(".*.tmp") if p.is_file())
 
     def is_run(self) -> bool:
-        """Whether the directory holds (part of) an hwsplit run: a config.json, records or checkpoints."""
-        return self.config.exists() or self.stages.exists() or bool(self.checkpoints())
+        """Whether the directory holds (part of) an hwsplit run: records, checkpoints, or a config.json
+        that hwsplit wrote (a JSON object with a ``model`` and ``cost`` field)."""
+        if self.stages.exists() or self.checkpoints():
+            return True
+        try:
+            data = json.loads(self.config.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError):
+            return False
+        return isinstance(data, dict) and "model" in data and "cost" in data
+
+    def own_files(self) -> list[Path]:
+        """The files of the run format present in the directory (``.lock`` excepted)."""
+        return [p for p in (self.config, self.stages, self.summary, *self.checkpoints().values()) if p.exists()]
 
     def records(self) -> list[dict[str, Any]]:
         if not self.stages.exists():
@@ -169,17 +180,29 @@ def remove_run_files(run: RunDir) -> None:
             p.unlink()
 
 
-def start_fresh(run: RunDir) -> None:
-    """Create ``run`` or empty it of a previous run's files (a warning says what was replaced)."""
+def start_fresh(run: RunDir, *, overwrite: bool = True) -> None:
+    """Make ``run`` ready for a new run: create it, or replace the run it holds.
+
+    A directory that holds a run is emptied of the run's files only with ``overwrite=True``
+    (otherwise :class:`~hwsplit.errors.ConfigError` says to use ``--resume`` or ``--overwrite``).
+    A directory whose ``config.json``/``summary.md`` hwsplit did not write is never emptied:
+    ``ConfigError`` whatever ``overwrite`` says. Call it while holding ``run.lock()``.
+    """
     run.path.mkdir(parents=True, exist_ok=True)
-    try:
-        old = len(run.records())
-    except ValueError:  # an unreadable stages.jsonl is replaced too
-        old = -1
-    if old:
-        log.warning("replacing the run in %s (%s completed stage(s)); resume continues a run instead",
-                    run.path, old if old > 0 else "unreadable")
-    remove_run_files(run)
+    if run.is_run():
+        try:
+            old: int | str = len(run.records())
+        except ValueError:  # an unreadable stages.jsonl is replaced too
+            old = "unreadable"
+        if not overwrite:
+            raise ConfigError(f"out: {run.path} holds a run ({old} completed stage(s)); continue it with "
+                              f"--resume {run.path}, or replace it with --overwrite")
+        log.warning("replacing the run in %s (%s completed stage(s))", run.path, old)
+        remove_run_files(run)
+    elif run.own_files():
+        names = ", ".join(p.name for p in run.own_files())
+        raise ConfigError(f"out: {run.path} is not an hwsplit run but holds {names}; hwsplit never empties such "
+                          "a directory (choose a new or empty one)")
 
 
 def record_widths(record: dict[str, Any]) -> list[int]:

@@ -1,4 +1,4 @@
-"""Splitting indices: the minimum eigenvalue of each neuron's splitting matrix (DESIGN.md §2).
+"""Splitting indices: the minimum eigenvalue of each neuron's splitting matrix (docs/design.md §2).
 
 For a neuron group with producer P and per-channel chain a_j(θ_j; x) (BatchNorm, activation,
 optionally depthwise conv → BatchNorm → activation), the splitting matrix of channel j is
@@ -623,7 +623,7 @@ def _normalise(v: torch.Tensor) -> torch.Tensor:
 
 
 def predicted_loss_change(eigenvalue: float, step: float) -> float:
-    """ε²λ/2: the loss change of splitting a neuron with index λ at step ε (DESIGN.md §2)."""
+    """ε²λ/2: the loss change of splitting a neuron with index λ at step ε (docs/design.md §2)."""
     return 0.5 * step * step * eigenvalue
 
 

@@ -13,11 +13,13 @@ crash continues, on the CPU, bit for bit as an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +30,7 @@ import cost_models
 from hwsplit.checkpoint import save_checkpoint
 from hwsplit.config import GrowConfig
 from hwsplit.data import DataBundle, load_dataset, make_loaders
+from hwsplit.errors import ConfigError
 from hwsplit.families import build_seed as _build_family_seed
 from hwsplit.graph import NeuronGroup, find_neuron_groups
 from hwsplit.models import architecture
@@ -47,6 +50,19 @@ def kill_point(point: str) -> None:
     if os.environ.get(KILL_AT_ENV) == point:
         log.warning("%s=%s: killing this process", KILL_AT_ENV, point)
         os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
+
+
+@contextlib.contextmanager
+def ignoring_interrupts() -> Iterator[None]:
+    """Ignore SIGINT while the block runs (the bookkeeping after a first Ctrl-C); the main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def stage_seed(config: GrowConfig, stage: int) -> int:
@@ -96,9 +112,25 @@ def open_session(config: GrowConfig, *, bundle: DataBundle | None = None) -> Ses
     train_loader, test_loader = make_loaders(bundle, batch_size=config.batch_size, seed=config.seed,
                                              device=device if device.type == "cuda" else None)
     return Session(config=config, bundle=bundle, train_loader=train_loader, test_loader=test_loader, device=device,
-                   input_shape=(1, *bundle.input_shape),
-                   cost_model=cost_models.get_cost_model(config.cost, **config.cost_options),
+                   input_shape=(1, *bundle.input_shape), cost_model=_cost_model(config),
                    flops=cost_models.get_cost_model("flops"), measure=end_to_end_measurer(config))
+
+
+def _cost_model(config: GrowConfig) -> Any:
+    """The run's cost model; a profile that cannot be fitted is a ``ConfigError`` naming the file."""
+    import numpy as np
+
+    try:
+        return cost_models.get_cost_model(config.cost, **config.cost_options)
+    except (np.linalg.LinAlgError, ArithmeticError) as err:
+        raise ConfigError(f"profile: {config.profile}: cannot fit the {config.cost} cost model to it "
+                          f"({type(err).__name__}: {_first_line(err)}); it is degenerate (too few distinct rows?)"
+                          ) from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err)
+    return text.splitlines()[0] if text.strip() else type(err).__name__
 
 
 def describe(session: Session, model: nn.Module, groups: list[NeuronGroup] | None = None) -> dict[str, Any]:
@@ -187,6 +219,9 @@ def end_to_end_measurer(config: GrowConfig) -> Callable[[nn.Module, tuple[int, .
         dev = profile.get("device", {})
         backend, meter = profile.get("backend", "onnxruntime"), profile.get("meter", "latency")
         kind, threads, name = dev.get("kind", "cpu"), dev.get("threads"), dev.get("name")
+    if kind not in ("cpu", "cuda"):
+        raise ConfigError(f"profile: {config.profile}: device.kind {kind!r} is not one hwsplit can measure "
+                          "(cpu or cuda)")
     here = _cpu_name() if kind == "cpu" else (torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
     same = name is None or name == here
     if not same:
@@ -209,5 +244,5 @@ def end_to_end_measurer(config: GrowConfig) -> Callable[[nn.Module, tuple[int, .
     return measure
 
 
-__all__ = ["KILL_AT_ENV", "Session", "build_seed", "count_params", "describe", "end_to_end_measurer", "kill_point",
-           "open_session", "stage_seed", "train_and_record", "write_stage"]
+__all__ = ["KILL_AT_ENV", "Session", "build_seed", "count_params", "describe", "end_to_end_measurer",
+           "ignoring_interrupts", "kill_point", "open_session", "stage_seed", "train_and_record", "write_stage"]

@@ -12,6 +12,9 @@ from hwsplit.families import get_family
 from hwsplit.graph import find_neuron_groups, layer_specs
 from hwsplit.models import build_model
 
+#: Largest input side and channel count a summary traces (a zero input of 3×4096² floats is 200 MB).
+MAX_SIDE = 4096
+
 
 def model_summary(model_or_checkpoint: str | Path, *, resolution: int | None = None,
                   in_channels: int | None = None) -> dict[str, Any]:
@@ -22,6 +25,9 @@ def model_summary(model_or_checkpoint: str | Path, *, resolution: int | None = N
     ``resolution``/``in_channels`` override it; anything else is a family name, traced at its
     default resolution (224 for ImageNet families, 32 otherwise).
     """
+    for name, value in (("resolution", resolution), ("in_channels", in_channels)):
+        if value is not None and not (isinstance(value, int) and 1 <= value <= MAX_SIDE):
+            raise ValueError(f"{name}: expected an integer in 1..{MAX_SIDE}, got {value!r}")
     path = Path(model_or_checkpoint)
     if path.suffix == ".pt" or path.is_file():
         payload = load_checkpoint(path)

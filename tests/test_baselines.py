@@ -11,9 +11,9 @@ from click.testing import CliRunner
 
 from cli import main
 from hwsplit.baselines import grow_epochs, parse_multipliers
-from hwsplit.select import random_selection
 from hwsplit.checkpoint import load_model
 from hwsplit.config import GrowConfig
+from hwsplit.select import random_selection
 
 TINY = ["--epochs", "1", "--limit", "300", "--batch-size", "32"]
 

@@ -78,13 +78,13 @@ def test_grow_against_an_absolute_latency_budget_stops_at_it(tmp_path, cifar_lik
     assert records[-1]["cost"]["value"] > records[0]["cost"]["value"]
 
 
-def test_a_budget_already_spent_stops_the_run(tmp_path):
+def test_a_budget_already_spent_is_refused_before_anything_is_written(tmp_path):
     out = tmp_path / "run"
     result = _invoke("grow", "--cost", "flops", "--budget", "1k", "--stages", "3", "--epochs", "1", "--limit", "200",
                      "--out", str(out))
-    assert result.exit_code == 0, result.output
-    assert len((out / "stages.jsonl").read_text().splitlines()) == 1
-    assert "budget reached" in (out / "summary.md").read_text()
+    assert result.exit_code == 2, result.output
+    assert "seed's own cost" in result.output and len(result.output.strip().splitlines()) == 1
+    assert not out.exists()
 
 
 def test_fit_prints_the_accuracy_report():

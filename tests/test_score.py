@@ -107,7 +107,7 @@ def test_exact_matches_brute_force_hessians(trained_tiny64):
 
 
 def test_split_changes_loss_by_eps2_lambda_over_2(trained_tiny64):
-    """The defining identity (DESIGN.md §2), in float64, on a net with depthwise chains."""
+    """The defining identity (docs/design.md §2), in float64, on a net with depthwise chains."""
     model, data = trained_tiny64
     scores = splitting_indices(model, data, method="exact")
 
