@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from hwsplit.score import _elementwise_derivatives, _frozen_bn, _Step, activation_derivatives, activation_fn
 
 # softplus_β switches to its linear branch at βx > 20 (torch's threshold), where the surrogates'
-# closed forms keep σ(βx) ≈ 1 − 2e-9 (β·2e-9 in f''): hence tolerances of 1e-8 to 1e-7, far below any wrong factor's effect.
+# closed forms keep σ(βx) ≈ 1 − 2e-9 (β·2e-9 in f''): hence tolerances of 1e-8 to 1e-7, far below
+# the effect of any wrong factor.
 # Off the kinks (0, ±3, 6) so that ELU's f'' (a jump at 0) and softplus's linear branch are compared
 # where both sides are defined; wide enough that every surrogate's curved part and tails are covered.
 X = torch.linspace(-9.0, 9.0, 721, dtype=torch.float64) + 0.0123

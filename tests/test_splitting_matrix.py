@@ -38,9 +38,9 @@ def _inputs_and_end_grads(model, data, group):
     for x, y in data:
         seen = {}
         h1 = model.get_submodule(group.producer).register_forward_hook(
-            lambda m, inp, o: seen.__setitem__("x", inp[0].detach()))
+            lambda m, inp, o, seen=seen: seen.__setitem__("x", inp[0].detach()))
 
-        def keep_end(m, inp, o):
+        def keep_end(m, inp, o, seen=seen):
             o.retain_grad()
             seen["a"] = o
 
