@@ -189,10 +189,10 @@ def run(mutants: list[Mutant], *, timeout_s: float, keep: bool) -> dict:
         if not all(Path(p).resolve().is_relative_to(copy.resolve()) for p in where.stdout.split()):
             raise SystemExit(f"the copy imports the package from elsewhere:\n{where.stdout}")
         all_tests = sorted({t for m in mutants for t in m.tests})
-        rc, seconds, tail = _run_tests(copy, all_tests, timeout_s * 4)
+        rc, baseline_s, tail = _run_tests(copy, all_tests, timeout_s * 4)
         if rc != 0:
             raise SystemExit(f"the unmutated copy fails its tests (rc {rc}); nothing can be called killed:\n{tail}")
-        print(f"baseline: {len(all_tests)} test files pass on the unmutated copy ({seconds:.0f} s)", flush=True)
+        print(f"baseline: {len(all_tests)} test files pass on the unmutated copy ({baseline_s:.0f} s)", flush=True)
         results = []
         for m in mutants:
             path = copy / m.file
@@ -208,13 +208,17 @@ def run(mutants: list[Mutant], *, timeout_s: float, keep: bool) -> dict:
                 finally:
                     path.write_text(source)
                 entry.update(status="survived" if rc == 0 else "killed", returncode=rc, seconds=round(seconds, 1))
+                failed = [line.split(" - ")[0][len("FAILED "):] for line in tail.splitlines()
+                          if line.startswith("FAILED ")]
+                if failed:
+                    entry["killed_by"] = failed[0]
                 if rc == 0:
                     entry["output_tail"] = tail
                 elif rc not in (1, -1):  # not an ordinary test failure (2: collection error, import error)
                     entry["note"] = tail.strip().splitlines()[-1] if tail.strip() else ""
             results.append(entry)
             print(f"{entry['status']:>9}  {m.id}  ({entry['seconds']:.0f} s)", flush=True)
-        return {"results": results, "baseline_seconds": round(seconds, 1)}
+        return {"results": results, "baseline_seconds": round(baseline_s, 1)}
     finally:
         if keep:
             print(f"copy kept at {copy}")
@@ -242,12 +246,13 @@ def main() -> None:
         raise SystemExit(f"unknown mutant id among {args.only}")
     from common import machine, machine_line, now  # bench/common.py (this script's folder is on sys.path)
 
-    t0 = time.perf_counter()
-    out = run(chosen, timeout_s=args.timeout_s, keep=args.keep)
-    counts = {s: sum(r["status"] == s for r in out["results"]) for s in ("killed", "survived", "stale", "ambiguous")}
+    # the commit tested: the tree as it is now (uncommitted edits to tracked files are flagged)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
                                 capture_output=True, text=True).stdout.strip())
+    t0 = time.perf_counter()
+    out = run(chosen, timeout_s=args.timeout_s, keep=args.keep)
+    counts = {s: sum(r["status"] == s for r in out["results"]) for s in ("killed", "survived", "stale", "ambiguous")}
     info = machine()
     report = {"command": "python " + " ".join(["bench/mutants.py", *sys.argv[1:]]), "date": now(),
               "machine": machine_line(info), "loadavg": info.get("loadavg"), "commit": commit,
