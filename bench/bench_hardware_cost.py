@@ -237,11 +237,12 @@ def fragment(out: Path, args: argparse.Namespace, run_info: dict) -> None:
     for arm, rs in recs.items():
         for prev, r in zip(rs, rs[1:]):
             b = r.get("budget")
-            # the record's "used" is Σ single-neuron marginals; the realised increase is the cost change
+            # records up to issue 15 hold Σ single-neuron marginals in "used" (later ones in "marginal_sum");
+            # the realised increase is the change of the arm's cost between the stages
             realised = r["cost"]["value"] - prev["cost"]["value"]
             stage_rows.append([arm, r["stage"], f"{r['cost']['value']:.4g} {r['cost']['unit']}",
                                r.get("neurons_split", 0),
-                               f"{b['used']:.4g} / {b['value']:.4g} {b['unit']}" if b else "-",
+                               f"{b.get('marginal_sum', b['used']):.4g} / {b['value']:.4g} {b['unit']}" if b else "-",
                                f"{realised:.4g} ({100 * realised / b['value']:.0f} %)" if b else "-"])
     a0 = final["seed"]["architecture"]
     names = list(final)
