@@ -313,19 +313,22 @@ def fit_plan_to_budget(plan: dict[str, torch.Tensor], scores: dict[str, Any], ma
     their cross terms (a conv grows in both its input and its output channels), so the real
     increase can exceed the sum of marginals by a few percent. ``increase(plan)`` measures it on
     the architecture the plan would produce; neurons with the worst λ/cost ratio go first, or
-    those with the highest ``rank(group, channel)`` when given (the random baseline).
+    those with the highest ``rank(group, channel)`` when given (the random baseline). Each of the
+    first ``max_rounds`` rounds drops neurons worth the excess in marginals, later rounds one neuron
+    each; the plan returned is always one whose increase was measured to fit (or the empty plan).
     """
     def value(k: str, j: int) -> float:
         return rank(k, j) if rank is not None else float(scores[k].eigenvalues[j]) / marginal[k]
 
     items = sorted(((value(k, int(j)), k, int(j)) for k, v in plan.items() for j in v),
                    reverse=True)  # worst (least negative per cost) first
-    for _ in range(max_rounds):
+    rounds = 0
+    while True:
         over = increase(plan) - budget
         if over <= 1e-9 * max(1.0, abs(budget)) or not items:
             return plan
         drop, freed = [], 0.0
-        while items and freed < over:
+        while items and (not drop or (freed < over and rounds < max_rounds)):
             _, k, j = items.pop(0)
             drop.append((k, j))
             freed += marginal[k]
@@ -336,7 +339,7 @@ def fit_plan_to_budget(plan: dict[str, torch.Tensor], scores: dict[str, Any], ma
                 for k, v in plan.items()}
         plan = {k: v for k, v in plan.items() if v.numel()}
         log.info("dropped %d neurons whose joint cost exceeded the budget by %.4g", len(drop), over)
-    return plan
+        rounds += 1
 
 
 __all__ = ["GrowConfig", "RunDir", "StageFailed", "build_seed", "fit_plan_to_budget", "grow", "load_config",

@@ -205,6 +205,11 @@ class LocalChain:
             elif op.kind == "dwconv":
                 self.dw = model.get_submodule(op.target)
         self.kinked = [op.activation for op in group.chain if op.kind == "act" and op.activation in KINKED]
+        # A surrogate before the depthwise conv moves its input off the network's: the recorded
+        # depthwise output is then not L(E1(h)) of the scored chain and must be recomputed.
+        dw_at = next((i for i, op in enumerate(group.chain) if op.kind == "dwconv"), len(group.chain))
+        self.surrogate_before_dw = self.dw is not None and any(
+            op.kind == "act" and op.activation in KINKED for op in group.chain[:dw_at])
 
     @property
     def weight(self) -> torch.Tensor:
@@ -255,7 +260,7 @@ class LocalChain:
         if self.dw is None:
             ctx["w2"] = g * e1_2  # ġh = g E''(h) ḣ
             return ctx
-        if z is None:
+        if z is None or self.surrogate_before_dw:
             z = self._dw(s, True)
         _, e2, e2_2 = _elementwise_derivatives(self.post, z)
         ctx.update(s_shape=s.shape, gz2=g * e2_2, gs_e1_2=self._dw_transposed(g * e2, s.shape) * e1_2)

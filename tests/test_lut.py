@@ -212,13 +212,7 @@ def test_marginal_positive_on_a_noisy_table(grid: list[LayerSpec], caplog: pytes
             assert all(v > 0 for v in marginal.values()), marginal
 
 
-def test_real_find_neuron_groups_if_available(grid: list[LayerSpec]) -> None:
-    if not hasattr(hwsplit.graph, "find_neuron_groups"):
-        pytest.skip("hwsplit.graph.find_neuron_groups not implemented yet")
-    lut = get_cost_model("lut", profile=synthetic_profile(curved_cost, grid))
-    model = build_model("mobilenet_v1", config="cifar_seed", resolution=32, num_classes=10)
-    marginal = lut.marginal(model, SHAPE)
-    assert marginal and all(v > 0 for v in marginal.values())
+# Marginals of the real find_neuron_groups, against finite differences of the total: tests/test_lut_curved.py
 
 
 def test_missing_metric_and_units(grid: list[LayerSpec], tmp_path: Path) -> None:

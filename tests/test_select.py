@@ -296,11 +296,15 @@ def _big_instance(per_neuron_costs: bool = False):
 def test_lp_scale(per_neuron_costs):
     values, costs, budget, layer_of, caps = _big_instance(per_neuron_costs)
     solve_knapsack(values[:50], costs[:50], 100.0, method="lp")  # warm up
-    t0 = time.perf_counter()
-    mask = solve_knapsack(values, costs, budget, layer_of=layer_of, caps=caps, method="lp")
-    elapsed_s = time.perf_counter() - t0
+    # CPU time of this process, best of 3: other processes on a loaded machine stretch wall-clock time
+    # (the 1 s bound once failed on 2 shared cores), not the work the solve does
+    elapsed_s = []
+    for _ in range(3):
+        t0 = time.process_time()
+        mask = solve_knapsack(values, costs, budget, layer_of=layer_of, caps=caps, method="lp")
+        elapsed_s.append(time.process_time() - t0)
     check_feasible(mask, values, costs, budget, layer_of, caps)
-    assert elapsed_s < 1.0, f"LP on 20 x 500 neurons took {elapsed_s:.3f} s"
+    assert min(elapsed_s) < 1.0, f"LP on 20 x 500 neurons took {min(elapsed_s):.3f} s of CPU"
     assert costs[mask].sum() > 0.99 * budget  # the budget binds and is nearly used
 
 
