@@ -18,7 +18,7 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from hwsplit.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, HwsplitError
+from hwsplit.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, HwsplitError, first_line
 
 
 class CliError(click.ClickException):
@@ -44,11 +44,6 @@ def _progress(it: Iterable, desc: str, total: int | None) -> Iterable:
     return tqdm(it, desc=desc, total=total, leave=False, dynamic_ncols=True, disable=None)
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err)
-    return text.splitlines()[0] if text.strip() else type(err).__name__
-
-
 def _library_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn the library's errors into one-line messages: the exit status of an :class:`HwsplitError`
     comes from its class (hwsplit.errors); other bad inputs (``ValueError``, missing files) exit 2."""
@@ -59,11 +54,11 @@ def _library_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except HwsplitError as err:
-            raise CliError(_first_line(err), err.exit_code) from None
+            raise CliError(first_line(err), err.exit_code) from None
         except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as err:
-            raise CliError(_first_line(err), EXIT_USAGE) from None
+            raise CliError(first_line(err), EXIT_USAGE) from None
         except OSError as err:  # disk full, I/O errors: the run stopped, what it completed is intact
-            raise CliError(_first_line(err), EXIT_FAILED) from None
+            raise CliError(first_line(err), EXIT_FAILED) from None
         except RecursionError:
             raise CliError("an input is nested too deeply to be read", EXIT_USAGE) from None
         except KeyboardInterrupt:

@@ -20,6 +20,13 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its class name when the message is empty): what a
+    one-line error shows."""
+    text = str(err)
+    return text.splitlines()[0] if text.strip() else type(err).__name__
+
+
 class HwsplitError(Exception):
     """Base class of hwsplit's deliberate errors; ``exit_code`` is the command line's exit status."""
 
@@ -45,4 +52,4 @@ class RunFailed(HwsplitError, RuntimeError):
 
 
 __all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_USAGE", "ConfigError", "DeviceUnavailableError",
-           "HwsplitError", "RunFailed", "RunLocked"]
+           "HwsplitError", "RunFailed", "RunLocked", "first_line"]

@@ -24,21 +24,18 @@ from hwsplit.models import (
 )
 
 
-def _mobilenet_v1_seed(options: dict[str, Any], shape: tuple[int, int, int], classes: int) -> dict[str, Any]:
-    c, h, _ = shape
-    options.setdefault("config", default_config(h))
-    options.setdefault("in_channels", c)
-    options.setdefault("resolution", h)
-    options.setdefault("num_classes", classes)
-    return options
-
-
 def _mobilenet_v1_cifar_seed(options: dict[str, Any], shape: tuple[int, int, int], classes: int) -> dict[str, Any]:
     c, h, _ = shape
     options.setdefault("in_channels", c)
     options.setdefault("resolution", h)
     options.setdefault("num_classes", classes)
     return options
+
+
+def _mobilenet_v1_seed(options: dict[str, Any], shape: tuple[int, int, int], classes: int) -> dict[str, Any]:
+    """The cifar seed's sizing, plus the seed config that suits the input resolution."""
+    options.setdefault("config", default_config(shape[1]))
+    return _mobilenet_v1_cifar_seed(options, shape, classes)
 
 
 def _mlp_seed(options: dict[str, Any], shape: tuple[int, int, int], classes: int) -> dict[str, Any]:

@@ -30,7 +30,7 @@ import cost_models
 from hwsplit.checkpoint import save_checkpoint
 from hwsplit.config import GrowConfig
 from hwsplit.data import DataBundle, load_dataset, make_loaders
-from hwsplit.errors import ConfigError
+from hwsplit.errors import ConfigError, first_line
 from hwsplit.families import build_seed as _build_family_seed
 from hwsplit.graph import NeuronGroup, find_neuron_groups
 from hwsplit.models import architecture
@@ -124,13 +124,9 @@ def _cost_model(config: GrowConfig) -> Any:
         return cost_models.get_cost_model(config.cost, **config.cost_options)
     except (np.linalg.LinAlgError, ArithmeticError) as err:
         raise ConfigError(f"profile: {config.profile}: cannot fit the {config.cost} cost model to it "
-                          f"({type(err).__name__}: {_first_line(err)}); it is degenerate (too few distinct rows?)"
+                          f"({type(err).__name__}: {first_line(err)}); it is degenerate (too few distinct rows?)"
                           ) from None
 
-
-def _first_line(err: BaseException) -> str:
-    text = str(err)
-    return text.splitlines()[0] if text.strip() else type(err).__name__
 
 
 def describe(session: Session, model: nn.Module, groups: list[NeuronGroup] | None = None) -> dict[str, Any]:
@@ -165,14 +161,9 @@ def train_and_record(session: Session, model: nn.Module, stage: int, *, epochs: 
     info = describe(session, model, groups)
     record = {
         "stage": stage,
-        "architecture": info["architecture"],
-        "layers": info["layers"],
-        "widths": info["widths"],
+        **info,
         "train_loss": fit["loss"], "train_top1": fit["top1"],
         "test_loss": test["loss"], "test_top1": test["top1"], "test_top5": test["top5"],
-        "macs": info["macs"],
-        "params": info["params"],
-        "cost": info["cost"],
         "seconds": timings,
         **extra,
     }
