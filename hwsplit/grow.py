@@ -244,6 +244,9 @@ def _stages(run: RunDir, config: GrowConfig, session: Session, records: list[dic
             before = evaluate(model, test_loader, device=device)["loss"]
             model = apply_split(model, plan, scores, step=config.split_step).to(device)
             groups = session.trace(model)
+            # what the split really cost (the cost model's total after minus before), not Σ marginals,
+            # which over- or under-states it when costs are not additive (docs/design.md §4)
+            realised = cost_model.total(model, input_shape) - total
             after = evaluate(model, test_loader, device=device)["loss"]
             timings["split_s"] = time.perf_counter() - t0
             kill_point(f"stage-{stage}:split")
@@ -253,7 +256,8 @@ def _stages(run: RunDir, config: GrowConfig, session: Session, records: list[dic
                 "neurons_split": int(sum(v.numel() for v in plan.values())),
                 "selection": config.selection,
                 "budget": {"value": budget, "unit": cost_model.unit,
-                           "used": float(sum(marginal[k] * v.numel() for k, v in plan.items()))},
+                           "used": float(realised),
+                           "marginal_sum": float(sum(marginal[k] * v.numel() for k, v in plan.items()))},
                 "eigenvalues": {
                     "min": float(eig.min()), "median": float(eig.median()), "negative": n_negative,
                     "count": int(eig.numel()),

@@ -113,9 +113,6 @@ def test_realised_increase_never_exceeds_the_budget(flops_run):
         assert 0 < realised <= after["budget"]["value"] * (1 + 1e-9), after["stage"]
 
 
-@pytest.mark.xfail(strict=True, reason="grow.py's loop records Σ marginals as 'used'; the lead changes it to "
-                                       "the realised increase (docs: /work/notes/issue-15.md). strict: remove "
-                                       "this marker once it passes")
 def test_record_budget_used_is_the_realised_increase(flops_run):
     for before, after in zip(flops_run, flops_run[1:]):
         realised = after["cost"]["value"] - before["cost"]["value"]
