@@ -113,14 +113,12 @@ def main() -> None:
     from hwsplit.parallel import init_from_env, shutdown
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if scenario == "fail":
-        result = scenario_fail(rank, world)
-    else:
+    result = {}
+    if scenario == "all":  # one start-up for every scenario; "fail" breaks the group, so it comes last
         init_from_env()
-        try:
-            result = scenario_scores(rank, world) if scenario == "scores" else scenario_grow(rank, world, out)
-        finally:
-            shutdown()
+        result = {"scores": scenario_scores(rank, world), "grow": scenario_grow(rank, world, out)}
+        result["fail"] = scenario_fail(rank, world)
+        shutdown()
     (out / f"rank-{rank}.json").write_text(json.dumps(result))
 
 

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from distributed_worker import scores_to_json, scoring_setup
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,6 +57,13 @@ def _two_ranks(scenario: str, out: Path) -> list[dict]:
     return [json.loads((out / f"rank-{r}.json").read_text()) for r in (0, 1)]
 
 
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], Path]:
+    """Every worker scenario on two ranks started once: ([rank 0's results, rank 1's], their folder)."""
+    out = tmp_path_factory.mktemp("ranks")
+    return _two_ranks("all", out), out
+
+
 def _close(a: dict, b: dict, rel: float) -> None:
     assert a.keys() == b.keys()
     for name in a:
@@ -63,10 +71,10 @@ def _close(a: dict, b: dict, rel: float) -> None:
             assert abs(u - v) <= rel * max(abs(u), abs(v), 1e-12), (name, u, v)
 
 
-def test_two_ranks_score_as_one_process(tmp_path: Path) -> None:
+def test_two_ranks_score_as_one_process(two_ranks) -> None:
     from hwsplit.score import splitting_indices
 
-    ranks = _two_ranks("scores", tmp_path)
+    ranks = [r["scores"] for r in two_ranks[0]]
     # one process over the same 96 samples: batches of 32 = the union of the two ranks' batches of 16
     model, loader = scoring_setup(batch_size=32)
     single = {m: scores_to_json(splitting_indices(model, loader, method=m, epochs=2, seed=5))
@@ -77,9 +85,9 @@ def test_two_ranks_score_as_one_process(tmp_path: Path) -> None:
         assert any(v < 0 for values in single[method].values() for v in values)  # a non-trivial comparison
 
 
-def test_two_ranks_grow_the_same_network_and_rank0_alone_writes(tmp_path: Path) -> None:
-    ranks = _two_ranks("grow", tmp_path)
-    r0, r1 = ranks
+def test_two_ranks_grow_the_same_network_and_rank0_alone_writes(two_ranks) -> None:
+    r0, r1 = (r["grow"] for r in two_ranks[0])
+    tmp_path = two_ranks[1]
     assert r0["selected"] and r0["selected"] == r1["selected"]  # each rank's own selection, before agreement
     assert r0["applied"] == r1["applied"] and len(r0["applied"]) == 2  # the plans split, one per stage
     assert len(r0["checksums"]) == 3 and r0["checksums"] == r1["checksums"]  # seed + 2 stages, same weights
@@ -93,8 +101,8 @@ def test_two_ranks_grow_the_same_network_and_rank0_alone_writes(tmp_path: Path) 
     assert not (tmp_path / "run-rank1").exists()
 
 
-def test_a_failing_rank_ends_all_ranks_with_its_one_line_error(tmp_path: Path) -> None:
-    r0, r1 = _two_ranks("fail", tmp_path)
+def test_a_failing_rank_ends_all_ranks_with_its_one_line_error(two_ranks) -> None:
+    r0, r1 = (r["fail"] for r in two_ranks[0])
     assert r0 == r1 == {"error": "data: rank one cannot read its shard (rank 1 of 2)", "exit_code": 2}
 
 
@@ -108,10 +116,11 @@ def test_torchrun_grow_resumes_after_one_rank_is_killed(tmp_path: Path) -> None:
     out = tmp_path / "run"
     args = ["grow", "--model", "mlp", "--dataset", "digits", "--limit", "300", "--stages", "2", "--epochs", "1",
             "--batch-size", "32", "--out", str(out)]
-    killed = _torchrun(*args, env=_env(HWSPLIT_KILL_AT="stage-1:split", HWSPLIT_KILL_RANK="1"))
+    killed = _torchrun(*args, env=_env(HWSPLIT_KILL_AT="stage-2:split", HWSPLIT_KILL_RANK="1"))
     assert killed.returncode != 0, killed.stderr[-3000:]
     records = [json.loads(line) for line in (out / "stages.jsonl").read_text().splitlines()]
-    assert [r["stage"] for r in records] == [0]  # stage 1 never completed
+    assert [r["stage"] for r in records] == [0, 1]  # stage 2 never completed
+    assert (out / "stage-2.pt").exists() is False
     done = _torchrun("grow", "--resume", str(out), env=_env())
     assert done.returncode == 0, done.stderr[-3000:]
     records = [json.loads(line) for line in (out / "stages.jsonl").read_text().splitlines()]
