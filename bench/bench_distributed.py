@@ -44,7 +44,7 @@ def _worker(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(1)
     from hwsplit.config import GrowConfig
-    from hwsplit.distributed import barrier, is_main, sum_across_ranks, world_size
+    from hwsplit.distributed import barrier, is_main, rank, sum_across_ranks, world_size
     from hwsplit.grow import grow
     from hwsplit.parallel import entry_point
 
@@ -61,7 +61,7 @@ def _worker(args: argparse.Namespace) -> None:
                        on_stage=lambda r: marks.append(time.perf_counter()))
         barrier()
         stage_wall = time.perf_counter() - marks[0] if is_main() else 0.0
-        result = {"world_size": world, "stage_wall_s": stage_wall, "total_s": time.perf_counter() - t0,
+        result = {"rank": rank(), "world_size": world, "stage_wall_s": stage_wall, "total_s": time.perf_counter() - t0,
                   "seconds": records[-1]["seconds"], "params": records[-1]["params"],
                   "train_top1": records[-1]["train_top1"], "test_top1": records[-1]["test_top1"],
                   "neurons_split": records[-1].get("neurons_split"),
@@ -78,7 +78,7 @@ def _worker(args: argparse.Namespace) -> None:
         return result
 
     result = run()
-    if is_main():
+    if result["rank"] == 0:  # the process group is gone by now: rank() would say 0 everywhere
         Path(args.worker).write_text(json.dumps(result))
 
 

@@ -78,19 +78,27 @@ def sum_across_ranks(tensor: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def weighted_mean_across_ranks(tensor: torch.Tensor, weight: float) -> torch.Tensor:
-    """Σ_r w_r·t_r / Σ_r w_r over ranks, with this rank's ``tensor`` t_r and ``weight`` w_r (its samples).
+def weighted_mean_across_ranks(tensors: torch.Tensor | dict[str, torch.Tensor], weight: float
+                               ) -> torch.Tensor | dict[str, torch.Tensor]:
+    """Σ_r w_r·t_r / Σ_r w_r over ranks, with this rank's ``tensors`` t_r and ``weight`` w_r (its samples).
 
+    ``tensors`` is one tensor or a dict of them (same dtype and device), reduced in one collective.
     A per-batch mean on each rank, weighted by the rank's batch size, is the mean over the union
     of the ranks' batches: the Rayleigh-quotient step of W ranks with batches of B samples is the
     step of one process with batches of W·B (docs/design.md §2, fast scoring).
     """
     if not _distributed():
-        return tensor
-    packed = torch.cat([(tensor * weight).flatten(),
-                        torch.tensor([float(weight)], dtype=tensor.dtype, device=tensor.device)])
+        return tensors
+    items = tensors if isinstance(tensors, dict) else {"": tensors}
+    first = next(iter(items.values()))
+    packed = torch.cat([(t * weight).flatten() for t in items.values()]
+                       + [torch.tensor([float(weight)], dtype=first.dtype, device=first.device)])
     packed = sum_across_ranks(packed)
-    return (packed[:-1] / packed[-1]).reshape(tensor.shape)
+    means, offset = {}, 0
+    for name, t in items.items():
+        means[name] = (packed[offset:offset + t.numel()] / packed[-1]).reshape(t.shape)
+        offset += t.numel()
+    return means if isinstance(tensors, dict) else means[""]
 
 
 def reduce_sum(*values: torch.Tensor | float) -> list[float]:

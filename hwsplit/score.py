@@ -603,9 +603,11 @@ def _rayleigh(chains: dict[str, LocalChain], passes: Callable[[str], Iterable[_B
         sq[name] = torch.zeros_like(w)
     for epoch in range(epochs):
         for batch in passes(f"rayleigh epoch {epoch + 1}/{epochs}"):
-            for name, chain in chains.items():
-                v = vs[name]
-                sv = weighted_mean_across_ranks(chain.hvp_prepared(batch.prepare(chain), v), batch.weight)
+            # one reduction per batch for all groups (the identity with one process)
+            svs = weighted_mean_across_ranks({name: chain.hvp_prepared(batch.prepare(chain), vs[name])
+                                              for name, chain in chains.items()}, batch.weight)
+            for name in chains:
+                v, sv = vs[name], svs[name]
                 r = _rowdot(v, sv)
                 grad = 2.0 * (sv - r * v)  # ‖v‖ = 1 after every step
                 sq[name].mul_(alpha).addcmul_(grad, grad, value=1 - alpha)
