@@ -127,3 +127,26 @@ def test_torchrun_grow_resumes_after_one_rank_is_killed(tmp_path: Path) -> None:
     assert [r["stage"] for r in records] == [0, 1, 2]
     assert [r["world_size"] for r in records] == [2, 2, 2]
     assert done.stdout.count("run directory:") == 1  # rank 0 alone prints the result
+
+
+def test_one_process_reductions_are_identities() -> None:
+    import torch
+
+    from hwsplit import distributed
+    from hwsplit.parallel import entry_point, on_main
+
+    t = torch.arange(6.0).reshape(2, 3)
+    assert distributed.weighted_mean_across_ranks(t, 0.25) is t
+    assert distributed.weighted_mean_across_ranks({"a": t}, 0.25)["a"] is t
+    assert distributed.global_sample_count(17, 3) == 17
+    assert distributed.broadcast_object({"x": [1, 2]}) == {"x": [1, 2]}
+    assert distributed.all_ranks_true(torch.tensor(True)) and not distributed.all_ranks_true(False)
+    model = torch.nn.Linear(2, 2)
+    assert distributed.data_parallel(model) is model
+    assert (distributed.rank(), distributed.world_size(), distributed.is_main()) == (0, 1, True)
+    assert entry_point(lambda x: x + 1)(1) == 2 and on_main(lambda: 5) == 5
+    # the checksum sees a permutation of the weights
+    before = distributed.checksum(model)
+    with torch.no_grad():
+        model.weight.copy_(model.weight.flip(0))
+    assert distributed.checksum(model) != before
