@@ -90,6 +90,26 @@ def scenario_grow(rank: int, world: int, out: Path) -> dict:
                         for r in records]}
 
 
+def scenario_width(rank: int, world: int, out: Path) -> dict:
+    """The width baseline on every rank; rank 1's run directory must stay unwritten."""
+    import hwsplit.baselines as baselines
+    from hwsplit.config import GrowConfig
+    from hwsplit.distributed import checksum
+
+    sums = []
+    record = baselines.train_and_record
+
+    def spy_record(session, model, *args, **kwargs):
+        result = record(session, model, *args, **kwargs)
+        sums.append(checksum(model))
+        return result
+
+    baselines.train_and_record = spy_record
+    config = GrowConfig(model="mlp", dataset="digits", data_limit=300, batch_size=32, seed=0)
+    records = baselines.width_baseline(config, [0.5, 1.0], out / f"width-rank{rank}", epochs=1)
+    return {"checksums": sums, "world_size": [r["world_size"] for r in records]}
+
+
 def scenario_fail(rank: int, world: int) -> dict:
     """Rank 1 raises while rank 0 waits at a barrier: both must end with the same one-line error."""
     from hwsplit.distributed import barrier
@@ -116,7 +136,8 @@ def main() -> None:
     result = {}
     if scenario == "all":  # one start-up for every scenario; "fail" breaks the group, so it comes last
         init_from_env()
-        result = {"scores": scenario_scores(rank, world), "grow": scenario_grow(rank, world, out)}
+        result = {"scores": scenario_scores(rank, world), "grow": scenario_grow(rank, world, out),
+                  "width": scenario_width(rank, world, out)}
         result["fail"] = scenario_fail(rank, world)
         shutdown()
     (out / f"rank-{rank}.json").write_text(json.dumps(result))

@@ -101,6 +101,15 @@ def test_two_ranks_grow_the_same_network_and_rank0_alone_writes(two_ranks) -> No
     assert not (tmp_path / "run-rank1").exists()
 
 
+def test_two_ranks_train_the_width_baseline_alike_and_rank0_alone_writes(two_ranks) -> None:
+    r0, r1 = (r["width"] for r in two_ranks[0])
+    assert len(r0["checksums"]) == 2 and r0["checksums"] == r1["checksums"]
+    assert r0["world_size"] == [2, 2]
+    run = two_ranks[1] / "width-rank0"
+    assert json.loads((run / "config.json").read_text())["world_size"] == 2
+    assert (run / "stage-1.pt").exists() and not (two_ranks[1] / "width-rank1").exists()
+
+
 def test_a_failing_rank_ends_all_ranks_with_its_one_line_error(two_ranks) -> None:
     r0, r1 = (r["fail"] for r in two_ranks[0])
     assert r0 == r1 == {"error": "data: rank one cannot read its shard (rank 1 of 2)", "exit_code": 2}
