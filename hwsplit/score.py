@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from hwsplit.distributed import sum_across_ranks
+from hwsplit.distributed import global_sample_count, sum_across_ranks, weighted_mean_across_ranks
 from hwsplit.graph import NeuronGroup, find_neuron_groups, trace
 
 log = logging.getLogger(__name__)
@@ -446,7 +446,9 @@ def _batches(model: nn.Module, gm: fx.GraphModule, groups: list[NeuronGroup], lo
 
 
 def _count_samples(loader: Iterable, max_batches: int | None) -> int:
-    size = getattr(loader, "dataset_size", None)
+    # this rank's samples per pass (a sharded loader's shard), else the data set's
+    size = getattr(loader, "shard_size", getattr(getattr(loader, "batch_sampler", None), "shard_size", None))
+    size = getattr(loader, "dataset_size", None) if size is None else size
     if size is None and hasattr(loader, "dataset"):
         try:
             size = len(loader.dataset)
@@ -530,14 +532,15 @@ def splitting_indices(
                 log.info("%s: scoring kinked %s through a softplus surrogate (beta=%g)", name,
                          "/".join(sorted(set(chain.kinked))), surrogate_beta)
         gm = trace(model)
-        total = _count_samples(loader, max_batches)
+        n_batches = len(loader) if hasattr(loader, "__len__") else None
+        if max_batches is not None and n_batches is not None:
+            n_batches = min(n_batches, max_batches)
+        # all ranks' samples: each rank's batch weights are then shares of the global expectation
+        total = global_sample_count(_count_samples(loader, max_batches), n_batches if method == "rayleigh" else None)
         if total == 0:
             raise ValueError("loader: yielded no samples")
 
         def passes(desc: str) -> Iterable[_Batch]:
-            n_batches = len(loader) if hasattr(loader, "__len__") else None
-            if max_batches is not None and n_batches is not None:
-                n_batches = min(n_batches, max_batches)
             return progress(_batches(model, gm, groups, loader, loss_fn, total, max_batches), desc, n_batches)
 
         start = time.perf_counter()
@@ -600,9 +603,11 @@ def _rayleigh(chains: dict[str, LocalChain], passes: Callable[[str], Iterable[_B
         sq[name] = torch.zeros_like(w)
     for epoch in range(epochs):
         for batch in passes(f"rayleigh epoch {epoch + 1}/{epochs}"):
-            for name, chain in chains.items():
-                v = vs[name]
-                sv = sum_across_ranks(chain.hvp_prepared(batch.prepare(chain), v))
+            # one reduction per batch for all groups (the identity with one process)
+            svs = weighted_mean_across_ranks({name: chain.hvp_prepared(batch.prepare(chain), vs[name])
+                                              for name, chain in chains.items()}, batch.weight)
+            for name in chains:
+                v, sv = vs[name], svs[name]
                 r = _rowdot(v, sv)
                 grad = 2.0 * (sv - r * v)  # ‖v‖ = 1 after every step
                 sq[name].mul_(alpha).addcmul_(grad, grad, value=1 - alpha)
