@@ -14,7 +14,8 @@ from cost_models.profile_io import METERS
 
 log = logging.getLogger(__name__)
 
-__all__ = ["check_choice", "cpu_name", "default_threads", "device_info", "make_meter", "parse_device",
+__all__ = ["available_cores", "check_choice", "cpu_name", "default_threads", "device_info", "make_meter",
+           "parse_device",
            "runtime_versions"]
 
 
@@ -28,11 +29,22 @@ def parse_device(device: str) -> tuple[str, int]:
     raise ValueError(f"device: expected 'cpu' or 'cuda:N', got {device!r}")
 
 
-def default_threads() -> int:
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask)."""
     try:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # pragma: no cover - non-Linux
         return os.cpu_count() or 1
+
+
+def default_threads() -> int:
+    """Intra-op threads a measurement uses by default: 1 on a machine with ≤ 2 cores, else every core.
+
+    Why 1 on a small VM: with 2 intra-op threads on a 2-vCPU VM one thread shares its core with the
+    OS and every other process, and the same network's median swung between 0.14 and 0.36 ms from
+    one round to the next; with 1 thread 12 of 12 networks repeated within ±5 % (issue 11)."""
+    cores = available_cores()
+    return 1 if cores <= 2 else cores
 
 
 def check_choice(field: str, value: Any, choices: Sequence[str]) -> None:

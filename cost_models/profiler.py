@@ -25,10 +25,18 @@ from typing import Any
 
 from cost_models.grid import CHANNEL_LADDER, FAMILIES, calibration_architectures, family_grid
 from cost_models.machine import check_choice, default_threads, device_info, make_meter, parse_device
-from cost_models.measure import measure_model
-from cost_models.meters import Measurement, NvmlEnergyMeter
+from cost_models.measure import (
+    DEFAULT_ROUNDS,
+    NOISE_FLOOR_PCT,
+    RepeatedMeasurement,
+    measure_layers,
+    measure_model,
+    measure_modules,
+    repeatability_summary,
+)
+from cost_models.meters import NvmlEnergyMeter
 from cost_models.profile_io import BACKENDS, METERS, SCHEMA, load_profile, save_profile
-from cost_models.runner import DEFAULT_WARMUP, measure_layer, measure_module, overhead_module
+from cost_models.runner import DEFAULT_WARMUP, measure_layer, overhead_module
 from hwsplit.specs import LayerSpec
 
 log = logging.getLogger(__name__)
@@ -70,19 +78,21 @@ def _check_compatible(existing: dict[str, Any], header: dict[str, Any], path: Pa
                     path, existing["device"].get("runtime"), header["device"]["runtime"])
 
 
-def _row(spec: LayerSpec, m: Measurement) -> dict[str, Any]:
+def _row(spec: LayerSpec, m: RepeatedMeasurement) -> dict[str, Any]:
     row: dict[str, Any] = {"layer": spec.to_dict(), "latency_ms": m.latency_ms.to_dict()}
     if m.energy_mj is not None:
         row["energy_mj"] = m.energy_mj.to_dict()
     if m.idle_power_w is not None:
         row["idle_power_w"] = m.idle_power_w
+    row["repeat"] = m.repeat_entry()
     return row
 
 
-def _overhead_entry(m: Measurement, input_shape: tuple[int, ...]) -> dict[str, Any]:
+def _overhead_entry(m: RepeatedMeasurement, input_shape: tuple[int, ...]) -> dict[str, Any]:
     entry: dict[str, Any] = {"input_shape": list(input_shape), "latency_ms": m.latency_ms.to_dict()}
     if m.energy_mj is not None:
         entry["energy_mj"] = m.energy_mj.to_dict()
+    entry["repeat"] = m.repeat_entry()
     return entry
 
 
@@ -92,7 +102,8 @@ def profile_family(*, family: str = "mobilenet_v1", resolution: int = 32, device
                    warmup: int = DEFAULT_WARMUP, activation: str = "silu", num_classes: int = 10,
                    layers: Sequence[LayerSpec] | None = None, max_rows: int | None = None, save_every: int = 10,
                    shuffle: bool = True, progress: ProgressFn | None = None, nvml: Any = None,
-                   meter_options: dict[str, Any] | None = None, networks: int | None = None) -> dict[str, Any]:
+                   meter_options: dict[str, Any] | None = None, networks: int | None = None,
+                   rounds: int | None = None, interleave: int = 8) -> dict[str, Any]:
     """Measure the family's layer grid on ``device`` and write the profile to ``out``.
 
     ``quick`` measures only the corners of every channel range (≈ 50 rows) with a short time budget.
@@ -107,6 +118,14 @@ def profile_family(*, family: str = "mobilenet_v1", resolution: int = 32, device
     bias one geometry. Then ``networks`` random networks of the family (default 16, 4 with
     ``quick``; :func:`calibration_architectures`) are measured end to end into ``profile["networks"]``,
     which the cost models use to calibrate layer sums to whole networks (:mod:`cost_models.calibration`).
+
+    Every measurement follows :mod:`cost_models.measure`: ``interleave`` layers (all the networks)
+    at a time are timed in ``rounds`` interleaved rounds (default 5, 3 with ``quick``); a row's
+    value is the median of its round medians and ``row["repeat"]`` its round medians and spread.
+    ``profile["repeatability"]`` summarises the spreads; a noise floor (90th percentile of the
+    networks' spreads, the layers' without networks) worse than ±5 % is logged as a warning and
+    recorded as ``repeatable: false``. ``threads`` defaults to 1 on a machine with ≤ 2 cores
+    (:func:`cost_models.machine.default_threads`).
     """
     check_choice("backend", backend, BACKENDS)
     check_choice("meter", meter, METERS)
@@ -124,6 +143,12 @@ def profile_family(*, family: str = "mobilenet_v1", resolution: int = 32, device
         raise ValueError(f"max_rows: expected a non-negative integer, got {max_rows!r}")
     if not isinstance(save_every, int) or save_every < 1:
         raise ValueError(f"save_every: expected a positive integer, got {save_every!r}")
+    if rounds is None:
+        rounds = 3 if quick else DEFAULT_ROUNDS
+    if not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"rounds: expected a positive integer, got {rounds!r}")
+    if not isinstance(interleave, int) or interleave < 1:
+        raise ValueError(f"interleave: expected a positive integer, got {interleave!r}")
     from hwsplit.models import ACTIVATIONS
 
     if activation not in ACTIVATIONS:
@@ -166,8 +191,9 @@ def profile_family(*, family: str = "mobilenet_v1", resolution: int = 32, device
 
         if "overhead" not in profile:
             module, example = overhead_module(input_shape)
-            m = measure_module(module, example, backend=backend, device=device, meter=meter_obj, threads=threads,
-                         time_budget_s=max(time_budget_s, 0.0), warmup=warmup)
+            m = measure_modules([(module, example)], backend=backend, device=device, meter=meter_obj,
+                                threads=threads, time_budget_s=max(time_budget_s, 0.0), warmup=warmup,
+                                rounds=rounds)[0]
             profile["overhead"] = _overhead_entry(m, input_shape)
             log.info("runtime overhead per inference: %.4f ms", m.latency_ms.median)
 
@@ -195,25 +221,43 @@ def profile_family(*, family: str = "mobilenet_v1", resolution: int = 32, device
         if progress is not None:
             iterable = progress(todo, desc=f"profile {device} {backend}", total=len(todo))
         started = time.perf_counter()
-        measured = 0
+        measured = unsaved = 0
+
+        def flush(chunk: list[LayerSpec]) -> None:
+            nonlocal measured, unsaved
+            ms = measure_layers(chunk, backend=backend, device=device, meter=meter_obj, threads=threads,
+                                time_budget_s=time_budget_s, warmup=warmup, activation=activation, rounds=rounds)
+            rows.extend(_row(spec, m) for spec, m in zip(chunk, ms))
+            measured += len(chunk)
+            unsaved += len(chunk)
+            if unsaved >= save_every:
+                save()
+                unsaved = 0
+            elapsed = time.perf_counter() - started
+            log.info("%d/%d rows, about %.0f s left", measured, len(todo), elapsed / measured * (len(todo) - measured))
+
         try:
+            chunk: list[LayerSpec] = []
             for spec in iterable:
-                m = measure_layer(spec, backend=backend, device=device, meter=meter_obj, threads=threads,
-                                  time_budget_s=time_budget_s, warmup=warmup, activation=activation)
-                rows.append(_row(spec, m))
-                measured += 1
-                if measured % save_every == 0:
-                    save()
-                    elapsed = time.perf_counter() - started
-                    log.info("%d/%d rows, about %.0f s left", measured, len(todo),
-                             elapsed / measured * (len(todo) - measured))
+                chunk.append(spec)
+                if len(chunk) >= interleave:
+                    flush(chunk)
+                    chunk = []
+            if chunk:
+                flush(chunk)
             n_networks = networks if networks is not None else (4 if quick else 16)
             if layers is None and n_networks > 0:
                 _measure_networks(profile, family, resolution, n_networks, num_classes=num_classes,
                                   activation=activation, backend=backend, device=device, meter=meter_obj,
                                   threads=threads, time_budget_s=max(time_budget_s, 2 * time_budget_s if quick
                                                                      else 2.0), warmup=warmup, save=save,
-                                  progress=progress)
+                                  progress=progress, rounds=rounds)
+            profile["repeatability"] = repeatability(profile, rounds)
+            if not profile["repeatability"]["repeatable"]:
+                log.warning("%s: measurements repeat only within ±%.1f %% (90th percentile over %s), worse than "
+                            "±%.0f %%: the profile records noise; use fewer --threads or a quieter machine",
+                            path or "profile", profile["repeatability"]["noise_floor_pct"],
+                            profile["repeatability"]["noise_floor_of"], NOISE_FLOOR_PCT)
         finally:
             save()
         return profile
@@ -225,7 +269,7 @@ def profile_family(*, family: str = "mobilenet_v1", resolution: int = 32, device
 
 def _measure_networks(profile: dict[str, Any], family: str, resolution: int, n: int, *, num_classes: int,
                       activation: str, backend: str, device: str, meter: Any, threads: int, time_budget_s: float,
-                      warmup: int, save: Callable[[], None], progress: ProgressFn | None) -> None:
+                      warmup: int, save: Callable[[], None], progress: ProgressFn | None, rounds: int) -> None:
     import torch
 
     from hwsplit.models import model_from_architecture
@@ -238,15 +282,33 @@ def _measure_networks(profile: dict[str, Any], family: str, resolution: int, n: 
     iterable: Iterable[dict[str, Any]] = todo
     if progress is not None and todo:
         iterable = progress(todo, desc="profile whole networks", total=len(todo))
-    for arch in iterable:
+    archs = list(iterable)
+    if not archs:
+        return
+    items = []
+    for arch in archs:
         torch.manual_seed(0)
-        model = model_from_architecture(arch).eval()
-        example = torch.randn(shape, generator=torch.Generator().manual_seed(0))
-        m = measure_module(model, example, backend=backend, device=device, meter=meter, threads=threads,
-                     time_budget_s=time_budget_s, warmup=warmup)
+        items.append((model_from_architecture(arch).eval(),
+                      torch.randn(shape, generator=torch.Generator().manual_seed(0))))
+    ms = measure_modules(items, backend=backend, device=device, meter=meter, threads=threads,
+                         time_budget_s=time_budget_s, warmup=warmup, rounds=rounds)
+    for arch, m in zip(archs, ms):
         entry: dict[str, Any] = {"architecture": arch, "input_shape": list(shape), "latency_ms": m.latency_ms.to_dict()}
         if m.energy_mj is not None:
             entry["energy_mj"] = m.energy_mj.to_dict()
+        entry["repeat"] = m.repeat_entry()
         entries.append(entry)
-        save()
+    save()
 
+
+def repeatability(profile: dict[str, Any], rounds: int) -> dict[str, Any]:
+    """The profile's ``repeatability`` section: spreads (±%, :mod:`cost_models.measure`) of its layers
+    and networks, and the noise floor (90th percentile of the networks' spreads, of the layers'
+    when no network was measured) against :data:`~cost_models.measure.NOISE_FLOOR_PCT`."""
+    layers = repeatability_summary([r.get("repeat", {}).get("spread_pct") for r in profile.get("rows", [])])
+    nets = repeatability_summary([n.get("repeat", {}).get("spread_pct") for n in profile.get("networks", [])])
+    of, summary = ("networks", nets) if nets["n"] else ("layers", layers)
+    floor = summary.get("p90_pct")
+    return {"protocol": "interleaved rounds, median of round medians; spread = max |round median - median| / median",
+            "rounds": rounds, "threshold_pct": NOISE_FLOOR_PCT, "layers": layers, "networks": nets,
+            "noise_floor_pct": floor, "noise_floor_of": of, "repeatable": floor is None or floor <= NOISE_FLOOR_PCT}
