@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from cost_models.channel_block import detect_channel_block
 from cost_models.grid import CHANNEL_LADDER, FAMILIES, calibration_architectures, family_grid
 from cost_models.machine import check_choice, default_threads, device_info, make_meter, parse_device
 from cost_models.measure import (
@@ -125,7 +126,8 @@ def profile_family(*, family: str = "mobilenet_v1", resolution: int = 32, device
     ``profile["repeatability"]`` summarises the spreads; a noise floor (90th percentile of the
     networks' spreads, the layers' without networks) worse than ±5 % is logged as a warning and
     recorded as ``repeatable: false``. ``threads`` defaults to 1 on a machine with ≤ 2 cores
-    (:func:`cost_models.machine.default_threads`).
+    (:func:`cost_models.machine.default_threads`). With onnxruntime on the CPU the profile records
+    ``channel_block``, the backend's channel granularity (:mod:`cost_models.channel_block`).
     """
     check_choice("backend", backend, BACKENDS)
     check_choice("meter", meter, METERS)
@@ -189,6 +191,11 @@ def profile_family(*, family: str = "mobilenet_v1", resolution: int = 32, device
         done = {LayerSpec.from_dict(r["layer"]).key() for r in rows}
         input_shape = (batch, 3, resolution, resolution)
 
+        if backend == "onnxruntime" and kind == "cpu" and "channel_block" not in profile:
+            # the block grow --channel-multiple auto takes (issue 11), read from what the backend runs
+            found = detect_channel_block(threads)
+            profile["channel_block"] = found["channel_block"]
+            profile["channel_block_evidence"] = found["evidence"]
         if "overhead" not in profile:
             module, example = overhead_module(input_shape)
             m = measure_modules([(module, example)], backend=backend, device=device, meter=meter_obj,
