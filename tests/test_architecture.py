@@ -23,7 +23,7 @@ LAYERS = {
     2: ["cost_models", "cost_models.base", "cost_models.flops", "cost_models.uniform", "cost_models.lut",
         "cost_models.predictor", "cost_models.calibration", "cost_models.profile_io", "cost_models.meters",
         "cost_models.machine", "cost_models.grid", "cost_models.runner", "cost_models.measure",
-        "cost_models.channel_block",
+        "cost_models.channel_block", "cost_models.in_context",
         "cost_models.profiler"],
     3: ["hwsplit.config", "hwsplit.rundir", "hwsplit.stages", "hwsplit.grow", "hwsplit.baselines",
         "hwsplit.finetune", "hwsplit.report", "hwsplit.export", "hwsplit.summary", "hwsplit.parallel"],
