@@ -106,6 +106,10 @@ def main() -> None:
     ap.add_argument("--time-budget", type=float, default=2.0, help="seconds of timed runs per network per measurement")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--out", default="bench/results/latency_prediction_1t.json")
+    ap.add_argument("--reuse", default=None, help="take the measurements from this results JSON (same draw) "
+                    "instead of measuring: compare predictors offline")
+    ap.add_argument("--regressor-block", type=int, default=None,
+                    help="the regressor's channel block (default: the profile's; 1 drops the block terms)")
     args = ap.parse_args()
     torch.set_num_threads(1)
 
@@ -115,7 +119,8 @@ def main() -> None:
     res = int(profile.get("resolution", 32))
     shape = (1, 3, res, res)
     lut = get_cost_model("lut", profile=args.profile)
-    reg = get_cost_model("energy", profile=args.profile, metric="latency_ms")
+    reg_options = {} if args.regressor_block is None else {"block": args.regressor_block}
+    reg = get_cost_model("energy", profile=args.profile, metric="latency_ms", **reg_options)
     flops = get_cost_model("flops")
     calib = [(a["stem_width"], list(a["widths"])) for a in calibration_architectures("mobilenet_v1", res, 64)]
     calib += [(n["architecture"]["stem_width"], list(n["architecture"]["widths"])) for n in profile.get("networks", [])]
@@ -134,7 +139,15 @@ def main() -> None:
         rows.append({"set": kind, "stem": stem, "widths": widths, "macs": flops.total(model, shape), "lut_ms": p_lut,
                      "predictor_ms": p_reg})
     started = time.perf_counter()
-    for key in ("measured", "remeasured"):  # two independent measurements of every network, interleaved
+    if args.reuse:
+        old = json.loads(Path(args.reuse).read_text())["networks"]
+        if [(o["stem"], o["widths"]) for o in old] != [(r["stem"], r["widths"]) for r in rows]:
+            raise SystemExit(f"--reuse {args.reuse}: its networks are not this draw (same --seed, --aligned, "
+                             "--arbitrary?)")
+        for row, o in zip(rows, old):
+            row.update({k: o[k] for k in o if k.startswith(("measured", "remeasured"))})
+    # two independent measurements of every network, all networks interleaved in each
+    for key in ("measured", "remeasured") if not args.reuse else ():
         results = measure_models(models, shape, backend=profile["backend"], meter="latency", threads=threads,
                                  time_budget_s=args.time_budget, rounds=args.rounds)
         for row, m in zip(rows, results):
@@ -150,6 +163,7 @@ def main() -> None:
         "profile_repeatability": profile.get("repeatability"), "channel_block": block,
         "device": profile["device"].get("name"), "threads": threads, "machine": platform.machine(),
         "date": date.today().isoformat(), "time_budget_s": args.time_budget, "rounds": args.rounds,
+        "measurements_from": args.reuse or "this run", "regressor_block": reg.regressor.block,
         "measure_seconds": round(time.perf_counter() - started, 1), "sets": sets, "networks": rows,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
