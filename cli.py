@@ -436,7 +436,8 @@ def summary(model_or_checkpoint: str, resolution: int | None, in_channels: int |
               help="Model family whose layers are measured.")
 @click.option("--resolution", type=click.IntRange(min=8), default=32, show_default=True)
 @click.option("--activation", default="silu", show_default=True)
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="onnxruntime intra-op threads (default 1 on a machine with <= 2 cores, else all).")
 @click.option("--time-budget", "time_budget_s", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Seconds of timed runs per layer (default 1, 0.05 with --quick).")
 @click.option("--quick", is_flag=True, help="A small grid (about 50 layers, under a minute).")
@@ -460,6 +461,11 @@ def profile(device: str, backend: str, meter: str, family: str, resolution: int,
     n_networks = len(result.get("networks", []))
     click.echo(f"{len(result['rows'])} layers and {n_networks} whole networks measured on {dev.get('name')} "
                f"({backend}, {meter}, {dev.get('threads')} threads) -> {out}")
+    rep = result.get("repeatability", {})
+    if rep.get("repeatable") is False:
+        click.echo(f"warning: measurements repeat only within ±{rep['noise_floor_pct']:.1f} % "
+                   f"({rep['noise_floor_of']}), worse than ±{rep['threshold_pct']:.0f} %: try --threads 1 or a "
+                   "quieter machine", err=True)
 
 
 @main.command()

@@ -8,7 +8,7 @@ trade-off on it than pricing them by MACs (``cost="flops"``); both arms grow the
 
 Both arms grow the paper's CIFAR-10 seed MobileNetV1 from the same trained seed (see bench/common.py),
 growth ratio 0.5 of the arm's own cost per stage. Every stage's network is then measured end to end with
-``cost_models.profiler.measure_model(model, (1, 3, 32, 32), backend="onnxruntime", threads=2,
+``cost_models.measure.measure_model(model, (1, 3, 32, 32), backend="onnxruntime", threads=1,
 time_budget_s=2)``, in ``--rounds`` interleaved rounds (seed, lut, flops, seed, lut, flops, ...), the 1-minute
 load average recorded before and after every measurement: a latency on a shared 2-core machine is only
 as good as the load next to it. The LUT's *predicted* latency of every network is given too.
@@ -36,7 +36,7 @@ import common  # noqa: E402
 from common import log  # noqa: E402
 
 NAME = "hardware_cost"
-PROFILE = "profiles/cpu-amd-epyc-2t-onnxruntime.json"
+PROFILE = "profiles/cpu-amd-epyc-1t-onnxruntime.json"
 INPUT_SHAPE = (1, 3, 32, 32)
 
 
@@ -48,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="do not grow: re-measure the last stage-K.pt of each arm's run directory in --out")
     p.add_argument("--rounds", type=int, default=3, help="interleaved measuring rounds")
     p.add_argument("--time-budget", type=float, default=2.0, help="seconds of repeated runs per measurement")
-    p.add_argument("--measure-threads", type=int, default=2, help="onnxruntime threads (the profile's: 2)")
+    p.add_argument("--measure-threads", type=int, default=1, help="onnxruntime threads (the profile's: 1)")
     p.add_argument("--drop-checkpoints", action="store_true", help="delete the kept checkpoints at the end")
     return p.parse_args(argv)
 
@@ -88,7 +88,7 @@ def kept_networks(out: Path) -> set[Path]:
 def measure(out: Path, args: argparse.Namespace) -> dict:
     """One measuring session of every kept network, interleaved rounds, load average next to each."""
     import cost_models
-    from cost_models.profiler import measure_model
+    from cost_models.measure import measure_model
     from hwsplit.checkpoint import load_model
 
     nets = networks(out)
@@ -194,7 +194,7 @@ def plot_latency(recs: dict[str, list[dict]], lat: dict[str, dict], path: Path) 
         (line,) = ax.plot(xs, ys, marker=marker, label=label)
         for x, y, k in pts:
             ax.annotate(str(k), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8, color=line.get_color())
-    ax.set_xlabel("measured end-to-end latency (ms, onnxruntime, 2 threads, batch 1, 32×32)")
+    ax.set_xlabel("measured end-to-end latency (ms, onnxruntime, 1 thread, batch 1, 32×32)")
     ax.set_ylabel("test top-1 accuracy (%)")
     ax.set_title("Accuracy against measured latency on this CPU (labels: stage)", fontsize=10)
     ax.grid(True, alpha=0.3)

@@ -42,6 +42,13 @@ log = logging.getLogger(__name__)
 
 #: Columns of the per-kind linear model (all non-decreasing in channels).
 TERMS = ("one", "macs", "in_elems", "out_elems", "weights", "out_pixels")
+#: Extra columns when the device blocks channels (a profile's ``channel_block`` B > 1, issue 11):
+#: MACs with channels padded up to B for a layer the blocked (NCHWc) kernels run, and MACs of a
+#: layer they cannot run (input channels, or a depthwise layer's channels, not a multiple of 4:
+#: onnxruntime falls back to im2col + GEMM and reorders around it). Steps at block boundaries.
+BLOCK_TERMS = ("padded_macs", "unblocked_macs")
+#: onnxruntime's NCHWc kernels need channels in multiples of this (the stem's 3 inputs excepted).
+NCHWC_MIN_MULTIPLE = 4
 #: Columns of :func:`layer_features` (descriptive features, log-transformed where they span decades).
 FEATURE_NAMES = tuple(f"kind_{k}" for k in LAYER_KINDS) + (
     "log_in_channels", "log_out_channels", "kernel", "stride", "log_pixels", "log_macs", "log_params",
@@ -81,11 +88,39 @@ def _as_specs(X: Any) -> list[LayerSpec]:
     return out
 
 
-def _terms(spec: LayerSpec) -> list[float]:
+def blocked_kernel_eligible(spec: LayerSpec) -> bool:
+    """Whether onnxruntime's blocked NCHWc kernels can run ``spec``: convolutions whose input
+    channels are a multiple of 4 (or the 3-channel image), depthwise ones whose channels are."""
+    if spec.kind == "linear":
+        return False
+    return spec.in_channels % NCHWC_MIN_MULTIPLE == 0 or (spec.groups == 1 and spec.in_channels <= 3)
+
+
+def padded_macs(spec: LayerSpec, block: int) -> int:
+    """MACs of ``spec`` with its channels padded up to a multiple of ``block`` (the stem's 3 input
+    channels unpadded), as the blocked kernels compute them."""
+    def pad(c: int) -> int:
+        return -(-c // block) * block
+
+    pixels = spec.batch * spec.out_height * spec.out_width
+    if spec.kind == "dwconv" or (spec.groups == spec.in_channels == spec.out_channels and spec.groups > 1):
+        return pad(spec.out_channels) * spec.kernel * spec.kernel * pixels
+    cin = spec.in_channels if spec.in_channels <= 3 else pad(spec.in_channels)
+    return cin // spec.groups * pad(spec.out_channels) * spec.kernel * spec.kernel * pixels
+
+
+def _terms(spec: LayerSpec, block: int = 1) -> list[float]:
     out_pixels = spec.batch * spec.out_height * spec.out_width
     weights = (spec.in_channels // spec.groups) * spec.kernel * spec.kernel * spec.out_channels
-    return [1.0, float(spec.macs), float(spec.batch * spec.in_channels * spec.height * spec.width),
+    base = [1.0, float(spec.macs), float(spec.batch * spec.in_channels * spec.height * spec.width),
             float(out_pixels * spec.out_channels), float(weights), float(out_pixels)]
+    if block <= 1:
+        return base
+    if spec.kind == "linear":
+        return base + [0.0, 0.0]
+    if blocked_kernel_eligible(spec):
+        return base + [float(padded_macs(spec, block)), 0.0]
+    return base + [0.0, float(spec.macs)]
 
 
 def layer_features(specs: Sequence[LayerSpec] | Any) -> np.ndarray:
@@ -127,14 +162,16 @@ class LayerRegressor(RegressorMixin, BaseEstimator):
     alpha: ridge penalty on standardised coefficients. relative: weight rows by 1/y (fit relative
     error). min_mac_share: the MACs coefficient is at least this fraction of the median cost per
     MAC of the kind, so costs are strictly increasing in channels. Kinds seen fewer than
-    ``min_rows_per_kind`` times (or not at all) use a model pooled over all kinds.
+    ``min_rows_per_kind`` times (or not at all) use a model pooled over all kinds. ``block`` > 1
+    (the device's channel block, a profile's ``channel_block``) adds :data:`BLOCK_TERMS`.
 
     Fitted attributes: ``coef_`` (kind → coefficients over ``TERMS``), ``pooled_coef_``,
     ``kinds_``, ``n_samples_``, ``slope_`` (kind → median cost per MAC).
     """
 
     def __init__(self, alpha: float = 1e-3, relative: bool = True, min_mac_share: float = 1e-3,
-                 min_rows_per_kind: int = 3) -> None:
+                 min_rows_per_kind: int = 3, block: int = 1) -> None:
+        self.block = block
         self.alpha = alpha
         self.relative = relative
         self.min_mac_share = min_mac_share
@@ -153,7 +190,10 @@ class LayerRegressor(RegressorMixin, BaseEstimator):
             raise ValueError(f"alpha: expected >= 0, got {self.alpha!r}")
         if not self.min_mac_share >= 0:
             raise ValueError(f"min_mac_share: expected >= 0, got {self.min_mac_share!r}")
-        T = np.array([_terms(s) for s in specs])
+        if isinstance(self.block, bool) or not isinstance(self.block, int) or self.block < 1:
+            raise ValueError(f"block: expected a positive integer, got {self.block!r}")
+        self.terms_ = TERMS + (BLOCK_TERMS if self.block > 1 else ())
+        T = np.array([_terms(s, self.block) for s in specs])
         kinds = np.array([s.kind for s in specs])
         macs = T[:, TERMS.index("macs")]
         per_mac = y / np.maximum(macs, 1.0)
@@ -185,7 +225,7 @@ class LayerRegressor(RegressorMixin, BaseEstimator):
         out = np.empty(len(specs))
         for i, s in enumerate(specs):
             coef = self.coef_.get(s.kind, self.pooled_coef_)
-            out[i] = float(np.dot(coef, _terms(s)))
+            out[i] = float(np.dot(coef, _terms(s, self.block)))
         return out
 
     def slope(self, spec: LayerSpec) -> float:
@@ -196,8 +236,8 @@ class LayerRegressor(RegressorMixin, BaseEstimator):
     def coefficients(self) -> dict[str, dict[str, float]]:
         """The fitted model as plain numbers: kind (and "pooled") → term → coefficient."""
         self._check_fitted()
-        out = {k: dict(zip(TERMS, map(float, c))) for k, c in self.coef_.items()}
-        out["pooled"] = dict(zip(TERMS, map(float, self.pooled_coef_)))
+        out = {k: dict(zip(self.terms_, map(float, c))) for k, c in self.coef_.items()}
+        out["pooled"] = dict(zip(self.terms_, map(float, self.pooled_coef_)))
         return out
 
 
@@ -239,6 +279,7 @@ def fit_report(profile: str | os.PathLike[str] | dict[str, Any], metric: str = "
         raise ValueError(f"profile {source}: {len(specs)} rows with {metric} are too few to hold some out")
     idx = np.arange(len(specs))
     train, test = train_test_split(idx, test_size=test_size, random_state=seed)
+    regressor_options.setdefault("block", int(data.get("channel_block") or 1))
     reg = LayerRegressor(**regressor_options).fit([specs[i] for i in train], y[train])
     pred = reg.predict([specs[i] for i in test])
     rel = (pred - y[test]) / y[test]
@@ -268,6 +309,7 @@ class EnergyPredictorCostModel(LayerCostModel):
         self.metric = metric
         self.unit = metric_unit(metric)
         specs, y, self.overhead = profile_targets(self.profile, metric, self.source, subtract_overhead)
+        regressor_options.setdefault("block", int(self.profile.get("channel_block") or 1))
         self.regressor = LayerRegressor(**regressor_options).fit(specs, y)
         self._cache: dict[tuple, float] = {}
         if calibrate and self.profile.get("networks"):

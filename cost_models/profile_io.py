@@ -7,9 +7,15 @@ A profile is data, never code::
      "backend": "onnxruntime" | "torch", "meter": "latency" | "nvml", "batch": 1,
      "created": ISO-8601 date, "family": "mobilenet_v1", "resolution": 32, "activation": "silu",
      "overhead": {"latency_ms": {stats}, "energy_mj": {stats}?},
-     "rows": [{"layer": {LayerSpec fields}, "latency_ms": {stats}, "energy_mj": {stats}?}, ...]}
+     "rows": [{"layer": {LayerSpec fields}, "latency_ms": {stats}, "energy_mj": {stats}?,
+               "repeat": {"rounds_ms": [...], "spread_pct"}?}, ...],
+     "networks": [{"architecture", "input_shape", "latency_ms": {stats}, "repeat"?}, ...]?,
+     "repeatability": {"rounds", "threshold_pct", "layers", "networks", "noise_floor_pct", "repeatable"}?,
+     "channel_block": 16?, "channel_block_evidence": {...}?}
 
-with ``{stats} = {"median", "p25", "p75", "n"}``. Every problem is reported as one ``ValueError``
+with ``{stats} = {"median", "p25", "p75", "n"}``. ``repeat``/``repeatability`` follow
+:mod:`cost_models.measure`; ``channel_block`` (onnxruntime CPU profiles) :mod:`cost_models.channel_block`.
+Every problem is reported as one ``ValueError``
 line naming the file (or ``<profile>`` for an in-memory dict) and the offending field.
 """
 
@@ -109,6 +115,9 @@ def validate_profile(data: Any, source: str = "<profile>") -> dict[str, Any]:
         for metric in METRICS:
             if metric in net:
                 _check_stats(net[metric], f"networks[{i}].{metric}", source, positive=True)
+    block = data.get("channel_block")
+    if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block < 1):
+        raise ProfileError(f"{source}: channel_block: expected a positive integer, got {block!r}")
     return data
 
 

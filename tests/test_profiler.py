@@ -22,7 +22,7 @@ from cost_models.profiler import (
 from hwsplit.models import MOBILENET_V1_STANDARD, build_model
 from hwsplit.specs import LayerSpec
 
-FAST = {"time_budget_s": 0.005, "warmup": 1}
+FAST = {"time_budget_s": 0.005, "warmup": 1, "interleave": 1}
 
 
 def small_grid() -> list[LayerSpec]:
@@ -37,19 +37,19 @@ def small_grid() -> list[LayerSpec]:
 
 
 class Spy:
-    """Counts (and optionally interrupts) measure_layer calls."""
+    """Counts the layers measured (and optionally interrupts before a chunk of them)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, interrupt_after: int | None = None) -> None:
         self.calls: list[LayerSpec] = []
-        self.real = profiler.measure_layer
+        self.real = profiler.measure_layers
         self.interrupt_after = interrupt_after
-        monkeypatch.setattr(profiler, "measure_layer", self)
+        monkeypatch.setattr(profiler, "measure_layers", self)
 
-    def __call__(self, spec: LayerSpec, **kw: object):
+    def __call__(self, specs: list[LayerSpec], **kw: object):
         if self.interrupt_after is not None and len(self.calls) >= self.interrupt_after:
             raise KeyboardInterrupt
-        self.calls.append(spec)
-        return self.real(spec, **kw)
+        self.calls.extend(specs)
+        return self.real(specs, **kw)
 
 
 # -- the grid -------------------------------------------------------------------------------------
@@ -234,7 +234,8 @@ def test_measure_model_seed_network() -> None:
     model = build_model("mobilenet_v1", config="cifar_seed", resolution=32, num_classes=10)
     model.train()
     result = measure_model(model, (1, 3, 32, 32), time_budget_s=0.02, warmup=2)
-    assert set(result) == {"latency_ms", "energy_mj"}
+    assert set(result) == {"latency_ms", "energy_mj", "repeat"}
+    assert len(result["repeat"]["rounds_ms"]) == 5 and result["repeat"]["spread_pct"] >= 0
     assert result["energy_mj"] is None
     lat = result["latency_ms"]
     assert 0 < lat["p25"] <= lat["median"] <= lat["p75"] and lat["n"] >= 5
