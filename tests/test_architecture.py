@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = {
     0: ["hwsplit.units", "hwsplit.errors", "hwsplit.fsio", "hwsplit.specs", "hwsplit.graph",
         "hwsplit.distributed", "hwsplit.devices"],
-    1: ["hwsplit.models", "hwsplit.score", "hwsplit.surgery", "hwsplit.select", "hwsplit.families",
+    1: ["hwsplit.models", "hwsplit.score", "hwsplit.surgery", "hwsplit.select", "hwsplit.blocks", "hwsplit.families",
         "hwsplit.data", "hwsplit.train", "hwsplit.checkpoint", "hwsplit.schedule"],
     2: ["cost_models"],  # the whole package
     3: ["hwsplit.config", "hwsplit.rundir", "hwsplit.stages", "hwsplit.grow", "hwsplit.baselines",
