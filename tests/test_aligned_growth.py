@@ -111,7 +111,7 @@ def test_aligned_seeds_have_divisible_widths():
     assert spec.stem_width == 16 and all(w % 16 == 0 for w in spec.widths)
     assert list(spec.widths) == [16] * 5 + [32] * 8  # 8, 8, 8, 16, 16, 24 ×6, 32, 32
     half = build_seed("mobilenet_v1_cifar", {}, (3, 32, 32), 10, width_mult=2.0, channel_multiple=8)
-    assert list(half.spec.widths[:6]) == [16, 16, 16, 16, 32, 32]
+    assert list(half.spec.widths[:6]) == [16, 16, 16, 32, 32, 48]  # 2 × (8, 8, 8, 16, 16, 24)
     mlp = build_seed("mlp", {"widths": [20, 33]}, (1, 8, 8), 10, channel_multiple=8)
     assert [h.fc.out_features for h in mlp.hidden] == [24, 32]
     with pytest.raises(ValueError, match="channel_multiple"):
