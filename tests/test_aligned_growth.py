@@ -218,3 +218,14 @@ def test_cli_rejects_a_bad_channel_multiple(tmp_path):
     result = CliRunner().invoke(main, ["grow", "--channel-multiple", "auto", "--out", str(tmp_path / "r")])
     assert result.exit_code == 2
     assert "channel_multiple" in result.output
+
+
+def test_width_baseline_rounds_widths_to_the_channel_multiple(tmp_path):
+    from hwsplit.baselines import width_baseline
+
+    config = GrowConfig(data_limit=200, test_limit=40, epochs=1, seed_epochs=1, channel_multiple=8)
+    records = width_baseline(config, [1.0, 1.5], tmp_path / "width", epochs=1)
+    archs = [r["architecture"] for r in records]
+    # the tiny digits seed (4, 4, 8, 8, 16, 16) × 1 and × 1.5, each width by make_divisible(·, 8)
+    assert [archs[0]["stem_width"], *archs[0]["widths"]] == [8, 8, 8, 8, 16, 16]
+    assert [archs[1]["stem_width"], *archs[1]["widths"]] == [8, 8, 16, 16, 24, 24]
