@@ -371,7 +371,9 @@ def verdict(recs: dict[str, list[dict]], lat: dict[str, dict], n_test: int) -> s
         f"{min(ratio_l):.2f}–{max(ratio_l):.2f} over these networks (the table sums layers timed one at a time; a "
         f"network runs as one onnxruntime graph). It ranks the two final networks as measured (predicted "
         f"{fL['pred']:.4f} vs {fF['pred']:.4f} ms, measured {fL['ms']:.4f} vs {fF['ms']:.4f} ms), but it "
-        "under-predicts what growth adds over the seed: "
+        + ("under" if all(m > p for p, m in growth.values() if p > 0) else
+           "over" if all(m < p for p, m in growth.values() if p > 0) else "mis")
+        + "-predicts what growth adds over the seed: "
         + "; ".join(f"{name} +{p:.4f} ms predicted, +{m:.4f} ms measured ({m / p:.1f}×)"
                     for name, (p, m) in growth.items() if p > 0)
         + (". In its own unit the lut arm did not overspend: each stage's realised increase of the table's total "
