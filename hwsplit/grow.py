@@ -235,8 +235,9 @@ def _stages(run: RunDir, config: GrowConfig, session: Session, records: list[dic
                          t: float = total) -> float:
                 return cost_model.total(apply_split(m, p, s, step=0.0), input_shape) - t
 
+            blocks: dict[str, Any] = {}
             if multiple:  # per-layer multiples of N, priced at the widths they reach (hwsplit/blocks.py)
-                plan, _ = select_blocks(model, scores, groups, total=lambda m: cost_model.total(m, input_shape),
+                plan, blocks = select_blocks(model, scores, groups, total=lambda m: cost_model.total(m, input_shape),
                                         current=total, budget=budget, multiple=multiple, caps=caps,
                                         method=config.selection, increase=increase)
             else:
@@ -266,7 +267,9 @@ def _stages(run: RunDir, config: GrowConfig, session: Session, records: list[dic
                 **({"channel_multiple": multiple} if multiple else {}),
                 "budget": {"value": budget, "unit": cost_model.unit,
                            "used": float(realised),
-                           "marginal_sum": float(sum(marginal[k] * v.numel() for k, v in plan.items()))},
+                           "marginal_sum": float(sum(marginal[k] * v.numel() for k, v in plan.items())),
+                           # block growth: Σ of the chosen options' costs, which the grouped knapsack used
+                           **({"option_cost_sum": blocks["cost_used"]} if blocks else {})},
                 "eigenvalues": {
                     "min": float(eig.min()), "median": float(eig.median()), "negative": n_negative,
                     "count": int(eig.numel()),

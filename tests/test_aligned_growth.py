@@ -176,6 +176,7 @@ def test_grow_run_with_a_channel_multiple_keeps_widths_divisible(tmp_path):
         arch = r["architecture"]
         assert all(w % 4 == 0 for w in (arch["stem_width"], *arch["widths"]))
     assert records[1]["channel_multiple"] == 4
+    assert 0 < records[1]["budget"]["option_cost_sum"] <= records[1]["budget"]["value"] * (1 + 1e-9)
     assert all(v % 4 == 0 for v in records[1]["split"].values())
 
 
