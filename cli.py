@@ -151,6 +151,10 @@ _COST_OPTIONS = _options(
                  help="Device profile JSON for --cost lut|energy."),
     click.option("--metric", default=None, help="Profile metric for --cost lut|energy (latency_ms, energy_mj)."),
 )
+_CHANNEL_MULTIPLE = click.option(
+    "--channel-multiple", default=None, metavar="N|auto",
+    help="Grow every layer by multiples of N channels per stage (seed widths rounded to multiples of N); "
+         "auto: the channel block of --profile.")
 _SGD_OPTIONS = _options(
     click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True),
     click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True),
@@ -173,6 +177,11 @@ def _cost_options(cost: str, profile_path: str | None, metric: str | None) -> di
 def _model_options(model_config: str | None, width_mult: float | None, activation: str | None) -> dict[str, Any]:
     return {key: value for key, value in (("config", model_config), ("width_mult", width_mult),
                                           ("activation", activation)) if value is not None}
+
+
+def _channel_multiple(text: str | None) -> int | str | None:
+    """--channel-multiple as GrowConfig takes it: a whole number, or the text (``auto``; GrowConfig validates)."""
+    return int(text) if text is not None and text.strip().isdigit() else text
 
 
 def _print_stage(record: dict[str, Any]) -> None:
@@ -208,6 +217,7 @@ def _print_stage(record: dict[str, Any]) -> None:
                    "uniformly random neurons under the same budget.")
 @click.option("--max-layer-growth", type=click.FloatRange(min=0, max=1, min_open=True), default=None,
               help="Cap per layer and stage, as a fraction of its width.")
+@_CHANNEL_MULTIPLE
 @_SGD_OPTIONS
 @click.option("--out", type=click.Path(file_okay=False), default="runs/grow", show_default=True,
               help="Run directory (created; a previous run in it is replaced only with --overwrite).")
@@ -222,8 +232,8 @@ def grow(model: str, model_config: str | None, width_mult: float | None, activat
          profile_path: str | None, metric: str | None, growth_ratio: float, stages: int, budget: str | None,
          epochs: int,
          seed_epochs: int | None, split_epochs: int, split_method: str, split_step: float, selection: str,
-         max_layer_growth: float | None, batch_size: int, lr: float, weight_decay: float, device: str, seed: int,
-         out: str, overwrite: bool, resume: str | None) -> None:
+         max_layer_growth: float | None, channel_multiple: str | None, batch_size: int, lr: float,
+         weight_decay: float, device: str, seed: int, out: str, overwrite: bool, resume: str | None) -> None:
     """Grow a network stage by stage: train, score, price, select, split."""
     import cost_models
     from hwsplit.config import GrowConfig, load_config, parse_budget
@@ -268,6 +278,7 @@ def grow(model: str, model_config: str | None, width_mult: float | None, activat
         growth_ratio=growth_ratio, stages=stages,
         budget=budget_value, epochs=epochs, seed_epochs=seed_epochs, split_epochs=split_epochs,
         split_method=split_method, split_step=split_step, selection=selection, max_layer_growth=max_layer_growth,
+        channel_multiple=_channel_multiple(channel_multiple),
         batch_size=batch_size, lr=lr, weight_decay=weight_decay, device=device, seed=seed,
     )
     records = run_grow(config, out, overwrite=overwrite, progress=_progress, on_stage=_print_stage)
@@ -303,6 +314,7 @@ def baseline() -> None:
               help="Epochs per stage of the grow run to match (for the default --epochs).")
 @click.option("--seed-epochs", type=click.IntRange(min=1), default=None,
               help="Seed epochs of the grow run to match (default: --stage-epochs).")
+@_CHANNEL_MULTIPLE
 @_SGD_OPTIONS
 @click.option("--out", type=click.Path(file_okay=False), default="runs/width", show_default=True,
               help="Run directory (created; a previous run in it is replaced only with --overwrite).")
@@ -313,7 +325,8 @@ def baseline_width(multipliers: str, like: str | None, model: str, model_config:
                    width_mult: float | None, activation: str | None, dataset: str, data_dir: str | None,
                    download: bool, limit: int | None, test_limit: str, cost: str, profile_path: str | None,
                    metric: str | None,
-                   epochs: int | None, stages: int, stage_epochs: int, seed_epochs: int | None, batch_size: int,
+                   epochs: int | None, stages: int, stage_epochs: int, seed_epochs: int | None,
+                   channel_multiple: str | None, batch_size: int,
                    lr: float, weight_decay: float, device: str, seed: int, out: str, overwrite: bool) -> None:
     """Train the family uniformly scaled by width multipliers, from scratch, on grow's schedule."""
     from hwsplit.baselines import grow_epochs, parse_multipliers, width_baseline
@@ -331,7 +344,8 @@ def baseline_width(multipliers: str, like: str | None, model: str, model_config:
                                ("stage_epochs", "epochs", stage_epochs), ("seed_epochs", "seed_epochs", seed_epochs),
                                ("batch_size", "batch_size", batch_size), ("lr", "lr", lr),
                                ("weight_decay", "weight_decay", weight_decay), ("device", "device", device),
-                               ("seed", "seed", seed)):
+                               ("seed", "seed", seed),
+                               ("channel_multiple", "channel_multiple", _channel_multiple(channel_multiple))):
         if use(option):
             overrides[key] = value
     if any(use(o) for o in ("model_config", "width_mult", "activation")):

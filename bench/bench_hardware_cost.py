@@ -4,6 +4,8 @@ trade-off on it than pricing them by MACs (``cost="flops"``); both arms grow the
 
     python bench/bench_hardware_cost.py                     # reduced schedule, then measure
     python bench/bench_hardware_cost.py --measure-only      # re-measure the saved final networks (quiet box)
+    python bench/bench_hardware_cost.py --channel-multiple auto --grow-only   # both arms in blocks (issue 11);
+    python bench/bench_hardware_cost.py --measure-only --measure-threads 1    # ... then measure on a quiet core
     python bench/bench_hardware_cost.py --device cuda --limit 0 --seed-epochs E0 --epochs E --stages S
 
 Both arms grow the paper's CIFAR-10 seed MobileNetV1 from the same trained seed (see bench/common.py),
@@ -29,6 +31,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -50,12 +53,37 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--time-budget", type=float, default=2.0, help="seconds of repeated runs per measurement")
     p.add_argument("--measure-threads", type=int, default=1, help="onnxruntime threads (the profile's: 1)")
     p.add_argument("--drop-checkpoints", action="store_true", help="delete the kept checkpoints at the end")
+    p.add_argument("--channel-multiple", default=None, metavar="N|auto",
+                   help="grow both arms in multiples of N channels (seeds rounded alike); auto: the channel_block "
+                        "of --profile, for both arms")
+    p.add_argument("--selection", default="lp", help="knapsack of both arms (lp, milp, greedy)")
+    p.add_argument("--grow-only", action="store_true",
+                   help="grow (keeping every stage's checkpoint) and stop: measure later with --measure-only, "
+                        "pinned to a quiet core")
+    p.add_argument("--resume", action="store_true",
+                   help="with --grow-only: continue both arms after their last completed stage")
     return p.parse_args(argv)
 
 
+def channel_multiple(args: argparse.Namespace) -> int | None:
+    """``--channel-multiple`` as a number: ``auto`` reads the lut arm's profile, and the flops arm (which has
+    no profile) grows by the same N, so both arms move in the same blocks."""
+    from hwsplit.config import GrowConfig, resolve_channel_multiple
+
+    text = args.channel_multiple
+    if text is None:
+        return None
+    if text != "auto":
+        return int(text)
+    return resolve_channel_multiple(GrowConfig(cost="lut", cost_options={"profile": args.profile},
+                                               channel_multiple="auto"))
+
+
 def arms(args: argparse.Namespace) -> dict:
-    return {"lut": common.grow_config(args, cost="lut", cost_options={"profile": args.profile}),
-            "flops": common.grow_config(args, cost="flops")}
+    n = channel_multiple(args)
+    return {"lut": common.grow_config(args, cost="lut", cost_options={"profile": args.profile}, channel_multiple=n,
+                                      selection=args.selection),
+            "flops": common.grow_config(args, cost="flops", channel_multiple=n, selection=args.selection)}
 
 
 def networks(out: Path) -> dict[str, Path]:
@@ -174,7 +202,7 @@ def latest_latency(sessions: list[dict]) -> dict[str, dict]:
     return out
 
 
-def plot_latency(recs: dict[str, list[dict]], lat: dict[str, dict], path: Path) -> None:
+def plot_latency(recs: dict[str, list[dict]], lat: dict[str, dict], path: Path, threads: Any = 2) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -194,7 +222,7 @@ def plot_latency(recs: dict[str, list[dict]], lat: dict[str, dict], path: Path) 
         (line,) = ax.plot(xs, ys, marker=marker, label=label)
         for x, y, k in pts:
             ax.annotate(str(k), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8, color=line.get_color())
-    ax.set_xlabel("measured end-to-end latency (ms, onnxruntime, 1 thread, batch 1, 32×32)")
+    ax.set_xlabel(f"measured end-to-end latency (ms, onnxruntime, {threads} thread(s), batch 1, 32×32)")
     ax.set_ylabel("test top-1 accuracy (%)")
     ax.set_title("Accuracy against measured latency on this CPU (labels: stage)", fontsize=10)
     ax.grid(True, alpha=0.3)
@@ -213,7 +241,7 @@ def fragment(out: Path, args: argparse.Namespace, run_info: dict) -> None:
     final = {"seed": recs["lut"][0], f"lut {recs['lut'][-1]['stage']}": recs["lut"][-1],
              f"flops {recs['flops'][-1]['stage']}": recs["flops"][-1]}
     plot_widths(final, out / "widths.png")
-    plot_latency(recs, lat, out / "latency.png")
+    plot_latency(recs, lat, out / "latency.png", last["threads"])
 
     table = [["network", "test top-1 (%)", "MACs", "params", "LUT total, calibrated (ms)", "measured (ms)",
               "round medians (ms)", "load avg during", "measured on"]]
@@ -343,7 +371,9 @@ def verdict(recs: dict[str, list[dict]], lat: dict[str, dict], n_test: int) -> s
         f"{min(ratio_l):.2f}–{max(ratio_l):.2f} over these networks (the table sums layers timed one at a time; a "
         f"network runs as one onnxruntime graph). It ranks the two final networks as measured (predicted "
         f"{fL['pred']:.4f} vs {fF['pred']:.4f} ms, measured {fL['ms']:.4f} vs {fF['ms']:.4f} ms), but it "
-        "under-predicts what growth adds over the seed: "
+        + ("under" if all(m > p for p, m in growth.values() if p > 0) else
+           "over" if all(m < p for p, m in growth.values() if p > 0) else "mis")
+        + "-predicts what growth adds over the seed: "
         + "; ".join(f"{name} +{p:.4f} ms predicted, +{m:.4f} ms measured ({m / p:.1f}×)"
                     for name, (p, m) in growth.items() if p > 0)
         + (". In its own unit the lut arm did not overspend: each stage's realised increase of the table's total "
@@ -371,6 +401,19 @@ def main(argv=None) -> None:
     if args.fragment_only:
         run_info, _ = common.load_run_info(out)
         fragment(out, args, run_info)
+        return
+    if args.grow_only:
+        out.mkdir(parents=True, exist_ok=True)
+        configs = arms(args)
+        if args.resume:  # after the shared seed was copied: each arm continues where it stopped
+            common.run_tasks([common.grow_task(c, out / a, args, a, resume=True) for a, c in configs.items()],
+                             args.jobs)
+        else:
+            (out / "latency.json").unlink(missing_ok=True)
+            walls = common.grow_arms_shared_seed(configs, out, args)
+            log.info("growth: seed %.0f s, arms %.0f s", walls["seed"], walls["arms"])
+        common.save_run_info(out, args, info, time.perf_counter() - t_start, channel_multiple=channel_multiple(args))
+        log.info("grown; measure with --measure-only (every stage's checkpoint is kept)")
         return
     if not args.measure_only:
         out.mkdir(parents=True, exist_ok=True)

@@ -109,7 +109,8 @@ def grow_config(args: argparse.Namespace, **overrides: Any):
     from hwsplit.config import GrowConfig
 
     fields = dict(
-        model="mobilenet_v1_cifar", dataset="npz", data_dir=str(args.data_dir),  # from the repository root
+        # absolute, as grow stores it (a relative one would not match config.json when an arm resumes)
+        model="mobilenet_v1_cifar", dataset="npz", data_dir=str(resolve(args.data_dir).resolve()),
         data_limit=data_limit(args), stages=args.stages, epochs=args.epochs, seed_epochs=args.seed_epochs,
         batch_size=args.batch_size, lr=args.lr, growth_ratio=args.growth_ratio, device=args.device,
         seed=args.seed, measure=False,

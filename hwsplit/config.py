@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from hwsplit.errors import ConfigError
-from hwsplit.families import FAMILIES
+from hwsplit.families import FAMILIES, supports_channel_multiple
 from hwsplit.select import SELECTIONS
 from hwsplit.train import TrainConfig
 
@@ -26,6 +26,8 @@ from hwsplit.train import TrainConfig
 PROFILED_COSTS = ("lut", "energy")
 COSTS = ("flops", "none", *PROFILED_COSTS)
 SPLIT_METHODS = ("rayleigh", "exact")
+#: Largest --channel-multiple accepted (a block wider than any seed layer would never grow).
+MAX_CHANNEL_MULTIPLE = 1024
 
 # Units a budget may be written in, per cost-model unit: suffix → multiplier to the model's unit.
 _UNIT_SUFFIXES = {
@@ -101,6 +103,9 @@ class GrowConfig:
     seed: int = 0
     measure: bool | None = None  # measure each stage end to end; None: with --cost lut|energy
     measure_time_s: float = 1.0
+    # grow in multiples of N channels per layer and stage (None: one neuron at a time); "auto": the
+    # profile's channel_block (issue 11; hwsplit/blocks.py, resolve_channel_multiple)
+    channel_multiple: int | str | None = None
 
     @property
     def profile(self) -> str | None:
@@ -146,6 +151,24 @@ class GrowConfig:
                               "--profile PROFILE.json, made with `python cli.py profile`)")
         if self.cost not in PROFILED_COSTS and self.profile is not None:
             raise ConfigError("profile: only used with cost lut or energy")
+        self._check_channel_multiple()
+
+    def _check_channel_multiple(self) -> None:
+        n = self.channel_multiple
+        if n is None:
+            return
+        if not (n == "auto" or (_positive_int(n) and n <= MAX_CHANNEL_MULTIPLE)):
+            raise ConfigError(f"channel_multiple: expected a whole number 1..{MAX_CHANNEL_MULTIPLE} or 'auto', "
+                              f"got {n!r}")
+        if n == "auto" and not self.profile:
+            raise ConfigError(f"channel_multiple: 'auto' reads the channel block of a device profile, and cost "
+                              f"{self.cost} has none; give the number (e.g. --channel-multiple 16) or use "
+                              "--cost lut|energy --profile PROFILE.json")
+        if self.selection == "random":
+            raise ConfigError("channel_multiple: not available with selection random (it draws single neurons)")
+        if not supports_channel_multiple(self.model):
+            raise ConfigError(f"channel_multiple: the {self.model} family cannot round its seed's widths "
+                              "(supported: mobilenet_v1, mobilenet_v1_cifar, mlp)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -165,6 +188,29 @@ class GrowConfig:
             return cls(**dict(data))
         except ValueError as err:
             raise ConfigError(f"{source}: {err}") from None
+
+
+def resolve_channel_multiple(config: GrowConfig) -> int | None:
+    """The channel multiple N a run grows by: ``config.channel_multiple``, or for ``"auto"`` the top-level
+    ``channel_block`` of the run's profile (written by ``profile`` since issue 11). ``ConfigError``
+    naming the profile and the field when it is missing, unreadable or not a positive integer.
+    """
+    n = config.channel_multiple
+    if n != "auto":
+        return n
+    path = config.profile
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise ConfigError(f"channel_multiple: auto cannot read the profile {path} ({type(err).__name__})") from None
+    block = data.get("channel_block") if isinstance(data, dict) else None
+    if block is None:
+        raise ConfigError(f"channel_multiple: auto needs the field 'channel_block' of the profile {path}, which it "
+                          "lacks (a profile made before issue 11); re-profile the device, or give the number, "
+                          "e.g. --channel-multiple 16")
+    if not (_positive_int(block) and block <= MAX_CHANNEL_MULTIPLE):
+        raise ConfigError(f"{path}: channel_block: expected a whole number 1..{MAX_CHANNEL_MULTIPLE}, got {block!r}")
+    return int(block)
 
 
 #: Fields a width baseline's config.json adds to a grow config.
@@ -212,5 +258,5 @@ def config_like(run: str | Path | None, overrides: Mapping[str, Any]) -> GrowCon
     return GrowConfig.from_dict(fields)
 
 
-__all__ = ["COSTS", "PROFILED_COSTS", "RUN_INFO_WORLD_SIZE", "GrowConfig", "config_like", "load_config",
-           "parse_budget", "read_config"]
+__all__ = ["COSTS", "MAX_CHANNEL_MULTIPLE", "PROFILED_COSTS", "RUN_INFO_WORLD_SIZE", "GrowConfig", "config_like",
+           "load_config", "parse_budget", "read_config", "resolve_channel_multiple"]

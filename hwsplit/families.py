@@ -15,12 +15,15 @@ from typing import Any
 
 from torch import nn
 
+from hwsplit.blocks import make_divisible
 from hwsplit.models import (
     MOBILENET_V1_CIFAR_SEED,
+    MOBILENET_V1_CONFIGS,
     MOBILENET_V1_STANDARD,
     TORCHVISION_MOBILENET_V2,
     build_model,
     default_config,
+    mlp,
 )
 
 
@@ -58,6 +61,27 @@ def _mobilenet_v1_widths() -> tuple[list[int], list[int]]:
     return lo, hi
 
 
+def _align_mobilenet_v1(options: dict[str, Any], multiple: int, default: str = "standard") -> dict[str, Any]:
+    """Explicit widths and stem width, each the configured one (× width_mult) rounded by make_divisible."""
+    base = MOBILENET_V1_CONFIGS[options.get("config", default)]
+    mult = options.get("width_mult", 1.0)
+    widths = options.get("widths") or [w * mult for w, _ in base["blocks"]]
+    stem = options.get("stem_width") or base["stem"] * mult
+    options["widths"] = [make_divisible(w, multiple) for w in widths]
+    options["stem_width"] = make_divisible(stem, multiple)
+    return options
+
+
+def _align_mlp(options: dict[str, Any], multiple: int) -> dict[str, Any]:
+    """Explicit hidden widths (× width_mult) rounded by make_divisible; width_mult then 1."""
+    import inspect
+
+    widths = options.get("widths", inspect.signature(mlp).parameters["widths"].default)
+    mult = options.pop("width_mult", 1.0)
+    options["widths"] = [make_divisible(w * mult, multiple) for w in widths]
+    return options
+
+
 @dataclass(frozen=True)
 class Family:
     """A model family as the run layer sees it.
@@ -66,22 +90,25 @@ class Family:
     ``default_resolution`` is the input side a summary traces the family with when none is given
     (``None``: a flat input of ``in_features``); ``width_range()`` gives the per-layer widths of the
     seed and of the largest network the family grows towards (stem first, then the blocks), or
-    ``None`` when the family has no fixed layer list.
+    ``None`` when the family has no fixed layer list. ``align(options, N)`` rounds the seed's
+    widths to multiples of N (``grow --channel-multiple``; ``None``: not supported).
     """
 
     name: str
     seed_options: Callable[[dict[str, Any], tuple[int, int, int], int], dict[str, Any]]
     default_resolution: int | None = 32
     width_range: Callable[[], tuple[list[int], list[int]]] | None = None
+    align: Callable[[dict[str, Any], int], dict[str, Any]] | None = None
 
     def build(self, **options: Any) -> nn.Module:
         return build_model(self.name, **options)
 
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
-    Family("mobilenet_v1", _mobilenet_v1_seed, 224, _mobilenet_v1_widths),
-    Family("mobilenet_v1_cifar", _mobilenet_v1_cifar_seed, 32, _mobilenet_v1_widths),
-    Family("mlp", _mlp_seed, None),
+    Family("mobilenet_v1", _mobilenet_v1_seed, 224, _mobilenet_v1_widths, _align_mobilenet_v1),
+    Family("mobilenet_v1_cifar", _mobilenet_v1_cifar_seed, 32, _mobilenet_v1_widths,
+           lambda options, n: _align_mobilenet_v1(options, n, "cifar_seed")),
+    Family("mlp", _mlp_seed, None, align=_align_mlp),
     Family(TORCHVISION_MOBILENET_V2, _tv_mobilenet_v2_seed, 224),
 )}
 
@@ -100,12 +127,28 @@ def seed_options(name: str, options: dict[str, Any], input_shape: tuple[int, int
 
 
 def build_seed(name: str, options: dict[str, Any], input_shape: tuple[int, int, int], num_classes: int, *,
-               width_mult: float = 1.0) -> nn.Module:
-    """The seed of family ``name`` sized for the data; ``width_mult`` multiplies the configured width multiplier."""
+               width_mult: float = 1.0, channel_multiple: int | None = None) -> nn.Module:
+    """The seed of family ``name`` sized for the data; ``width_mult`` multiplies the configured width multiplier.
+
+    ``channel_multiple`` N rounds every growing width to a multiple of N with torchvision's
+    make-divisible rule (:func:`hwsplit.blocks.make_divisible`); ``ValueError`` naming
+    ``channel_multiple`` for a family that cannot (see :func:`supports_channel_multiple`).
+    """
     opts = seed_options(name, options, input_shape, num_classes)
     if width_mult != 1.0:
         opts["width_mult"] = opts.get("width_mult", 1.0) * width_mult
+    if channel_multiple is not None:
+        family = get_family(name)
+        if family.align is None:
+            raise ValueError(f"channel_multiple: the {name} family cannot round its seed's widths (supported: "
+                             f"{', '.join(n for n, f in FAMILIES.items() if f.align)})")
+        opts = family.align(opts, int(channel_multiple))
     return build_model(name, **opts)
 
 
-__all__ = ["FAMILIES", "Family", "build_seed", "get_family", "seed_options"]
+def supports_channel_multiple(name: str) -> bool:
+    """Whether family ``name`` can round its seed's widths to a channel multiple."""
+    return name in FAMILIES and FAMILIES[name].align is not None
+
+
+__all__ = ["FAMILIES", "Family", "build_seed", "get_family", "seed_options", "supports_channel_multiple"]

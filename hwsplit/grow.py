@@ -35,8 +35,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from hwsplit.blocks import select_blocks
 from hwsplit.checkpoint import load_checkpoint, load_model
-from hwsplit.config import RUN_INFO_WORLD_SIZE, GrowConfig, load_config, parse_budget
+from hwsplit.config import RUN_INFO_WORLD_SIZE, GrowConfig, load_config, parse_budget, resolve_channel_multiple
 from hwsplit.data import BadImageError
 from hwsplit.distributed import all_ranks_true, broadcast_object, is_main, world_size
 from hwsplit.errors import ConfigError
@@ -151,6 +152,7 @@ def grow(config: GrowConfig, out: str | Path, *, resume: bool = False, overwrite
     if resume:
         on_main(_resume_preflight, run, config)  # the run directory is rank 0's
     session = open_session(config)  # the data, the model's family and the cost model's profile must load
+    resolve_channel_multiple(config)  # "auto" needs the profile's channel_block, before anything is written
     if not resume:
         seed_everything(stage_seed(config, 0))  # stage 0 re-seeds before it builds the same seed
         check_seed_cost(session, build_seed(config, session.bundle))
@@ -181,6 +183,7 @@ def _stages(run: RunDir, config: GrowConfig, session: Session, records: list[dic
     train_loader, test_loader = session.train_loader, session.test_loader
     stop_reason = STOP_STAGES
     stage = len(records)
+    multiple = resolve_channel_multiple(config)
     groups: list = []
     if records:  # every rank continues from rank 0's checkpoint (its directory need not be shared)
         payload = on_main(load_checkpoint, run.checkpoint(stage - 1), share=True)
@@ -240,13 +243,19 @@ def _stages(run: RunDir, config: GrowConfig, session: Session, records: list[dic
             costs = {k: marginal[k] for k in scores}
             # the random baseline drops neurons from an over-budget plan in random order too
             rank = _random_rank([config.seed, stage, 1]) if config.selection == "random" else None
-            plan = select_by_name(config.selection, scores, costs, budget, caps=caps, seed=[config.seed, stage])
-            if plan:
-                def increase(p: dict[str, torch.Tensor], m: nn.Module = model, s: dict = scores,
-                             t: float = total) -> float:
-                    return cost_model.total(apply_split(m, p, s, step=0.0), input_shape) - t
+            def increase(p: dict[str, torch.Tensor], m: nn.Module = model, s: dict = scores,
+                         t: float = total) -> float:
+                return cost_model.total(apply_split(m, p, s, step=0.0), input_shape) - t
 
-                plan = fit_plan_to_budget(plan, scores, marginal, increase, budget, rank=rank)
+            blocks: dict[str, Any] = {}
+            if multiple:  # per-layer multiples of N, priced at the widths they reach (hwsplit/blocks.py)
+                plan, blocks = select_blocks(model, scores, groups, total=lambda m: cost_model.total(m, input_shape),
+                                        current=total, budget=budget, multiple=multiple, caps=caps,
+                                        method=config.selection, increase=increase)
+            else:
+                plan = select_by_name(config.selection, scores, costs, budget, caps=caps, seed=[config.seed, stage])
+                if plan:
+                    plan = fit_plan_to_budget(plan, scores, marginal, increase, budget, rank=rank)
             plan = _agreed_plan(plan)
             timings["select_s"] = time.perf_counter() - t0
             if not plan:
@@ -268,9 +277,12 @@ def _stages(run: RunDir, config: GrowConfig, session: Session, records: list[dic
                 "split": {k: int(v.numel()) for k, v in plan.items()},
                 "neurons_split": int(sum(v.numel() for v in plan.values())),
                 "selection": config.selection,
+                **({"channel_multiple": multiple} if multiple else {}),
                 "budget": {"value": budget, "unit": cost_model.unit,
                            "used": float(realised),
-                           "marginal_sum": float(sum(marginal[k] * v.numel() for k, v in plan.items()))},
+                           "marginal_sum": float(sum(marginal[k] * v.numel() for k, v in plan.items())),
+                           # block growth: Σ of the chosen options' costs, which the grouped knapsack used
+                           **({"option_cost_sum": blocks["cost_used"]} if blocks else {})},
                 "eigenvalues": {
                     "min": float(eig.min()), "median": float(eig.median()), "negative": n_negative,
                     "count": int(eig.numel()),

@@ -64,7 +64,7 @@ _LP_TOL = 1e-6
 # Pure numpy solver
 # --------------------------------------------------------------------------------------------
 
-def _budget_limit(budget: float) -> float:
+def budget_limit(budget: float) -> float:
     return budget + _BUDGET_RTOL * max(1.0, abs(budget))
 
 
@@ -163,7 +163,7 @@ def _solve_milp(
     prefix of each class sorted by value, so ``x_next <= x_prev`` is added along each class. These
     symmetry-breaking rows make branch and bound an order of magnitude faster when whole layers
     share one marginal cost (the usual case), and are absent when every cost differs."""
-    limit = _budget_limit(budget)
+    limit = budget_limit(budget)
     order = cand[np.lexsort((values[cand], costs[cand], layer_of[cand]))]
     m = order.size
     lay, cst = layer_of[order], costs[order]
@@ -253,7 +253,7 @@ def _solve(
     if budget <= 0:
         log.info("budget %g <= 0: nothing selected", budget)
         return mask, None
-    limit = _budget_limit(budget)
+    limit = budget_limit(budget)
 
     cand = np.flatnonzero((values < 0) & (costs <= limit) & (caps[layer_of] >= 1))
     if cand.size == 0:
@@ -391,7 +391,7 @@ def _group_costs(name: str, cost: Any, n: int) -> np.ndarray:
     return arr
 
 
-def _cap_value(where: str, cap: Any, width: int) -> float:
+def cap_value(where: str, cap: Any, width: int) -> float:
     """The most neurons a group of ``width`` channels may give: the one cap rule of every strategy."""
     if cap is None:
         return math.inf
@@ -438,9 +438,9 @@ def select_neurons_report(
             raise ValueError(f"no cost given for group {name!r}")
         cost = _group_costs(name, costs[name], ev.shape[0])
         if isinstance(caps, Mapping):
-            cap = _cap_value(f"[{name!r}]", caps.get(name), ev.shape[0])
+            cap = cap_value(f"[{name!r}]", caps.get(name), ev.shape[0])
         else:
-            cap = _cap_value("", caps, ev.shape[0])
+            cap = cap_value("", caps, ev.shape[0])
         # Non-candidates (λ >= threshold) become value 0: never chosen by the solver.
         values.append(np.where(ev < threshold, ev, 0.0))
         cost_parts.append(cost)
@@ -556,8 +556,8 @@ def random_selection(widths: Mapping[str, int], costs: Mapping[str, float], budg
     group_of = np.concatenate([np.full(widths[n], i, dtype=np.int64) for i, n in enumerate(names)])
     channel = np.concatenate([np.arange(widths[n], dtype=np.int64) for n in names])
     order = np.random.default_rng(seed).permutation(group_of.size)
-    limit = _budget_limit(budget)
-    caps_left = [_cap_value(f"[{n!r}]", caps.get(n) if isinstance(caps, Mapping) else caps, widths[n])
+    limit = budget_limit(budget)
+    caps_left = [cap_value(f"[{n!r}]", caps.get(n) if isinstance(caps, Mapping) else caps, widths[n])
                  for n in names]
     cost = [float(costs[n]) for n in names]
     used = 0.0

@@ -28,7 +28,7 @@ from torch import nn
 
 import cost_models
 from hwsplit.checkpoint import save_checkpoint
-from hwsplit.config import GrowConfig
+from hwsplit.config import GrowConfig, resolve_channel_multiple
 from hwsplit.data import DataBundle, load_dataset, make_loaders
 from hwsplit.distributed import is_main, local_device, rank, world_size
 from hwsplit.errors import ConfigError, first_line
@@ -81,10 +81,11 @@ def count_params(model: nn.Module) -> int:
 def build_seed(config: GrowConfig, bundle: DataBundle, *, width_mult: float = 1.0) -> nn.Module:
     """The stage-0 model of ``config.model`` sized for ``bundle``'s inputs and classes.
 
-    ``width_mult`` multiplies the configured width multiplier (the width baseline's scaling).
+    ``width_mult`` multiplies the configured width multiplier (the width baseline's scaling); with a
+    channel multiple every growing width is rounded to it (make-divisible, hwsplit/blocks.py).
     """
     return _build_family_seed(config.model, config.model_options, bundle.input_shape, bundle.num_classes,
-                              width_mult=width_mult)
+                              width_mult=width_mult, channel_multiple=resolve_channel_multiple(config))
 
 
 @dataclass

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = {
     0: ["hwsplit.units", "hwsplit.errors", "hwsplit.fsio", "hwsplit.specs", "hwsplit.graph",
         "hwsplit.distributed", "hwsplit.devices"],
-    1: ["hwsplit.models", "hwsplit.score", "hwsplit.surgery", "hwsplit.select", "hwsplit.families",
+    1: ["hwsplit.models", "hwsplit.score", "hwsplit.surgery", "hwsplit.select", "hwsplit.blocks", "hwsplit.families",
         "hwsplit.data", "hwsplit.train", "hwsplit.checkpoint", "hwsplit.schedule"],
     # the whole package; its modules named so the map in docs/design.md §1 stays checked
     2: ["cost_models", "cost_models.base", "cost_models.flops", "cost_models.uniform", "cost_models.lut",
