@@ -14,7 +14,9 @@ construction because channel j depends only on row j of P.weight.
 * ``method="exact"`` accumulates every S_j (n·d² memory) and calls ``torch.linalg.eigh``.
 * ``method="rayleigh"`` is the paper's fast method (Wang et al. 2019, §4): minimise the Rayleigh
   quotient R(v) = vᵀSv / vᵀv by stochastic gradient 2(Sv − Rv)/‖v‖² with RMSprop, renormalising
-  v after every step; O(n·d) memory. The eigenvalue is then estimated with v fixed.
+  v after every step; O(n·d) memory. The eigenvalue is estimated in the same pass, as the mean
+  Rayleigh quotient of the converging v over the last part of the pass (or, optionally, in one more
+  pass with v fixed).
 
 Kinked activations (ReLU, ReLU6, Hardswish, LeakyReLU) have σ'' = 0 almost everywhere; they are
 scored through a softplus surrogate of sharpness ``surrogate_beta`` (3, as in the paper's code):
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import operator
 import time
 from collections.abc import Callable, Iterable
@@ -480,6 +483,9 @@ def splitting_indices(
     alpha: float = 0.9,
     surrogate_beta: float = 3.0,
     seed: int = 0,
+    eigenvalue_pass: bool = False,
+    average_last: float = 0.5,
+    schedule: str = "cosine",
     max_batches: int | None = None,
     progress: Callable[[Iterable, str, int], Iterable] | None = None,
 ) -> dict[str, SplitScore]:
@@ -488,7 +494,11 @@ def splitting_indices(
     loader yields ``(inputs, targets)`` batches; ``loss_fn(output, targets)`` must return the
     *mean* loss over the batch (default: cross entropy), so that S is an expectation over samples.
     ``method="rayleigh"`` runs ``epochs`` passes of RMSprop (learning rate ``lr``, squared-gradient
-    decay ``alpha``) on the Rayleigh quotient, then one pass with v fixed to estimate λ;
+    decay ``alpha``) on the Rayleigh quotient and estimates λ in the same passes, as the mean Rayleigh
+    quotient over the last ``average_last`` share (0 < · ≤ 1) of the batches of all passes;
+    ``eigenvalue_pass=True`` estimates it in one more pass with v fixed instead (one pass more).
+    ``schedule`` decays the learning rate over all passes ("cosine", from ``lr`` to 0) or not
+    ("constant", the paper's Algorithm 1).
     ``method="exact"`` makes one pass. ``max_batches`` caps each pass. ``device`` moves the model
     there for the call (default: where its parameters are). Returns ``{producer name: SplitScore}``
     with tensors on the CPU.
@@ -497,8 +507,12 @@ def splitting_indices(
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
     if not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs: expected a positive integer, got {epochs!r}")
-    if not lr > 0:
-        raise ValueError(f"lr: expected a positive number, got {lr!r}")
+    if not lr >= 0:
+        raise ValueError(f"lr: expected a number >= 0, got {lr!r}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule: expected one of {SCHEDULES}, got {schedule!r}")
+    if not 0 < average_last <= 1:
+        raise ValueError(f"average_last: expected a share in (0, 1], got {average_last!r}")
     if not surrogate_beta > 0:
         raise ValueError(f"surrogate_beta: expected a positive number, got {surrogate_beta!r}")
     loss_fn = loss_fn or F.cross_entropy
@@ -544,7 +558,8 @@ def splitting_indices(
         if method == "exact":
             scores = _exact(chains, passes)
         else:
-            scores = _rayleigh(chains, passes, epochs=epochs, lr=lr, alpha=alpha, seed=seed)
+            scores = _rayleigh(chains, passes, epochs=epochs, lr=lr, alpha=alpha, seed=seed,
+                               eigenvalue_pass=eigenvalue_pass, average_last=average_last, schedule=schedule)
         log.info("scored %d neurons in %d groups (%s) in %.2f s", sum(len(s) for s in scores.values()),
                  len(scores), method, time.perf_counter() - start)
         return {**scores, **linear}
@@ -588,8 +603,16 @@ def _exact(chains: dict[str, LocalChain], passes: Callable[[str], Iterable[_Batc
 
 
 def _rayleigh(chains: dict[str, LocalChain], passes: Callable[[str], Iterable[_Batch]], *, epochs: int,
-              lr: float, alpha: float, seed: int, eps: float = 1e-8) -> dict[str, SplitScore]:
-    """Stochastic Rayleigh-quotient descent (Wang et al. 2019, §4, Algorithm 1), all groups at once."""
+              lr: float, alpha: float, seed: int, eigenvalue_pass: bool, average_last: float,
+              schedule: str = "cosine", eps: float = 1e-8) -> dict[str, SplitScore]:
+    """Stochastic Rayleigh-quotient descent (Wang et al. 2019, §4, Algorithm 1), all groups at once.
+
+    λ is estimated in the same pass (``eigenvalue_pass=False``): each batch's Rayleigh quotient vᵀS_b v
+    is taken with the v of the previous step, before this batch moves it (so it is an unbiased
+    estimate of vᵀSv for that v), and averaged, weighted by batch size, over the batches in the last
+    ``average_last`` share of all ``epochs`` passes, where v has (nearly) converged. With
+    ``eigenvalue_pass=True`` one more pass with v fixed estimates λ instead (twice the cost).
+    """
     gen = torch.Generator().manual_seed(seed)
     vs: dict[str, torch.Tensor] = {}
     sq: dict[str, torch.Tensor] = {}
@@ -598,23 +621,55 @@ def _rayleigh(chains: dict[str, LocalChain], passes: Callable[[str], Iterable[_B
         v = torch.randn(w.shape, generator=gen, dtype=torch.float64).to(device=w.device, dtype=w.dtype)
         vs[name] = _normalise(v)
         sq[name] = torch.zeros_like(w)
+    # Per group: Σ_b weight_b · vᵀS_b v and Σ_b weight_b over the averaged batches (the only sums formed).
+    lam_sum = {name: torch.zeros(v.shape[0], dtype=v.dtype, device=v.device) for name, v in vs.items()}
+    weight_sum = 0.0
     for epoch in range(epochs):
+        seen = 0.0  # share of this epoch's samples up to the current batch (batch weights sum to 1)
         for batch in passes(f"rayleigh epoch {epoch + 1}/{epochs}"):
+            seen += batch.weight
+            # every batch that ends inside the last share of all passes, so the last batch always counts
+            average = not eigenvalue_pass and (epoch + seen) / epochs > 1.0 - average_last + 1e-9
+            if average:
+                weight_sum += batch.weight
+            step = lr * _step_factor(schedule, (epoch + seen - batch.weight) / epochs)
             for name, chain in chains.items():
                 v = vs[name]
                 sv = sum_across_ranks(chain.hvp_prepared(batch.prepare(chain), v))
                 r = _rowdot(v, sv)
+                if average:
+                    lam_sum[name].add_(r.flatten(), alpha=batch.weight)
                 grad = 2.0 * (sv - r * v)  # ‖v‖ = 1 after every step
                 sq[name].mul_(alpha).addcmul_(grad, grad, value=1 - alpha)
-                vs[name] = _normalise(v - lr * grad / (sq[name].sqrt() + eps))
-    # λ with v fixed, over one more pass (the batch weights make it an expectation over samples).
-    lam = {name: torch.zeros(v.shape[0], dtype=v.dtype, device=v.device) for name, v in vs.items()}
-    for batch in passes("rayleigh eigenvalues"):
-        for name, chain in chains.items():
-            sv = chain.hvp_prepared(batch.prepare(chain), vs[name])
-            lam[name] += batch.weight * _rowdot(vs[name], sv).flatten()
-    return {name: SplitScore(sum_across_ranks(lam[name]).cpu(), vs[name].cpu(), "rayleigh", chain.group)
+                vs[name] = _normalise(v - step * grad / (sq[name].sqrt() + eps))
+    if eigenvalue_pass:
+        # λ with v fixed, over one more pass (the batch weights make it an expectation over samples).
+        weight_sum = 0.0
+        for batch in passes("rayleigh eigenvalues"):
+            weight_sum += batch.weight
+            for name, chain in chains.items():
+                sv = chain.hvp_prepared(batch.prepare(chain), vs[name])
+                lam_sum[name].add_(_rowdot(vs[name], sv).flatten(), alpha=batch.weight)
+        lam_sum = {name: sum_across_ranks(s) for name, s in lam_sum.items()}
+        weight_sum = float(sum_across_ranks(torch.tensor(weight_sum, dtype=torch.float64)))
+    # In the fused estimate each vᵀS_b v is already of the reduced S_b v (the descent's one reduction);
+    # the weighted mean divides by the weights of the batches averaged.
+    return {name: SplitScore((lam_sum[name] / weight_sum).cpu(), vs[name].cpu(), "rayleigh", chain.group)
             for name, chain in chains.items()}
+
+
+SCHEDULES = ("cosine", "constant")
+
+
+def _step_factor(schedule: str, progress: float) -> float:
+    """Multiplier of the descent's learning rate at ``progress`` ∈ [0, 1) of all passes.
+
+    RMSprop's steps have a fixed size per coordinate whatever the gradient, so at a constant rate v
+    keeps jittering around the eigenvector; a cosine decay lets it settle, which the in-pass λ needs.
+    """
+    if schedule == "constant":
+        return 1.0
+    return 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
 
 
 def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
