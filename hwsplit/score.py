@@ -346,45 +346,41 @@ _INPLACE_FUNCTIONS = {operator.iadd: operator.add, operator.isub: operator.sub, 
                       operator.itruediv: operator.truediv}
 
 
-class _Recorder(fx.Interpreter):
-    """Runs the traced model with every in-place op made out-of-place, keeping chosen node values.
+def _recording_module(gm: fx.GraphModule, keep: list[str]) -> fx.GraphModule:
+    """``gm`` rewritten once so that it returns ``(output, (values of the nodes in keep, in order))``,
+    with every in-place op made out-of-place, compiled by fx's code generation (plain Python, no
+    per-node interpretation). ``gm`` itself is not modified; parameters are shared with it.
 
     In-place activations (``nn.ReLU(inplace=True)``, ``out += identity``) would otherwise overwrite
     the tensors scoring reads after the forward pass.
     """
-
-    def __init__(self, gm: fx.GraphModule, keep: set[str]) -> None:
-        super().__init__(gm)
-        self.keep = keep
-        self.values: dict[str, torch.Tensor] = {}
-        self._out_of_place: dict[str, nn.Module] = {}
-
-    def run_node(self, n: fx.Node) -> Any:
-        out = super().run_node(n)
-        if n.name in self.keep:
-            self.values[n.name] = out
-        return out
-
-    def call_module(self, target: str, args: tuple, kwargs: dict) -> Any:
-        module = self.fetch_attr(target)
-        if getattr(module, "inplace", False) and not list(module.parameters(recurse=False)):
-            if target not in self._out_of_place:
-                clone = copy.copy(module)
-                clone.inplace = False
-                self._out_of_place[target] = clone
-            module = self._out_of_place[target]
-        return module(*args, **kwargs)
-
-    def call_function(self, target: Any, args: tuple, kwargs: dict) -> Any:
-        target = _INPLACE_FUNCTIONS.get(target, target)
-        if kwargs.get("inplace"):
-            kwargs = {**kwargs, "inplace": False}
-        return super().call_function(target, args, kwargs)
-
-    def call_method(self, target: str, args: tuple, kwargs: dict) -> Any:
-        if target.endswith("_") and not target.startswith("_") and hasattr(torch.Tensor, target[:-1]):
-            target = target[:-1]
-        return super().call_method(target, args, kwargs)
+    graph = copy.deepcopy(gm.graph)
+    new = fx.GraphModule(gm, graph)
+    clones: dict[str, str] = {}
+    for node in list(graph.nodes):
+        if node.op == "call_function":
+            node.target = _INPLACE_FUNCTIONS.get(node.target, node.target)
+            if node.kwargs.get("inplace"):
+                node.kwargs = {**node.kwargs, "inplace": False}
+        elif node.op == "call_method":
+            if node.target.endswith("_") and not node.target.startswith("_") and hasattr(torch.Tensor,
+                                                                                       node.target[:-1]):
+                node.target = node.target[:-1]
+        elif node.op == "call_module":
+            module = new.get_submodule(node.target)
+            if getattr(module, "inplace", False) and not list(module.parameters(recurse=False)):
+                if node.target not in clones:
+                    clone = copy.copy(module)
+                    clone.inplace = False
+                    clones[node.target] = f"_out_of_place_{len(clones)}"
+                    new.add_submodule(clones[node.target], clone)
+                node.target = clones[node.target]
+    by_name = {n.name: n for n in graph.nodes}
+    out_node = next(n for n in graph.nodes if n.op == "output")
+    out_node.args = ((out_node.args[0], tuple(by_name[k] for k in keep)),)
+    graph.lint()
+    new.recompile()
+    return new
 
 
 @dataclass
@@ -421,31 +417,43 @@ def _batches(model: nn.Module, gm: fx.GraphModule, groups: list[NeuronGroup], lo
              loss_fn: Callable, total_samples: int, max_batches: int | None) -> Iterable[_Batch]:
     """One forward and one backward of the network per batch (only down to the chain ends)."""
     device, dtype = _model_device_dtype(model)
-    keep = {g.input_node for g in groups} | {g.output_node for g in groups} | _intermediate_nodes(groups)
+    keep = sorted({g.input_node for g in groups} | {g.output_node for g in groups} | _intermediate_nodes(groups))
+    recorder = _recording_module(gm, keep)
+    # the first non-finite loss and its batch, as tensors: checked once after the pass (no host sync per batch)
+    first_bad: torch.Tensor | None = None
+    bad_loss: torch.Tensor | None = None
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
         x, y = batch[0], batch[1]
         x = x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype)
         y = y.to(device)
-        recorder = _Recorder(gm, keep)
         with torch.enable_grad():
             # Requiring grad at the input makes every chain end differentiable even when the
             # model's parameters are frozen; parameter gradients are never computed.
             x.requires_grad_(x.is_floating_point())
-            loss = loss_fn(recorder.run(x), y)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"scoring: the loss is {loss.item()} at batch {i}")
-            ends = [recorder.values[g.output_node] for g in groups]
+            out, kept = recorder(x)
+            values = dict(zip(keep, kept))
+            loss = loss_fn(out, y)
+            bad = torch.where(torch.isfinite(loss), -1, i)
+            if first_bad is None:
+                first_bad, bad_loss = bad, loss.detach()
+            else:
+                new_bad = (first_bad < 0) & (bad >= 0)
+                first_bad = torch.where(new_bad, bad, first_bad)
+                bad_loss = torch.where(new_bad, loss.detach(), bad_loss)
+            ends = [values[g.output_node] for g in groups]
             grads = torch.autograd.grad(loss, ends, allow_unused=True)
         yield _Batch(
             weight=x.shape[0] / total_samples,
-            inputs={g.name: recorder.values[g.input_node].detach() for g in groups},
-            intermediates={g.name: {k: recorder.values[n].detach() for k, n in _intermediate_names(g).items()}
+            inputs={g.name: values[g.input_node].detach() for g in groups},
+            intermediates={g.name: {k: values[n].detach() for k, n in _intermediate_names(g).items()}
                            for g in groups},
             grads={g.name: (torch.zeros_like(e) if gr is None else gr.detach())
                    for g, e, gr in zip(groups, ends, grads)},
         )
+    if first_bad is not None and int(first_bad) >= 0:
+        raise FloatingPointError(f"scoring: the loss is {float(bad_loss)} at batch {int(first_bad)}")
 
 
 def _count_samples(loader: Iterable, max_batches: int | None) -> int:
