@@ -494,6 +494,7 @@ def splitting_indices(
     eigenvalue_pass: bool = False,
     average_last: float = 0.5,
     schedule: str = "cosine",
+    steps_per_batch: int = 1,
     max_batches: int | None = None,
     progress: Callable[[Iterable, str, int], Iterable] | None = None,
 ) -> dict[str, SplitScore]:
@@ -506,7 +507,8 @@ def splitting_indices(
     quotient over the last ``average_last`` share (0 < · ≤ 1) of the batches of all passes;
     ``eigenvalue_pass=True`` estimates it in one more pass with v fixed instead (one pass more).
     ``schedule`` decays the learning rate over all passes ("cosine", from ``lr`` to 0) or not
-    ("constant", the paper's Algorithm 1).
+    ("constant", the paper's Algorithm 1). ``steps_per_batch`` descent steps reuse each batch's
+    forward/backward (each costs one more S·v).
     ``method="exact"`` makes one pass. ``max_batches`` caps each pass. ``device`` moves the model
     there for the call (default: where its parameters are). Returns ``{producer name: SplitScore}``
     with tensors on the CPU.
@@ -517,6 +519,8 @@ def splitting_indices(
         raise ValueError(f"epochs: expected a positive integer, got {epochs!r}")
     if not lr >= 0:
         raise ValueError(f"lr: expected a number >= 0, got {lr!r}")
+    if not isinstance(steps_per_batch, int) or steps_per_batch < 1:
+        raise ValueError(f"steps_per_batch: expected a positive integer, got {steps_per_batch!r}")
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule: expected one of {SCHEDULES}, got {schedule!r}")
     if not 0 < average_last <= 1:
@@ -567,7 +571,8 @@ def splitting_indices(
             scores = _exact(chains, passes)
         else:
             scores = _rayleigh(chains, passes, epochs=epochs, lr=lr, alpha=alpha, seed=seed,
-                               eigenvalue_pass=eigenvalue_pass, average_last=average_last, schedule=schedule)
+                               eigenvalue_pass=eigenvalue_pass, average_last=average_last, schedule=schedule,
+                               steps_per_batch=steps_per_batch)
         log.info("scored %d neurons in %d groups (%s) in %.2f s", sum(len(s) for s in scores.values()),
                  len(scores), method, time.perf_counter() - start)
         return {**scores, **linear}
@@ -612,7 +617,7 @@ def _exact(chains: dict[str, LocalChain], passes: Callable[[str], Iterable[_Batc
 
 def _rayleigh(chains: dict[str, LocalChain], passes: Callable[[str], Iterable[_Batch]], *, epochs: int,
               lr: float, alpha: float, seed: int, eigenvalue_pass: bool, average_last: float,
-              schedule: str = "cosine", eps: float = 1e-8) -> dict[str, SplitScore]:
+              schedule: str = "cosine", steps_per_batch: int = 1, eps: float = 1e-8) -> dict[str, SplitScore]:
     """Stochastic Rayleigh-quotient descent (Wang et al. 2019, §4, Algorithm 1), all groups at once.
 
     λ is estimated in the same pass (``eigenvalue_pass=False``): each batch's Rayleigh quotient vᵀS_b v
@@ -642,14 +647,16 @@ def _rayleigh(chains: dict[str, LocalChain], passes: Callable[[str], Iterable[_B
                 weight_sum += batch.weight
             step = lr * _step_factor(schedule, (epoch + seen - batch.weight) / epochs)
             for name, chain in chains.items():
-                v = vs[name]
-                sv = sum_across_ranks(chain.hvp_prepared(batch.prepare(chain), v))
-                r = _rowdot(v, sv)
-                if average:
-                    lam_sum[name].add_(r.flatten(), alpha=batch.weight)
-                grad = 2.0 * (sv - r * v)  # ‖v‖ = 1 after every step
-                sq[name].mul_(alpha).addcmul_(grad, grad, value=1 - alpha)
-                vs[name] = _normalise(v - step * grad / (sq[name].sqrt() + eps))
+                ctx = batch.prepare(chain)
+                for inner in range(steps_per_batch):
+                    v = vs[name]
+                    sv = sum_across_ranks(chain.hvp_prepared(ctx, v))
+                    r = _rowdot(v, sv)
+                    if average and inner == 0:  # the quotient of a v this batch has not moved yet
+                        lam_sum[name].add_(r.flatten(), alpha=batch.weight)
+                    grad = 2.0 * (sv - r * v)  # ‖v‖ = 1 after every step
+                    sq[name].mul_(alpha).addcmul_(grad, grad, value=1 - alpha)
+                    vs[name] = _normalise(v - step * grad / (sq[name].sqrt() + eps))
     if eigenvalue_pass:
         # λ with v fixed, over one more pass (the batch weights make it an expectation over samples).
         weight_sum = 0.0
