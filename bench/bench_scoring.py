@@ -241,6 +241,12 @@ def _machine(threads: int) -> dict:
             "python": platform.python_version(), "platform": platform.platform()}
 
 
+def _sync(device: str) -> None:
+    """Wait for queued CUDA work, so that wall-clock times include it."""
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def quality_figures(exact: dict, fast: dict) -> dict:
     """How ``fast`` ranks like ``exact``: Spearman ρ per group (worst, median), overlap of the 10 %
     most negative indices per group (worst, mean), and the exact negative indices (λ < 0) that
@@ -297,10 +303,12 @@ def run(args: argparse.Namespace) -> dict:
     for k in widths:
         seed_everything(args.seed)
         model = build(k)
+        macs = flops.total(model, (1, 3, 32, 32))  # on the CPU, before the model moves
+        model.to(args.device)
         config = TrainConfig(epochs=args.pretrain_epochs + 1, lr=args.lr, schedule="constant")
         opt = make_optimizer(model, config)
         for epoch in range(args.pretrain_epochs):
-            stats = train_epoch(model, loader, opt, device="cpu", loss_fn=F.cross_entropy, epoch=epoch)
+            stats = train_epoch(model, loader, opt, device=args.device, loss_fn=F.cross_entropy, epoch=epoch)
             print(f"k={k} pretrain epoch {epoch}: loss {stats['loss']:.3f} top1 {stats['top1']:.3f} "
                   f"{stats['seconds']:.1f} s", flush=True)
         # (a) and (b), alternated ``--repeats`` times; the ratio uses the fastest of each (the least
@@ -310,18 +318,21 @@ def run(args: argparse.Namespace) -> dict:
         before_scores = None
         for r in range(args.repeats):
             start = time.perf_counter()
-            stats = train_epoch(model, loader, opt, device="cpu", loss_fn=F.cross_entropy,
+            stats = train_epoch(model, loader, opt, device=args.device, loss_fn=F.cross_entropy,
                                 epoch=args.pretrain_epochs + r)
+            _sync(args.device)
             train_times.append(time.perf_counter() - start)
             model.eval()
             print(f"k={k} timed training epoch: {train_times[-1]:.1f} s (loss {stats['loss']:.3f})", flush=True)
             start = time.perf_counter()
             scores = splitting_indices(model, loader, **score_kwargs)
+            _sync(args.device)
             rayleigh_times.append(time.perf_counter() - start)
             print(f"k={k} rayleigh default call: {rayleigh_times[-1]:.1f} s", flush=True)
             if before is not None:
                 start = time.perf_counter()
                 before_scores = before.splitting_indices(model, loader, method="rayleigh", epochs=1)
+                _sync(args.device)
                 before_times.append(time.perf_counter() - start)
                 print(f"k={k} rayleigh before (main's score.py): {before_times[-1]:.1f} s", flush=True)
         train_s, rayleigh_s = min(train_times), min(rayleigh_times)
@@ -343,7 +354,7 @@ def run(args: argparse.Namespace) -> dict:
             "k": k,
             "stem_width": SEED_STEM * k,
             "widths": [w * k for w in SEED_WIDTHS],
-            "macs_per_image": flops.total(model, (1, 3, 32, 32)),
+            "macs_per_image": macs,
             "params": sum(p.numel() for p in model.parameters()),
             "neurons": sum(len(s) for s in scores.values()),
             "negative_indices": negative,
@@ -360,7 +371,7 @@ def run(args: argparse.Namespace) -> dict:
             entry.update(before_total_s_all=before_times, before_total_s=min(before_times),
                          before_ratio_total=min(before_times) / train_s)
         report["widths"].append(entry)
-        if args.exact_batches <= 0:
+        if args.exact_batches <= 0 or args.device != "cpu":
             continue
         # (c) exact vs rayleigh on the first batches, each in a fresh process
         weights, batch_file = tmp / f"weights_{k}.pt", tmp / f"batches_{k}.pt"
@@ -468,6 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=1,
                         help="alternate (training epoch, rayleigh scoring) this many times; the ratio uses the minima")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the (c) subprocess comparison stays on the CPU)")
     parser.add_argument("--score-kwargs", default="{}",
                         help="JSON of splitting_indices keyword arguments for the timed call (default: the defaults)")
     parser.add_argument("--before", default="",

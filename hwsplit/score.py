@@ -495,6 +495,7 @@ def splitting_indices(
     average_last: float = 0.5,
     schedule: str = "cosine",
     steps_per_batch: int = 1,
+    average_vectors: bool = True,
     max_batches: int | None = None,
     progress: Callable[[Iterable, str, int], Iterable] | None = None,
 ) -> dict[str, SplitScore]:
@@ -503,8 +504,9 @@ def splitting_indices(
     loader yields ``(inputs, targets)`` batches; ``loss_fn(output, targets)`` must return the
     *mean* loss over the batch (default: cross entropy), so that S is an expectation over samples.
     ``method="rayleigh"`` runs ``epochs`` passes of RMSprop (learning rate ``lr``, squared-gradient
-    decay ``alpha``) on the Rayleigh quotient and estimates λ in the same passes, as the mean Rayleigh
-    quotient over the last ``average_last`` share (0 < · ≤ 1) of the batches of all passes;
+    decay ``alpha``) on the Rayleigh quotient and estimates λ in the same passes, from the last
+    ``average_last`` share (0 < · ≤ 1) of the batches of all passes: the Rayleigh quotient of the
+    averaged iterate (``average_vectors=True``) or the mean quotient of the iterates (False);
     ``eigenvalue_pass=True`` estimates it in one more pass with v fixed instead (one pass more).
     ``schedule`` decays the learning rate over all passes ("cosine", from ``lr`` to 0) or not
     ("constant", the paper's Algorithm 1). ``steps_per_batch`` descent steps reuse each batch's
@@ -572,7 +574,7 @@ def splitting_indices(
         else:
             scores = _rayleigh(chains, passes, epochs=epochs, lr=lr, alpha=alpha, seed=seed,
                                eigenvalue_pass=eigenvalue_pass, average_last=average_last, schedule=schedule,
-                               steps_per_batch=steps_per_batch)
+                               steps_per_batch=steps_per_batch, average_vectors=average_vectors)
         log.info("scored %d neurons in %d groups (%s) in %.2f s", sum(len(s) for s in scores.values()),
                  len(scores), method, time.perf_counter() - start)
         return {**scores, **linear}
@@ -617,14 +619,23 @@ def _exact(chains: dict[str, LocalChain], passes: Callable[[str], Iterable[_Batc
 
 def _rayleigh(chains: dict[str, LocalChain], passes: Callable[[str], Iterable[_Batch]], *, epochs: int,
               lr: float, alpha: float, seed: int, eigenvalue_pass: bool, average_last: float,
-              schedule: str = "cosine", steps_per_batch: int = 1, eps: float = 1e-8) -> dict[str, SplitScore]:
+              schedule: str = "cosine", steps_per_batch: int = 1, average_vectors: bool = True,
+              eps: float = 1e-8) -> dict[str, SplitScore]:
     """Stochastic Rayleigh-quotient descent (Wang et al. 2019, §4, Algorithm 1), all groups at once.
 
-    λ is estimated in the same pass (``eigenvalue_pass=False``): each batch's Rayleigh quotient vᵀS_b v
-    is taken with the v of the previous step, before this batch moves it (so it is an unbiased
-    estimate of vᵀSv for that v), and averaged, weighted by batch size, over the batches in the last
-    ``average_last`` share of all ``epochs`` passes, where v has (nearly) converged. With
-    ``eigenvalue_pass=True`` one more pass with v fixed estimates λ instead (twice the cost).
+    λ is estimated in the same pass (``eigenvalue_pass=False``) from the batches in the last
+    ``average_last`` share of all ``epochs`` passes, using each batch's S_b v with the v of the
+    previous step, before this batch moves it (v is then independent of batch b, so S_b v is an
+    unbiased estimate of S v):
+
+    * ``average_vectors=True`` (default): the averaged iterate u = Σ_b w_b v_b (Polyak averaging) and
+      its product S u ≈ Σ_b w_b S_b v_b, both linear in v; λ = uᵀ(S u)/uᵀu, the direction u/‖u‖.
+      The iterate jitters around the eigenvector; u averages the jitter out, and its quotient has
+      no upward bias from it.
+    * ``average_vectors=False``: λ = Σ_b w_b v_bᵀS_b v_b / Σ_b w_b, the mean quotient of the iterates
+      (biased upward while v still moves); the direction is the last iterate.
+
+    With ``eigenvalue_pass=True`` one more pass with the last iterate fixed estimates λ instead.
     """
     gen = torch.Generator().manual_seed(seed)
     vs: dict[str, torch.Tensor] = {}
@@ -634,8 +645,11 @@ def _rayleigh(chains: dict[str, LocalChain], passes: Callable[[str], Iterable[_B
         v = torch.randn(w.shape, generator=gen, dtype=torch.float64).to(device=w.device, dtype=w.dtype)
         vs[name] = _normalise(v)
         sq[name] = torch.zeros_like(w)
-    # Per group: Σ_b weight_b · vᵀS_b v and Σ_b weight_b over the averaged batches (the only sums formed).
+    # Per group, over the averaged batches, the only sums formed: Σ w_b v_bᵀS_b v_b and Σ w_b, or
+    # Σ w_b v_b and Σ w_b S_b v_b.
     lam_sum = {name: torch.zeros(v.shape[0], dtype=v.dtype, device=v.device) for name, v in vs.items()}
+    u_sum = {name: torch.zeros_like(v) for name, v in vs.items()}
+    su_sum = {name: torch.zeros_like(v) for name, v in vs.items()}
     weight_sum = 0.0
     for epoch in range(epochs):
         seen = 0.0  # share of this epoch's samples up to the current batch (batch weights sum to 1)
@@ -652,8 +666,12 @@ def _rayleigh(chains: dict[str, LocalChain], passes: Callable[[str], Iterable[_B
                     v = vs[name]
                     sv = sum_across_ranks(chain.hvp_prepared(ctx, v))
                     r = _rowdot(v, sv)
-                    if average and inner == 0:  # the quotient of a v this batch has not moved yet
-                        lam_sum[name].add_(r.flatten(), alpha=batch.weight)
+                    if average and inner == 0:  # a v this batch has not moved yet
+                        if average_vectors:
+                            u_sum[name].add_(v, alpha=batch.weight)
+                            su_sum[name].add_(sv, alpha=batch.weight)
+                        else:
+                            lam_sum[name].add_(r.flatten(), alpha=batch.weight)
                     grad = 2.0 * (sv - r * v)  # ‖v‖ = 1 after every step
                     sq[name].mul_(alpha).addcmul_(grad, grad, value=1 - alpha)
                     vs[name] = _normalise(v - step * grad / (sq[name].sqrt() + eps))
@@ -667,8 +685,15 @@ def _rayleigh(chains: dict[str, LocalChain], passes: Callable[[str], Iterable[_B
                 lam_sum[name].add_(_rowdot(vs[name], sv).flatten(), alpha=batch.weight)
         lam_sum = {name: sum_across_ranks(s) for name, s in lam_sum.items()}
         weight_sum = float(sum_across_ranks(torch.tensor(weight_sum, dtype=torch.float64)))
-    # In the fused estimate each vᵀS_b v is already of the reduced S_b v (the descent's one reduction);
-    # the weighted mean divides by the weights of the batches averaged.
+    elif average_vectors:
+        # S_b v_b is already reduced across ranks (the descent's one reduction); the weights cancel
+        out = {}
+        for name, chain in chains.items():
+            u = u_sum[name]
+            lam = (_rowdot(u, su_sum[name]) / _rowdot(u, u).clamp_min(1e-30)).flatten()
+            out[name] = SplitScore(lam.cpu(), _normalise(u).cpu(), "rayleigh", chain.group)
+        return out
+    # In the mean quotient each vᵀS_b v is already of the reduced S_b v; divide by the weights averaged.
     return {name: SplitScore((lam_sum[name] / weight_sum).cpu(), vs[name].cpu(), "rayleigh", chain.group)
             for name, chain in chains.items()}
 

@@ -146,8 +146,8 @@ def test_rayleigh_agrees_with_exact(trained_tiny):
         # λ of a unit vector is a Rayleigh quotient, so it can only be ≥ the minimum eigenvalue
         assert (r >= e - 1e-3 * e.abs().max()).all()
         assert fast[name].eigenvectors.flatten(1).norm(dim=1).sub(1).abs().max() < 1e-5
-        # once v has converged, the in-pass λ (mean quotient over the last half) is the fixed-v one
-        torch.testing.assert_close(separate[name].eigenvectors, fast[name].eigenvectors)
+        # once v has converged, the in-pass λ (of the averaged iterate) is close to the fixed-v one
+        assert (separate[name].eigenvectors * fast[name].eigenvectors).flatten(1).sum(1).min() > 0.99, name
         assert (r - separate[name].eigenvalues).abs().max() < 0.1 * e.abs().max(), name
 
 
@@ -252,12 +252,14 @@ def test_fused_eigenvalue_equals_separate_pass_on_a_fixed_v(trained_tiny):
     sep = splitting_indices(model, data, lr=0.0, eigenvalue_pass=True)
     full = splitting_indices(model, data, lr=0.0, average_last=1.0)
     half = splitting_indices(model, data, lr=0.0)  # default: the last half of the batches
+    quotients = splitting_indices(model, data, lr=0.0, average_vectors=False)
     last = splitting_indices(model, data[2:], lr=0.0, eigenvalue_pass=True)
     for name in sep:
-        torch.testing.assert_close(full[name].eigenvectors, sep[name].eigenvectors, rtol=0, atol=0)
+        torch.testing.assert_close(full[name].eigenvectors, sep[name].eigenvectors)
         torch.testing.assert_close(full[name].eigenvalues, sep[name].eigenvalues, rtol=1e-5, atol=1e-7)
         # the last half of the batches is exactly data[2:], whose own expectation it must equal
         torch.testing.assert_close(half[name].eigenvalues, last[name].eigenvalues, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(quotients[name].eigenvalues, last[name].eigenvalues, rtol=1e-5, atol=1e-7)
         assert not torch.allclose(half[name].eigenvalues, sep[name].eigenvalues, rtol=1e-3)
     with pytest.raises(ValueError, match="average_last"):
         splitting_indices(model, data, average_last=0.0)
