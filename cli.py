@@ -41,7 +41,29 @@ click.UsageError.show = _show_usage_error  # every usage error of these commands
 def _progress(it: Iterable, desc: str, total: int | None) -> Iterable:
     from tqdm.auto import tqdm
 
-    return tqdm(it, desc=desc, total=total, leave=False, dynamic_ncols=True, disable=None)
+    from hwsplit.distributed import is_main
+
+    return tqdm(it, desc=desc, total=total, leave=False, dynamic_ncols=True, disable=None if is_main() else True)
+
+
+def _main_rank() -> bool:
+    """Whether this process prints results (rank 0 of a torchrun launch; always with one process)."""
+    from hwsplit.distributed import is_main
+
+    return is_main()
+
+
+def _on_all_ranks(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run the command on every process torchrun started (:func:`hwsplit.parallel.entry_point`)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from hwsplit.parallel import entry_point
+
+        return entry_point(fn)(*args, **kwargs)
+
+    return wrapper
 
 
 def _library_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -194,6 +216,7 @@ def _print_stage(record: dict[str, Any]) -> None:
               help="Continue the run in RUN after its last completed stage, with the settings of its config.json "
                    "(only --stages may be given with it, to extend the run).")
 @_library_errors
+@_on_all_ranks
 def grow(model: str, model_config: str | None, width_mult: float | None, activation: str | None, dataset: str,
          data_dir: str | None, download: bool, limit: int | None, test_limit: str, cost: str,
          profile_path: str | None, metric: str | None, growth_ratio: float, stages: int, budget: str | None,
@@ -206,6 +229,7 @@ def grow(model: str, model_config: str | None, width_mult: float | None, activat
     from hwsplit.config import GrowConfig, load_config, parse_budget
     from hwsplit.devices import check_device
     from hwsplit.grow import grow as run_grow
+    from hwsplit.parallel import on_main
     from hwsplit.rundir import stage_table
 
     if resume is not None:
@@ -215,17 +239,19 @@ def grow(model: str, model_config: str | None, width_mult: float | None, activat
         if given:
             raise click.UsageError(f"--resume continues RUN with the settings of its config.json; "
                                    f"{', '.join(given)} cannot be combined with it (only --stages, to extend the run)")
-        if not Path(resume).is_dir():
+        if _main_rank() and not Path(resume).is_dir():
             raise click.UsageError(f"--resume: {resume} is not a run directory")
-        config = load_config(resume)
+        config = on_main(load_config, resume, share=True)  # the run directory is rank 0's
         if _given("stages"):
             config = dataclasses.replace(config, stages=stages)
         check_device(config.device)
-        click.echo(f"resuming {resume} ({config.model} on {config.dataset}, cost {config.cost}, "
-                   f"{config.stages} stages)", err=True)
+        if _main_rank():
+            click.echo(f"resuming {resume} ({config.model} on {config.dataset}, cost {config.cost}, "
+                       f"{config.stages} stages)", err=True)
         records = run_grow(config, resume, resume=True, progress=_progress, on_stage=_print_stage)
-        click.echo(_table(stage_table(records)))
-        click.echo(f"\nrun directory: {resume}")
+        if _main_rank():
+            click.echo(_table(stage_table(records)))
+            click.echo(f"\nrun directory: {resume}")
         return
 
     check_device(device, field="--device")
@@ -233,7 +259,7 @@ def grow(model: str, model_config: str | None, width_mult: float | None, activat
     GrowConfig(cost=cost, cost_options=cost_options)  # which cost options combine, before reading a profile
     cost_model = cost_models.get_cost_model(cost, **cost_options)
     budget_value = parse_budget(budget, cost_model.unit) if budget is not None else None
-    if cost in ("lut", "energy"):
+    if cost in ("lut", "energy") and _main_rank():
         click.echo(f"pricing with {cost_model.name} ({cost_model.unit}) from {profile_path}", err=True)
     config = GrowConfig(
         model=model, model_options=_model_options(model_config, width_mult, activation), dataset=dataset,
@@ -245,8 +271,9 @@ def grow(model: str, model_config: str | None, width_mult: float | None, activat
         batch_size=batch_size, lr=lr, weight_decay=weight_decay, device=device, seed=seed,
     )
     records = run_grow(config, out, overwrite=overwrite, progress=_progress, on_stage=_print_stage)
-    click.echo(_table(stage_table(records)))
-    click.echo(f"\nrun directory: {out}")
+    if _main_rank():
+        click.echo(_table(stage_table(records)))
+        click.echo(f"\nrun directory: {out}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -281,6 +308,7 @@ def baseline() -> None:
               help="Run directory (created; a previous run in it is replaced only with --overwrite).")
 @click.option("--overwrite", is_flag=True, help="Replace the run already in --out.")
 @_library_errors
+@_on_all_ranks
 def baseline_width(multipliers: str, like: str | None, model: str, model_config: str | None,
                    width_mult: float | None, activation: str | None, dataset: str, data_dir: str | None,
                    download: bool, limit: int | None, test_limit: str, cost: str, profile_path: str | None,
@@ -314,12 +342,14 @@ def baseline_width(multipliers: str, like: str | None, model: str, model_config:
     config = config_like(like, overrides)
     check_device(config.device)
     total = epochs if epochs is not None else grow_epochs(config)
-    click.echo(f"width baseline: {config.model} × {', '.join(f'{m:g}' for m in mults)}, {total} epochs each",
-               err=True)
+    if _main_rank():
+        click.echo(f"width baseline: {config.model} × {', '.join(f'{m:g}' for m in mults)}, {total} epochs each",
+                   err=True)
     records = width_baseline(config, mults, out, epochs=total, overwrite=overwrite, progress=_progress,
                              on_stage=_print_stage)
-    click.echo(_table(stage_table(records)))
-    click.echo(f"\nrun directory: {out}")
+    if _main_rank():
+        click.echo(_table(stage_table(records)))
+        click.echo(f"\nrun directory: {out}")
 
 
 # --------------------------------------------------------------------------------------------

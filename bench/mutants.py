@@ -81,7 +81,7 @@ MUTANTS = [
            "vs[name] = _normalise(v + step * grad / (sq[name].sqrt() + eps))",
            ("tests/test_splitting_matrix.py",), "Rayleigh step climbs the quotient instead of descending"),
     Mutant("score-fused-lambda-every-batch", "hwsplit/score.py",
-           "average = not eigenvalue_pass and (epoch + seen) / epochs > 1.0 - average_last + 1e-9",
+           "average = not eigenvalue_pass and (epoch + done) / epochs > 1.0 - average_last + 1e-9",
            "average = not eigenvalue_pass",
            ("tests/test_score.py",), "the in-pass λ averages every batch, not the last share"),
     Mutant("score-fused-lambda-after-step", "hwsplit/score.py",

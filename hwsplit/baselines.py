@@ -9,15 +9,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from hwsplit.config import GrowConfig
+from hwsplit.config import RUN_INFO_WORLD_SIZE, GrowConfig
 from hwsplit.data import BadImageError
+from hwsplit.distributed import is_main, world_size
 from hwsplit.fsio import atomic_write_json, check_writable_name
+from hwsplit.parallel import on_main
 from hwsplit.rundir import RunDir, StageFailed, WriteFailed, start_fresh, write_summary
 from hwsplit.stages import build_seed, open_session, stage_seed, train_and_record, write_stage
 from hwsplit.train import seed_everything
@@ -80,11 +83,16 @@ def width_baseline(config: GrowConfig, multipliers: Sequence[float], out: str | 
     run = RunDir(out)
     check_writable_name(run.summary)
     session = open_session(config)  # data, family and cost model must load before anything is written
-    with run.lock("write"):
-        start_fresh(run, overwrite=overwrite)
-        info = {**config.to_dict(), "baseline": WIDTH_BASELINE, "multipliers": multipliers, "total_epochs": total}
-        atomic_write_json(run.config, info)
+    info = {**config.to_dict(), "baseline": WIDTH_BASELINE, "multipliers": multipliers, "total_epochs": total,
+            RUN_INFO_WORLD_SIZE: world_size()}
+    with run.lock("write") if is_main() else contextlib.nullcontext():  # rank 0 alone writes the run
+        on_main(_start, run, info, overwrite=overwrite)
         return _train_all(run, config, session, multipliers, total, progress=progress, on_stage=on_stage)
+
+
+def _start(run: RunDir, info: dict[str, Any], *, overwrite: bool) -> None:
+    start_fresh(run, overwrite=overwrite)
+    atomic_write_json(run.config, info)
 
 
 def _train_all(run: RunDir, config: GrowConfig, session: Any, multipliers: list[float], total: int, *,
@@ -103,7 +111,7 @@ def _train_all(run: RunDir, config: GrowConfig, session: Any, multipliers: list[
             write_stage(run, session, model, record, records)
             write_summary(run, config, records, status="running", title=title)
             log.info("width ×%g: test top-1 %.4f, %.4g MACs", mult, record["test_top1"], record["macs"])
-            if on_stage:
+            if on_stage and is_main():
                 on_stage(record)
     except (FloatingPointError, WriteFailed, BadImageError) as err:
         reason = f"failed at width ×{multipliers[index]:g}: {err}"

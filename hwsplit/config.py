@@ -169,6 +169,8 @@ class GrowConfig:
 
 #: Fields a width baseline's config.json adds to a grow config.
 BASELINE_FIELDS = ("baseline", "multipliers", "total_epochs")
+#: How many processes wrote the run (config.json; not a setting: a run may resume with another number).
+RUN_INFO_WORLD_SIZE = "world_size"
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
@@ -190,6 +192,7 @@ def load_config(out: str | Path, *, purpose: str = "resume") -> GrowConfig:
     data = read_config(out)
     if data.get("baseline"):
         raise ConfigError(f"{purpose}: {out} is a {data['baseline']} baseline, not a grow run")
+    data = {k: v for k, v in data.items() if k != RUN_INFO_WORLD_SIZE}
     return GrowConfig.from_dict(data, source=f"{purpose}: {Path(out) / 'config.json'}")
 
 
@@ -209,4 +212,5 @@ def config_like(run: str | Path | None, overrides: Mapping[str, Any]) -> GrowCon
     return GrowConfig.from_dict(fields)
 
 
-__all__ = ["COSTS", "PROFILED_COSTS", "GrowConfig", "config_like", "load_config", "parse_budget", "read_config"]
+__all__ = ["COSTS", "PROFILED_COSTS", "RUN_INFO_WORLD_SIZE", "GrowConfig", "config_like", "load_config",
+           "parse_budget", "read_config"]

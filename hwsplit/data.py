@@ -41,6 +41,7 @@ __all__ = [
     "example_batch",
     "load_dataset",
     "make_loaders",
+    "shard_size",
 ]
 
 log = logging.getLogger(__name__)
@@ -248,12 +249,16 @@ def epoch_batches(
     return batches
 
 
+def shard_size(n: int, *, shuffle: bool, rank: int, world_size: int) -> int:
+    """Samples one rank sees per epoch under :func:`epoch_batches` (padded shards when shuffling)."""
+    if shuffle:
+        return math.ceil(n / world_size) if n else 0
+    return len(range(rank, n, world_size))
+
+
 def _num_batches(n: int, batch_size: int, *, shuffle: bool, rank: int, world_size: int) -> int:
     """``len(epoch_batches(...))`` without drawing the permutation."""
-    if shuffle:
-        mine = math.ceil(n / world_size) if n else 0
-    else:
-        mine = len(range(rank, n, world_size))
+    mine = shard_size(n, shuffle=shuffle, rank=rank, world_size=world_size)
     count = math.ceil(mine / batch_size)
     if shuffle and count > 1 and mine % batch_size == 1:
         count -= 1
@@ -303,6 +308,7 @@ class TensorBatchLoader:
         self.world_size = world_size
         self.epoch = 0
         self.dataset_size = len(dataset)
+        self.shard_size = shard_size(self.dataset_size, shuffle=shuffle, rank=rank, world_size=world_size)
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next iteration epoch ``epoch`` (its shuffle and augmentation)."""
@@ -345,6 +351,7 @@ class _EpochBatchSampler(torch.utils.data.Sampler[list[int]]):
     def __init__(self, n: int, batch_size: int, *, shuffle: bool, seed: int, rank: int, world_size: int):
         self.n, self.batch_size, self.shuffle = n, batch_size, shuffle
         self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.shard_size = shard_size(n, shuffle=shuffle, rank=rank, world_size=world_size)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:

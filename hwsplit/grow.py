@@ -23,6 +23,7 @@ three see the same group names.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -35,10 +36,13 @@ import torch
 from torch import nn
 
 from hwsplit.checkpoint import load_checkpoint, load_model
-from hwsplit.config import GrowConfig, load_config, parse_budget
+from hwsplit.config import RUN_INFO_WORLD_SIZE, GrowConfig, load_config, parse_budget
 from hwsplit.data import BadImageError
+from hwsplit.distributed import all_ranks_true, broadcast_object, is_main, world_size
 from hwsplit.errors import ConfigError
 from hwsplit.fsio import atomic_write_json, check_writable_name
+from hwsplit.models import model_from_architecture
+from hwsplit.parallel import on_main
 from hwsplit.rundir import RunDir, StageFailed, WriteFailed, stage_table, start_fresh, write_summary
 from hwsplit.score import splitting_indices
 from hwsplit.select import select_by_name
@@ -145,22 +149,29 @@ def grow(config: GrowConfig, out: str | Path, *, resume: bool = False, overwrite
     if config.data_dir is not None and not resume:  # resumable from any working directory
         config = dataclasses.replace(config, data_dir=str(Path(config.data_dir).resolve()))
     if resume:
-        _resume_preflight(run, config)
+        on_main(_resume_preflight, run, config)  # the run directory is rank 0's
     session = open_session(config)  # the data, the model's family and the cost model's profile must load
     if not resume:
         seed_everything(stage_seed(config, 0))  # stage 0 re-seeds before it builds the same seed
         check_seed_cost(session, build_seed(config, session.bundle))
-    with run.lock("grow"):
-        if resume:
-            records = _check_resume(run, config)
-        else:
-            start_fresh(run, overwrite=overwrite)
-            records = []
-        try:
-            atomic_write_json(run.config, config.to_dict())
-        except OSError as err:
-            raise WriteFailed(f"could not write {run.config} ({err.strerror or err})") from None
+    # rank 0 alone locks and writes the run directory; the others get its records
+    with run.lock("grow") if is_main() else contextlib.nullcontext():
+        records = on_main(_prepare, run, config, resume=resume, overwrite=overwrite, share=True)
         return _stages(run, config, session, records, progress=progress, on_stage=on_stage)
+
+
+def _prepare(run: RunDir, config: GrowConfig, *, resume: bool, overwrite: bool) -> list[dict[str, Any]]:
+    """Make the locked ``run`` ready (resumed or fresh), write config.json; the completed stages' records."""
+    if resume:
+        records = _check_resume(run, config)
+    else:
+        start_fresh(run, overwrite=overwrite)
+        records = []
+    try:
+        atomic_write_json(run.config, {**config.to_dict(), RUN_INFO_WORLD_SIZE: world_size()})
+    except OSError as err:
+        raise WriteFailed(f"could not write {run.config} ({err.strerror or err})") from None
+    return records
 
 
 def _stages(run: RunDir, config: GrowConfig, session: Session, records: list[dict[str, Any]], *,
@@ -171,8 +182,9 @@ def _stages(run: RunDir, config: GrowConfig, session: Session, records: list[dic
     stop_reason = STOP_STAGES
     stage = len(records)
     groups: list = []
-    if records:
-        model = load_model(run.checkpoint(stage - 1)).to(device)
+    if records:  # every rank continues from rank 0's checkpoint (its directory need not be shared)
+        payload = on_main(load_checkpoint, run.checkpoint(stage - 1), share=True)
+        model = model_from_architecture(payload["architecture"], payload["state_dict"]).eval().to(device)
         groups = session.trace(model)
         log.info("resuming %s after stage %d", run.path, stage - 1)
 
@@ -183,7 +195,7 @@ def _stages(run: RunDir, config: GrowConfig, session: Session, records: list[dic
         write_summary(run, config, records, status="running")
         log.info("stage %d: test top-1 %.4f, %.4g MACs, %s %.4g %s", stage, record["test_top1"], record["macs"],
                  cost_model.name, record["cost"]["value"], cost_model.unit)
-        if on_stage:
+        if on_stage and is_main():
             on_stage(record)
         return record
 
@@ -235,6 +247,7 @@ def _stages(run: RunDir, config: GrowConfig, session: Session, records: list[dic
                     return cost_model.total(apply_split(m, p, s, step=0.0), input_shape) - t
 
                 plan = fit_plan_to_budget(plan, scores, marginal, increase, budget, rank=rank)
+            plan = _agreed_plan(plan)
             timings["select_s"] = time.perf_counter() - t0
             if not plan:
                 stop_reason = STOP_BUDGET if n_negative or config.selection == "random" else STOP_NO_NEGATIVE
@@ -290,6 +303,21 @@ def _stages(run: RunDir, config: GrowConfig, session: Session, records: list[dic
     write_summary(run, config, records, status=f"stopped: {stop_reason}")
     log.info("stopped: %s", stop_reason)
     return records
+
+
+def _agreed_plan(plan: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rank 0's plan on every rank (the plan itself with one process).
+
+    Every rank selects from the same reduced scores, so the plans agree; a disagreement (it would
+    mean non-deterministic reductions) is logged and rank 0's plan wins, so surgery stays identical.
+    """
+    if world_size() == 1:
+        return plan
+    shared = broadcast_object(plan)
+    same = sorted((k, v.tolist()) for k, v in plan.items()) == sorted((k, v.tolist()) for k, v in shared.items())
+    if not all_ranks_true(same):
+        log.warning("the ranks selected different plans; every rank splits rank 0's")
+    return shared
 
 
 def _random_rank(seed: list[int]) -> Callable[[str, int], float]:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hwsplit.distributed import is_main
 from hwsplit.errors import ConfigError, RunFailed, RunLocked
 from hwsplit.fsio import atomic_write_text
 from hwsplit.units import fmt_si
@@ -238,8 +239,10 @@ def write_summary(run: RunDir, config: Any, records: list[dict[str, Any]], *, st
     """summary.md: the settings, the stage table and the run's status (running, stopped: why, failed: why).
 
     ``config`` is the run's :class:`~hwsplit.config.GrowConfig`. ``safe=True`` (while handling
-    another error) logs a failed write instead of raising it.
+    another error) logs a failed write instead of raising it. Only rank 0 of a multi-process run writes.
     """
+    if not is_main():
+        return
     rows = stage_table(records)
     lines = [f"# hwsplit run: {title or f'{config.model} on {config.dataset}, cost {config.cost}'}", "",
              f"growth ratio {config.growth_ratio}, budget {config.budget}, {config.epochs} epochs per stage, "

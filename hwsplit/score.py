@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from hwsplit.distributed import sum_across_ranks
+from hwsplit.distributed import global_sample_count, sum_across_ranks, weighted_mean_across_ranks
 from hwsplit.graph import NeuronGroup, find_neuron_groups, trace
 
 log = logging.getLogger(__name__)
@@ -457,7 +457,9 @@ def _batches(model: nn.Module, gm: fx.GraphModule, groups: list[NeuronGroup], lo
 
 
 def _count_samples(loader: Iterable, max_batches: int | None) -> int:
-    size = getattr(loader, "dataset_size", None)
+    # this rank's samples per pass (a sharded loader's shard), else the data set's
+    size = getattr(loader, "shard_size", getattr(getattr(loader, "batch_sampler", None), "shard_size", None))
+    size = getattr(loader, "dataset_size", None) if size is None else size
     if size is None and hasattr(loader, "dataset"):
         try:
             size = len(loader.dataset)
@@ -558,14 +560,15 @@ def splitting_indices(
                 log.info("%s: scoring kinked %s through a softplus surrogate (beta=%g)", name,
                          "/".join(sorted(set(chain.kinked))), surrogate_beta)
         gm = trace(model)
-        total = _count_samples(loader, max_batches)
+        n_batches = len(loader) if hasattr(loader, "__len__") else None
+        if max_batches is not None and n_batches is not None:
+            n_batches = min(n_batches, max_batches)
+        # all ranks' samples: each rank's batch weights are then shares of the global expectation
+        total = global_sample_count(_count_samples(loader, max_batches), n_batches if method == "rayleigh" else None)
         if total == 0:
             raise ValueError("loader: yielded no samples")
 
         def passes(desc: str) -> Iterable[_Batch]:
-            n_batches = len(loader) if hasattr(loader, "__len__") else None
-            if max_batches is not None and n_batches is not None:
-                n_batches = min(n_batches, max_batches)
             return progress(_batches(model, gm, groups, loader, loss_fn, total, max_batches), desc, n_batches)
 
         start = time.perf_counter()
@@ -574,7 +577,8 @@ def splitting_indices(
         else:
             scores = _rayleigh(chains, passes, epochs=epochs, lr=lr, alpha=alpha, seed=seed,
                                eigenvalue_pass=eigenvalue_pass, average_last=average_last, schedule=schedule,
-                               steps_per_batch=steps_per_batch, average_vectors=average_vectors)
+                               steps_per_batch=steps_per_batch, average_vectors=average_vectors,
+                               n_batches=n_batches)
         log.info("scored %d neurons in %d groups (%s) in %.2f s", sum(len(s) for s in scores.values()),
                  len(scores), method, time.perf_counter() - start)
         return {**scores, **linear}
@@ -620,7 +624,7 @@ def _exact(chains: dict[str, LocalChain], passes: Callable[[str], Iterable[_Batc
 def _rayleigh(chains: dict[str, LocalChain], passes: Callable[[str], Iterable[_Batch]], *, epochs: int,
               lr: float, alpha: float, seed: int, eigenvalue_pass: bool, average_last: float,
               schedule: str = "cosine", steps_per_batch: int = 1, average_vectors: bool = True,
-              eps: float = 1e-8) -> dict[str, SplitScore]:
+              n_batches: int | None = None, eps: float = 1e-8) -> dict[str, SplitScore]:
     """Stochastic Rayleigh-quotient descent (Wang et al. 2019, §4, Algorithm 1), all groups at once.
 
     λ is estimated in the same pass (``eigenvalue_pass=False``) from the batches in the last
@@ -652,19 +656,26 @@ def _rayleigh(chains: dict[str, LocalChain], passes: Callable[[str], Iterable[_B
     su_sum = {name: torch.zeros_like(v) for name, v in vs.items()}
     weight_sum = 0.0
     for epoch in range(epochs):
-        seen = 0.0  # share of this epoch's samples up to the current batch (batch weights sum to 1)
+        # share of this pass done after the current batch: by batch count where the loader has a length
+        # (the ranks of a sharded loader run in lockstep), else by this process's batch weights
+        seen, seen_batches = 0.0, 0
         for batch in passes(f"rayleigh epoch {epoch + 1}/{epochs}"):
             seen += batch.weight
+            done = (seen_batches := seen_batches + 1) / n_batches if n_batches else seen
             # every batch that ends inside the last share of all passes, so the last batch always counts
-            average = not eigenvalue_pass and (epoch + seen) / epochs > 1.0 - average_last + 1e-9
+            average = not eigenvalue_pass and (epoch + done) / epochs > 1.0 - average_last + 1e-9
             if average:
                 weight_sum += batch.weight
-            step = lr * _step_factor(schedule, (epoch + seen - batch.weight) / epochs)
-            for name, chain in chains.items():
-                ctx = batch.prepare(chain)
-                for inner in range(steps_per_batch):
-                    v = vs[name]
-                    sv = sum_across_ranks(chain.hvp_prepared(ctx, v))
+            step = lr * _step_factor(schedule, (epoch + done - (1 / n_batches if n_batches else batch.weight)) / epochs)
+            # a batch's preparations are kept only when several steps reuse them (memory)
+            ctxs = {name: batch.prepare(chain) for name, chain in chains.items()} if steps_per_batch > 1 else None
+            for inner in range(steps_per_batch):
+                # one reduction per step for all groups (the identity with one process)
+                svs = weighted_mean_across_ranks(
+                    {name: chain.hvp_prepared(ctxs[name] if ctxs else batch.prepare(chain), vs[name])
+                     for name, chain in chains.items()}, batch.weight)
+                for name in chains:
+                    v, sv = vs[name], svs[name]
                     r = _rowdot(v, sv)
                     if average and inner == 0:  # a v this batch has not moved yet
                         if average_vectors:
@@ -685,15 +696,17 @@ def _rayleigh(chains: dict[str, LocalChain], passes: Callable[[str], Iterable[_B
                 lam_sum[name].add_(_rowdot(vs[name], sv).flatten(), alpha=batch.weight)
         lam_sum = {name: sum_across_ranks(s) for name, s in lam_sum.items()}
         weight_sum = float(sum_across_ranks(torch.tensor(weight_sum, dtype=torch.float64)))
+    elif weight_sum == 0:
+        raise ValueError("loader: yielded fewer batches than its len() says; no batch was averaged for λ")
     elif average_vectors:
-        # S_b v_b is already reduced across ranks (the descent's one reduction); the weights cancel
+        # S_b v_b is the ranks' weighted mean already, the same on every rank; the weights cancel
         out = {}
         for name, chain in chains.items():
             u = u_sum[name]
             lam = (_rowdot(u, su_sum[name]) / _rowdot(u, u).clamp_min(1e-30)).flatten()
             out[name] = SplitScore(lam.cpu(), _normalise(u).cpu(), "rayleigh", chain.group)
         return out
-    # In the mean quotient each vᵀS_b v is already of the reduced S_b v; divide by the weights averaged.
+    # In the mean quotient each vᵀS_b v is of the ranks' mean S_b v; divide by the weights averaged.
     return {name: SplitScore((lam_sum[name] / weight_sum).cpu(), vs[name].cpu(), "rayleigh", chain.group)
             for name, chain in chains.items()}
 

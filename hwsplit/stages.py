@@ -30,10 +30,12 @@ import cost_models
 from hwsplit.checkpoint import save_checkpoint
 from hwsplit.config import GrowConfig
 from hwsplit.data import DataBundle, load_dataset, make_loaders
+from hwsplit.distributed import is_main, local_device, rank, world_size
 from hwsplit.errors import ConfigError, first_line
 from hwsplit.families import build_seed as _build_family_seed
 from hwsplit.graph import NeuronGroup, find_neuron_groups
 from hwsplit.models import architecture
+from hwsplit.parallel import on_main
 from hwsplit.rundir import RunDir, WriteFailed
 from hwsplit.train import evaluate, seed_everything, train
 
@@ -43,11 +45,13 @@ Progress = Callable[[Iterable, str, int], Iterable]
 
 # Test hook for crash-safety tests: SIGKILL the process at a named point ("stage-K:<point>").
 KILL_AT_ENV = "HWSPLIT_KILL_AT"
+#: With several processes, only the rank this names is killed (all of them when unset).
+KILL_RANK_ENV = "HWSPLIT_KILL_RANK"
 
 
 def kill_point(point: str) -> None:
     """SIGKILL this process when the environment variable HWSPLIT_KILL_AT names ``point`` (tests only)."""
-    if os.environ.get(KILL_AT_ENV) == point:
+    if os.environ.get(KILL_AT_ENV) == point and os.environ.get(KILL_RANK_ENV, str(rank())) == str(rank()):
         log.warning("%s=%s: killing this process", KILL_AT_ENV, point)
         os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
 
@@ -103,13 +107,18 @@ class Session:
 
 
 def open_session(config: GrowConfig, *, bundle: DataBundle | None = None) -> Session:
-    """Load the data and build the cost models of ``config`` (``bundle``: data already loaded)."""
+    """Load the data and build the cost models of ``config`` (``bundle``: data already loaded).
+
+    Under a process group the loaders are this rank's shards (``config.batch_size`` per rank) and
+    a CUDA device is this rank's (``cuda:LOCAL_RANK``).
+    """
     seed_everything(config.seed)
-    device = torch.device(config.device)
+    device = local_device(config.device)
     if bundle is None:
         bundle = load_dataset(config.dataset, data_dir=config.data_dir, download=config.download, seed=config.seed,
                               limit=config.data_limit, test_limit=config.test_limit)
     train_loader, test_loader = make_loaders(bundle, batch_size=config.batch_size, seed=config.seed,
+                                             rank=rank(), world_size=world_size(),
                                              device=device if device.type == "cuda" else None)
     return Session(config=config, bundle=bundle, train_loader=train_loader, test_loader=test_loader, device=device,
                    input_shape=(1, *bundle.input_shape), cost_model=_cost_model(config),
@@ -165,18 +174,29 @@ def train_and_record(session: Session, model: nn.Module, stage: int, *, epochs: 
         "train_loss": fit["loss"], "train_top1": fit["top1"],
         "test_loss": test["loss"], "test_top1": test["top1"], "test_top5": test["top5"],
         "seconds": timings,
+        "world_size": world_size(),
         **extra,
     }
-    if session.measure is not None:
-        record["measured"] = session.measure(model, session.input_shape)
+    if session.measure is not None:  # rank 0 alone, the others idle at a barrier: no training beside it
+        measured = on_main(session.measure, model, session.input_shape)
+        if is_main():
+            record["measured"] = measured
     return record
 
 
 def write_stage(run: RunDir, session: Session, model: nn.Module, record: dict[str, Any],
                 records: list[dict[str, Any]]) -> None:
-    """Checkpoint, then record (the record is what makes the stage complete); appends to ``records``."""
+    """Checkpoint, then record (the record is what makes the stage complete); appends to ``records``.
+
+    Only rank 0 writes; every rank appends (the records steer the stage loop on all of them).
+    """
     stage = record["stage"]
     path = run.checkpoint(stage)
+    if not is_main():
+        kill_point(f"stage-{stage}:checkpoint")
+        records.append(record)
+        kill_point(f"stage-{stage}:record")
+        return
     try:
         save_checkpoint(path, model, stage=stage, extra={"test_top1": record["test_top1"],
                                                          "input_shape": list(session.input_shape)})
@@ -235,5 +255,5 @@ def end_to_end_measurer(config: GrowConfig) -> Callable[[nn.Module, tuple[int, .
     return measure
 
 
-__all__ = ["KILL_AT_ENV", "Session", "build_seed", "count_params", "describe", "end_to_end_measurer",
+__all__ = ["KILL_AT_ENV", "KILL_RANK_ENV", "Session", "build_seed", "count_params", "describe", "end_to_end_measurer",
            "ignoring_interrupts", "kill_point", "open_session", "stage_seed", "train_and_record", "write_stage"]

@@ -5,7 +5,10 @@ float16 with a GradScaler) and channels-last memory format are used on CUDA only
 from the same seed, initial weights and loader seed give identical weights.
 
 Every cross-batch sum (loss, correct predictions, sample counts) goes through :func:`reduce_sum`, the
-one place that will add the partial sums of all ranks under ``torch.distributed``.
+one place that adds the partial sums of all ranks under ``torch.distributed``. Under a process group
+:func:`train` wraps the model in ``DistributedDataParallel`` (built anew at every call, so after every
+split), decides on a non-finite loss on all ranks together, and averages the BatchNorm running
+statistics over ranks after every epoch (:mod:`hwsplit.distributed`).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from hwsplit.distributed import reduce_sum
+from hwsplit.distributed import all_ranks_true, average_buffers, data_parallel, reduce_sum
 
 __all__ = [
     "TrainConfig",
@@ -232,7 +235,7 @@ def train_epoch(
         with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
             logits = model(x)
             loss = loss_fn(logits.float(), y)
-        if not torch.isfinite(loss).item():
+        if not all_ranks_true(torch.isfinite(loss)):  # every rank stops at the same batch
             raise FloatingPointError(
                 f"training loss is {loss.item()} at epoch {epoch}, batch {i}: lower the learning rate "
                 "or check the inputs"
@@ -294,6 +297,7 @@ def train(
         raise ValueError("loader: has no batches")
     if channels_last:
         model.to(memory_format=torch.channels_last)
+    net = data_parallel(model)  # a new DDP wrapper per call: the parameters change at every split
     optimizer = make_optimizer(model, config)
     scheduler = make_scheduler(optimizer, config, steps)
     scaler = torch.amp.GradScaler(device.type) if amp else None
@@ -304,7 +308,7 @@ def train(
     try:
         for epoch in range(config.epochs):
             stats = train_epoch(
-                model,
+                net,
                 loader,
                 optimizer,
                 device=device,
@@ -316,6 +320,7 @@ def train(
                 amp=amp,
                 channels_last=channels_last,
             )
+            average_buffers(model)  # every rank evaluates and scores with the same BatchNorm statistics
             epochs.append(stats)
             log.info(
                 "epoch %d: loss %.4f, train top1 %.4f, lr %.4g, %.1f s",
