@@ -695,7 +695,8 @@ def _rayleigh(chains: dict[str, LocalChain], passes: Callable[[str], Iterable[_B
                 sv = chain.hvp_prepared(batch.prepare(chain), vs[name])
                 lam_sum[name].add_(_rowdot(vs[name], sv).flatten(), alpha=batch.weight)
         lam_sum = {name: sum_across_ranks(s) for name, s in lam_sum.items()}
-        weight_sum = float(sum_across_ranks(torch.tensor(weight_sum, dtype=torch.float64)))
+        device = next(iter(lam_sum.values())).device  # NCCL reduces device tensors only
+        weight_sum = float(sum_across_ranks(torch.tensor(weight_sum, dtype=torch.float64, device=device)))
     elif weight_sum == 0:
         raise ValueError("loader: yielded fewer batches than its len() says; no batch was averaged for λ")
     elif average_vectors:
