@@ -14,7 +14,9 @@ construction because channel j depends only on row j of P.weight.
 * ``method="exact"`` accumulates every S_j (n·d² memory) and calls ``torch.linalg.eigh``.
 * ``method="rayleigh"`` is the paper's fast method (Wang et al. 2019, §4): minimise the Rayleigh
   quotient R(v) = vᵀSv / vᵀv by stochastic gradient 2(Sv − Rv)/‖v‖² with RMSprop, renormalising
-  v after every step; O(n·d) memory. The eigenvalue is then estimated with v fixed.
+  v after every step; O(n·d) memory. The eigenvalue is estimated in the same pass, as the mean
+  Rayleigh quotient of the converging v over the last part of the pass (or, optionally, in one more
+  pass with v fixed).
 
 Kinked activations (ReLU, ReLU6, Hardswish, LeakyReLU) have σ'' = 0 almost everywhere; they are
 scored through a softplus surrogate of sharpness ``surrogate_beta`` (3, as in the paper's code):
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import operator
 import time
 from collections.abc import Callable, Iterable
@@ -343,45 +346,41 @@ _INPLACE_FUNCTIONS = {operator.iadd: operator.add, operator.isub: operator.sub, 
                       operator.itruediv: operator.truediv}
 
 
-class _Recorder(fx.Interpreter):
-    """Runs the traced model with every in-place op made out-of-place, keeping chosen node values.
+def _recording_module(gm: fx.GraphModule, keep: list[str]) -> fx.GraphModule:
+    """``gm`` rewritten once so that it returns ``(output, (values of the nodes in keep, in order))``,
+    with every in-place op made out-of-place, compiled by fx's code generation (plain Python, no
+    per-node interpretation). ``gm`` itself is not modified; parameters are shared with it.
 
     In-place activations (``nn.ReLU(inplace=True)``, ``out += identity``) would otherwise overwrite
     the tensors scoring reads after the forward pass.
     """
-
-    def __init__(self, gm: fx.GraphModule, keep: set[str]) -> None:
-        super().__init__(gm)
-        self.keep = keep
-        self.values: dict[str, torch.Tensor] = {}
-        self._out_of_place: dict[str, nn.Module] = {}
-
-    def run_node(self, n: fx.Node) -> Any:
-        out = super().run_node(n)
-        if n.name in self.keep:
-            self.values[n.name] = out
-        return out
-
-    def call_module(self, target: str, args: tuple, kwargs: dict) -> Any:
-        module = self.fetch_attr(target)
-        if getattr(module, "inplace", False) and not list(module.parameters(recurse=False)):
-            if target not in self._out_of_place:
-                clone = copy.copy(module)
-                clone.inplace = False
-                self._out_of_place[target] = clone
-            module = self._out_of_place[target]
-        return module(*args, **kwargs)
-
-    def call_function(self, target: Any, args: tuple, kwargs: dict) -> Any:
-        target = _INPLACE_FUNCTIONS.get(target, target)
-        if kwargs.get("inplace"):
-            kwargs = {**kwargs, "inplace": False}
-        return super().call_function(target, args, kwargs)
-
-    def call_method(self, target: str, args: tuple, kwargs: dict) -> Any:
-        if target.endswith("_") and not target.startswith("_") and hasattr(torch.Tensor, target[:-1]):
-            target = target[:-1]
-        return super().call_method(target, args, kwargs)
+    graph = copy.deepcopy(gm.graph)
+    new = fx.GraphModule(gm, graph)
+    clones: dict[str, str] = {}
+    for node in list(graph.nodes):
+        if node.op == "call_function":
+            node.target = _INPLACE_FUNCTIONS.get(node.target, node.target)
+            if node.kwargs.get("inplace"):
+                node.kwargs = {**node.kwargs, "inplace": False}
+        elif node.op == "call_method":
+            if node.target.endswith("_") and not node.target.startswith("_") and hasattr(torch.Tensor,
+                                                                                       node.target[:-1]):
+                node.target = node.target[:-1]
+        elif node.op == "call_module":
+            module = new.get_submodule(node.target)
+            if getattr(module, "inplace", False) and not list(module.parameters(recurse=False)):
+                if node.target not in clones:
+                    clone = copy.copy(module)
+                    clone.inplace = False
+                    clones[node.target] = f"_out_of_place_{len(clones)}"
+                    new.add_submodule(clones[node.target], clone)
+                node.target = clones[node.target]
+    by_name = {n.name: n for n in graph.nodes}
+    out_node = next(n for n in graph.nodes if n.op == "output")
+    out_node.args = ((out_node.args[0], tuple(by_name[k] for k in keep)),)
+    graph.lint()
+    new.recompile()
+    return new
 
 
 @dataclass
@@ -418,31 +417,43 @@ def _batches(model: nn.Module, gm: fx.GraphModule, groups: list[NeuronGroup], lo
              loss_fn: Callable, total_samples: int, max_batches: int | None) -> Iterable[_Batch]:
     """One forward and one backward of the network per batch (only down to the chain ends)."""
     device, dtype = _model_device_dtype(model)
-    keep = {g.input_node for g in groups} | {g.output_node for g in groups} | _intermediate_nodes(groups)
+    keep = sorted({g.input_node for g in groups} | {g.output_node for g in groups} | _intermediate_nodes(groups))
+    recorder = _recording_module(gm, keep)
+    # the first non-finite loss and its batch, as tensors: checked once after the pass (no host sync per batch)
+    first_bad: torch.Tensor | None = None
+    bad_loss: torch.Tensor | None = None
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
         x, y = batch[0], batch[1]
         x = x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype)
         y = y.to(device)
-        recorder = _Recorder(gm, keep)
         with torch.enable_grad():
             # Requiring grad at the input makes every chain end differentiable even when the
             # model's parameters are frozen; parameter gradients are never computed.
             x.requires_grad_(x.is_floating_point())
-            loss = loss_fn(recorder.run(x), y)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"scoring: the loss is {loss.item()} at batch {i}")
-            ends = [recorder.values[g.output_node] for g in groups]
+            out, kept = recorder(x)
+            values = dict(zip(keep, kept))
+            loss = loss_fn(out, y)
+            bad = torch.where(torch.isfinite(loss), -1, i)
+            if first_bad is None:
+                first_bad, bad_loss = bad, loss.detach()
+            else:
+                new_bad = (first_bad < 0) & (bad >= 0)
+                first_bad = torch.where(new_bad, bad, first_bad)
+                bad_loss = torch.where(new_bad, loss.detach(), bad_loss)
+            ends = [values[g.output_node] for g in groups]
             grads = torch.autograd.grad(loss, ends, allow_unused=True)
         yield _Batch(
             weight=x.shape[0] / total_samples,
-            inputs={g.name: recorder.values[g.input_node].detach() for g in groups},
-            intermediates={g.name: {k: recorder.values[n].detach() for k, n in _intermediate_names(g).items()}
+            inputs={g.name: values[g.input_node].detach() for g in groups},
+            intermediates={g.name: {k: values[n].detach() for k, n in _intermediate_names(g).items()}
                            for g in groups},
             grads={g.name: (torch.zeros_like(e) if gr is None else gr.detach())
                    for g, e, gr in zip(groups, ends, grads)},
         )
+    if first_bad is not None and int(first_bad) >= 0:
+        raise FloatingPointError(f"scoring: the loss is {float(bad_loss)} at batch {int(first_bad)}")
 
 
 def _count_samples(loader: Iterable, max_batches: int | None) -> int:
@@ -482,6 +493,11 @@ def splitting_indices(
     alpha: float = 0.9,
     surrogate_beta: float = 3.0,
     seed: int = 0,
+    eigenvalue_pass: bool = False,
+    average_last: float = 0.5,
+    schedule: str = "cosine",
+    steps_per_batch: int = 1,
+    average_vectors: bool = True,
     max_batches: int | None = None,
     progress: Callable[[Iterable, str, int], Iterable] | None = None,
 ) -> dict[str, SplitScore]:
@@ -490,7 +506,13 @@ def splitting_indices(
     loader yields ``(inputs, targets)`` batches; ``loss_fn(output, targets)`` must return the
     *mean* loss over the batch (default: cross entropy), so that S is an expectation over samples.
     ``method="rayleigh"`` runs ``epochs`` passes of RMSprop (learning rate ``lr``, squared-gradient
-    decay ``alpha``) on the Rayleigh quotient, then one pass with v fixed to estimate λ;
+    decay ``alpha``) on the Rayleigh quotient and estimates λ in the same passes, from the last
+    ``average_last`` share (0 < · ≤ 1) of the batches of all passes: the Rayleigh quotient of the
+    averaged iterate (``average_vectors=True``) or the mean quotient of the iterates (False);
+    ``eigenvalue_pass=True`` estimates it in one more pass with v fixed instead (one pass more).
+    ``schedule`` decays the learning rate over all passes ("cosine", from ``lr`` to 0) or not
+    ("constant", the paper's Algorithm 1). ``steps_per_batch`` descent steps reuse each batch's
+    forward/backward (each costs one more S·v).
     ``method="exact"`` makes one pass. ``max_batches`` caps each pass. ``device`` moves the model
     there for the call (default: where its parameters are). Returns ``{producer name: SplitScore}``
     with tensors on the CPU.
@@ -499,8 +521,14 @@ def splitting_indices(
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
     if not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs: expected a positive integer, got {epochs!r}")
-    if not lr > 0:
-        raise ValueError(f"lr: expected a positive number, got {lr!r}")
+    if not lr >= 0:
+        raise ValueError(f"lr: expected a number >= 0, got {lr!r}")
+    if not isinstance(steps_per_batch, int) or steps_per_batch < 1:
+        raise ValueError(f"steps_per_batch: expected a positive integer, got {steps_per_batch!r}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule: expected one of {SCHEDULES}, got {schedule!r}")
+    if not 0 < average_last <= 1:
+        raise ValueError(f"average_last: expected a share in (0, 1], got {average_last!r}")
     if not surrogate_beta > 0:
         raise ValueError(f"surrogate_beta: expected a positive number, got {surrogate_beta!r}")
     loss_fn = loss_fn or F.cross_entropy
@@ -547,7 +575,10 @@ def splitting_indices(
         if method == "exact":
             scores = _exact(chains, passes)
         else:
-            scores = _rayleigh(chains, passes, epochs=epochs, lr=lr, alpha=alpha, seed=seed)
+            scores = _rayleigh(chains, passes, epochs=epochs, lr=lr, alpha=alpha, seed=seed,
+                               eigenvalue_pass=eigenvalue_pass, average_last=average_last, schedule=schedule,
+                               steps_per_batch=steps_per_batch, average_vectors=average_vectors,
+                               n_batches=n_batches)
         log.info("scored %d neurons in %d groups (%s) in %.2f s", sum(len(s) for s in scores.values()),
                  len(scores), method, time.perf_counter() - start)
         return {**scores, **linear}
@@ -591,8 +622,25 @@ def _exact(chains: dict[str, LocalChain], passes: Callable[[str], Iterable[_Batc
 
 
 def _rayleigh(chains: dict[str, LocalChain], passes: Callable[[str], Iterable[_Batch]], *, epochs: int,
-              lr: float, alpha: float, seed: int, eps: float = 1e-8) -> dict[str, SplitScore]:
-    """Stochastic Rayleigh-quotient descent (Wang et al. 2019, §4, Algorithm 1), all groups at once."""
+              lr: float, alpha: float, seed: int, eigenvalue_pass: bool, average_last: float,
+              schedule: str = "cosine", steps_per_batch: int = 1, average_vectors: bool = True,
+              n_batches: int | None = None, eps: float = 1e-8) -> dict[str, SplitScore]:
+    """Stochastic Rayleigh-quotient descent (Wang et al. 2019, §4, Algorithm 1), all groups at once.
+
+    λ is estimated in the same pass (``eigenvalue_pass=False``) from the batches in the last
+    ``average_last`` share of all ``epochs`` passes, using each batch's S_b v with the v of the
+    previous step, before this batch moves it (v is then independent of batch b, so S_b v is an
+    unbiased estimate of S v):
+
+    * ``average_vectors=True`` (default): the averaged iterate u = Σ_b w_b v_b (Polyak averaging) and
+      its product S u ≈ Σ_b w_b S_b v_b, both linear in v; λ = uᵀ(S u)/uᵀu, the direction u/‖u‖.
+      The iterate jitters around the eigenvector; u averages the jitter out, and its quotient has
+      no upward bias from it.
+    * ``average_vectors=False``: λ = Σ_b w_b v_bᵀS_b v_b / Σ_b w_b, the mean quotient of the iterates
+      (biased upward while v still moves); the direction is the last iterate.
+
+    With ``eigenvalue_pass=True`` one more pass with the last iterate fixed estimates λ instead.
+    """
     gen = torch.Generator().manual_seed(seed)
     vs: dict[str, torch.Tensor] = {}
     sq: dict[str, torch.Tensor] = {}
@@ -601,25 +649,81 @@ def _rayleigh(chains: dict[str, LocalChain], passes: Callable[[str], Iterable[_B
         v = torch.randn(w.shape, generator=gen, dtype=torch.float64).to(device=w.device, dtype=w.dtype)
         vs[name] = _normalise(v)
         sq[name] = torch.zeros_like(w)
+    # Per group, over the averaged batches, the only sums formed: Σ w_b v_bᵀS_b v_b and Σ w_b, or
+    # Σ w_b v_b and Σ w_b S_b v_b.
+    lam_sum = {name: torch.zeros(v.shape[0], dtype=v.dtype, device=v.device) for name, v in vs.items()}
+    u_sum = {name: torch.zeros_like(v) for name, v in vs.items()}
+    su_sum = {name: torch.zeros_like(v) for name, v in vs.items()}
+    weight_sum = 0.0
     for epoch in range(epochs):
+        # share of this pass done after the current batch: by batch count where the loader has a length
+        # (the ranks of a sharded loader run in lockstep), else by this process's batch weights
+        seen, seen_batches = 0.0, 0
         for batch in passes(f"rayleigh epoch {epoch + 1}/{epochs}"):
-            # one reduction per batch for all groups (the identity with one process)
-            svs = weighted_mean_across_ranks({name: chain.hvp_prepared(batch.prepare(chain), vs[name])
-                                              for name, chain in chains.items()}, batch.weight)
-            for name in chains:
-                v, sv = vs[name], svs[name]
-                r = _rowdot(v, sv)
-                grad = 2.0 * (sv - r * v)  # ‖v‖ = 1 after every step
-                sq[name].mul_(alpha).addcmul_(grad, grad, value=1 - alpha)
-                vs[name] = _normalise(v - lr * grad / (sq[name].sqrt() + eps))
-    # λ with v fixed, over one more pass (the batch weights make it an expectation over samples).
-    lam = {name: torch.zeros(v.shape[0], dtype=v.dtype, device=v.device) for name, v in vs.items()}
-    for batch in passes("rayleigh eigenvalues"):
+            seen += batch.weight
+            done = (seen_batches := seen_batches + 1) / n_batches if n_batches else seen
+            # every batch that ends inside the last share of all passes, so the last batch always counts
+            average = not eigenvalue_pass and (epoch + done) / epochs > 1.0 - average_last + 1e-9
+            if average:
+                weight_sum += batch.weight
+            step = lr * _step_factor(schedule, (epoch + done - (1 / n_batches if n_batches else batch.weight)) / epochs)
+            # a batch's preparations are kept only when several steps reuse them (memory)
+            ctxs = {name: batch.prepare(chain) for name, chain in chains.items()} if steps_per_batch > 1 else None
+            for inner in range(steps_per_batch):
+                # one reduction per step for all groups (the identity with one process)
+                svs = weighted_mean_across_ranks(
+                    {name: chain.hvp_prepared(ctxs[name] if ctxs else batch.prepare(chain), vs[name])
+                     for name, chain in chains.items()}, batch.weight)
+                for name in chains:
+                    v, sv = vs[name], svs[name]
+                    r = _rowdot(v, sv)
+                    if average and inner == 0:  # a v this batch has not moved yet
+                        if average_vectors:
+                            u_sum[name].add_(v, alpha=batch.weight)
+                            su_sum[name].add_(sv, alpha=batch.weight)
+                        else:
+                            lam_sum[name].add_(r.flatten(), alpha=batch.weight)
+                    grad = 2.0 * (sv - r * v)  # ‖v‖ = 1 after every step
+                    sq[name].mul_(alpha).addcmul_(grad, grad, value=1 - alpha)
+                    vs[name] = _normalise(v - step * grad / (sq[name].sqrt() + eps))
+    if eigenvalue_pass:
+        # λ with v fixed, over one more pass (the batch weights make it an expectation over samples).
+        weight_sum = 0.0
+        for batch in passes("rayleigh eigenvalues"):
+            weight_sum += batch.weight
+            for name, chain in chains.items():
+                sv = chain.hvp_prepared(batch.prepare(chain), vs[name])
+                lam_sum[name].add_(_rowdot(vs[name], sv).flatten(), alpha=batch.weight)
+        lam_sum = {name: sum_across_ranks(s) for name, s in lam_sum.items()}
+        device = next(iter(lam_sum.values())).device  # NCCL reduces device tensors only
+        weight_sum = float(sum_across_ranks(torch.tensor(weight_sum, dtype=torch.float64, device=device)))
+    elif weight_sum == 0:
+        raise ValueError("loader: yielded fewer batches than its len() says; no batch was averaged for λ")
+    elif average_vectors:
+        # S_b v_b is the ranks' weighted mean already, the same on every rank; the weights cancel
+        out = {}
         for name, chain in chains.items():
-            sv = chain.hvp_prepared(batch.prepare(chain), vs[name])
-            lam[name] += batch.weight * _rowdot(vs[name], sv).flatten()
-    return {name: SplitScore(sum_across_ranks(lam[name]).cpu(), vs[name].cpu(), "rayleigh", chain.group)
+            u = u_sum[name]
+            lam = (_rowdot(u, su_sum[name]) / _rowdot(u, u).clamp_min(1e-30)).flatten()
+            out[name] = SplitScore(lam.cpu(), _normalise(u).cpu(), "rayleigh", chain.group)
+        return out
+    # In the mean quotient each vᵀS_b v is of the ranks' mean S_b v; divide by the weights averaged.
+    return {name: SplitScore((lam_sum[name] / weight_sum).cpu(), vs[name].cpu(), "rayleigh", chain.group)
             for name, chain in chains.items()}
+
+
+SCHEDULES = ("cosine", "constant")
+
+
+def _step_factor(schedule: str, progress: float) -> float:
+    """Multiplier of the descent's learning rate at ``progress`` ∈ [0, 1) of all passes.
+
+    RMSprop's steps have a fixed size per coordinate whatever the gradient, so at a constant rate v
+    keeps jittering around the eigenvector; a cosine decay lets it settle, which the in-pass λ needs.
+    """
+    if schedule == "constant":
+        return 1.0
+    return 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
 
 
 def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

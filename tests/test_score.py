@@ -136,6 +136,7 @@ def test_rayleigh_agrees_with_exact(trained_tiny):
     model, data = trained_tiny
     exact = splitting_indices(model, data, method="exact")
     fast = splitting_indices(model, data, method="rayleigh", epochs=20, seed=1)
+    separate = splitting_indices(model, data, method="rayleigh", epochs=20, seed=1, eigenvalue_pass=True)
     assert exact.keys() == fast.keys()
     for name in exact:
         e, r = exact[name].eigenvalues, fast[name].eigenvalues
@@ -145,6 +146,9 @@ def test_rayleigh_agrees_with_exact(trained_tiny):
         # λ of a unit vector is a Rayleigh quotient, so it can only be ≥ the minimum eigenvalue
         assert (r >= e - 1e-3 * e.abs().max()).all()
         assert fast[name].eigenvectors.flatten(1).norm(dim=1).sub(1).abs().max() < 1e-5
+        # once v has converged, the in-pass λ (of the averaged iterate) is close to the fixed-v one
+        assert (separate[name].eigenvectors * fast[name].eigenvectors).flatten(1).sum(1).min() > 0.99, name
+        assert (r - separate[name].eigenvalues).abs().max() < 0.1 * e.abs().max(), name
 
 
 def test_scoring_leaves_model_untouched(trained_tiny):
@@ -238,3 +242,25 @@ def test_affine_only_chains_have_zero_index_without_crashing():
         scores = splitting_indices(net, [(x, y)], method=method)
         assert torch.all(scores["0"].eigenvalues == 0)
         assert scores["2"].eigenvalues.abs().max() > 0
+
+
+def test_fused_eigenvalue_equals_separate_pass_on_a_fixed_v(trained_tiny):
+    """lr = 0 keeps v at its random start: the in-pass estimate over all batches is then the same
+    expectation as the separate pass's, and over the last half it is that of half the data."""
+    model, data = trained_tiny
+    data = data[:4]
+    sep = splitting_indices(model, data, lr=0.0, eigenvalue_pass=True)
+    full = splitting_indices(model, data, lr=0.0, average_last=1.0)
+    half = splitting_indices(model, data, lr=0.0)  # default: the last half of the batches
+    quotients = splitting_indices(model, data, lr=0.0, average_vectors=False)
+    last = splitting_indices(model, data[2:], lr=0.0, eigenvalue_pass=True)
+    for name in sep:
+        torch.testing.assert_close(full[name].eigenvectors, sep[name].eigenvectors)
+        torch.testing.assert_close(full[name].eigenvalues, sep[name].eigenvalues, rtol=1e-5, atol=1e-7)
+        # the last half of the batches is exactly data[2:], whose own expectation it must equal
+        torch.testing.assert_close(half[name].eigenvalues, last[name].eigenvalues, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(quotients[name].eigenvalues, last[name].eigenvalues, rtol=1e-5, atol=1e-7)
+        assert not torch.allclose(half[name].eigenvalues, sep[name].eigenvalues, rtol=1e-3)
+    with pytest.raises(ValueError, match="average_last"):
+        splitting_indices(model, data, average_last=0.0)
+

@@ -152,22 +152,28 @@ def wide_net():
 
 
 def test_rayleigh_at_default_settings_against_exact(wide_net):
-    """Bounds for the CURRENT descent, with margin: measured 2026-12-02 on this net with seeds 0, 1, 2,
-    worst-group Spearman ρ 0.87/0.86/0.93, share of exact negatives found 0.87/0.88/0.86, median
-    eigenvector |cos| 0.65/0.66/0.72. Issue 13 rewrites the descent and may tighten them."""
+    """Bounds for the ONE-PASS default (λ in the descent pass, issue 13), with margin: measured
+    2026-12-02 on this net (8 batches: 8 descent steps) with seeds 0, 1, 2, worst-group Spearman ρ
+    0.66/0.75/0.76, share of exact negatives found 0.64/0.62/0.66, median eigenvector |cos|
+    0.47/0.41/0.50. The two-pass estimate (``eigenvalue_pass=True``, constant rate: main's default
+    before issue 13) gave 0.87/0.85/0.93, 0.87/0.88/0.86, 0.65/0.66/0.72 and is checked as well: eight
+    steps are too few for the in-pass estimate (see BENCHMARKS.md for the CIFAR-10 nets)."""
     model, data = wide_net
     exact = splitting_indices(model, data, method="exact")
-    fast = splitting_indices(model, data)  # the defaults: method="rayleigh", epochs=1
-    rhos, found, cosines = [], [], []
-    for name in exact:
-        e, r = exact[name].eigenvalues, fast[name].eigenvalues
-        assert (r >= e - 1e-4 * e.abs().max()).all(), f"{name}: a Rayleigh quotient below λ_min"
-        rhos.append(spearmanr(e.numpy(), r.numpy())[0])
-        neg = e < -1e-3 * e.abs().max()
-        if neg.any():
-            found.append(float((r[neg] < 0).float().mean()))
-        cosines.append((exact[name].eigenvectors.flatten(1) * fast[name].eigenvectors.flatten(1)).sum(1).abs())
-    cos = torch.cat(cosines)
-    assert min(rhos) >= 0.75, rhos
-    assert len(found) == len(exact) and sum(found) / len(found) >= 0.75, found
-    assert float(cos.median()) >= 0.5, float(cos.median())
+    fast = splitting_indices(model, data)  # the defaults: method="rayleigh", epochs=1, one pass
+    two_pass = splitting_indices(model, data, eigenvalue_pass=True, schedule="constant", average_vectors=False)
+    for scores, bounds in ((fast, (0.55, 0.5, 0.3)), (two_pass, (0.75, 0.75, 0.5))):
+        rhos, found, cosines = [], [], []
+        for name in exact:
+            e, r = exact[name].eigenvalues, scores[name].eigenvalues
+            if scores is two_pass:  # a fixed v's quotient over all the data: never below λ_min
+                assert (r >= e - 1e-4 * e.abs().max()).all(), f"{name}: a Rayleigh quotient below λ_min"
+            rhos.append(spearmanr(e.numpy(), r.numpy())[0])
+            neg = e < -1e-3 * e.abs().max()
+            if neg.any():
+                found.append(float((r[neg] < 0).float().mean()))
+            cosines.append((exact[name].eigenvectors.flatten(1) * scores[name].eigenvectors.flatten(1)).sum(1).abs())
+        cos = torch.cat(cosines)
+        assert min(rhos) >= bounds[0], rhos
+        assert len(found) == len(exact) and sum(found) / len(found) >= bounds[1], found
+        assert float(cos.median()) >= bounds[2], float(cos.median())
