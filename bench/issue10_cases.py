@@ -35,6 +35,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent.parent
 PY = sys.executable
 TINY = ["--model", "mlp", "--stages", "1", "--epochs", "1", "--limit", "200"]
+LONG = ["--model", "mobilenet_v1", "--stages", "3", "--epochs", "3", "--limit", "1000"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
@@ -124,44 +125,51 @@ def define(c: Cases) -> None:  # noqa: C901 - one flat list of cases, in the iss
         return {"argv": ["grow", *TINY, "--out", str(run)], "protect": run}
 
     # ---- 2. one writer per run ---------------------------------------------------------------------
+    def consistent(out: Path) -> bool:
+        """config.json's stage count made stages.jsonl, and every checkpoint holds its record's architecture."""
+        import torch
+        cfg = json.loads((out / "config.json").read_text())
+        records = [json.loads(line) for line in (out / "stages.jsonl").read_text().splitlines()]
+        if [r["stage"] for r in records] != list(range(cfg["stages"] + 1)):
+            return False
+        return all(torch.load(out / f"stage-{r['stage']}.pt", weights_only=True)["architecture"] == r["architecture"]
+                   for r in records)
+
+    def writer(out: Path, *extra: str) -> subprocess.Popen:
+        """A grow long enough (tens of seconds) for a second command to meet it mid-run."""
+        return subprocess.Popen([PY, str(c.root / "cli.py"), "grow", *LONG, *extra, "--out", str(out)], cwd=c.root,
+                                env={**ENV, "PYTHONPATH": str(c.root)}, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+
     @c.case("2 corruption", "two grow processes on one --out")
     def _(tmp):
         out = tmp / "run"
-        long = ["--model", "mlp", "--stages", "3", "--epochs", "2", "--limit", "600"]
-        cmd = [PY, str(c.root / "cli.py"), "grow", *long, "--seed", "1", "--out", str(out)]
-        first = subprocess.Popen(cmd, cwd=c.root, env={**ENV, "PYTHONPATH": str(c.root)},
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        while not (out / "config.json").exists() and first.poll() is None:
+        first = writer(out, "--seed", "1")
+        while not (out / "stage-0.pt").exists() and first.poll() is None:
             time.sleep(0.05)
-        second = c.cli("grow", *long, "--seed", "2", *(["--overwrite"] if c.has_overwrite else []),
-                       "--out", str(out))
+        second = c.cli("grow", *LONG, "--seed", "2", "--stages", "2",
+                       *(["--overwrite"] if c.has_overwrite else []), "--out", str(out))
+        met = first.poll() is None
         first.communicate()
-        cfg = json.loads((out / "config.json").read_text())
-        records = [json.loads(line) for line in (out / "stages.jsonl").read_text().splitlines()]
-        # a consistent run: its config's seed made its records (the seed's record is what seed 1 gives)
-        ref = c.cli("grow", *long, "--seed", str(cfg["seed"]), "--out", str(tmp / "ref"))
-        assert ref.returncode == 0, ref.stderr
-        ref_records = [json.loads(line) for line in (tmp / "ref" / "stages.jsonl").read_text().splitlines()]
-        same = [r["test_loss"] for r in records] == [r["test_loss"] for r in ref_records]
+        ok = consistent(out)
         return {"done": second, "argv": second.args[2:], "extra": {
-            "first_exit": first.returncode, "consistent": same,
-            "corrupted": not (first.returncode == 0 and same)}}
+            "first_exit": first.returncode, "met_mid_run": met, "consistent": ok,
+            "corrupted": not ok or (first.returncode == 0 and second.returncode == 0)}}
 
     for what in ("resume", "export"):
         @c.case("2 corruption", f"{what} of a run another process is writing")
         def _(tmp, what=what):
             out = tmp / "run"
-            long = ["--model", "mlp", "--stages", "3", "--epochs", "2", "--limit", "600"]
-            first = subprocess.Popen([PY, str(c.root / "cli.py"), "grow", *long, "--out", str(out)], cwd=c.root,
-                                     env={**ENV, "PYTHONPATH": str(c.root)}, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
+            first = writer(out)
             while not (out / "stage-0.pt").exists() and first.poll() is None:
                 time.sleep(0.05)
             argv = (["grow", "--resume", str(out)] if what == "resume"
                     else ["export", str(out), "--onnx", str(tmp / "m.onnx")])
             second = c.cli(*argv)
+            met = first.poll() is None
             first.communicate()
-            return {"done": second, "argv": argv, "extra": {"first_exit": first.returncode}}
+            return {"done": second, "argv": argv, "extra": {"first_exit": first.returncode, "met_mid_run": met,
+                                                            "consistent": consistent(out)}}
 
     # ---- 3. wrong results with exit 0 -----------------------------------------------------------------
     @c.case("3 wrong results", "README: --cost lut --profile shipped --budget 0.2ms (negative latency)")
