@@ -1,10 +1,11 @@
 """Random SIGKILLs of a small digits ``grow``, then ``--resume``: is the result the uninterrupted run?
 
-One uninterrupted reference run, then ``--kills`` trials: each starts the same ``grow`` (same seed,
-same settings), SIGKILLs it at a uniformly random moment between writing its config.json and
-95 % of the reference's time from there to its end, resumes it with ``grow --resume`` (again, if the resume itself was killed — it is
-not here) and compares with the reference: ``stages.jsonl`` records minus timing fields (``seconds``
-and the end-to-end ``measured`` block) must be equal, and every tensor of every ``stage-K.pt`` bit-identical.
+One uninterrupted reference run, then ``--kills`` trials: each starts the same ``grow`` (same
+seed, same settings), SIGKILLs it at a uniformly random moment between writing its config.json
+and 95 % of the reference's time from there to its end, resumes it with ``grow --resume`` and
+compares with the reference: ``stages.jsonl`` records minus timing fields (``seconds`` and the
+end-to-end ``measured`` block) must be equal, and every tensor of every ``stage-K.pt``
+bit-identical.
 
     taskset -c 0 nice -n 10 /work/venv/bin/python bench/bench_sigkill.py            # 10 kills
     taskset -c 0 nice -n 10 /work/venv/bin/python bench/bench_sigkill.py --kills 3  # fewer
