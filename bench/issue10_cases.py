@@ -420,12 +420,46 @@ def run_case(c: Cases, section: str, name: str, fn: Callable[[Path], dict[str, A
     return result
 
 
+def _cell(r: dict[str, Any] | None) -> str:
+    if r is None:
+        return "not run"
+    if "skipped" in r or "setup_failed" in r:
+        return r.get("skipped") or f"set-up failed: {r['setup_failed'][:60]}"
+    bits = [f"exit {r['exit']}"]
+    if r["traceback"]:
+        bits.append("**traceback**")
+    if r["lost"]:
+        bits.append(f"**lost {len(r['lost'])} file(s)**")
+    if r.get("corrupted"):
+        bits.append("**mixed run**")
+    if r.get("infinity_in_config"):
+        bits.append("**Infinity in config.json**")
+    if "tracebacks" in r:
+        bits.append(f"{r['tracebacks']}/7 tracebacks")
+    msg = r["message"].replace("|", "/").replace(str(Path(tempfile.gettempdir())), "")
+    return ", ".join(bits) + (f": {msg[:140]}" if msg else "")
+
+
+def table(before: Path, after: Path) -> str:
+    """A markdown table of the cases, before and after."""
+    b = {r["case"]: r for r in json.loads(before.read_text())["cases"]}
+    rows = ["| # | case | before | after |", "|---|---|---|---|"]
+    for i, r in enumerate(json.loads(after.read_text())["cases"], 1):
+        rows.append(f"| {i} | {r['section']}: {r['case']} | {_cell(b.get(r['case']))} | {_cell(r)} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--table", nargs=2, metavar=("BEFORE", "AFTER"), default=None,
+                        help="print the markdown table of two result files and stop")
     parser.add_argument("--root", default=str(HERE), help="checkout whose cli.py is run")
     parser.add_argument("--label", default="after")
     parser.add_argument("--only", default=None, help="run only cases whose name contains this")
     args = parser.parse_args()
+    if args.table:
+        print(table(Path(args.table[0]), Path(args.table[1])))
+        return
     root = Path(args.root).resolve()
     out = HERE / "bench" / "results" / f"issue10_cases_{args.label}.json"
     work = Path(tempfile.mkdtemp(prefix="issue10-"))
