@@ -1,8 +1,9 @@
 """Random SIGKILLs of a small digits ``grow``, then ``--resume``: is the result the uninterrupted run?
 
 One uninterrupted reference run, then ``--kills`` trials: each starts the same ``grow`` (same
-seed, same settings), SIGKILLs it at a uniformly random moment between writing its config.json
-and 95 % of the reference's time from there to its end, resumes it with ``grow --resume`` and
+seed, same settings), SIGKILLs it in a random stage (uniform) at a random moment of it
+(uniform over 95 % of the reference's time for that stage, counted from the previous stage's
+record, or from config.json for the seed), resumes it with ``grow --resume`` and
 compares with the reference: ``stages.jsonl`` records minus timing fields (``seconds`` and the
 end-to-end ``measured`` block) must be equal, and every tensor of every ``stage-K.pt``
 bit-identical.
@@ -34,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 RESULT = ROOT / "bench" / "results" / "sigkill.json"
-SETTINGS = ["--model", "mobilenet_v1", "--stages", "3", "--epochs", "1", "--limit", "400", "--batch-size", "32",
+SETTINGS = ["--model", "mobilenet_v1", "--stages", "2", "--epochs", "1", "--limit", "200", "--batch-size", "32",
             "--seed", "3"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 #: Record fields that depend on wall time, not on the computation.
@@ -102,19 +103,27 @@ def main() -> None:
     try:
         reference = work / "reference"
         proc = _grow(*SETTINGS, "--out", str(reference), wait=False)
-        t0 = _started(proc, reference)
-        proc.wait()
-        wall = time.monotonic() - t0
+        marks = [_started(proc, reference)]  # config.json written, then each stage's record
+        while proc.poll() is None:
+            if len(_records(reference)) >= len(marks):
+                marks.append(time.monotonic())
+            time.sleep(0.01)
+        marks = marks[:len(_records(reference))] + [time.monotonic()]
         assert proc.returncode == 0, "the reference run failed"
-        state["reference_wall_s"] = round(wall, 2)  # from config.json written to the end
+        spans = [b - a for a, b in zip(marks, marks[1:])]  # seconds of each stage (the last: to the end)
+        state["reference_stage_s"] = [round(x, 2) for x in spans]
         rng = random.Random(args.seed)
-        moments = [rng.uniform(0.0, 0.95) * wall for _ in range(args.kills)]
-        for i, moment in enumerate(moments):
+        # a random stage (uniform), then a random moment of it (uniform over the reference's duration)
+        stages = [rng.randrange(len(spans) - 1) for _ in range(args.kills)]  # not the tail after the last record
+        moments = [(k, rng.uniform(0.0, 0.95) * spans[k]) for k in stages]
+        for i, (after, moment) in enumerate(moments):
             if i < len(state["trials"]):
                 continue  # done in an earlier invocation
             out = work / f"trial-{i}"
             proc = _grow(*SETTINGS, "--out", str(out), wait=False)
             _started(proc, out)
+            while len(_records(out)) < after and proc.poll() is None:  # wait for `after` completed stages
+                time.sleep(0.01)
             try:
                 proc.wait(timeout=moment)
             except subprocess.TimeoutExpired:
@@ -130,7 +139,7 @@ def main() -> None:
                 resumed = _grow(*SETTINGS, "--out", str(out))
                 resume_exit, resume_error = resumed.returncode, []
             problems = compare(out, reference) if resume_exit == 0 else ["resume failed"]
-            trial = {"trial": i, "kill_after_s": round(moment, 3), "killed": killed,
+            trial = {"trial": i, "kill_in_stage": after, "kill_after_s": round(moment, 3), "killed": killed,
                      "stages_completed_before_kill": completed, "resume_exit": resume_exit,
                      "resume_error": resume_error, "identical": not problems, "problems": problems}
             state["trials"].append(trial)
