@@ -20,6 +20,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -455,7 +456,9 @@ def main() -> None:
                         help="print the markdown table of two result files and stop")
     parser.add_argument("--root", default=str(HERE), help="checkout whose cli.py is run")
     parser.add_argument("--label", default="after")
-    parser.add_argument("--only", default=None, help="run only cases whose name contains this")
+    parser.add_argument("--only", default=None, help="run only cases whose name matches this regular expression")
+    parser.add_argument("--merge", action="store_true",
+                        help="replace only the cases run in an existing result file (others are kept)")
     args = parser.parse_args()
     if args.table:
         print(table(Path(args.table[0]), Path(args.table[1])))
@@ -470,7 +473,7 @@ def main() -> None:
     t0 = time.time()
     try:
         for section, name, fn in c.cases:
-            if args.only and args.only not in name:
+            if args.only and not re.search(args.only, name):
                 continue
             try:
                 r = run_case(c, section, name, fn)
@@ -478,14 +481,23 @@ def main() -> None:
                 r = {"section": section, "case": name, "setup_failed": f"{type(err).__name__}: {err}"[:400]}
             results.append(r)
             print(json.dumps(r)[:300], flush=True)
+            _write(out, root, args.label, t0, results, merge=args.merge)  # after every case: resumable by hand
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    git = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"root": str(root), "commit": git.stdout.strip(), "label": args.label,
-                               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                               "wall_s": round(time.time() - t0, 1), "cases": results}, indent=1) + "\n")
     print(f"wrote {out}")
+
+
+def _write(out: Path, root: Path, label: str, t0: float, results: list[dict[str, Any]], *, merge: bool) -> None:
+    git = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    cases = results
+    if merge and out.exists():
+        new = {r["case"]: r for r in results}
+        old = json.loads(out.read_text())["cases"]
+        cases = [new.pop(r["case"], r) for r in old] + list(new.values())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"root": str(root), "commit": git.stdout.strip(), "label": label,
+                               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                               "wall_s": round(time.time() - t0, 1), "cases": cases}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
