@@ -108,7 +108,7 @@ def main() -> None:
             if len(_records(reference)) >= len(marks):
                 marks.append(time.monotonic())
             time.sleep(0.01)
-        marks = marks[:len(_records(reference))] + [time.monotonic()]
+        marks = marks[:len(_records(reference)) + 1] + [time.monotonic()]
         assert proc.returncode == 0, "the reference run failed"
         spans = [b - a for a, b in zip(marks, marks[1:])]  # seconds of each stage (the last: to the end)
         state["reference_stage_s"] = [round(x, 2) for x in spans]
