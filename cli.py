@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import signal
 import sys
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,9 @@ def main(verbose: int) -> None:
     """hwsplit: grow small, accurate networks by splitting neurons under a hardware budget."""
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    # a library warning (e.g. a LUT extrapolating beyond its profile) in one line, without Python's source line
+    warnings.showwarning = lambda message, category, *args, **kwargs: click.echo(
+        f"warning: {message}", err=True)
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ cost of a whole model (``total``) and the cost of one more channel in each neuro
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -16,6 +17,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
 from cost_models.calibration import Calibration
+from hwsplit.errors import CostOutOfRange
 from hwsplit.graph import find_neuron_groups, layer_specs
 from hwsplit.specs import LAYER_KINDS, LayerSpec, widened_specs
 
@@ -71,8 +73,31 @@ class LayerCostModel:
         return self.overhead + sum(self.layer_cost(s) for s in layer_specs(model, input_shape))
 
     def total(self, model: nn.Module, input_shape: tuple[int, ...]) -> float:
+        """``scale · layer_sum + offset`` in ``unit``. A network priced <= 0 (or not finite) is a
+        :class:`~hwsplit.errors.CostOutOfRange` naming the profile; one whose layer sum lies outside
+        the whole networks the calibration was fitted on is logged once per direction."""
         cal = self.calibration
-        return cal.scale * self.layer_sum(model, input_shape) + cal.offset
+        raw = self.layer_sum(model, input_shape)
+        value = cal.scale * raw + cal.offset
+        source = getattr(self, "source", None)
+        where = f" from the profile {source}" if source else ""
+        if not (math.isfinite(value) and value > 0):
+            fitted = (f" = {cal.scale:.3g} × layer sum {raw:.4g} {cal.offset:+.4g}, calibrated on {cal.networks} "
+                      f"whole networks of layer sum {cal.raw_min:.4g}-{cal.raw_max:.4g} {self.unit}"
+                      if cal.raw_min is not None else "")
+            raise CostOutOfRange(f"cost: the {self.name} cost model{where} prices a network at {value:.4g} "
+                                 f"{self.unit}{fitted}; a network cannot cost <= 0 (the profile does not fit "
+                                 "networks this small: profile the device again, or use --cost flops)")
+        if cal.raw_min is not None and not cal.raw_min <= raw <= cal.raw_max:
+            side = "below" if raw < cal.raw_min else "above"
+            warned = self.__dict__.setdefault("_range_warned", set())
+            if side not in warned:
+                warned.add(side)
+                log.warning("%s%s: a network whose layers sum to %.4g %s is %s the %d whole networks the profile "
+                            "measured (%.4g-%.4g %s): its total %.4g %s extrapolates the calibration", self.name,
+                            where, raw, self.unit, side, cal.networks, cal.raw_min, cal.raw_max, self.unit, value,
+                            self.unit)
+        return value
 
     def marginal(self, model: nn.Module, input_shape: tuple[int, ...], *,
                  groups: list | None = None) -> dict[str, float]:

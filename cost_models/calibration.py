@@ -36,6 +36,9 @@ class Calibration:
     networks: int = 0
     rmspe_before: float | None = None
     rmspe_after: float | None = None
+    #: range of the uncalibrated layer sums of the networks it was fitted on (where it was measured)
+    raw_min: float | None = None
+    raw_max: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -70,4 +73,4 @@ def fit_calibration(cost_model: Any, networks: list[dict[str, Any]], metric: str
     after = float(np.sqrt(np.mean(((scale * x + offset - y) / y) ** 2)))
     log.info("calibrated on %d networks measured end to end: total = %.3f · layer sum %+.4g (RMSPE %.1f%% → %.1f%%)",
              len(x), scale, offset, 100 * before, 100 * after)
-    return Calibration(float(scale), float(offset), len(x), before, after)
+    return Calibration(float(scale), float(offset), len(x), before, after, float(x.min()), float(x.max()))

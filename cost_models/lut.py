@@ -36,7 +36,7 @@ import numpy as np
 
 from cost_models.base import LayerCostModel, register_cost_model
 from cost_models.calibration import fit_calibration
-from cost_models.profile_io import METRICS, metric_unit, missing_metric_message, resolve_profile
+from cost_models.profile_io import METRICS, fitting, metric_unit, missing_metric_message, resolve_profile
 from hwsplit.specs import LayerSpec
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -211,7 +211,8 @@ class LookupTableCostModel(LayerCostModel):
             raw = float(row[metric]["median"])
             value = max(raw - self.overhead, NET_FLOOR * raw) if raw > 0 else 0.0
             points.setdefault(geometry_key(spec), {})[(spec.in_channels, spec.out_channels)] = value
-        self.tables = {g: _Table(g, p) for g, p in points.items()}
+        with fitting(self.source, "the lookup table"):
+            self.tables = {g: _Table(g, p) for g, p in points.items()}
         bad = sum(t.non_monotone() for t in self.tables.values())
         if bad:
             log.info("profile %s: %d neighbouring %s values decrease with more channels (measurement noise); "
@@ -219,7 +220,8 @@ class LookupTableCostModel(LayerCostModel):
         self._cache: dict[tuple, float] = {}
         self._warned: set[tuple] = set()
         if calibrate and self.profile.get("networks"):
-            self.calibration = fit_calibration(self, self.profile["networks"], metric)
+            with fitting(self.source, "the whole-network calibration"):
+                self.calibration = fit_calibration(self, self.profile["networks"], metric)
 
     # -- pricing ------------------------------------------------------------------------------------
     def _extrapolating(self, key: tuple, message: str) -> None:

@@ -32,7 +32,7 @@ from sklearn.base import BaseEstimator, RegressorMixin
 from cost_models.base import LayerCostModel
 from cost_models.calibration import fit_calibration
 from cost_models.lut import NET_FLOOR, positive_marginals
-from cost_models.profile_io import METRICS, metric_unit, missing_metric_message, resolve_profile
+from cost_models.profile_io import METRICS, fitting, metric_unit, missing_metric_message, resolve_profile
 from hwsplit.specs import LAYER_KINDS, LayerSpec
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -280,8 +280,9 @@ def fit_report(profile: str | os.PathLike[str] | dict[str, Any], metric: str = "
     idx = np.arange(len(specs))
     train, test = train_test_split(idx, test_size=test_size, random_state=seed)
     regressor_options.setdefault("block", int(data.get("channel_block") or 1))
-    reg = LayerRegressor(**regressor_options).fit([specs[i] for i in train], y[train])
-    pred = reg.predict([specs[i] for i in test])
+    with fitting(source, "the layer-cost regressor"):
+        reg = LayerRegressor(**regressor_options).fit([specs[i] for i in train], y[train])
+        pred = reg.predict([specs[i] for i in test])
     rel = (pred - y[test]) / y[test]
     return {"metric": metric, "unit": metric_unit(metric), "rmspe": float(np.sqrt(np.mean(rel ** 2))),
             "within_10pct": float(np.mean(np.abs(rel) <= 0.10)),
@@ -310,10 +311,12 @@ class EnergyPredictorCostModel(LayerCostModel):
         self.unit = metric_unit(metric)
         specs, y, self.overhead = profile_targets(self.profile, metric, self.source, subtract_overhead)
         regressor_options.setdefault("block", int(self.profile.get("channel_block") or 1))
-        self.regressor = LayerRegressor(**regressor_options).fit(specs, y)
+        with fitting(self.source, "the layer-cost regressor"):
+            self.regressor = LayerRegressor(**regressor_options).fit(specs, y)
         self._cache: dict[tuple, float] = {}
         if calibrate and self.profile.get("networks"):
-            self.calibration = fit_calibration(self, self.profile["networks"], metric)
+            with fitting(self.source, "the whole-network calibration"):
+                self.calibration = fit_calibration(self, self.profile["networks"], metric)
 
     def _price(self, spec: LayerSpec) -> float:
         return float(self.regressor.predict([spec])[0])

@@ -21,9 +21,11 @@ line naming the file (or ``<profile>`` for an in-memory dict) and the offending 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,9 @@ BACKENDS = ("onnxruntime", "torch")
 METERS = ("latency", "nvml")
 REQUIRED_FIELDS = ("schema", "device", "backend", "meter", "batch", "rows")
 STATS_FIELDS = ("median", "p25", "p75", "n")
+#: Largest cost a row may record, in its metric's unit (1e9 ms is 11 days, 1e9 mJ a megajoule per
+#: inference): beyond it the numbers are not measurements, and sums of them overflow the fits.
+MAX_COST = 1e9
 
 
 class ProfileError(ConfigError):
@@ -54,6 +59,9 @@ def _check_stats(data: Any, where: str, source: str, *, positive: bool = False) 
         value = data[field]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
             raise ProfileError(f"{source}: {where}.{field}: expected a finite non-negative number, got {value!r}")
+        if field != "n" and value > MAX_COST:
+            raise ProfileError(f"{source}: {where}.{field}: {value!r} is beyond any measured cost (at most "
+                               f"{MAX_COST:g})")
     if positive and not data["median"] > 0:
         raise ProfileError(f"{source}: {where}.median: expected a positive cost, got {data['median']!r} "
                            "(a measurement of zero cost cannot be right)")
@@ -156,6 +164,23 @@ def save_profile(profile: dict[str, Any], path: str | os.PathLike[str]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda fh: (json.dump(profile, fh, indent=1), fh.write("\n")))
+
+
+@contextlib.contextmanager
+def fitting(source: str, what: str) -> Iterator[None]:
+    """Turn a numerical failure while fitting ``what`` to a profile (numpy's "SVD did not converge",
+    scikit-learn's "Input contains NaN") into a :class:`ProfileError` naming the profile."""
+    import numpy as np
+
+    try:
+        with np.errstate(all="ignore"):
+            yield
+    except (np.linalg.LinAlgError, ArithmeticError, ValueError) as err:
+        if isinstance(err, ProfileError):
+            raise
+        detail = str(err).splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ProfileError(f"{source}: cannot fit {what} to this profile ({detail}); its rows are degenerate "
+                           "(too few distinct layers, or values that overflow)") from None
 
 
 def metric_unit(metric: str) -> str:

@@ -83,6 +83,8 @@ def width_baseline(config: GrowConfig, multipliers: Sequence[float], out: str | 
     run = RunDir(out)
     check_writable_name(run.summary)
     session = open_session(config)  # data, family and cost model must load before anything is written
+    for mult in multipliers:  # every network must have a cost the model can price (CostOutOfRange if not)
+        session.cost_model.total(build_seed(config, session.bundle, width_mult=mult), session.input_shape)
     info = {**config.to_dict(), "baseline": WIDTH_BASELINE, "multipliers": multipliers, "total_epochs": total,
             RUN_INFO_WORLD_SIZE: world_size()}
     with run.lock("write") if is_main() else contextlib.nullcontext():  # rank 0 alone writes the run

@@ -8,6 +8,8 @@ model by :func:`load_model`.
 
 from __future__ import annotations
 
+import errno
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +31,27 @@ def save_checkpoint(path: str | Path, model: nn.Module, *, stage: int, extra: di
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "extra": extra or {},
     }
-    atomic_write(path, lambda f: torch.save(payload, f), binary=True)
+    atomic_write(path, lambda f: _save(payload, f, Path(path)), binary=True)
+
+
+#: Free bytes below which a failed torch.save is taken for a full disk.
+_NEARLY_FULL = 1 << 20
+
+
+def _save(payload: dict[str, Any], f: Any, path: Path) -> None:
+    """``torch.save``; its ``RuntimeError`` on a full disk ("[enforce fail at inline_container.cc] ...
+    unexpected pos") becomes the ``OSError`` (ENOSPC) any other writer gives."""
+    try:
+        torch.save(payload, f)
+    except RuntimeError as err:
+        try:
+            free = shutil.disk_usage(path.parent).free
+        except OSError:
+            free = None
+        if free is not None and free < _NEARLY_FULL:
+            raise OSError(errno.ENOSPC, f"No space left on device ({free:,} bytes free)") from None
+        raise OSError(errno.EIO, f"torch.save failed ({str(err).splitlines()[0] if str(err) else 'RuntimeError'})"
+                      ) from None
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

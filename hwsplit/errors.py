@@ -6,7 +6,8 @@ bad argument, ``RuntimeError`` for a failed run), so library users can catch eit
 
     HwsplitError                      exit_code
     ├── ConfigError(ValueError)        2   a bad argument, file or field (the message names it)
-    │   └── RunLocked                  2   another process writes the run directory
+    │   ├── RunLocked                  2   another process writes the run directory
+    │   └── CostOutOfRange             2   a cost model prices a network <= 0 or not finite
     ├── DeviceUnavailableError         2   the hardware asked for is not on this machine
     └── RunFailed(RuntimeError)        1   a run stopped after keeping what it completed
         ├── StageFailed                    (hwsplit.rundir) a stage could not complete
@@ -41,6 +42,10 @@ class RunLocked(ConfigError):
     """Another live process holds the run directory's lock (one writer per run)."""
 
 
+class CostOutOfRange(ConfigError):
+    """A cost model priced a network at <= 0 or a non-finite cost: its profile does not fit that network."""
+
+
 class DeviceUnavailableError(HwsplitError, RuntimeError):
     """The device or meter asked for (CUDA, NVML) is not available on this machine."""
 
@@ -51,5 +56,5 @@ class RunFailed(HwsplitError, RuntimeError):
     exit_code = EXIT_FAILED
 
 
-__all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_USAGE", "ConfigError", "DeviceUnavailableError",
+__all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_USAGE", "ConfigError", "CostOutOfRange", "DeviceUnavailableError",
            "HwsplitError", "RunFailed", "RunLocked", "first_line"]

@@ -155,8 +155,11 @@ class RunDir:
         except ImportError:  # pragma: no cover - not POSIX: no lock, as before
             yield
             return
-        self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.lockfile, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.lockfile, os.O_RDWR | os.O_CREAT, 0o666)
+        except (PermissionError, FileExistsError, NotADirectoryError) as err:  # name the run, not .lock
+            raise ConfigError(f"run: cannot {what} {self.path} ({err.strerror or type(err).__name__})") from None
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
