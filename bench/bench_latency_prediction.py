@@ -29,8 +29,8 @@ from scipy.stats import spearmanr
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cost_models import get_cost_model  # noqa: E402
+from cost_models.measure import measure_model  # noqa: E402
 from cost_models.profile_io import load_profile  # noqa: E402
-from cost_models.profiler import measure_model  # noqa: E402
 from hwsplit.models import MOBILENET_V1_CIFAR_SEED, MOBILENET_V1_STANDARD, build_model  # noqa: E402
 
 

@@ -199,9 +199,10 @@ def end_to_end_measurer(config: GrowConfig) -> Callable[[nn.Module, tuple[int, .
     wanted = config.measure if config.measure is not None else config.profile is not None
     if not wanted:
         return None
+    from cost_models.machine import cpu_name
+    from cost_models.measure import measure_model
     from cost_models.meters import nvidia_gpu_available
     from cost_models.profile_io import load_profile
-    from cost_models.profiler import _cpu_name, measure_model
 
     if config.profile is None:
         backend, meter, kind, threads, name = "onnxruntime", "latency", "cpu", None, None
@@ -213,7 +214,7 @@ def end_to_end_measurer(config: GrowConfig) -> Callable[[nn.Module, tuple[int, .
     if kind not in ("cpu", "cuda"):
         raise ConfigError(f"profile: {config.profile}: device.kind {kind!r} is not one hwsplit can measure "
                           "(cpu or cuda)")
-    here = _cpu_name() if kind == "cpu" else (torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
+    here = cpu_name() if kind == "cpu" else (torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
     same = name is None or name == here
     if not same:
         log.warning("the profile was measured on %r, this machine is %r: costs are predictions for the "

@@ -19,7 +19,10 @@ LAYERS = {
         "hwsplit.distributed", "hwsplit.devices"],
     1: ["hwsplit.models", "hwsplit.score", "hwsplit.surgery", "hwsplit.select", "hwsplit.families",
         "hwsplit.data", "hwsplit.train", "hwsplit.checkpoint", "hwsplit.schedule"],
-    2: ["cost_models"],  # the whole package
+    2: ["cost_models.base", "cost_models.flops", "cost_models.uniform", "cost_models.profile_io",
+        "cost_models.meters", "cost_models.machine", "cost_models.grid", "cost_models.runner",
+        "cost_models.measure", "cost_models.calibration", "cost_models.lut", "cost_models.predictor",
+        "cost_models.profiler", "cost_models.context", "cost_models.blocks", "cost_models"],
     3: ["hwsplit.config", "hwsplit.rundir", "hwsplit.stages", "hwsplit.grow", "hwsplit.baselines",
         "hwsplit.finetune", "hwsplit.report", "hwsplit.export", "hwsplit.summary", "hwsplit.parallel"],
     4: ["cli"],
@@ -120,3 +123,15 @@ def test_docstrings_cite_the_design_document_in_the_repository():
     assert design.is_file()
     stale = [str(p.relative_to(ROOT)) for p in _modules().values() if "DESIGN.md" in p.read_text(encoding="utf-8")]
     assert not stale, f"cite docs/design.md, not DESIGN.md: {stale}"
+
+
+def test_no_private_name_is_imported_across_modules():
+    """A leading underscore means "this module only": another module that needs it needs a public name."""
+    known = set(_modules())
+    bad = []
+    for module, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module in known and node.module != module:
+                bad += [f"{module} imports {node.module}.{a.name}" for a in node.names
+                        if a.name.startswith("_") and not a.name.startswith("__")]
+    assert not bad, "\n".join(bad)
