@@ -12,7 +12,8 @@ from typing import Any
 
 from hwsplit.specs import LayerSpec
 
-__all__ = ["CHANNEL_LADDER", "FAMILIES", "calibration_architectures", "family_grid"]
+__all__ = ["CHANNEL_LADDER", "FAMILIES", "aligned_architecture", "calibration_architectures", "family_grid",
+           "make_divisible"]
 
 FAMILIES = ("mobilenet_v1",)
 #: Channel counts measured: geometric, alternating ×1.5 and ×4/3 (≈ √2 per step).
@@ -115,3 +116,20 @@ def calibration_architectures(family: str, resolution: int, n: int, *, num_class
                     "activation": activation, "dropout": 0.0})
     return out
 
+
+
+def make_divisible(width: int, multiple: int) -> int:
+    """``width`` rounded to the nearest multiple of ``multiple`` (never below it, never more than
+    10 % down): torchvision's ``_make_divisible`` convention for MobileNets."""
+    if multiple <= 1:
+        return int(width)
+    new = max(multiple, int(width + multiple / 2) // multiple * multiple)
+    if new < 0.9 * width:
+        new += multiple
+    return new
+
+
+def aligned_architecture(arch: dict[str, Any], multiple: int) -> dict[str, Any]:
+    """``arch`` with its stem and block widths made divisible by ``multiple`` (:func:`make_divisible`)."""
+    return {**arch, "stem_width": make_divisible(arch["stem_width"], multiple),
+            "widths": [make_divisible(w, multiple) for w in arch["widths"]]}

@@ -1,29 +1,103 @@
 """End-to-end measurement of a whole network: the one protocol ``grow``, the benches and the
-profile's validation share (docs/design.md §6)."""
+profile's validation share (docs/design.md §6).
+
+The protocol: one onnxruntime session, warm-up, then ``rounds`` timed rounds; the figure is the
+*median of the round medians* (robust to a round disturbed by other work on the machine), and the
+rounds' spread is reported next to it. :func:`repeatability` measures several networks in
+interleaved rounds (round 1 of every network, then round 2, …), so slow drifts of the machine show
+up as disagreement between rounds: the profile records it and flags a noise floor worse than ±5 %.
+"""
 
 from __future__ import annotations
 
+import logging
+import statistics
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from cost_models.machine import default_threads
 from cost_models.meters import NvmlEnergyMeter
 from cost_models.profile_io import BACKENDS
-from cost_models.runner import DEFAULT_WARMUP, check_choice, make_meter, measure_module
+from cost_models.runner import DEFAULT_WARMUP, Runner, check_choice, make_meter
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
-__all__ = ["measure_model"]
+log = logging.getLogger(__name__)
+
+__all__ = ["DEFAULT_ROUNDS", "NOISE_LIMIT_PCT", "measure_model", "measure_rounds", "repeatability"]
+
+#: Timed rounds per end-to-end measurement.
+DEFAULT_ROUNDS = 5
+#: A noise floor above this (± %, median over networks of the worst round's deviation) is flagged.
+NOISE_LIMIT_PCT = 5.0
+
+
+def _round_stats(medians: Sequence[float], n: int) -> dict[str, Any]:
+    med = statistics.median(medians)
+    q = sorted(medians)
+    lo, hi = q[len(q) // 4], q[(3 * len(q)) // 4] if len(q) > 1 else q[0]
+    return {"median": med, "p25": min(lo, med), "p75": max(hi, med), "n": n, "rounds": list(medians),
+            "spread_pct": 100 * (max(medians) - min(medians)) / med if med > 0 else 0.0}
+
+
+def measure_rounds(run_once: Callable[[], None], *, meter: Any, rounds: int = DEFAULT_ROUNDS,
+                   time_budget_s: float = 1.0, warmup: int = DEFAULT_WARMUP,
+                   sync: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Latency stats (ms) of ``run_once``: median of ``rounds`` round medians, each round timed for
+    ``time_budget_s / rounds`` seconds after one warm-up. ``rounds`` holds the round medians and
+    ``spread_pct`` their range in % of the median. Energy (NVML) is the first round's."""
+    if not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"rounds: expected a positive integer, got {rounds!r}")
+    medians, n, energy = [], 0, None
+    for r in range(rounds):
+        m = meter.measure(run_once, time_budget_s=time_budget_s / rounds, warmup=warmup if r == 0 else 0, sync=sync)
+        medians.append(m.latency_ms.median)
+        n += m.latency_ms.n
+        if energy is None and m.energy_mj is not None:
+            energy = m.energy_mj.to_dict()
+    out = {"latency_ms": _round_stats(medians, n), "energy_mj": energy}
+    return out
+
+
+def repeatability(run_fns: Sequence[Callable[[], None]], *, meter: Any, rounds: int = 5, time_budget_s: float = 0.2,
+                  warmup: int = DEFAULT_WARMUP, limit_pct: float = NOISE_LIMIT_PCT) -> dict[str, Any]:
+    """How well the machine repeats: each of ``run_fns`` (one network each) timed in ``rounds``
+    interleaved rounds of ``time_budget_s``. Per network, the worst round's deviation from the median
+    of its rounds (%); ``noise_floor_pct`` is the median of those over networks, ``worst_pct`` the
+    largest; ``noisy`` is true above ``limit_pct`` (and a warning is logged)."""
+    if not run_fns:
+        raise ValueError("repeatability: no network to measure")
+    for fn in run_fns:
+        for _ in range(warmup):
+            fn()
+    medians: list[list[float]] = [[] for _ in run_fns]
+    for _ in range(rounds):
+        for i, fn in enumerate(run_fns):
+            medians[i].append(meter.measure(fn, time_budget_s=time_budget_s, warmup=1).latency_ms.median)
+    dev = []
+    for ms in medians:
+        med = statistics.median(ms)
+        dev.append(100 * max(abs(m / med - 1) for m in ms) if med > 0 else 0.0)
+    floor = statistics.median(dev)
+    out = {"networks": len(run_fns), "rounds": rounds, "round_s": time_budget_s, "deviation_pct": dev,
+           "noise_floor_pct": floor, "worst_pct": max(dev), "limit_pct": limit_pct, "noisy": floor > limit_pct}
+    if out["noisy"]:
+        log.warning("this machine does not repeat: the same network's round medians differ by up to ±%.1f %% "
+                    "(median over %d networks; limit ±%.0f %%). Use fewer threads (--threads 1) or a quieter "
+                    "machine; costs measured now record noise", floor, len(run_fns), limit_pct)
+    return out
 
 
 def measure_model(model: nn.Module, input_shape: tuple[int, ...], *, device: str = "cpu",
                   backend: str = "onnxruntime", meter: str = "latency", threads: int | None = None,
                   time_budget_s: float = 1.0, warmup: int = DEFAULT_WARMUP, nvml: Any = None,
-                  meter_options: dict[str, Any] | None = None) -> dict[str, Any]:
+                  meter_options: dict[str, Any] | None = None, rounds: int = DEFAULT_ROUNDS) -> dict[str, Any]:
     """End-to-end latency (and energy with ``meter="nvml"``) of one inference of ``model``.
 
     The model is copied, put in eval mode and exported as is (onnxruntime folds BatchNorm into the
-    convolutions). Returns ``{"latency_ms": stats, "energy_mj": stats | None}``.
+    convolutions). Returns ``{"latency_ms": stats, "energy_mj": stats | None}``; the latency is the
+    median of ``rounds`` round medians (:func:`measure_rounds`), with the rounds next to it.
     """
     import copy
 
@@ -42,10 +116,12 @@ def measure_model(model: nn.Module, input_shape: tuple[int, ...], *, device: str
         param = next(module.parameters(), None)
         dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
         example = torch.randn(tuple(input_shape), generator=torch.Generator().manual_seed(0)).to(dtype)
-        m = measure_module(module, example, backend=backend, device=device, meter=meter_obj, threads=threads,
-                     time_budget_s=time_budget_s, warmup=warmup)
+        runner = Runner(module, example, backend=backend, device=device, threads=threads)
+        try:
+            return measure_rounds(runner.run_once, meter=meter_obj, rounds=rounds, time_budget_s=time_budget_s,
+                                  warmup=warmup, sync=runner.sync)
+        finally:
+            runner.close()
     finally:
         if isinstance(meter_obj, NvmlEnergyMeter):
             meter_obj.close()
-    return {"latency_ms": m.latency_ms.to_dict(),
-            "energy_mj": m.energy_mj.to_dict() if m.energy_mj is not None else None}

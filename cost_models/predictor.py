@@ -31,8 +31,16 @@ from sklearn.base import BaseEstimator, RegressorMixin
 
 from cost_models.base import LayerCostModel
 from cost_models.calibration import fit_calibration
+from cost_models.context import DEVICE_TERMS, ContextFit, device_terms
 from cost_models.lut import NET_FLOOR, positive_marginals
-from cost_models.profile_io import METRICS, metric_unit, missing_metric_message, resolve_profile
+from cost_models.profile_io import (
+    METRICS,
+    channel_block,
+    depthwise_multiple,
+    metric_unit,
+    missing_metric_message,
+    resolve_profile,
+)
 from hwsplit.specs import LAYER_KINDS, LayerSpec
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -41,7 +49,9 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 #: Columns of the per-kind linear model (all non-decreasing in channels).
-TERMS = ("one", "macs", "in_elems", "out_elems", "weights", "out_pixels")
+TERMS = ("one", "macs", "in_elems", "out_elems", "weights", "out_pixels",
+         # what a blocked backend responds to (docs/design.md §6; zero without a channel block):
+         "blocked", "padded_macs", "unblocked_macs", "padded_out_elems", "reorder_elems")
 #: Columns of :func:`layer_features` (descriptive features, log-transformed where they span decades).
 FEATURE_NAMES = tuple(f"kind_{k}" for k in LAYER_KINDS) + (
     "log_in_channels", "log_out_channels", "kernel", "stride", "log_pixels", "log_macs", "log_params",
@@ -81,11 +91,15 @@ def _as_specs(X: Any) -> list[LayerSpec]:
     return out
 
 
-def _terms(spec: LayerSpec) -> list[float]:
+def _terms(spec: LayerSpec, block: int = 1, dw_multiple: int = 0) -> list[float]:
     out_pixels = spec.batch * spec.out_height * spec.out_width
     weights = (spec.in_channels // spec.groups) * spec.kernel * spec.kernel * spec.out_channels
-    return [1.0, float(spec.macs), float(spec.batch * spec.in_channels * spec.height * spec.width),
-            float(out_pixels * spec.out_channels), float(weights), float(out_pixels)]
+    plain = [1.0, float(spec.macs), float(spec.batch * spec.in_channels * spec.height * spec.width),
+             float(out_pixels * spec.out_channels), float(weights), float(out_pixels)]
+    if block <= 1:
+        return plain + [0.0] * 5
+    d = dict(zip(DEVICE_TERMS, device_terms(spec, block, dw_multiple)))
+    return plain + [d["blocked"], d["padded_macs"], d["unblocked_macs"], d["padded_out_elems"], d["reorder_elems"]]
 
 
 def layer_features(specs: Sequence[LayerSpec] | Any) -> np.ndarray:
@@ -134,11 +148,13 @@ class LayerRegressor(RegressorMixin, BaseEstimator):
     """
 
     def __init__(self, alpha: float = 1e-3, relative: bool = True, min_mac_share: float = 1e-3,
-                 min_rows_per_kind: int = 3) -> None:
+                 min_rows_per_kind: int = 3, channel_block: int = 1, depthwise_multiple: int = 0) -> None:
         self.alpha = alpha
         self.relative = relative
         self.min_mac_share = min_mac_share
         self.min_rows_per_kind = min_rows_per_kind
+        self.channel_block = channel_block
+        self.depthwise_multiple = depthwise_multiple
 
     def fit(self, X: Any, y: Any) -> LayerRegressor:
         specs = _as_specs(X)
@@ -153,7 +169,7 @@ class LayerRegressor(RegressorMixin, BaseEstimator):
             raise ValueError(f"alpha: expected >= 0, got {self.alpha!r}")
         if not self.min_mac_share >= 0:
             raise ValueError(f"min_mac_share: expected >= 0, got {self.min_mac_share!r}")
-        T = np.array([_terms(s) for s in specs])
+        T = np.array([_terms(s, self.channel_block, self.depthwise_multiple) for s in specs])
         kinds = np.array([s.kind for s in specs])
         macs = T[:, TERMS.index("macs")]
         per_mac = y / np.maximum(macs, 1.0)
@@ -185,7 +201,7 @@ class LayerRegressor(RegressorMixin, BaseEstimator):
         out = np.empty(len(specs))
         for i, s in enumerate(specs):
             coef = self.coef_.get(s.kind, self.pooled_coef_)
-            out[i] = float(np.dot(coef, _terms(s)))
+            out[i] = float(np.dot(coef, _terms(s, self.channel_block, self.depthwise_multiple)))
         return out
 
     def slope(self, spec: LayerSpec) -> float:
@@ -218,6 +234,17 @@ def profile_targets(profile: dict[str, Any], metric: str, source: str = "<profil
         raise ValueError(f"profile {source}: {metric} medians must be positive to fit a predictor")
     y = np.maximum(raw - overhead, NET_FLOOR * raw)
     return specs, y, overhead
+
+
+def context_targets(networks: Sequence[dict[str, Any]], overhead_node_ms: float) -> tuple[list[LayerSpec], np.ndarray]:
+    """LayerSpecs and in-context targets (ms: a layer's node times + per-node overhead × its nodes,
+    floored at 1 µs) of a profile's ``context["networks"]``."""
+    specs, y = [], []
+    for net in networks:
+        for x in net.get("layers", []):
+            specs.append(LayerSpec.from_dict(x["layer"]))
+            y.append(max(float(x["latency_ms"]) + overhead_node_ms * int(x["nodes"]), 1e-3))
+    return specs, np.asarray(y)
 
 
 def fit_report(profile: str | os.PathLike[str] | dict[str, Any], metric: str = "latency_ms", *,
@@ -254,23 +281,38 @@ class EnergyPredictorCostModel(LayerCostModel):
     ``metric=None`` means ``"energy_mj"`` (unit ``"mJ"``); a profile without energy is then a
     ``ValueError`` that says how to measure one. ``metric="latency_ms"`` (unit ``"ms"``) predicts
     latency instead. ``total`` adds the profile's measured runtime overhead once and, where the
-    profile measured whole networks, is calibrated to them (:mod:`cost_models.calibration`).
+    profile measured whole networks, is calibrated to them (:mod:`cost_models.calibration`). With a
+    latency profile that timed layers in context (``context``) and ``in_context``, the regressor is
+    fitted on those in-context layer times with the device's terms (padded channels, blocked or not,
+    reorders; ``channel_block`` of the profile) and ``total`` adds the fitted per-network overhead.
     """
 
     name = "energy"
 
     def __init__(self, profile: str | os.PathLike[str] | dict[str, Any], metric: str | None = None,
-                 subtract_overhead: bool = True, calibrate: bool = True, **regressor_options: Any) -> None:
+                 subtract_overhead: bool = True, calibrate: bool = True, in_context: bool = True,
+                 **regressor_options: Any) -> None:
         metric = "energy_mj" if metric is None else metric
         if metric not in METRICS:
             raise ValueError(f"metric: expected one of {METRICS}, got {metric!r}")
         self.profile, self.source = resolve_profile(profile)
         self.metric = metric
         self.unit = metric_unit(metric)
-        specs, y, self.overhead = profile_targets(self.profile, metric, self.source, subtract_overhead)
+        context_nets = (self.profile.get("context") or {}).get("networks") or []
+        self.context: ContextFit | None = None
+        if metric == "latency_ms" and context_nets and in_context:
+            # in-context per-layer targets (per-node overhead included), the device's block in the terms
+            self.context = ContextFit(context_nets, block=channel_block(self.profile),
+                                      dw_multiple=depthwise_multiple(self.profile))
+            specs, y = context_targets(context_nets, self.context.overhead_node_ms)
+            self.overhead = self.context.overhead_network_ms
+            regressor_options = {"channel_block": self.context.block, "depthwise_multiple": self.context.dw_multiple,
+                                 **regressor_options}
+        else:
+            specs, y, self.overhead = profile_targets(self.profile, metric, self.source, subtract_overhead)
         self.regressor = LayerRegressor(**regressor_options).fit(specs, y)
         self._cache: dict[tuple, float] = {}
-        if calibrate and self.profile.get("networks"):
+        if self.context is None and calibrate and self.profile.get("networks"):
             self.calibration = fit_calibration(self, self.profile["networks"], metric)
 
     def _price(self, spec: LayerSpec) -> float:

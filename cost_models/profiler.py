@@ -22,18 +22,29 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from cost_models.grid import CHANNEL_LADDER, FAMILIES, calibration_architectures, family_grid
+from cost_models.blocks import detect_channel_block
+from cost_models.context import attribute_nodes, node_times
+from cost_models.grid import CHANNEL_LADDER, FAMILIES, aligned_architecture, calibration_architectures, family_grid
 from cost_models.machine import default_threads, device_info, parse_device
-from cost_models.measure import measure_model
+from cost_models.measure import measure_model, measure_rounds, repeatability
 from cost_models.meters import Measurement, NvmlEnergyMeter
 from cost_models.profile_io import BACKENDS, METERS, SCHEMA, load_profile, save_profile
-from cost_models.runner import DEFAULT_WARMUP, check_choice, make_meter, measure_layer, measure_module, overhead_module
+from cost_models.runner import (
+    DEFAULT_WARMUP,
+    Runner,
+    check_choice,
+    make_meter,
+    measure_layer,
+    measure_module,
+    overhead_module,
+)
 from hwsplit.specs import LayerSpec
 
 log = logging.getLogger(__name__)
 
 __all__ = ["BACKENDS", "CHANNEL_LADDER", "DEFAULT_TIME_BUDGET_S", "FAMILIES", "METERS", "QUICK_TIME_BUDGET_S",
-           "calibration_architectures", "estimate_profile_seconds", "family_grid", "load_profile", "make_meter",
+           "calibration_architectures", "context_architectures", "default_profile_threads",
+           "estimate_profile_seconds", "family_grid", "load_profile", "make_meter",
            "measure_layer", "measure_model", "profile_family"]
 
 DEFAULT_TIME_BUDGET_S = 1.0
@@ -92,7 +103,8 @@ def profile_family(*, family: str = "mobilenet_v1", resolution: int = 32, device
                    warmup: int = DEFAULT_WARMUP, activation: str = "silu", num_classes: int = 10,
                    layers: Sequence[LayerSpec] | None = None, max_rows: int | None = None, save_every: int = 10,
                    shuffle: bool = True, progress: ProgressFn | None = None, nvml: Any = None,
-                   meter_options: dict[str, Any] | None = None, networks: int | None = None) -> dict[str, Any]:
+                   meter_options: dict[str, Any] | None = None, networks: int | None = None,
+                   context_networks: int | None = None) -> dict[str, Any]:
     """Measure the family's layer grid on ``device`` and write the profile to ``out``.
 
     ``quick`` measures only the corners of every channel range (≈ 50 rows) with a short time budget.
@@ -107,13 +119,21 @@ def profile_family(*, family: str = "mobilenet_v1", resolution: int = 32, device
     bias one geometry. Then ``networks`` random networks of the family (default 16, 4 with
     ``quick``; :func:`calibration_architectures`) are measured end to end into ``profile["networks"]``,
     which the cost models use to calibrate layer sums to whole networks (:mod:`cost_models.calibration`).
+
+    With onnxruntime on the CPU (latency), three more sections (docs/design.md §6): ``channel_block``
+    (and ``blocks``, the evidence; :func:`cost_models.blocks.detect_channel_block`),
+    ``repeatability`` (:func:`cost_models.measure.repeatability`: a noise floor worse than ±5 % is
+    flagged and warned about) and ``context``: ``context_networks`` random networks of the family
+    (default 48, 6 with ``quick``; half of them with widths divisible by the block) measured end to
+    end and node by node (:mod:`cost_models.context`), from which the table is fitted in context.
+    ``threads`` defaults to 1 on a machine with at most 2 cores (:func:`default_profile_threads`).
     """
     check_choice("backend", backend, BACKENDS)
     check_choice("meter", meter, METERS)
     check_choice("family", family, FAMILIES)
     kind, _ = parse_device(device)
     if threads is None:
-        threads = default_threads()
+        threads = default_profile_threads()
     if not isinstance(threads, int) or threads < 1:
         raise ValueError(f"threads: expected a positive integer, got {threads!r}")
     if time_budget_s is None:
@@ -214,6 +234,11 @@ def profile_family(*, family: str = "mobilenet_v1", resolution: int = 32, device
                                   threads=threads, time_budget_s=max(time_budget_s, 2 * time_budget_s if quick
                                                                      else 2.0), warmup=warmup, save=save,
                                   progress=progress)
+            n_context = context_networks if context_networks is not None else (6 if quick else 48)
+            if layers is None and backend == "onnxruntime" and kind == "cpu" and meter == "latency" and n_context > 0:
+                _measure_in_context(profile, family, resolution, n_context, num_classes=num_classes,
+                                    activation=activation, meter=meter_obj, threads=threads,
+                                    time_budget_s=0.5 if quick else 1.0, save=save, progress=progress)
         finally:
             save()
         return profile
@@ -242,11 +267,85 @@ def _measure_networks(profile: dict[str, Any], family: str, resolution: int, n: 
         torch.manual_seed(0)
         model = model_from_architecture(arch).eval()
         example = torch.randn(shape, generator=torch.Generator().manual_seed(0))
-        m = measure_module(model, example, backend=backend, device=device, meter=meter, threads=threads,
-                     time_budget_s=time_budget_s, warmup=warmup)
-        entry: dict[str, Any] = {"architecture": arch, "input_shape": list(shape), "latency_ms": m.latency_ms.to_dict()}
-        if m.energy_mj is not None:
-            entry["energy_mj"] = m.energy_mj.to_dict()
+        runner = Runner(model, example, backend=backend, device=device, threads=threads)
+        try:
+            m = measure_rounds(runner.run_once, meter=meter, time_budget_s=time_budget_s, warmup=warmup,
+                               sync=runner.sync)
+        finally:
+            runner.close()
+        entry: dict[str, Any] = {"architecture": arch, "input_shape": list(shape), "latency_ms": m["latency_ms"]}
+        if m["energy_mj"] is not None:
+            entry["energy_mj"] = m["energy_mj"]
         entries.append(entry)
+        save()
+
+
+def default_profile_threads() -> int:
+    """Intra-op threads a profile uses by default: 1 on a machine with at most 2 cores (there a
+    second thread shares its core with everything else and the same network's latency swings by
+    more than ±10 % from one round to the next), else the cores this process may use."""
+    cores = default_threads()
+    return 1 if cores <= 2 else cores
+
+
+def context_architectures(family: str, resolution: int, n: int, block: int, *, num_classes: int = 10,
+                          activation: str = "silu") -> list[dict[str, Any]]:
+    """The fitting networks of the in-context table: ``n`` random networks (a seed of their own, so
+    none is a calibration or bench network), every other one with widths divisible by ``block``."""
+    archs = calibration_architectures(family, resolution, n, num_classes=num_classes, activation=activation,
+                                      seed=20261202)
+    return [aligned_architecture(a, block) if i % 2 == 0 else a for i, a in enumerate(archs)]
+
+
+def _measure_in_context(profile: dict[str, Any], family: str, resolution: int, n: int, *, num_classes: int,
+                        activation: str, meter: Any, threads: int, time_budget_s: float, save: Callable[[], None],
+                        progress: ProgressFn | None) -> None:
+    import torch
+
+    from hwsplit.graph import layer_specs
+    from hwsplit.models import model_from_architecture
+
+    if "channel_block" not in profile:
+        blocks = detect_channel_block(threads=threads)
+        profile["channel_block"] = blocks["channel_block"]
+        profile["blocks"] = blocks
+        log.info("onnxruntime's channel block here: %d (depthwise blocked at multiples of %d)",
+                 blocks["channel_block"], blocks["depthwise_multiple"])
+        save()
+    block = int(profile["channel_block"])
+    archs = context_architectures(family, resolution, n, block, num_classes=num_classes, activation=activation)
+    shape = (int(profile["batch"]), 3, resolution, resolution)
+    example = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    if "repeatability" not in profile:
+        runners = []
+        for arch in archs[:4]:
+            torch.manual_seed(0)
+            runners.append(Runner(model_from_architecture(arch).eval(), example, backend="onnxruntime", device="cpu",
+                                  threads=threads))
+        profile["repeatability"] = repeatability([r.run_once for r in runners], meter=meter, rounds=5,
+                                                 time_budget_s=0.1 if time_budget_s < 1 else 0.2)
+        save()
+    context = profile.setdefault("context", {"networks": [], "node_runs": 100})
+    done = [e["architecture"] for e in context["networks"]]
+    todo = [a for a in archs if a not in done]
+    iterable: Iterable[dict[str, Any]] = todo
+    if progress is not None and todo:
+        iterable = progress(todo, desc="profile networks node by node", total=len(todo))
+    for arch in iterable:
+        torch.manual_seed(0)
+        model = model_from_architecture(arch).eval()
+        specs = layer_specs(model, shape)
+        runner = Runner(model, example, backend="onnxruntime", device="cpu", threads=threads)
+        try:
+            e2e = measure_rounds(runner.run_once, meter=meter, time_budget_s=time_budget_s, warmup=DEFAULT_WARMUP)
+        finally:
+            runner.close()
+        nodes = node_times(model, example, threads=threads, runs=int(context["node_runs"]))
+        per_layer = attribute_nodes(nodes, [s.name for s in specs], [s.name for s in specs if s.kind == "linear"])
+        context["networks"].append({
+            "architecture": arch, "input_shape": list(shape), "latency_ms": e2e["latency_ms"],
+            "node_sum_ms": sum(x["ms"] for x in nodes), "nodes": len(nodes),
+            "layers": [{"layer": s.to_dict(), "latency_ms": per_layer[s.name]["ms"],
+                        "nodes": per_layer[s.name]["nodes"]} for s in specs]})
         save()
 
