@@ -17,7 +17,7 @@ import os
 import tempfile
 from typing import Any
 
-__all__ = ["NCHWC_DOMAIN", "detect_channel_block", "graph_summary", "padded"]
+__all__ = ["NCHWC_DOMAIN", "detect_channel_block", "graph_summary", "optimized_graph", "padded", "probe_net"]
 
 NCHWC_DOMAIN = "com.microsoft.nchwc"
 #: Channel counts probed: odd, even, multiples of 4 and 8 but not 16, multiples of 16.
@@ -44,7 +44,7 @@ def graph_summary(onnx_path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return out
 
 
-def _probe_net(c: int) -> Any:
+def probe_net(c: int) -> Any:
     """stem conv 3→c, depthwise c, pointwise c→c: the family's three conv kinds at ``c`` channels."""
     from torch import nn
 
@@ -81,7 +81,7 @@ def detect_channel_block(*, threads: int = 1, channels: tuple[int, ...] = PROBE_
 
     evidence = []
     for c in channels:
-        nodes = optimized_graph(_probe_net(c), torch.zeros(1, 3, 8, 8), threads=threads)
+        nodes = optimized_graph(probe_net(c), torch.zeros(1, 3, 8, 8), threads=threads)
         convs = [n for n in nodes if n["op"] in ("Conv", "FusedConv")]
         evidence.append({"channels": c, "reorders": sum(n["op"].startswith("Reorder") for n in nodes),
                          "convs": [{"blocked": n["domain"] == NCHWC_DOMAIN, "depthwise": n["group"] > 1,
