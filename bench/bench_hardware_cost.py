@@ -36,7 +36,7 @@ import common  # noqa: E402
 from common import log  # noqa: E402
 
 NAME = "hardware_cost"
-PROFILE = "profiles/cpu-amd-epyc-2t-onnxruntime.json"
+PROFILE = "profiles/cpu-amd-epyc-1t-onnxruntime.json"
 INPUT_SHAPE = (1, 3, 32, 32)
 
 

@@ -7,13 +7,15 @@ run, with its duration in µs), :func:`attribute_nodes` maps every node back to 
 network (a conv's fused activation to its conv, a ``Reorder*`` node to the layer before it,
 pooling and the last reorder to the classifier), and :class:`ContextFit` fits
 
-    end to end  =  Σ_layers t(layer)  +  o_net,     t(layer) = Σ its nodes + o_node · its node count
+    end to end  =  Σ_layers s_g(layer) · t(layer)  +  o_net,   t ≈ Σ its nodes + o_node · its node count
 
-with o_net, o_node (per network, per node, ms) by least squares on the networks' measured
-end-to-end latency minus their node sums, and t per *geometry* (kind, kernel, stride, input size)
-by non-negative least squares (relative errors) on terms the device responds to
-(:func:`device_terms`): MACs over channels padded to the backend's block where the kernel is
-blocked, unpadded MACs where it falls back, output elements, and the reorder a layer causes.
+in three steps: o_node (ms per node; the median over networks of (end to end − Σ nodes) / nodes,
+negative where the profiler's own cost per node dominates); t per *geometry* (kind, kernel,
+stride, input size) by non-negative least squares (relative errors) on terms the device responds
+to (:func:`device_terms`): MACs over channels padded to the backend's block where the kernel is
+blocked, unpadded MACs where it falls back, output elements, and the reorder a layer causes; then
+one scale s_g per (kind, blocked or not) and o_net (ms per network) by bounded least squares in
+relative error on the networks' end-to-end times (the per-kind residual fit).
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ log = logging.getLogger(__name__)
 
 __all__ = ["DEVICE_TERMS", "ContextFit", "attribute_nodes", "device_terms", "geometry", "node_times"]
 
+#: Layer groups with a scale of their own in the end-to-end fit: kind × blocked kernel or not.
+GROUPS = ("conv/blocked", "conv/plain", "dwconv/blocked", "dwconv/plain", "pwconv/blocked", "pwconv/plain",
+          "linear/plain")
 #: Names of :func:`device_terms`' columns.
 DEVICE_TERMS = ("blocked", "unblocked", "padded_macs", "unblocked_macs", "padded_out_elems", "unblocked_out_elems",
                 "reorder_elems", "in_elems")
@@ -217,43 +222,71 @@ class ContextFit:
         nets = [n for n in networks if n.get("layers")]
         if not nets:
             raise ValueError("context: no network with per-layer times to fit")
-        resid = np.array([float(n["latency_ms"]["median"]) - sum(float(x["latency_ms"]) for x in n["layers"])
-                          for n in nets])
+        # 1. per-node overhead: what the networks' end-to-end time does not explain by their node sums
+        #    (negative here: per-node profiling lengthens every node it times)
+        y = np.array([float(n["latency_ms"]["median"]) for n in nets])
+        sums = np.array([sum(float(x["latency_ms"]) for x in n["layers"]) for n in nets])
         counts = np.array([sum(int(x["nodes"]) for x in n["layers"]) for n in nets], dtype=float)
-        if len(nets) >= 3 and np.ptp(counts) > 0:
-            a = np.stack([np.ones_like(counts), counts], axis=1)
-            # o_node < 0 is expected: per-node profiling adds its own few µs to every node's duration
-            o_net, o_node = np.linalg.lstsq(a, resid, rcond=None)[0]
-        else:
-            o_net, o_node = float(np.mean(resid)), 0.0
-        self.overhead_network_ms, self.overhead_node_ms = float(o_net), float(o_node)
+        self.overhead_node_ms = float(np.median((y - sums) / counts))
         samples: dict[tuple, list[tuple[list[float], float]]] = {}
         kinds: dict[str, list[tuple[list[float], float]]] = {}
         for n in nets:
             for x in n["layers"]:
                 spec = LayerSpec.from_dict(x["layer"])
-                y = float(x["latency_ms"]) + self.overhead_node_ms * int(x["nodes"])
-                row = (device_terms(spec, self.block, self.dw_multiple), max(y, 1e-6))
+                t = float(x["latency_ms"]) + self.overhead_node_ms * int(x["nodes"])
+                row = (device_terms(spec, self.block, self.dw_multiple), max(t, 1e-4))
                 samples.setdefault(geometry(spec), []).append(row)
                 kinds.setdefault(spec.kind, []).append(row)
         self.coef = {g: _nnls_relative(np.array([r for r, _ in rows]), np.array([y for _, y in rows])).tolist()
                      for g, rows in samples.items() if len(rows) >= 2 * len(DEVICE_TERMS)}
         self.kind_coef = {k: _nnls_relative(np.array([r for r, _ in rows]), np.array([y for _, y in rows])).tolist()
                           for k, rows in kinds.items()}
+        # 3. per-(kind, blocked) scale and per-network overhead on the end-to-end times
+        self.group_scale, self.overhead_network_ms = self.fit_scales(nets, self._base)
         self.networks = len(nets)
-        log.info("in-context fit on %d networks: %d geometries, overhead %.4f ms per network + %.5f ms per node",
-                 len(nets), len(self.coef), self.overhead_network_ms, self.overhead_node_ms)
+        log.info("in-context fit on %d networks: %d geometries, %+.5f ms per node, %+.4f ms per network, "
+                 "scales %s", len(nets), len(self.coef), self.overhead_node_ms, self.overhead_network_ms,
+                 {g: round(v, 3) for g, v in self.group_scale.items()})
 
     def has(self, spec: LayerSpec) -> bool:
         return geometry(spec) in self.coef or spec.kind in self.kind_coef
 
-    def predict(self, spec: LayerSpec) -> float:
-        """In-context time of ``spec`` (ms, its per-node overhead included)."""
+    def fit_scales(self, nets: Sequence[dict[str, Any]], base: Any) -> tuple[dict[str, float], float]:
+        """Scales s_g per :data:`GROUPS` (bounded to [0.25, 4]: no layer kind is free or 4× off) and
+        o_net (ms) with end to end = Σ_g s_g · Σ_{layers in g} base(layer) + o_net, least squares in
+        relative error over ``nets``. Too few networks: scales 1, o_net 0."""
+        from scipy.optimize import lsq_linear
+
+        scales, o_net = {g: 1.0 for g in GROUPS}, 0.0
+        if len(nets) < 2 * (len(GROUPS) + 1):
+            return scales, o_net
+        y = np.array([float(n["latency_ms"]["median"]) for n in nets])
+        a = np.zeros((len(nets), len(GROUPS) + 1))
+        for i, n in enumerate(nets):
+            for x in n["layers"]:
+                spec = LayerSpec.from_dict(x["layer"])
+                a[i, GROUPS.index(self.group(spec))] += base(spec)
+            a[i, -1] = 1.0
+        used = np.any(a[:, :-1] > 0, axis=0)
+        lower = np.append(np.where(used, 0.25, 1.0 - 1e-9), -np.inf)
+        upper = np.append(np.where(used, 4.0, 1.0 + 1e-9), np.inf)
+        res = lsq_linear(a / y[:, None], np.ones_like(y), bounds=(lower, upper))
+        return {g: float(v) for g, v in zip(GROUPS, res.x[:-1])}, float(res.x[-1])
+
+    def group(self, spec: LayerSpec) -> str:
+        return f"{spec.kind}/{'blocked' if _blocked_input(spec, self.block, self.dw_multiple) else 'plain'}"
+
+    def _base(self, spec: LayerSpec) -> float:
         coef = self.coef.get(geometry(spec)) or self.kind_coef[spec.kind]
         return float(np.dot(coef, device_terms(spec, self.block, self.dw_multiple)))
 
+    def predict(self, spec: LayerSpec) -> float:
+        """In-context time of ``spec`` (ms): the geometry's fit times its (kind, blocked) scale."""
+        return self.group_scale.get(self.group(spec), 1.0) * self._base(spec)
+
     def to_dict(self) -> dict[str, Any]:
         return {"block": self.block, "dw_multiple": self.dw_multiple, "networks": self.networks,
+                "group_scale": dict(self.group_scale),
                 "overhead_network_ms": self.overhead_network_ms, "overhead_node_ms": self.overhead_node_ms,
                 "geometries": len(self.coef), "terms": list(DEVICE_TERMS)}
 

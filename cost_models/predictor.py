@@ -238,12 +238,12 @@ def profile_targets(profile: dict[str, Any], metric: str, source: str = "<profil
 
 def context_targets(networks: Sequence[dict[str, Any]], overhead_node_ms: float) -> tuple[list[LayerSpec], np.ndarray]:
     """LayerSpecs and in-context targets (ms: a layer's node times + per-node overhead × its nodes,
-    floored at 1 µs) of a profile's ``context["networks"]``."""
+    floored at 0.1 µs) of a profile's ``context["networks"]``."""
     specs, y = [], []
     for net in networks:
         for x in net.get("layers", []):
             specs.append(LayerSpec.from_dict(x["layer"]))
-            y.append(max(float(x["latency_ms"]) + overhead_node_ms * int(x["nodes"]), 1e-3))
+            y.append(max(float(x["latency_ms"]) + overhead_node_ms * int(x["nodes"]), 1e-4))
     return specs, np.asarray(y)
 
 
@@ -312,11 +312,22 @@ class EnergyPredictorCostModel(LayerCostModel):
             specs, y, self.overhead = profile_targets(self.profile, metric, self.source, subtract_overhead)
         self.regressor = LayerRegressor(**regressor_options).fit(specs, y)
         self._cache: dict[tuple, float] = {}
+        self.group_scale: dict[str, float] = {}
+        if self.context is not None:  # the same per-(kind, blocked) end-to-end fit as the table's
+            raw: dict[tuple, float] = {}
+
+            def base(spec: LayerSpec) -> float:
+                if spec.key() not in raw:
+                    raw[spec.key()] = float(self.regressor.predict([spec])[0])
+                return raw[spec.key()]
+
+            self.group_scale, self.overhead = self.context.fit_scales(context_nets, base)
         if self.context is None and calibrate and self.profile.get("networks"):
             self.calibration = fit_calibration(self, self.profile["networks"], metric)
 
     def _price(self, spec: LayerSpec) -> float:
-        return float(self.regressor.predict([spec])[0])
+        scale = self.group_scale.get(self.context.group(spec), 1.0) if self.context is not None else 1.0
+        return scale * float(self.regressor.predict([spec])[0])
 
     def slope(self, spec: LayerSpec) -> float:
         return self.regressor.slope(spec)

@@ -118,6 +118,17 @@ def test_quick_profile_with_onnxruntime(tmp_path: Path) -> None:
     # then whole networks, measured end to end for calibration
     assert seen[1] == {"desc": "profile whole networks", "total": 4}
     assert len(profile["networks"]) == 4 and all(n["latency_ms"]["median"] > 0 for n in profile["networks"])
+    # then the channel block, the repeatability check and 6 networks timed node by node (issue 11)
+    assert seen[2] == {"desc": "profile networks node by node", "total": 6}
+    assert profile["channel_block"] == profile["blocks"]["channel_block"] >= 1
+    assert profile["repeatability"]["networks"] == 4 and profile["repeatability"]["rounds"] == 5
+    context = profile["context"]["networks"]
+    assert len(context) == 6 and sum(n["architecture"]["stem_width"] % profile["channel_block"] == 0
+                                     for n in context) >= 3
+    for net in context:  # every layer got its nodes, and the nodes of a network are all accounted for
+        assert len(net["layers"]) == 28 and all(x["nodes"] >= 1 and x["latency_ms"] > 0 for x in net["layers"])
+        assert sum(x["nodes"] for x in net["layers"]) == net["nodes"]
+        assert sum(x["latency_ms"] for x in net["layers"]) == pytest.approx(net["node_sum_ms"])
     loaded = load_profile(out)
     assert loaded == json.loads(json.dumps(profile))
     assert loaded["schema"] == SCHEMA and loaded["backend"] == "onnxruntime" and loaded["meter"] == "latency"
