@@ -44,6 +44,7 @@ from cost_models.profile_io import (
     metric_unit,
     missing_metric_message,
     resolve_profile,
+    runtime_overhead,
 )
 from hwsplit.specs import LayerSpec
 
@@ -215,7 +216,7 @@ class LookupTableCostModel(LayerCostModel):
         if not rows:
             raise ValueError(missing_metric_message(self.source, metric))
         overhead = (self.profile.get("overhead") or {}).get(metric)
-        self.overhead = float(overhead["median"]) if overhead and subtract_overhead else 0.0
+        self.overhead = runtime_overhead(self.profile, metric) if overhead and subtract_overhead else 0.0
         if subtract_overhead and overhead is None:
             log.warning("profile %s has no measured overhead for %s; table values are not corrected", self.source,
                         metric)

@@ -40,6 +40,7 @@ from cost_models.profile_io import (
     metric_unit,
     missing_metric_message,
     resolve_profile,
+    runtime_overhead,
 )
 from hwsplit.specs import LAYER_KINDS, LayerSpec
 
@@ -227,7 +228,7 @@ def profile_targets(profile: dict[str, Any], metric: str, source: str = "<profil
     if not rows:
         raise ValueError(missing_metric_message(source, metric))
     overhead_stats = (profile.get("overhead") or {}).get(metric)
-    overhead = float(overhead_stats["median"]) if overhead_stats and subtract_overhead else 0.0
+    overhead = runtime_overhead(profile, metric) if overhead_stats and subtract_overhead else 0.0
     specs = [LayerSpec.from_dict(r["layer"]) for r in rows]
     raw = np.array([float(r[metric]["median"]) for r in rows])
     if np.any(raw <= 0):
