@@ -140,14 +140,15 @@ def depthwise_multiple(profile: dict[str, Any]) -> int:
 
 def runtime_overhead(profile: dict[str, Any], metric: str) -> float | None:
     """The per-inference runtime overhead to subtract from every single-layer row (``overhead``'s
-    median), capped at half the smallest row: an empty model can cost more than the smallest
-    layers (onnxruntime copies an identity's input), and subtracting it would zero them. None when
-    the profile has no overhead for ``metric``."""
+    median); where it is not below the smallest row, half the smallest row instead: an empty model
+    can cost more than the smallest layers (onnxruntime copies an identity's input), and subtracting
+    it would zero them. None when the profile has no overhead for ``metric``."""
     stats = (profile.get("overhead") or {}).get(metric)
     if stats is None:
         return None
     rows = [float(r[metric]["median"]) for r in profile.get("rows", []) if metric in r]
-    return min(float(stats["median"]), 0.5 * min(rows)) if rows else float(stats["median"])
+    overhead = float(stats["median"])
+    return 0.5 * min(rows) if rows and overhead >= min(rows) else overhead
 
 
 def load_profile(path: str | os.PathLike[str]) -> dict[str, Any]:
