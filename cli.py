@@ -459,13 +459,16 @@ def summary(model_or_checkpoint: str, resolution: int | None, in_channels: int |
 @click.option("--time-budget", "time_budget_s", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Seconds of timed runs per layer (default 1, 0.05 with --quick).")
 @click.option("--quick", is_flag=True, help="A small grid (about 50 layers, under a minute).")
+@click.option("--context-networks", type=click.IntRange(min=0), default=None,
+              help="random networks timed node by node for the in-context table (default 48, 6 with --quick).")
 @click.option("--networks", type=click.IntRange(min=0), default=None,
               help="Random whole networks measured end to end to calibrate layer sums (default 16, 4 with --quick).")
 @click.option("--out", type=click.Path(dir_okay=False), required=True,
               help="Profile JSON; an existing one with the same device is resumed.")
 @_library_errors
 def profile(device: str, backend: str, meter: str, family: str, resolution: int, activation: str,
-            threads: int | None, time_budget_s: float | None, quick: bool, networks: int | None, out: str) -> None:
+            threads: int | None, time_budget_s: float | None, quick: bool, networks: int | None, out: str,
+            context_networks: int | None = None) -> None:
     """Measure every layer the family can take while it grows into a device cost table."""
     from cost_models.profiler import profile_family
     from hwsplit.devices import check_device
@@ -474,16 +477,18 @@ def profile(device: str, backend: str, meter: str, family: str, resolution: int,
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     result = profile_family(family=family, resolution=resolution, device=device, backend=backend, meter=meter,
                             out=out, quick=quick, threads=threads, time_budget_s=time_budget_s,
-                            activation=activation, progress=_progress, networks=networks)
+                            activation=activation, progress=_progress, networks=networks,
+                            context_networks=context_networks)
     dev = result.get("device", {})
     n_networks = len(result.get("networks", []))
     click.echo(f"{len(result['rows'])} layers and {n_networks} whole networks measured on {dev.get('name')} "
                f"({backend}, {meter}, {dev.get('threads')} threads) -> {out}")
-    rep = result.get("repeatability", {})
-    if rep.get("repeatable") is False:
-        click.echo(f"warning: measurements repeat only within ±{rep['noise_floor_pct']:.1f} % "
-                   f"({rep['noise_floor_of']}), worse than ±{rep['threshold_pct']:.0f} %: try --threads 1 or a "
-                   "quieter machine", err=True)
+    if "repeatability" in result:
+        rep = result["repeatability"]
+        click.echo(f"channel block {result.get('channel_block')}; the same network repeats within "
+                   f"±{rep['noise_floor_pct']:.1f} % (worst ±{rep['worst_pct']:.1f} %)"
+                   f"{' — NOISY: costs record noise' if rep['noisy'] else ''}; "
+                   f"{len(result.get('context', {}).get('networks', []))} networks timed node by node")
 
 
 @main.command()

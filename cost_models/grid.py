@@ -1,10 +1,9 @@
-"""The family's layer grid: every layer a model family can take while it grows, and random
-networks of the family (docs/design.md §6).
+"""The family's layer grid and its random networks (docs/design.md §6).
 
-:func:`family_grid` lists the LayerSpecs the profiler measures (for every position of the family,
-the channel ladder between the CIFAR seed's and the standard network's widths);
-:func:`calibration_architectures` draws whole random networks of the family, measured end to end to
-calibrate layer sums (:mod:`cost_models.calibration`).
+:func:`family_grid` lists every layer (a :class:`~hwsplit.specs.LayerSpec`) the family can take while
+it grows, from the CIFAR seed's widths to the standard MobileNetV1 widths, over a geometric channel
+ladder; :func:`calibration_architectures` draws whole random networks of the family between the same
+bounds (the profiler measures them end to end).
 """
 
 from __future__ import annotations
@@ -13,7 +12,8 @@ from typing import Any
 
 from hwsplit.specs import LayerSpec
 
-__all__ = ["CHANNEL_LADDER", "FAMILIES", "calibration_architectures", "family_grid"]
+__all__ = ["CHANNEL_LADDER", "FAMILIES", "aligned_architecture", "calibration_architectures", "family_grid",
+           "make_divisible"]
 
 FAMILIES = ("mobilenet_v1",)
 #: Channel counts measured: geometric, alternating ×1.5 and ×4/3 (≈ √2 per step).
@@ -89,7 +89,6 @@ def family_grid(family: str = "mobilenet_v1", resolution: int = 32, *, quick: bo
     return sorted(specs, key=lambda sp: (order[sp.kind], -sp.height, sp.stride, sp.in_channels, sp.out_channels))
 
 
-
 def calibration_architectures(family: str, resolution: int, n: int, *, num_classes: int = 10,
                               activation: str = "silu", seed: int = 20191007) -> list[dict[str, Any]]:
     """``n`` random architectures of ``family``: each layer's width drawn log-uniformly between the
@@ -117,3 +116,20 @@ def calibration_architectures(family: str, resolution: int, n: int, *, num_class
                     "activation": activation, "dropout": 0.0})
     return out
 
+
+
+def make_divisible(width: int, multiple: int) -> int:
+    """``width`` rounded to the nearest multiple of ``multiple`` (never below it, never more than
+    10 % down): torchvision's ``_make_divisible`` convention for MobileNets."""
+    if multiple <= 1:
+        return int(width)
+    new = max(multiple, int(width + multiple / 2) // multiple * multiple)
+    if new < 0.9 * width:
+        new += multiple
+    return new
+
+
+def aligned_architecture(arch: dict[str, Any], multiple: int) -> dict[str, Any]:
+    """``arch`` with its stem and block widths made divisible by ``multiple`` (:func:`make_divisible`)."""
+    return {**arch, "stem_width": make_divisible(arch["stem_width"], multiple),
+            "widths": [make_divisible(w, multiple) for w in arch["widths"]]}

@@ -36,7 +36,17 @@ import numpy as np
 
 from cost_models.base import LayerCostModel, register_cost_model
 from cost_models.calibration import fit_calibration
-from cost_models.profile_io import METRICS, fitting, metric_unit, missing_metric_message, resolve_profile
+from cost_models.context import ContextFit
+from cost_models.profile_io import (
+    METRICS,
+    channel_block,
+    depthwise_multiple,
+    fitting,
+    metric_unit,
+    missing_metric_message,
+    resolve_profile,
+    runtime_overhead,
+)
 from hwsplit.specs import LayerSpec
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -185,12 +195,18 @@ class LookupTableCostModel(LayerCostModel):
     values are row medians minus the profile's runtime overhead (added back once by ``total``).
     ``calibrate``: when the profile measured whole networks end to end (``networks``), ``total``
     and ``marginal`` are scaled to them (:mod:`cost_models.calibration`); ``layer_cost`` never is.
+    ``in_context``: when the profile timed layers inside whole networks (``context``, latency only),
+    layers are priced by the in-context fit (:class:`cost_models.context.ContextFit`: channels padded
+    to the profile's ``channel_block``, per-node overhead included) and ``total`` adds the fitted
+    per-network overhead instead of a calibration; the isolated rows remain the fallback for kinds
+    the context never saw and the cost-per-MAC prior of the marginals.
     """
 
     name = "lut"
 
     def __init__(self, profile: str | os.PathLike[str] | dict[str, Any], metric: str = "latency_ms",
-                 strict: bool = False, subtract_overhead: bool = True, calibrate: bool = True) -> None:
+                 strict: bool = False, subtract_overhead: bool = True, calibrate: bool = True,
+                 in_context: bool = True) -> None:
         if metric not in METRICS:
             raise ValueError(f"metric: expected one of {METRICS}, got {metric!r}")
         self.profile, self.source = resolve_profile(profile)
@@ -201,7 +217,7 @@ class LookupTableCostModel(LayerCostModel):
         if not rows:
             raise ValueError(missing_metric_message(self.source, metric))
         overhead = (self.profile.get("overhead") or {}).get(metric)
-        self.overhead = float(overhead["median"]) if overhead and subtract_overhead else 0.0
+        self.overhead = runtime_overhead(self.profile, metric) if overhead and subtract_overhead else 0.0
         if subtract_overhead and overhead is None:
             log.warning("profile %s has no measured overhead for %s; table values are not corrected", self.source,
                         metric)
@@ -219,7 +235,13 @@ class LookupTableCostModel(LayerCostModel):
                      "marginal costs there fall back to the cost-per-MAC slope", self.source, bad, metric)
         self._cache: dict[tuple, float] = {}
         self._warned: set[tuple] = set()
-        if calibrate and self.profile.get("networks"):
+        self.context: ContextFit | None = None
+        context_nets = (self.profile.get("context") or {}).get("networks") or []
+        if in_context and metric == "latency_ms" and context_nets:
+            self.context = ContextFit(context_nets, block=channel_block(self.profile),
+                                      dw_multiple=depthwise_multiple(self.profile))
+            self.overhead = self.context.overhead_network_ms
+        elif calibrate and self.profile.get("networks"):
             with fitting(self.source, "the whole-network calibration"):
                 self.calibration = fit_calibration(self, self.profile["networks"], metric)
 
@@ -233,6 +255,8 @@ class LookupTableCostModel(LayerCostModel):
                           LutExtrapolationWarning, stacklevel=4)
 
     def _price(self, spec: LayerSpec) -> float:
+        if self.context is not None and self.context.has(spec):
+            return max(self.context.predict(spec), MIN_MARGINAL)
         geom = geometry_key(spec)
         table = self.tables.get(geom)
         if table is None:

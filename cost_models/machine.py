@@ -1,25 +1,21 @@
-"""The machine a measurement runs on: device strings, thread counts, the CPU's name, what a profile
-records about the device, and the meter for a device (docs/design.md §6)."""
+"""What machine a profile is measured on: device names, CPU model, thread default, runtime versions."""
 
 from __future__ import annotations
 
 import logging
 import os
 import platform
-from collections.abc import Sequence
 from typing import Any
 
-from cost_models.meters import LatencyMeter, NoGpuError, NvmlEnergyMeter, nvidia_gpu_available
-from cost_models.profile_io import METERS
+from cost_models.meters import NvmlEnergyMeter
 
 log = logging.getLogger(__name__)
 
-__all__ = ["available_cores", "check_choice", "cpu_name", "default_threads", "device_info", "make_meter",
-           "parse_device",
-           "runtime_versions"]
+__all__ = ["cpu_name", "default_threads", "device_info", "parse_device", "runtime_versions"]
 
 
 def parse_device(device: str) -> tuple[str, int]:
+    """``"cpu"``, ``"cuda"`` or ``"cuda:N"`` → (kind, index); anything else is a ``ValueError``."""
     if device == "cpu":
         return "cpu", 0
     if device == "cuda":
@@ -29,48 +25,16 @@ def parse_device(device: str) -> tuple[str, int]:
     raise ValueError(f"device: expected 'cpu' or 'cuda:N', got {device!r}")
 
 
-def available_cores() -> int:
-    """CPU cores this process may run on (its affinity mask)."""
+def default_threads() -> int:
+    """Cores this process may run on (its CPU affinity)."""
     try:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # pragma: no cover - non-Linux
         return os.cpu_count() or 1
 
 
-def default_threads() -> int:
-    """Intra-op threads a measurement uses by default: 1 on a machine with ≤ 2 cores, else every core.
-
-    Why 1 on a small VM: with 2 intra-op threads on a 2-vCPU VM one thread shares its core with the
-    OS and every other process, and the same network's median swung between 0.14 and 0.36 ms from
-    one round to the next; with 1 thread 12 of 12 networks repeated within ±5 % (issue 11)."""
-    cores = available_cores()
-    return 1 if cores <= 2 else cores
-
-
-def check_choice(field: str, value: Any, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ValueError(f"{field}: expected one of {tuple(choices)}, got {value!r}")
-
-
-def make_meter(meter: str, device: str = "cpu", *, nvml: Any = None, **options: Any) -> Any:
-    """A :class:`~cost_models.meters.LatencyMeter` or :class:`~cost_models.meters.NvmlEnergyMeter`.
-
-    ``meter="nvml"`` without a usable NVIDIA GPU raises :class:`NoGpuError`; with a GPU but a CPU
-    ``device`` it raises ``ValueError`` (NVML reads the GPU's energy, not the CPU's).
-    """
-    check_choice("meter", meter, METERS)
-    kind, index = parse_device(device)
-    if meter == "latency":
-        return LatencyMeter(**options)
-    if not nvidia_gpu_available(nvml):
-        raise NoGpuError("NVML did not initialise or reports no GPU")
-    if kind != "cuda":
-        raise ValueError(f"device: --meter nvml measures an NVIDIA GPU's energy; use device cuda:N, not {device!r}")
-    return NvmlEnergyMeter(index, nvml=nvml, **options)
-
-
-
 def cpu_name() -> str:
+    """The CPU model name (/proc/cpuinfo), or what platform knows."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as fh:
             for line in fh:
@@ -82,6 +46,7 @@ def cpu_name() -> str:
 
 
 def runtime_versions() -> dict[str, str | None]:
+    """Versions of python and the runtimes a measurement depends on (None when not installed)."""
     out: dict[str, str | None] = {"python": platform.python_version()}
     for mod in ("onnxruntime", "torch", "onnx"):
         try:
@@ -120,3 +85,4 @@ def device_info(device: str, backend: str, threads: int, meter: Any = None) -> d
         except Exception as err:  # noqa: BLE001
             log.debug("onnxruntime providers unknown: %s", err)
     return info
+

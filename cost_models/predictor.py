@@ -31,8 +31,18 @@ from sklearn.base import BaseEstimator, RegressorMixin
 
 from cost_models.base import LayerCostModel
 from cost_models.calibration import fit_calibration
+from cost_models.context import DEVICE_TERMS, ContextFit, device_terms
 from cost_models.lut import NET_FLOOR, positive_marginals
-from cost_models.profile_io import METRICS, fitting, metric_unit, missing_metric_message, resolve_profile
+from cost_models.profile_io import (
+    METRICS,
+    channel_block,
+    depthwise_multiple,
+    fitting,
+    metric_unit,
+    missing_metric_message,
+    resolve_profile,
+    runtime_overhead,
+)
 from hwsplit.specs import LAYER_KINDS, LayerSpec
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -41,14 +51,9 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 #: Columns of the per-kind linear model (all non-decreasing in channels).
-TERMS = ("one", "macs", "in_elems", "out_elems", "weights", "out_pixels")
-#: Extra columns when the device blocks channels (a profile's ``channel_block`` B > 1, issue 11):
-#: MACs with channels padded up to B for a layer the blocked (NCHWc) kernels run, and MACs of a
-#: layer they cannot run (input channels, or a depthwise layer's channels, not a multiple of 4:
-#: onnxruntime falls back to im2col + GEMM and reorders around it). Steps at block boundaries.
-BLOCK_TERMS = ("padded_macs", "unblocked_macs")
-#: onnxruntime's NCHWc kernels need channels in multiples of this (the stem's 3 inputs excepted).
-NCHWC_MIN_MULTIPLE = 4
+TERMS = ("one", "macs", "in_elems", "out_elems", "weights", "out_pixels",
+         # what a blocked backend responds to (docs/design.md §6; zero without a channel block):
+         "blocked", "padded_macs", "unblocked_macs", "padded_out_elems", "reorder_elems")
 #: Columns of :func:`layer_features` (descriptive features, log-transformed where they span decades).
 FEATURE_NAMES = tuple(f"kind_{k}" for k in LAYER_KINDS) + (
     "log_in_channels", "log_out_channels", "kernel", "stride", "log_pixels", "log_macs", "log_params",
@@ -88,39 +93,15 @@ def _as_specs(X: Any) -> list[LayerSpec]:
     return out
 
 
-def blocked_kernel_eligible(spec: LayerSpec) -> bool:
-    """Whether onnxruntime's blocked NCHWc kernels can run ``spec``: convolutions whose input
-    channels are a multiple of 4 (or the 3-channel image), depthwise ones whose channels are."""
-    if spec.kind == "linear":
-        return False
-    return spec.in_channels % NCHWC_MIN_MULTIPLE == 0 or (spec.groups == 1 and spec.in_channels <= 3)
-
-
-def padded_macs(spec: LayerSpec, block: int) -> int:
-    """MACs of ``spec`` with its channels padded up to a multiple of ``block`` (the stem's 3 input
-    channels unpadded), as the blocked kernels compute them."""
-    def pad(c: int) -> int:
-        return -(-c // block) * block
-
-    pixels = spec.batch * spec.out_height * spec.out_width
-    if spec.kind == "dwconv" or (spec.groups == spec.in_channels == spec.out_channels and spec.groups > 1):
-        return pad(spec.out_channels) * spec.kernel * spec.kernel * pixels
-    cin = spec.in_channels if spec.in_channels <= 3 else pad(spec.in_channels)
-    return cin // spec.groups * pad(spec.out_channels) * spec.kernel * spec.kernel * pixels
-
-
-def _terms(spec: LayerSpec, block: int = 1) -> list[float]:
+def _terms(spec: LayerSpec, block: int = 1, dw_multiple: int = 0) -> list[float]:
     out_pixels = spec.batch * spec.out_height * spec.out_width
     weights = (spec.in_channels // spec.groups) * spec.kernel * spec.kernel * spec.out_channels
-    base = [1.0, float(spec.macs), float(spec.batch * spec.in_channels * spec.height * spec.width),
-            float(out_pixels * spec.out_channels), float(weights), float(out_pixels)]
+    plain = [1.0, float(spec.macs), float(spec.batch * spec.in_channels * spec.height * spec.width),
+             float(out_pixels * spec.out_channels), float(weights), float(out_pixels)]
     if block <= 1:
-        return base
-    if spec.kind == "linear":
-        return base + [0.0, 0.0]
-    if blocked_kernel_eligible(spec):
-        return base + [float(padded_macs(spec, block)), 0.0]
-    return base + [0.0, float(spec.macs)]
+        return plain + [0.0] * 5
+    d = dict(zip(DEVICE_TERMS, device_terms(spec, block, dw_multiple)))
+    return plain + [d["blocked"], d["padded_macs"], d["unblocked_macs"], d["padded_out_elems"], d["reorder_elems"]]
 
 
 def layer_features(specs: Sequence[LayerSpec] | Any) -> np.ndarray:
@@ -162,20 +143,20 @@ class LayerRegressor(RegressorMixin, BaseEstimator):
     alpha: ridge penalty on standardised coefficients. relative: weight rows by 1/y (fit relative
     error). min_mac_share: the MACs coefficient is at least this fraction of the median cost per
     MAC of the kind, so costs are strictly increasing in channels. Kinds seen fewer than
-    ``min_rows_per_kind`` times (or not at all) use a model pooled over all kinds. ``block`` > 1
-    (the device's channel block, a profile's ``channel_block``) adds :data:`BLOCK_TERMS`.
+    ``min_rows_per_kind`` times (or not at all) use a model pooled over all kinds.
 
     Fitted attributes: ``coef_`` (kind → coefficients over ``TERMS``), ``pooled_coef_``,
     ``kinds_``, ``n_samples_``, ``slope_`` (kind → median cost per MAC).
     """
 
     def __init__(self, alpha: float = 1e-3, relative: bool = True, min_mac_share: float = 1e-3,
-                 min_rows_per_kind: int = 3, block: int = 1) -> None:
-        self.block = block
+                 min_rows_per_kind: int = 3, channel_block: int = 1, depthwise_multiple: int = 0) -> None:
         self.alpha = alpha
         self.relative = relative
         self.min_mac_share = min_mac_share
         self.min_rows_per_kind = min_rows_per_kind
+        self.channel_block = channel_block
+        self.depthwise_multiple = depthwise_multiple
 
     def fit(self, X: Any, y: Any) -> LayerRegressor:
         specs = _as_specs(X)
@@ -190,10 +171,7 @@ class LayerRegressor(RegressorMixin, BaseEstimator):
             raise ValueError(f"alpha: expected >= 0, got {self.alpha!r}")
         if not self.min_mac_share >= 0:
             raise ValueError(f"min_mac_share: expected >= 0, got {self.min_mac_share!r}")
-        if isinstance(self.block, bool) or not isinstance(self.block, int) or self.block < 1:
-            raise ValueError(f"block: expected a positive integer, got {self.block!r}")
-        self.terms_ = TERMS + (BLOCK_TERMS if self.block > 1 else ())
-        T = np.array([_terms(s, self.block) for s in specs])
+        T = np.array([_terms(s, self.channel_block, self.depthwise_multiple) for s in specs])
         kinds = np.array([s.kind for s in specs])
         macs = T[:, TERMS.index("macs")]
         per_mac = y / np.maximum(macs, 1.0)
@@ -225,7 +203,7 @@ class LayerRegressor(RegressorMixin, BaseEstimator):
         out = np.empty(len(specs))
         for i, s in enumerate(specs):
             coef = self.coef_.get(s.kind, self.pooled_coef_)
-            out[i] = float(np.dot(coef, _terms(s, self.block)))
+            out[i] = float(np.dot(coef, _terms(s, self.channel_block, self.depthwise_multiple)))
         return out
 
     def slope(self, spec: LayerSpec) -> float:
@@ -236,8 +214,8 @@ class LayerRegressor(RegressorMixin, BaseEstimator):
     def coefficients(self) -> dict[str, dict[str, float]]:
         """The fitted model as plain numbers: kind (and "pooled") → term → coefficient."""
         self._check_fitted()
-        out = {k: dict(zip(self.terms_, map(float, c))) for k, c in self.coef_.items()}
-        out["pooled"] = dict(zip(self.terms_, map(float, self.pooled_coef_)))
+        out = {k: dict(zip(TERMS, map(float, c))) for k, c in self.coef_.items()}
+        out["pooled"] = dict(zip(TERMS, map(float, self.pooled_coef_)))
         return out
 
 
@@ -251,13 +229,24 @@ def profile_targets(profile: dict[str, Any], metric: str, source: str = "<profil
     if not rows:
         raise ValueError(missing_metric_message(source, metric))
     overhead_stats = (profile.get("overhead") or {}).get(metric)
-    overhead = float(overhead_stats["median"]) if overhead_stats and subtract_overhead else 0.0
+    overhead = runtime_overhead(profile, metric) if overhead_stats and subtract_overhead else 0.0
     specs = [LayerSpec.from_dict(r["layer"]) for r in rows]
     raw = np.array([float(r[metric]["median"]) for r in rows])
     if np.any(raw <= 0):
         raise ValueError(f"profile {source}: {metric} medians must be positive to fit a predictor")
     y = np.maximum(raw - overhead, NET_FLOOR * raw)
     return specs, y, overhead
+
+
+def context_targets(networks: Sequence[dict[str, Any]], overhead_node_ms: float) -> tuple[list[LayerSpec], np.ndarray]:
+    """LayerSpecs and in-context targets (ms: a layer's node times + per-node overhead × its nodes,
+    floored at 0.1 µs) of a profile's ``context["networks"]``."""
+    specs, y = [], []
+    for net in networks:
+        for x in net.get("layers", []):
+            specs.append(LayerSpec.from_dict(x["layer"]))
+            y.append(max(float(x["latency_ms"]) + overhead_node_ms * int(x["nodes"]), 1e-4))
+    return specs, np.asarray(y)
 
 
 def fit_report(profile: str | os.PathLike[str] | dict[str, Any], metric: str = "latency_ms", *,
@@ -279,7 +268,6 @@ def fit_report(profile: str | os.PathLike[str] | dict[str, Any], metric: str = "
         raise ValueError(f"profile {source}: {len(specs)} rows with {metric} are too few to hold some out")
     idx = np.arange(len(specs))
     train, test = train_test_split(idx, test_size=test_size, random_state=seed)
-    regressor_options.setdefault("block", int(data.get("channel_block") or 1))
     with fitting(source, "the layer-cost regressor"):
         reg = LayerRegressor(**regressor_options).fit([specs[i] for i in train], y[train])
         pred = reg.predict([specs[i] for i in test])
@@ -296,30 +284,55 @@ class EnergyPredictorCostModel(LayerCostModel):
     ``metric=None`` means ``"energy_mj"`` (unit ``"mJ"``); a profile without energy is then a
     ``ValueError`` that says how to measure one. ``metric="latency_ms"`` (unit ``"ms"``) predicts
     latency instead. ``total`` adds the profile's measured runtime overhead once and, where the
-    profile measured whole networks, is calibrated to them (:mod:`cost_models.calibration`).
+    profile measured whole networks, is calibrated to them (:mod:`cost_models.calibration`). With a
+    latency profile that timed layers in context (``context``) and ``in_context``, the regressor is
+    fitted on those in-context layer times with the device's terms (padded channels, blocked or not,
+    reorders; ``channel_block`` of the profile) and ``total`` adds the fitted per-network overhead.
     """
 
     name = "energy"
 
     def __init__(self, profile: str | os.PathLike[str] | dict[str, Any], metric: str | None = None,
-                 subtract_overhead: bool = True, calibrate: bool = True, **regressor_options: Any) -> None:
+                 subtract_overhead: bool = True, calibrate: bool = True, in_context: bool = True,
+                 **regressor_options: Any) -> None:
         metric = "energy_mj" if metric is None else metric
         if metric not in METRICS:
             raise ValueError(f"metric: expected one of {METRICS}, got {metric!r}")
         self.profile, self.source = resolve_profile(profile)
         self.metric = metric
         self.unit = metric_unit(metric)
-        specs, y, self.overhead = profile_targets(self.profile, metric, self.source, subtract_overhead)
-        regressor_options.setdefault("block", int(self.profile.get("channel_block") or 1))
+        context_nets = (self.profile.get("context") or {}).get("networks") or []
+        self.context: ContextFit | None = None
+        if metric == "latency_ms" and context_nets and in_context:
+            # in-context per-layer targets (per-node overhead included), the device's block in the terms
+            self.context = ContextFit(context_nets, block=channel_block(self.profile),
+                                      dw_multiple=depthwise_multiple(self.profile))
+            specs, y = context_targets(context_nets, self.context.overhead_node_ms)
+            self.overhead = self.context.overhead_network_ms
+            regressor_options = {"channel_block": self.context.block, "depthwise_multiple": self.context.dw_multiple,
+                                 **regressor_options}
+        else:
+            specs, y, self.overhead = profile_targets(self.profile, metric, self.source, subtract_overhead)
         with fitting(self.source, "the layer-cost regressor"):
             self.regressor = LayerRegressor(**regressor_options).fit(specs, y)
         self._cache: dict[tuple, float] = {}
-        if calibrate and self.profile.get("networks"):
+        self.group_scale: dict[str, float] = {}
+        if self.context is not None:  # the same per-(kind, blocked) end-to-end fit as the table's
+            raw: dict[tuple, float] = {}
+
+            def base(spec: LayerSpec) -> float:
+                if spec.key() not in raw:
+                    raw[spec.key()] = float(self.regressor.predict([spec])[0])
+                return raw[spec.key()]
+
+            self.group_scale, self.overhead = self.context.fit_scales(context_nets, base)
+        if self.context is None and calibrate and self.profile.get("networks"):
             with fitting(self.source, "the whole-network calibration"):
                 self.calibration = fit_calibration(self, self.profile["networks"], metric)
 
     def _price(self, spec: LayerSpec) -> float:
-        return float(self.regressor.predict([spec])[0])
+        scale = self.group_scale.get(self.context.group(spec), 1.0) if self.context is not None else 1.0
+        return scale * float(self.regressor.predict([spec])[0])
 
     def slope(self, spec: LayerSpec) -> float:
         return self.regressor.slope(spec)

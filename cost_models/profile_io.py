@@ -7,15 +7,14 @@ A profile is data, never code::
      "backend": "onnxruntime" | "torch", "meter": "latency" | "nvml", "batch": 1,
      "created": ISO-8601 date, "family": "mobilenet_v1", "resolution": 32, "activation": "silu",
      "overhead": {"latency_ms": {stats}, "energy_mj": {stats}?},
-     "rows": [{"layer": {LayerSpec fields}, "latency_ms": {stats}, "energy_mj": {stats}?,
-               "repeat": {"rounds_ms": [...], "spread_pct"}?}, ...],
-     "networks": [{"architecture", "input_shape", "latency_ms": {stats}, "repeat"?}, ...]?,
-     "repeatability": {"rounds", "threshold_pct", "layers", "networks", "noise_floor_pct", "repeatable"}?,
-     "channel_block": 16?, "channel_block_evidence": {...}?}
+     "rows": [{"layer": {LayerSpec fields}, "latency_ms": {stats}, "energy_mj": {stats}?}, ...],
+     "networks": [{"architecture", "input_shape", "latency_ms": {stats}}, ...]?,
+     "channel_block": 16?, "blocks": {"channel_block", "depthwise_multiple", "evidence"}?,
+     "repeatability": {"noise_floor_pct", "worst_pct", "noisy", ...}?,
+     "context": {"networks": [{"architecture", "latency_ms": {stats}, "layers": [{"layer", "latency_ms": ms,
+                                "nodes": n}, ...]}, ...]}?}
 
-with ``{stats} = {"median", "p25", "p75", "n"}``. ``repeat``/``repeatability`` follow
-:mod:`cost_models.measure`; ``channel_block`` (onnxruntime CPU profiles) :mod:`cost_models.channel_block`.
-Every problem is reported as one ``ValueError``
+with ``{stats} = {"median", "p25", "p75", "n"}``. Every problem is reported as one ``ValueError``
 line naming the file (or ``<profile>`` for an in-memory dict) and the offending field.
 """
 
@@ -113,6 +112,16 @@ def validate_profile(data: Any, source: str = "<profile>") -> dict[str, Any]:
             raise ProfileError(f"{source}: rows[{i}]: missing field 'latency_ms' (no metric measured)")
         for metric in present:
             _check_stats(row[metric], f"rows[{i}].{metric}", source, positive=True)
+    block = data.get("channel_block", 1)
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise ProfileError(f"{source}: channel_block: expected a positive integer, got {block!r}")
+    context = data.get("context", {"networks": []})
+    if not isinstance(context, dict) or not isinstance(context.get("networks"), list):
+        raise ProfileError(f"{source}: context: expected an object with a list of networks")
+    for i, net in enumerate(context["networks"]):
+        if not isinstance(net, dict) or not isinstance(net.get("layers"), list) or "latency_ms" not in net:
+            raise ProfileError(f"{source}: context.networks[{i}]: expected an object with latency_ms and layers")
+        _check_stats(net["latency_ms"], f"context.networks[{i}].latency_ms", source, positive=True)
     networks = data.get("networks", [])
     if not isinstance(networks, list):
         raise ProfileError(f"{source}: networks: expected a list")
@@ -123,10 +132,31 @@ def validate_profile(data: Any, source: str = "<profile>") -> dict[str, Any]:
         for metric in METRICS:
             if metric in net:
                 _check_stats(net[metric], f"networks[{i}].{metric}", source, positive=True)
-    block = data.get("channel_block")
-    if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block < 1):
-        raise ProfileError(f"{source}: channel_block: expected a positive integer, got {block!r}")
     return data
+
+
+def channel_block(profile: dict[str, Any]) -> int:
+    """The backend's channel block recorded in ``profile`` (top-level ``"channel_block"``, detected
+    by :func:`cost_models.blocks.detect_channel_block`); 1 (no block) for a profile without one."""
+    return int(profile.get("channel_block", 1))
+
+
+def depthwise_multiple(profile: dict[str, Any]) -> int:
+    """Channel multiple a depthwise conv needs to stay blocked (``blocks.depthwise_multiple``); 0 if unknown."""
+    return int((profile.get("blocks") or {}).get("depthwise_multiple", 0))
+
+
+def runtime_overhead(profile: dict[str, Any], metric: str) -> float | None:
+    """The per-inference runtime overhead to subtract from every single-layer row (``overhead``'s
+    median); where it is not below the smallest row, half the smallest row instead: an empty model
+    can cost more than the smallest layers (onnxruntime copies an identity's input), and subtracting
+    it would zero them. None when the profile has no overhead for ``metric``."""
+    stats = (profile.get("overhead") or {}).get(metric)
+    if stats is None:
+        return None
+    rows = [float(r[metric]["median"]) for r in profile.get("rows", []) if metric in r]
+    overhead = float(stats["median"])
+    return 0.5 * min(rows) if rows and overhead >= min(rows) else overhead
 
 
 def load_profile(path: str | os.PathLike[str]) -> dict[str, Any]:

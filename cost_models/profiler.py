@@ -1,15 +1,14 @@
-"""Profile a model family on a device: orchestration of the grid, the runner and the meter.
+"""Profile a device: orchestration of the measurements into a profile file (docs/design.md §6).
 
 ``profile_family`` measures every layer a model family can take while it grows (the *grid*,
 :func:`cost_models.grid.family_grid`), one layer at a time, each as deployed
-(:mod:`cost_models.runner`), then the runtime's fixed per-inference overhead (a model that only
-copies its input) and a few whole random networks end to end (:mod:`cost_models.measure`), and
-writes everything to a profile JSON (schema in :mod:`cost_models.profile_io`) atomically every few
-rows, so a killed run resumes where it stopped when it is started again with the same ``out``
-(docs/design.md §6).
+(:mod:`cost_models.runner`). It also measures the runtime's fixed per-inference overhead (a model
+that only copies its input) and whole random networks of the family, and writes everything to a
+profile JSON (schema in :mod:`cost_models.profile_io`) atomically every few rows, so a killed run
+resumes where it stopped when it is started again with the same ``out``.
 
-The names other modules used to import from here (``family_grid``, ``measure_model``, …) are
-re-exported from their own modules.
+Whole networks are measured with :func:`cost_models.measure.measure_model` (the grow loop calls it
+after every stage). The names of those modules are re-exported here for callers of the profiler.
 """
 
 from __future__ import annotations
@@ -23,28 +22,30 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from cost_models.channel_block import detect_channel_block
-from cost_models.grid import CHANNEL_LADDER, FAMILIES, calibration_architectures, family_grid
-from cost_models.machine import check_choice, default_threads, device_info, make_meter, parse_device
-from cost_models.measure import (
-    DEFAULT_ROUNDS,
-    NOISE_FLOOR_PCT,
-    RepeatedMeasurement,
-    measure_layers,
-    measure_model,
-    measure_modules,
-    repeatability_summary,
-)
-from cost_models.meters import NvmlEnergyMeter
+from cost_models.blocks import detect_channel_block
+from cost_models.context import attribute_nodes, node_times
+from cost_models.grid import CHANNEL_LADDER, FAMILIES, aligned_architecture, calibration_architectures, family_grid
+from cost_models.machine import default_threads, device_info, parse_device
+from cost_models.measure import measure_model, measure_rounds, repeatability
+from cost_models.meters import Measurement, NvmlEnergyMeter
 from cost_models.profile_io import BACKENDS, METERS, SCHEMA, load_profile, save_profile
-from cost_models.runner import DEFAULT_WARMUP, measure_layer, overhead_module
+from cost_models.runner import (
+    DEFAULT_WARMUP,
+    Runner,
+    check_choice,
+    make_meter,
+    measure_layer,
+    measure_module,
+    overhead_module,
+)
 from hwsplit.specs import LayerSpec
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BACKENDS", "CHANNEL_LADDER", "DEFAULT_TIME_BUDGET_S", "DEFAULT_WARMUP", "FAMILIES", "METERS",
-           "QUICK_TIME_BUDGET_S", "calibration_architectures", "estimate_profile_seconds", "family_grid",
-           "load_profile", "make_meter", "measure_layer", "measure_model", "profile_family"]
+__all__ = ["BACKENDS", "CHANNEL_LADDER", "DEFAULT_TIME_BUDGET_S", "FAMILIES", "METERS", "QUICK_TIME_BUDGET_S",
+           "calibration_architectures", "context_architectures", "default_profile_threads",
+           "estimate_profile_seconds", "family_grid", "load_profile", "make_meter",
+           "measure_layer", "measure_model", "profile_family"]
 
 DEFAULT_TIME_BUDGET_S = 1.0
 QUICK_TIME_BUDGET_S = 0.05
@@ -57,6 +58,7 @@ def estimate_profile_seconds(n_rows: int, time_budget_s: float, meter: str = "la
     """Rough wall time of measuring ``n_rows`` rows (NVML windows are at least 3 × 1 s per row)."""
     per_row = max(time_budget_s, 3 * 1.0 + 2 * 0.5) if meter == "nvml" else time_budget_s
     return n_rows * (per_row + PER_ROW_SETUP_S)
+
 
 
 #: Fields of an existing profile that must equal the new run's for a resume.
@@ -79,21 +81,19 @@ def _check_compatible(existing: dict[str, Any], header: dict[str, Any], path: Pa
                     path, existing["device"].get("runtime"), header["device"]["runtime"])
 
 
-def _row(spec: LayerSpec, m: RepeatedMeasurement) -> dict[str, Any]:
+def _row(spec: LayerSpec, m: Measurement) -> dict[str, Any]:
     row: dict[str, Any] = {"layer": spec.to_dict(), "latency_ms": m.latency_ms.to_dict()}
     if m.energy_mj is not None:
         row["energy_mj"] = m.energy_mj.to_dict()
     if m.idle_power_w is not None:
         row["idle_power_w"] = m.idle_power_w
-    row["repeat"] = m.repeat_entry()
     return row
 
 
-def _overhead_entry(m: RepeatedMeasurement, input_shape: tuple[int, ...]) -> dict[str, Any]:
+def _overhead_entry(m: Measurement, input_shape: tuple[int, ...]) -> dict[str, Any]:
     entry: dict[str, Any] = {"input_shape": list(input_shape), "latency_ms": m.latency_ms.to_dict()}
     if m.energy_mj is not None:
         entry["energy_mj"] = m.energy_mj.to_dict()
-    entry["repeat"] = m.repeat_entry()
     return entry
 
 
@@ -104,7 +104,7 @@ def profile_family(*, family: str = "mobilenet_v1", resolution: int = 32, device
                    layers: Sequence[LayerSpec] | None = None, max_rows: int | None = None, save_every: int = 10,
                    shuffle: bool = True, progress: ProgressFn | None = None, nvml: Any = None,
                    meter_options: dict[str, Any] | None = None, networks: int | None = None,
-                   rounds: int | None = None, interleave: int = 8) -> dict[str, Any]:
+                   context_networks: int | None = None) -> dict[str, Any]:
     """Measure the family's layer grid on ``device`` and write the profile to ``out``.
 
     ``quick`` measures only the corners of every channel range (≈ 50 rows) with a short time budget.
@@ -120,21 +120,20 @@ def profile_family(*, family: str = "mobilenet_v1", resolution: int = 32, device
     ``quick``; :func:`calibration_architectures`) are measured end to end into ``profile["networks"]``,
     which the cost models use to calibrate layer sums to whole networks (:mod:`cost_models.calibration`).
 
-    Every measurement follows :mod:`cost_models.measure`: ``interleave`` layers (all the networks)
-    at a time are timed in ``rounds`` interleaved rounds (default 5, 3 with ``quick``); a row's
-    value is the median of its round medians and ``row["repeat"]`` its round medians and spread.
-    ``profile["repeatability"]`` summarises the spreads; a noise floor (90th percentile of the
-    networks' spreads, the layers' without networks) worse than ±5 % is logged as a warning and
-    recorded as ``repeatable: false``. ``threads`` defaults to 1 on a machine with ≤ 2 cores
-    (:func:`cost_models.machine.default_threads`). With onnxruntime on the CPU the profile records
-    ``channel_block``, the backend's channel granularity (:mod:`cost_models.channel_block`).
+    With onnxruntime on the CPU (latency), three more sections (docs/design.md §6): ``channel_block``
+    (and ``blocks``, the evidence; :func:`cost_models.blocks.detect_channel_block`),
+    ``repeatability`` (:func:`cost_models.measure.repeatability`: a noise floor worse than ±5 % is
+    flagged and warned about) and ``context``: ``context_networks`` random networks of the family
+    (default 48, 6 with ``quick``; half of them with widths divisible by the block) measured end to
+    end and node by node (:mod:`cost_models.context`), from which the table is fitted in context.
+    ``threads`` defaults to 1 on a machine with at most 2 cores (:func:`default_profile_threads`).
     """
     check_choice("backend", backend, BACKENDS)
     check_choice("meter", meter, METERS)
     check_choice("family", family, FAMILIES)
     kind, _ = parse_device(device)
     if threads is None:
-        threads = default_threads()
+        threads = default_profile_threads()
     if not isinstance(threads, int) or threads < 1:
         raise ValueError(f"threads: expected a positive integer, got {threads!r}")
     if time_budget_s is None:
@@ -145,12 +144,6 @@ def profile_family(*, family: str = "mobilenet_v1", resolution: int = 32, device
         raise ValueError(f"max_rows: expected a non-negative integer, got {max_rows!r}")
     if not isinstance(save_every, int) or save_every < 1:
         raise ValueError(f"save_every: expected a positive integer, got {save_every!r}")
-    if rounds is None:
-        rounds = 3 if quick else DEFAULT_ROUNDS
-    if not isinstance(rounds, int) or rounds < 1:
-        raise ValueError(f"rounds: expected a positive integer, got {rounds!r}")
-    if not isinstance(interleave, int) or interleave < 1:
-        raise ValueError(f"interleave: expected a positive integer, got {interleave!r}")
     from hwsplit.models import ACTIVATIONS
 
     if activation not in ACTIVATIONS:
@@ -191,16 +184,10 @@ def profile_family(*, family: str = "mobilenet_v1", resolution: int = 32, device
         done = {LayerSpec.from_dict(r["layer"]).key() for r in rows}
         input_shape = (batch, 3, resolution, resolution)
 
-        if backend == "onnxruntime" and kind == "cpu" and "channel_block" not in profile:
-            # the block grow --channel-multiple auto takes (issue 11), read from what the backend runs
-            found = detect_channel_block(threads)
-            profile["channel_block"] = found["channel_block"]
-            profile["channel_block_evidence"] = found["evidence"]
         if "overhead" not in profile:
             module, example = overhead_module(input_shape)
-            m = measure_modules([(module, example)], backend=backend, device=device, meter=meter_obj,
-                                threads=threads, time_budget_s=max(time_budget_s, 0.0), warmup=warmup,
-                                rounds=rounds)[0]
+            m = measure_module(module, example, backend=backend, device=device, meter=meter_obj, threads=threads,
+                         time_budget_s=max(time_budget_s, 0.0), warmup=warmup)
             profile["overhead"] = _overhead_entry(m, input_shape)
             log.info("runtime overhead per inference: %.4f ms", m.latency_ms.median)
 
@@ -228,43 +215,30 @@ def profile_family(*, family: str = "mobilenet_v1", resolution: int = 32, device
         if progress is not None:
             iterable = progress(todo, desc=f"profile {device} {backend}", total=len(todo))
         started = time.perf_counter()
-        measured = unsaved = 0
-
-        def flush(chunk: list[LayerSpec]) -> None:
-            nonlocal measured, unsaved
-            ms = measure_layers(chunk, backend=backend, device=device, meter=meter_obj, threads=threads,
-                                time_budget_s=time_budget_s, warmup=warmup, activation=activation, rounds=rounds)
-            rows.extend(_row(spec, m) for spec, m in zip(chunk, ms))
-            measured += len(chunk)
-            unsaved += len(chunk)
-            if unsaved >= save_every:
-                save()
-                unsaved = 0
-            elapsed = time.perf_counter() - started
-            log.info("%d/%d rows, about %.0f s left", measured, len(todo), elapsed / measured * (len(todo) - measured))
-
+        measured = 0
         try:
-            chunk: list[LayerSpec] = []
             for spec in iterable:
-                chunk.append(spec)
-                if len(chunk) >= interleave:
-                    flush(chunk)
-                    chunk = []
-            if chunk:
-                flush(chunk)
+                m = measure_layer(spec, backend=backend, device=device, meter=meter_obj, threads=threads,
+                                  time_budget_s=time_budget_s, warmup=warmup, activation=activation)
+                rows.append(_row(spec, m))
+                measured += 1
+                if measured % save_every == 0:
+                    save()
+                    elapsed = time.perf_counter() - started
+                    log.info("%d/%d rows, about %.0f s left", measured, len(todo),
+                             elapsed / measured * (len(todo) - measured))
             n_networks = networks if networks is not None else (4 if quick else 16)
             if layers is None and n_networks > 0:
                 _measure_networks(profile, family, resolution, n_networks, num_classes=num_classes,
                                   activation=activation, backend=backend, device=device, meter=meter_obj,
                                   threads=threads, time_budget_s=max(time_budget_s, 2 * time_budget_s if quick
                                                                      else 2.0), warmup=warmup, save=save,
-                                  progress=progress, rounds=rounds)
-            profile["repeatability"] = repeatability(profile, rounds)
-            if not profile["repeatability"]["repeatable"]:
-                log.warning("%s: measurements repeat only within ±%.1f %% (90th percentile over %s), worse than "
-                            "±%.0f %%: the profile records noise; use fewer --threads or a quieter machine",
-                            path or "profile", profile["repeatability"]["noise_floor_pct"],
-                            profile["repeatability"]["noise_floor_of"], NOISE_FLOOR_PCT)
+                                  progress=progress)
+            n_context = context_networks if context_networks is not None else (6 if quick else 48)
+            if layers is None and backend == "onnxruntime" and kind == "cpu" and meter == "latency" and n_context > 0:
+                _measure_in_context(profile, family, resolution, n_context, num_classes=num_classes,
+                                    activation=activation, meter=meter_obj, threads=threads,
+                                    time_budget_s=0.5 if quick else 1.0, save=save, progress=progress)
         finally:
             save()
         return profile
@@ -276,7 +250,7 @@ def profile_family(*, family: str = "mobilenet_v1", resolution: int = 32, device
 
 def _measure_networks(profile: dict[str, Any], family: str, resolution: int, n: int, *, num_classes: int,
                       activation: str, backend: str, device: str, meter: Any, threads: int, time_budget_s: float,
-                      warmup: int, save: Callable[[], None], progress: ProgressFn | None, rounds: int) -> None:
+                      warmup: int, save: Callable[[], None], progress: ProgressFn | None) -> None:
     import torch
 
     from hwsplit.models import model_from_architecture
@@ -289,33 +263,89 @@ def _measure_networks(profile: dict[str, Any], family: str, resolution: int, n: 
     iterable: Iterable[dict[str, Any]] = todo
     if progress is not None and todo:
         iterable = progress(todo, desc="profile whole networks", total=len(todo))
-    archs = list(iterable)
-    if not archs:
-        return
-    items = []
-    for arch in archs:
+    for arch in iterable:
         torch.manual_seed(0)
-        items.append((model_from_architecture(arch).eval(),
-                      torch.randn(shape, generator=torch.Generator().manual_seed(0))))
-    ms = measure_modules(items, backend=backend, device=device, meter=meter, threads=threads,
-                         time_budget_s=time_budget_s, warmup=warmup, rounds=rounds)
-    for arch, m in zip(archs, ms):
-        entry: dict[str, Any] = {"architecture": arch, "input_shape": list(shape), "latency_ms": m.latency_ms.to_dict()}
-        if m.energy_mj is not None:
-            entry["energy_mj"] = m.energy_mj.to_dict()
-        entry["repeat"] = m.repeat_entry()
+        model = model_from_architecture(arch).eval()
+        example = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+        runner = Runner(model, example, backend=backend, device=device, threads=threads)
+        try:
+            m = measure_rounds(runner.run_once, meter=meter, time_budget_s=time_budget_s, warmup=warmup,
+                               sync=runner.sync)
+        finally:
+            runner.close()
+        entry: dict[str, Any] = {"architecture": arch, "input_shape": list(shape), "latency_ms": m["latency_ms"]}
+        if m["energy_mj"] is not None:
+            entry["energy_mj"] = m["energy_mj"]
         entries.append(entry)
-    save()
+        save()
 
 
-def repeatability(profile: dict[str, Any], rounds: int) -> dict[str, Any]:
-    """The profile's ``repeatability`` section: spreads (±%, :mod:`cost_models.measure`) of its layers
-    and networks, and the noise floor (90th percentile of the networks' spreads, of the layers'
-    when no network was measured) against :data:`~cost_models.measure.NOISE_FLOOR_PCT`."""
-    layers = repeatability_summary([r.get("repeat", {}).get("spread_pct") for r in profile.get("rows", [])])
-    nets = repeatability_summary([n.get("repeat", {}).get("spread_pct") for n in profile.get("networks", [])])
-    of, summary = ("networks", nets) if nets["n"] else ("layers", layers)
-    floor = summary.get("p90_pct")
-    return {"protocol": "interleaved rounds, median of round medians; spread = max |round median - median| / median",
-            "rounds": rounds, "threshold_pct": NOISE_FLOOR_PCT, "layers": layers, "networks": nets,
-            "noise_floor_pct": floor, "noise_floor_of": of, "repeatable": floor is None or floor <= NOISE_FLOOR_PCT}
+def default_profile_threads() -> int:
+    """Intra-op threads a profile uses by default: 1 on a machine with at most 2 cores (there a
+    second thread shares its core with everything else and the same network's latency swings by
+    more than ±10 % from one round to the next), else the cores this process may use."""
+    cores = default_threads()
+    return 1 if cores <= 2 else cores
+
+
+def context_architectures(family: str, resolution: int, n: int, block: int, *, num_classes: int = 10,
+                          activation: str = "silu") -> list[dict[str, Any]]:
+    """The fitting networks of the in-context table: ``n`` random networks (a seed of their own, so
+    none is a calibration or bench network), every other one with widths divisible by ``block``."""
+    archs = calibration_architectures(family, resolution, n, num_classes=num_classes, activation=activation,
+                                      seed=20261202)
+    return [aligned_architecture(a, block) if i % 2 == 0 else a for i, a in enumerate(archs)]
+
+
+def _measure_in_context(profile: dict[str, Any], family: str, resolution: int, n: int, *, num_classes: int,
+                        activation: str, meter: Any, threads: int, time_budget_s: float, save: Callable[[], None],
+                        progress: ProgressFn | None) -> None:
+    import torch
+
+    from hwsplit.graph import layer_specs
+    from hwsplit.models import model_from_architecture
+
+    if "channel_block" not in profile:
+        blocks = detect_channel_block(threads=threads)
+        profile["channel_block"] = blocks["channel_block"]
+        profile["blocks"] = blocks
+        log.info("onnxruntime's channel block here: %d (depthwise blocked at multiples of %d)",
+                 blocks["channel_block"], blocks["depthwise_multiple"])
+        save()
+    block = int(profile["channel_block"])
+    archs = context_architectures(family, resolution, n, block, num_classes=num_classes, activation=activation)
+    shape = (int(profile["batch"]), 3, resolution, resolution)
+    example = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    if "repeatability" not in profile:
+        runners = []
+        for arch in archs[:4]:
+            torch.manual_seed(0)
+            runners.append(Runner(model_from_architecture(arch).eval(), example, backend="onnxruntime", device="cpu",
+                                  threads=threads))
+        profile["repeatability"] = repeatability([r.run_once for r in runners], meter=meter, rounds=5,
+                                                 time_budget_s=0.1 if time_budget_s < 1 else 0.2)
+        save()
+    context = profile.setdefault("context", {"networks": [], "node_runs": 100})
+    done = [e["architecture"] for e in context["networks"]]
+    todo = [a for a in archs if a not in done]
+    iterable: Iterable[dict[str, Any]] = todo
+    if progress is not None and todo:
+        iterable = progress(todo, desc="profile networks node by node", total=len(todo))
+    for arch in iterable:
+        torch.manual_seed(0)
+        model = model_from_architecture(arch).eval()
+        specs = layer_specs(model, shape)
+        runner = Runner(model, example, backend="onnxruntime", device="cpu", threads=threads)
+        try:
+            e2e = measure_rounds(runner.run_once, meter=meter, time_budget_s=time_budget_s, warmup=DEFAULT_WARMUP)
+        finally:
+            runner.close()
+        nodes = node_times(model, example, threads=threads, runs=int(context["node_runs"]))
+        per_layer = attribute_nodes(nodes, [s.name for s in specs], [s.name for s in specs if s.kind == "linear"])
+        context["networks"].append({
+            "architecture": arch, "input_shape": list(shape), "latency_ms": e2e["latency_ms"],
+            "node_sum_ms": sum(x["ms"] for x in nodes), "nodes": len(nodes),
+            "layers": [{"layer": s.to_dict(), "latency_ms": per_layer[s.name]["ms"],
+                        "nodes": per_layer[s.name]["nodes"]} for s in specs]})
+        save()
+

@@ -1,31 +1,55 @@
-"""One layer (or network) as deployed, and the runner that times it: ONNX export and an
-onnxruntime session (CPU or CUDA), or eager torch (docs/design.md §6).
+"""Run one module on a device and time it: ONNX export of a layer, the onnxruntime/torch runner,
+meters (docs/design.md §6).
 
-:func:`layer_module` builds a layer as deployed (Conv2d with BatchNorm folded into its bias, then
-the activation; Linear without one); :func:`export_layer_onnx` exports a module to ONNX bytes;
-:class:`Runner` holds one inference ready to run (``run_once``, ``sync``, ``close``);
-:func:`measure_module` and :func:`measure_layer` time one with a meter.
+:func:`layer_module` builds a layer as deployed (Conv2d with BatchNorm folded into its bias plus
+the activation; Linear with a bias), :func:`export_layer_onnx` exports a module with the
+TorchScript exporter, :class:`Runner` runs one inference in an onnxruntime ``InferenceSession``
+(or eagerly in torch), and :func:`measure_module` times a runner with a meter.
 """
 
 from __future__ import annotations
 
 import io
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from cost_models.machine import parse_device
-from cost_models.meters import Measurement
+from cost_models.meters import LatencyMeter, Measurement, NoGpuError, NvmlEnergyMeter, nvidia_gpu_available
+from cost_models.profile_io import METERS
 from hwsplit.specs import LayerSpec
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
-__all__ = ["DEFAULT_WARMUP", "OPSET", "Runner", "export_layer_onnx", "layer_module", "measure_layer",
-           "measure_module", "overhead_module"]
+__all__ = ["DEFAULT_WARMUP", "OPSET", "Runner", "check_choice", "export_layer_onnx", "layer_module", "make_meter",
+           "measure_layer", "measure_module", "overhead_module"]
 
 DEFAULT_WARMUP = 10
 OPSET = 17
+
+
+def check_choice(field: str, value: Any, choices: Sequence[str]) -> None:
+    """``ValueError`` naming ``field`` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{field}: expected one of {tuple(choices)}, got {value!r}")
+
+
+def make_meter(meter: str, device: str = "cpu", *, nvml: Any = None, **options: Any) -> Any:
+    """A :class:`~cost_models.meters.LatencyMeter` or :class:`~cost_models.meters.NvmlEnergyMeter`.
+
+    ``meter="nvml"`` without a usable NVIDIA GPU raises :class:`NoGpuError`; with a GPU but a CPU
+    ``device`` it raises ``ValueError`` (NVML reads the GPU's energy, not the CPU's).
+    """
+    check_choice("meter", meter, METERS)
+    kind, index = parse_device(device)
+    if meter == "latency":
+        return LatencyMeter(**options)
+    if not nvidia_gpu_available(nvml):
+        raise NoGpuError("NVML did not initialise or reports no GPU")
+    if kind != "cuda":
+        raise ValueError(f"device: --meter nvml measures an NVIDIA GPU's energy; use device cuda:N, not {device!r}")
+    return NvmlEnergyMeter(index, nvml=nvml, **options)
 
 
 def _cuda_sync(kind: str) -> Callable[[], None] | None:
@@ -167,7 +191,8 @@ def overhead_module(input_shape: tuple[int, ...]) -> tuple[nn.Module, Any]:
 
 
 def measure_module(module: nn.Module, example: Any, *, backend: str, device: str, meter: Any, threads: int,
-             time_budget_s: float, warmup: int) -> Measurement:
+                   time_budget_s: float, warmup: int) -> Measurement:
+    """Time one inference of ``module`` on ``example`` with ``meter`` (a fresh :class:`Runner`)."""
     runner = Runner(module, example, backend=backend, device=device, threads=threads)
     try:
         return meter.measure(runner.run_once, time_budget_s=time_budget_s, warmup=warmup, sync=runner.sync)

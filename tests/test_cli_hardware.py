@@ -46,8 +46,10 @@ def test_the_shipped_profile_is_a_full_valid_profile_of_this_kind_of_machine():
     profile = load_profile(SHIPPED)
     assert profile["backend"] == "onnxruntime" and profile["meter"] == "latency" and profile["batch"] == 1
     assert not profile.get("quick") and len(profile["rows"]) >= 500
-    assert profile["device"]["threads"] == 1 and profile["channel_block"] >= 1
-    assert profile["repeatability"]["rounds"] == 5
+    assert profile["device"]["threads"] == 1  # 1 thread repeats on a 2-core VM, 2 do not (README)
+    assert profile["channel_block"] >= 1 and len(profile["context"]["networks"]) >= 48
+    rep = profile["repeatability"]  # recorded, and flagged exactly when above the limit
+    assert rep["noisy"] == (rep["noise_floor_pct"] > rep["limit_pct"])
 
 
 def test_grow_with_the_lookup_table_of_the_shipped_profile(tmp_path, cifar_like):

@@ -22,7 +22,7 @@ from cost_models.profiler import (
 from hwsplit.models import MOBILENET_V1_STANDARD, build_model
 from hwsplit.specs import LayerSpec
 
-FAST = {"time_budget_s": 0.005, "warmup": 1, "interleave": 1}
+FAST = {"time_budget_s": 0.005, "warmup": 1}
 
 
 def small_grid() -> list[LayerSpec]:
@@ -37,19 +37,19 @@ def small_grid() -> list[LayerSpec]:
 
 
 class Spy:
-    """Counts the layers measured (and optionally interrupts before a chunk of them)."""
+    """Counts (and optionally interrupts) measure_layer calls."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, interrupt_after: int | None = None) -> None:
         self.calls: list[LayerSpec] = []
-        self.real = profiler.measure_layers
+        self.real = profiler.measure_layer
         self.interrupt_after = interrupt_after
-        monkeypatch.setattr(profiler, "measure_layers", self)
+        monkeypatch.setattr(profiler, "measure_layer", self)
 
-    def __call__(self, specs: list[LayerSpec], **kw: object):
+    def __call__(self, spec: LayerSpec, **kw: object):
         if self.interrupt_after is not None and len(self.calls) >= self.interrupt_after:
             raise KeyboardInterrupt
-        self.calls.extend(specs)
-        return self.real(specs, **kw)
+        self.calls.append(spec)
+        return self.real(spec, **kw)
 
 
 # -- the grid -------------------------------------------------------------------------------------
@@ -118,6 +118,17 @@ def test_quick_profile_with_onnxruntime(tmp_path: Path) -> None:
     # then whole networks, measured end to end for calibration
     assert seen[1] == {"desc": "profile whole networks", "total": 4}
     assert len(profile["networks"]) == 4 and all(n["latency_ms"]["median"] > 0 for n in profile["networks"])
+    # then the channel block, the repeatability check and 6 networks timed node by node (issue 11)
+    assert seen[2] == {"desc": "profile networks node by node", "total": 6}
+    assert profile["channel_block"] == profile["blocks"]["channel_block"] >= 1
+    assert profile["repeatability"]["networks"] == 4 and profile["repeatability"]["rounds"] == 5
+    context = profile["context"]["networks"]
+    assert len(context) == 6 and sum(n["architecture"]["stem_width"] % profile["channel_block"] == 0
+                                     for n in context) >= 3
+    for net in context:  # every layer got its nodes, and the nodes of a network are all accounted for
+        assert len(net["layers"]) == 28 and all(x["nodes"] >= 1 and x["latency_ms"] > 0 for x in net["layers"])
+        assert sum(x["nodes"] for x in net["layers"]) == net["nodes"]
+        assert sum(x["latency_ms"] for x in net["layers"]) == pytest.approx(net["node_sum_ms"])
     loaded = load_profile(out)
     assert loaded == json.loads(json.dumps(profile))
     assert loaded["schema"] == SCHEMA and loaded["backend"] == "onnxruntime" and loaded["meter"] == "latency"
@@ -234,8 +245,7 @@ def test_measure_model_seed_network() -> None:
     model = build_model("mobilenet_v1", config="cifar_seed", resolution=32, num_classes=10)
     model.train()
     result = measure_model(model, (1, 3, 32, 32), time_budget_s=0.02, warmup=2)
-    assert set(result) == {"latency_ms", "energy_mj", "repeat"}
-    assert len(result["repeat"]["rounds_ms"]) == 5 and result["repeat"]["spread_pct"] >= 0
+    assert set(result) == {"latency_ms", "energy_mj"}
     assert result["energy_mj"] is None
     lat = result["latency_ms"]
     assert 0 < lat["p25"] <= lat["median"] <= lat["p75"] and lat["n"] >= 5
