@@ -1,4 +1,6 @@
-"""hwsplit command line: grow, baseline, finetune, report, export, summary, profile, fit. Parses, calls the library, prints.
+"""hwsplit command line: grow, baseline, finetune, report, export, summary, profile, fit.
+
+Parses, calls the library, prints.
 
 Exit status: 0 success; 1 a run failed (a non-finite loss, a failed write, an ONNX export that does
 not match PyTorch) after keeping everything completed so far; 2 bad arguments, missing data,

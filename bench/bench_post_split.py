@@ -52,7 +52,7 @@ def config_for(args: argparse.Namespace, policy: str, seed: int):
         return GrowConfig(val_fraction=args.val_fraction, post_split=policy, seed=seed, stages=args.stages,
                           epochs=args.epochs or 8, seed_epochs=args.seed_epochs or 8, measure=False)
     return GrowConfig(model="mobilenet_v1_cifar", dataset="npz", data_dir=args.data_dir, data_limit=args.limit,
-                      test_limit=None, val_fraction=args.val_fraction, post_split=policy, seed=seed,
+                      test_limit=2000, val_fraction=args.val_fraction, post_split=policy, seed=seed,
                       stages=args.stages, epochs=args.epochs or 2, seed_epochs=args.seed_epochs or 4, measure=False)
 
 

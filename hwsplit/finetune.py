@@ -36,8 +36,15 @@ from hwsplit.errors import ConfigError
 from hwsplit.fsio import atomic_write_json, check_writable_name
 from hwsplit.models import model_from_architecture
 from hwsplit.rundir import RunDir, StageFailed, WriteFailed, start_fresh, write_summary
-from hwsplit.stages import Session, ignoring_interrupts, kill_point, open_session, stage_seed, train_and_record, \
-    write_stage
+from hwsplit.stages import (
+    Session,
+    ignoring_interrupts,
+    kill_point,
+    open_session,
+    stage_seed,
+    train_and_record,
+    write_stage,
+)
 from hwsplit.train import seed_everything
 
 log = logging.getLogger(__name__)

@@ -205,7 +205,8 @@ def test_finetune_and_retrain_a_torchvision_mobilenet_v2(tmp_path, rgb32):
 
     out = tmp_path / "tv"
     _cli("grow", "--model", "torchvision:mobilenet_v2", "--width-mult", "0.25", "--dataset", "npz", "--data-dir",
-         str(rgb32), "--stages", "1", "--epochs", "1", "--batch-size", "32", "--val-fraction", "0.25", "--out", str(out))
+         str(rgb32), "--stages", "1", "--epochs", "1", "--batch-size", "32", "--val-fraction", "0.25",
+         "--out", str(out))
     _cli("finetune", str(out), "--stage", "1", "--epochs", "1")
     _cli("finetune", str(out), "--stage", "1", "--epochs", "1", "--from-scratch")
     grown = _records(out)[1]
