@@ -1,6 +1,6 @@
 """Claims 2 and 3 of BENCHMARKS.md under the paper's comparison protocol (issue 12).
 
-    python bench/bench_fair.py --limit 2000 --test-limit 5000 --seeds 0,1 --retrain-epochs 6   # BENCHMARKS.md
+    python bench/bench_fair.py --seeds 0,1         # BENCHMARKS.md's run (the defaults)
     python bench/bench_fair.py --fragment-only                     # rebuild the tables from what is done
 
 The architecture is what is compared, not the schedule it grew under (Wang et al. 2019, code
@@ -17,9 +17,8 @@ for the same total number of epochs. Per seed:
 3. every grown stage of ``flops`` retrained from scratch, then ``random``'s, then ``vanilla``'s;
 4. ``flops``'s last stage fine-tuned for ``--retrain-epochs``; width multipliers trained for its total epochs.
 
-Steps run in phases (``--steps``): steps 1-3 of the ``flops`` arm for every seed, then the other
-arms and the fine-tuning comparison for every seed, so a run cut short still has the most important
-comparison on every seed. Every step is a run directory under ``--out/s<seed>/`` and is skipped when done
+Steps run in phases (``--steps``): steps 1-3 for every seed, then step 4 for every seed, so a
+run cut short still has the retrained comparisons on as many seeds as possible. Every step is a run directory under ``--out/s<seed>/`` and is skipped when done
 (``DONE`` marker): run the same command again after a kill. Comparisons are at matched MACs by
 interpolating the other curve at the same log10 MACs (no extrapolation), with 2 SE of the difference of
 two independent test accuracies (binomial, √2 × SE); nothing is chosen on test (the validation split is
@@ -53,15 +52,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="training images (first N of train.npz), before --val-fraction")
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--test-limit", type=int, default=5000)
+    p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed-epochs", type=int, default=6)
     p.add_argument("--epochs", type=int, default=2, help="epochs per growth stage")
     p.add_argument("--stages", type=int, default=3)
-    p.add_argument("--retrain-epochs", type=int, default=6)
+    p.add_argument("--retrain-epochs", type=int, default=8)
     p.add_argument("--post-split", default="restart")
-    p.add_argument("--multipliers", default="1,1.5,2,2.5")
+    p.add_argument("--multipliers", default="1,1.5,2.5")
     p.add_argument("--seeds", default="0,1")
-    p.add_argument("--steps", default="flops,width,retrain-flops;random,retrain-random,finetune,width-total,vanilla,"
-                   "retrain-vanilla", help="phases (';') of steps (','): every seed runs phase 1, then phase 2, ...")
+    p.add_argument("--steps", default="flops,width,retrain-flops,random,retrain-random,vanilla,retrain-vanilla;"
+                   "finetune,width-total", help="phases (';') of steps (','): every seed runs phase 1, then phase 2, ...")
     p.add_argument("--fragment-only", action="store_true")
     p.add_argument("--out", default=f"bench/results/{NAME}")
     return p.parse_args(argv)
@@ -72,7 +72,8 @@ def base_config(args: argparse.Namespace, seed: int):
 
     return GrowConfig(model="mobilenet_v1_cifar", dataset="npz", data_dir=args.data_dir, data_limit=args.limit,
                       test_limit=args.test_limit, val_fraction=args.val_fraction, post_split=args.post_split,
-                      seed=seed, stages=args.stages, epochs=args.epochs, seed_epochs=args.seed_epochs, measure=False)
+                      seed=seed, stages=args.stages, epochs=args.epochs, seed_epochs=args.seed_epochs, measure=False,
+                      batch_size=args.batch_size)
 
 
 ARMS = {"flops": {}, "vanilla": {"cost": "none"}, "random": {"selection": "random"}}
@@ -287,7 +288,7 @@ def fragment(result: dict, args: argparse.Namespace) -> str:
              f"0.5, post-split policy `{args.post_split}`; arms flops (LP), vanilla (cost none), random "
              "(selection random, MACs budget), sharing one trained seed",
              f"- comparison schedule: every grown stage and every width multiplier trained from scratch for "
-             f"{args.retrain_epochs} epochs (one cosine from lr 0.1); the fine-tuned last flops stage against "
+             f"{args.retrain_epochs} epochs (one cosine from lr 0.1, batch {args.batch_size}); the fine-tuned last flops stage against "
              "width multipliers trained from scratch for the same total epochs",
              "- differences in points of test top-1 at matched MACs (interpolated on log10 MACs), mean over the "
              "seeds that have the point, ± 2 SE of the test-set noise", ""]

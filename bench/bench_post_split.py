@@ -42,6 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed-epochs", type=int, default=None, help="seed epochs (digits 8, cifar 4)")
     p.add_argument("--policies", default=",".join(POLICIES))
     p.add_argument("--out", default=None)
+    p.add_argument("--summary-only", action="store_true", help="run nothing: rebuild summary.json and <out>.md")
     return p.parse_args(argv)
 
 
@@ -64,7 +65,7 @@ def summarise(out: Path, args: argparse.Namespace, seeds: list[int], policies: l
             if recs and (out / f"{policy}-s{seed}" / "DONE").exists():
                 last = recs[-1]
                 rows.setdefault(policy, {})[seed] = {
-                    "val_top1": last["val_top1"], "test_top1": last["test_top1"], "macs": last["macs"],
+                    "val_top1": last["val_top1"], "val_samples": last.get("val_samples"), "test_top1": last["test_top1"], "macs": last["macs"],
                     "stages": len(recs) - 1, "val_mean_growth": statistics.mean(r["val_top1"] for r in recs[1:])
                     if len(recs) > 1 else last["val_top1"]}
     result = {"dataset": args.dataset, "seeds": seeds, "policies": {}, "args": vars(args)}
@@ -77,17 +78,23 @@ def summarise(out: Path, args: argparse.Namespace, seeds: list[int], policies: l
         paired = [by_seed[s]["val_top1"] - base[s]["val_top1"] for s in by_seed if s in base]
         if policy != "restart" and len(paired) >= 2:
             se = statistics.stdev(paired) / math.sqrt(len(paired))
-            entry["val_diff_vs_restart"] = {"mean": statistics.mean(paired), "two_se": 2 * se, "n": len(paired)}
+            # the validation images' own noise: binomial SE of each accuracy, independent across seeds
+            var = [v["val_top1"] * (1 - v["val_top1"]) / v["val_samples"] + b["val_top1"] * (1 - b["val_top1"])
+                   / b["val_samples"] for s, v in by_seed.items() if s in base for b in [base[s]]]
+            entry["val_diff_vs_restart"] = {"mean": statistics.mean(paired), "two_se": 2 * se, "n": len(paired),
+                                            "two_se_binomial": 2 * math.sqrt(sum(var)) / len(var)}
         result["policies"][policy] = entry
     common.save_json(out / "summary.json", result)
     lines = [f"Post-split policy on {args.dataset} (validation split {args.val_fraction:g} of the training "
              f"images; final stage of each run; seeds {', '.join(map(str, seeds))})", "",
-             "| policy | seeds done | val top-1 (%) mean | val − restart (points, paired) ± 2 SE | test top-1 (%) mean "
-             "| MACs mean |", "|---|---|---|---|---|---|"]
+             "| policy | seeds done | val top-1 (%) mean | val − restart (points, paired) ± 2 SE over seeds "
+             "| 2 SE of the validation images' noise | test top-1 (%) mean | MACs mean |",
+             "|---|---|---|---|---|---|---|"]
     for policy, e in result["policies"].items():
         d = e.get("val_diff_vs_restart")
         dtxt = f"{100 * d['mean']:+.2f} ± {100 * d['two_se']:.2f} (n={d['n']})" if d else "-"
-        lines.append(f"| {policy} | {e['n_seeds']} | {100 * e['val_top1_mean']:.2f} | {dtxt} | "
+        btxt = f"± {100 * d['two_se_binomial']:.2f}" if d else "-"
+        lines.append(f"| {policy} | {e['n_seeds']} | {100 * e['val_top1_mean']:.2f} | {dtxt} | {btxt} | "
                      f"{100 * e['test_top1_mean']:.2f} | {common.fmt_num(e['macs_mean'])} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return result
@@ -102,6 +109,9 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     seeds = [int(s) for s in args.seeds.split(",")]
     policies = args.policies.split(",")
+    if args.summary_only:
+        summarise(out, args, seeds, policies)
+        return
     for seed in seeds:  # seeds outermost: a partial run still compares every policy on the same seeds
         for policy in policies:
             run = out / f"{policy}-s{seed}"
