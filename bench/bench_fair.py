@@ -18,8 +18,9 @@ for the same total number of epochs. Per seed:
 4. ``flops``'s last stage fine-tuned for ``--retrain-epochs``; width multipliers trained for its total epochs.
 
 Steps run in phases (``--steps``): steps 1-3 for every seed, then step 4 for every seed, so a
-run cut short still has the retrained comparisons on as many seeds as possible. Every step is a run directory under ``--out/s<seed>/`` and is skipped when done
-(``DONE`` marker): run the same command again after a kill. Comparisons are at matched MACs by
+run cut short still has the retrained comparisons on as many seeds as possible. Every step is a run
+directory under ``--out/s<seed>/`` and is skipped when done (``DONE`` marker; ``width:M`` and
+``retrain-ARM:K`` do one multiplier or stage, so several processes can share a seed's work): run the same command again after a kill. Comparisons are at matched MACs by
 interpolating the other curve at the same log10 MACs (no extrapolation), with 2 SE of the difference of
 two independent test accuracies (binomial, √2 × SE); nothing is chosen on test (the validation split is
 recorded, not used: this benchmark chooses nothing). ``<out>/summary.json`` and ``<out>.md`` are rebuilt
@@ -61,7 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--multipliers", default="1,1.5,2.5")
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--steps", default="flops,width,retrain-flops,random,retrain-random,vanilla,retrain-vanilla;"
-                   "finetune,width-total", help="phases (';') of steps (','): every seed runs phase 1, then phase 2, ...")
+                   "finetune,width-total",
+                   help="phases (';') of steps (','): every seed runs phase 1, then phase 2, ...")
     p.add_argument("--fragment-only", action="store_true")
     p.add_argument("--out", default=f"bench/results/{NAME}")
     return p.parse_args(argv)
@@ -111,26 +113,41 @@ def run_seed(args: argparse.Namespace, out: Path, seed: int, steps: list[str]) -
         (d / "DONE").write_text(json.dumps({"wall_s": time.perf_counter() - t0, "at": common.now()}) + "\n")
 
     def widths(tag: str, epochs: int, chosen: list[float]) -> None:
+        from hwsplit.errors import RunLocked
+
         for m in chosen:
             d = root / f"{tag}-x{m:g}"
             if _done(d):
                 continue
             t0 = time.perf_counter()
-            width_baseline(base, [m], d, epochs=epochs, overwrite=True)
+            try:
+                width_baseline(base, [m], d, epochs=epochs, overwrite=True)
+            except RunLocked:
+                log.info("seed %d: %s ×%g is being trained by another process: skipped", seed, tag, m)
+                continue
             _mark(d, t0)
             log.info("seed %d: %s ×%g done in %.0f s", seed, tag, m, time.perf_counter() - t0)
 
     def retrain(arm: str, from_scratch: bool = True, stages: list[int] | None = None) -> None:
+        """Each stage into its own ``grow-<arm>/retrain-<k>/`` (or ``finetune-<k>``), so that processes can share
+        the work (``--steps retrain-flops:2``); a stage another process holds is skipped."""
+        from hwsplit.errors import RunLocked
+
         src = root / f"grow-{arm}"
         sub = "retrain" if from_scratch else "finetune"
-        d = src / sub
-        if _done(d):
-            return
-        t0 = time.perf_counter()
         recs = common.records(src)
         chosen = stages if stages is not None else [r["stage"] for r in recs[1:]]
-        finetune(src, epochs=args.retrain_epochs, stages=chosen, from_scratch=from_scratch)
-        _mark(d, t0)
+        for k in chosen:
+            d = src / f"{sub}-{k}"
+            if _done(d) or (_done(src / sub) and k in [r["source_stage"] for r in _recs(src / sub)]):
+                continue
+            t0 = time.perf_counter()
+            try:
+                finetune(src, epochs=args.retrain_epochs, stages=[k], from_scratch=from_scratch, out=d)
+            except RunLocked:
+                log.info("seed %d: %s stage %d is being trained by another process: skipped", seed, sub, k)
+                continue
+            _mark(d, t0)
 
     for step in steps:
         t0 = time.perf_counter()
@@ -139,10 +156,11 @@ def run_seed(args: argparse.Namespace, out: Path, seed: int, steps: list[str]) -
             if not _done(d):
                 grow(arm_config("flops"), d, resume=(d / "config.json").exists(), overwrite=True)
                 (d / "DONE").write_text(json.dumps({"at": common.now()}) + "\n")
-        elif step == "width":
-            widths("width", args.retrain_epochs, mults)
-        elif step.startswith("retrain-"):
-            retrain(step.split("-", 1)[1])
+        elif step == "width" or step.startswith("width:"):  # width:M trains only multiplier M
+            widths("width", args.retrain_epochs, mults if step == "width" else [float(step.split(":")[1])])
+        elif step.startswith("retrain-"):  # retrain-ARM[:K]
+            arm, _, k = step.split("-", 1)[1].partition(":")
+            retrain(arm, stages=[int(k)] if k else None)
         elif step in ("random", "vanilla"):
             grow_arm(step)
         elif step == "finetune":
@@ -151,7 +169,7 @@ def run_seed(args: argparse.Namespace, out: Path, seed: int, steps: list[str]) -
         elif step == "width-total":
             last = common.records(root / "grow-flops")[-1]["stage"]
             total = stage_epochs_in_all(base, last) + args.retrain_epochs
-            ft = common.records(root / "grow-flops" / "finetune")
+            ft = common.records(root / "grow-flops" / f"finetune-{last}")
             # the multipliers that bracket the fine-tuned network's MACs (no extrapolation needed)
             width_macs = {r["width_mult"]: r["macs"] for m in mults for r in common.records(root / f"width-x{m:g}")}
             below = [m for m in mults if width_macs.get(m, math.inf) <= ft[-1]["macs"]]
@@ -170,6 +188,15 @@ def run_seed(args: argparse.Namespace, out: Path, seed: int, steps: list[str]) -
 
 def _recs(path: Path) -> list[dict]:
     return common.records(path) if (path / "stages.jsonl").exists() else []
+
+
+def _derived(src: Path, sub: str) -> list[dict]:
+    """Completed ``sub`` records of a grow run: ``src/sub`` (all stages in one) and ``src/sub-K`` (one each)."""
+    recs = {r["source_stage"]: r for r in (_recs(src / sub) if _done(src / sub) else [])}
+    for d in sorted(src.glob(f"{sub}-*")):
+        if _done(d):
+            recs.update({r["source_stage"]: r for r in _recs(d)})
+    return [recs[k] for k in sorted(recs)]
 
 
 def _width_curve(root: Path, tag: str) -> list[dict]:
@@ -207,22 +234,21 @@ def summarise(out: Path, args: argparse.Namespace) -> dict:
         for arm in ARMS:
             g = root / f"grow-{arm}"
             grown = _recs(g) if _done(g) or arm == "flops" else []
-            rt = _recs(g / "retrain") if _done(g / "retrain") else []
+            rt = _derived(g, "retrain")
             s[arm] = {"grown": [{"stage": r["stage"], "macs": r["macs"], "test_top1": r["test_top1"],
                                  "val_top1": r.get("val_top1")} for r in grown],
                       "retrained": [{"stage": r["source_stage"], "macs": r["macs"], "test_top1": r["test_top1"],
                                      "val_top1": r.get("val_top1")} for r in rt],
                       "retrained_vs_width": _compare(rt, width, n_test)}
         # claim 2: energy-aware (flops) vs vanilla, both retrained; each arm's points on the other's curve
-        rt_f = _recs(root / "grow-flops" / "retrain") if _done(root / "grow-flops" / "retrain") else []
-        rt_v = _recs(root / "grow-vanilla" / "retrain") if _done(root / "grow-vanilla" / "retrain") else []
+        rt_f, rt_v = _derived(root / "grow-flops", "retrain"), _derived(root / "grow-vanilla", "retrain")
         seed_rt = [r for r in width if r["width_mult"] == 1.0]  # the seed architecture retrained = width × 1
         if rt_f and rt_v:
             s["flops_vs_vanilla"] = _compare(rt_f, sorted(seed_rt + rt_v, key=lambda r: r["macs"]), n_test)
-        rt_r = _recs(root / "grow-random" / "retrain") if _done(root / "grow-random" / "retrain") else []
+        rt_r = _derived(root / "grow-random", "retrain")
         if rt_f and rt_r:
             s["flops_vs_random"] = _compare(rt_f, sorted(seed_rt + rt_r, key=lambda r: r["macs"]), n_test)
-        ft = _recs(root / "grow-flops" / "finetune") if _done(root / "grow-flops" / "finetune") else []
+        ft = _derived(root / "grow-flops", "finetune")
         if ft:
             total = ft[-1]["epochs_in_all"]
             wt = _width_curve(root, f"width{total}")
@@ -288,8 +314,8 @@ def fragment(result: dict, args: argparse.Namespace) -> str:
              f"0.5, post-split policy `{args.post_split}`; arms flops (LP), vanilla (cost none), random "
              "(selection random, MACs budget), sharing one trained seed",
              f"- comparison schedule: every grown stage and every width multiplier trained from scratch for "
-             f"{args.retrain_epochs} epochs (one cosine from lr 0.1, batch {args.batch_size}); the fine-tuned last flops stage against "
-             "width multipliers trained from scratch for the same total epochs",
+             f"{args.retrain_epochs} epochs (one cosine from lr 0.1, batch {args.batch_size}); the fine-tuned last "
+             "flops stage against width multipliers trained from scratch for the same total epochs",
              "- differences in points of test top-1 at matched MACs (interpolated on log10 MACs), mean over the "
              "seeds that have the point, ± 2 SE of the test-set noise", ""]
     agg = result["aggregate"]
