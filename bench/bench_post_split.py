@@ -65,7 +65,8 @@ def summarise(out: Path, args: argparse.Namespace, seeds: list[int], policies: l
             if recs and (out / f"{policy}-s{seed}" / "DONE").exists():
                 last = recs[-1]
                 rows.setdefault(policy, {})[seed] = {
-                    "val_top1": last["val_top1"], "val_samples": last.get("val_samples"), "test_top1": last["test_top1"], "macs": last["macs"],
+                    "val_top1": last["val_top1"], "val_samples": last.get("val_samples"),
+                    "test_top1": last["test_top1"], "macs": last["macs"],
                     "stages": len(recs) - 1, "val_mean_growth": statistics.mean(r["val_top1"] for r in recs[1:])
                     if len(recs) > 1 else last["val_top1"]}
     result = {"dataset": args.dataset, "seeds": seeds, "policies": {}, "args": vars(args)}
