@@ -20,8 +20,8 @@ for the same total number of epochs. Per seed:
 Steps run in phases (``--steps``): steps 1-3 for every seed, then step 4 for every seed, so a
 run cut short still has the retrained comparisons on as many seeds as possible. Every step is a run
 directory under ``--out/s<seed>/`` and is skipped when done (``DONE`` marker; ``width:M`` and
-``retrain-ARM:K`` do one multiplier or stage, so several processes can share a seed's work): run the same command again after a kill.
-Comparisons are at matched MACs by
+``retrain-ARM:K`` do one multiplier or stage, so several processes can share a seed's work): run
+the same command again after a kill. Comparisons are at matched MACs by
 interpolating the other curve at the same log10 MACs (no extrapolation), with 2 SE of the difference of
 two independent test accuracies (binomial, √2 × SE); nothing is chosen on test (the validation split is
 recorded, not used: this benchmark chooses nothing). ``<out>/summary.json`` and ``<out>.md`` are rebuilt
