@@ -1,4 +1,6 @@
-"""hwsplit command line: grow, baseline, report, export, summary, profile, fit. Parses, calls the library, prints.
+"""hwsplit command line: grow, baseline, finetune, report, export, summary, profile, fit.
+
+Parses, calls the library, prints.
 
 Exit status: 0 success; 1 a run failed (a non-finite loss, a failed write, an ONNX export that does
 not match PyTorch) after keeping everything completed so far; 2 bad arguments, missing data,
@@ -190,6 +192,8 @@ def _channel_multiple(text: str | None) -> int | str | None:
 
 def _print_stage(record: dict[str, Any]) -> None:
     what = f"width ×{record['width_mult']:g}" if "width_mult" in record else f"stage {record['stage']}"
+    if "source_stage" in record:
+        what = f"{'retrained' if record.get('from_scratch') else 'fine-tuned'} stage {record['source_stage']}"
     click.echo(f"{what}: test top-1 {record['test_top1']:.4f}, {record['macs'] / 1e6:.4g}M MACs, "
                f"{record['cost']['value']:.4g} {record['cost']['unit']}, "
                f"{record.get('neurons_split', 0)} neurons split", err=True)
@@ -222,6 +226,16 @@ def _print_stage(record: dict[str, Any]) -> None:
 @click.option("--max-layer-growth", type=click.FloatRange(min=0, max=1, min_open=True), default=None,
               help="Cap per layer and stage, as a fraction of its width.")
 @_CHANNEL_MULTIPLE
+@click.option("--val-fraction", type=click.FloatRange(min=0, max=1, max_open=True), default=0.0, show_default=True,
+              help="Share of the training images carved out (seeded by --seed) as a validation split; choices "
+                   "(the stage to ship) are made on it, never on test.")
+@click.option("--post-split", type=click.Choice(["restart", "warm", "continue"]), default="restart",
+              show_default=True,
+              help="Training after a split: restart (fresh cosine from --lr), warm (0.3 x --lr after a short "
+                   "warm-up), continue (one cosine across all stages).")
+@click.option("--final-epochs", type=click.IntRange(min=1), default=None,
+              help="End the run with a trained network: fine-tune the last stage (with --budget and "
+                   "--val-fraction: the best on validation) this many epochs into RUN/final/.")
 @_SGD_OPTIONS
 @click.option("--out", type=click.Path(file_okay=False), default="runs/grow", show_default=True,
               help="Run directory (created; a previous run in it is replaced only with --overwrite).")
@@ -236,8 +250,9 @@ def grow(model: str, model_config: str | None, width_mult: float | None, activat
          profile_path: str | None, metric: str | None, growth_ratio: float, stages: int, budget: str | None,
          epochs: int,
          seed_epochs: int | None, split_epochs: int, split_method: str, split_step: float, selection: str,
-         max_layer_growth: float | None, channel_multiple: str | None, batch_size: int, lr: float,
-         weight_decay: float, device: str, seed: int, out: str, overwrite: bool, resume: str | None) -> None:
+         max_layer_growth: float | None, channel_multiple: str | None, val_fraction: float, post_split: str,
+         final_epochs: int | None, batch_size: int, lr: float, weight_decay: float, device: str, seed: int,
+         out: str, overwrite: bool, resume: str | None) -> None:
     """Grow a network stage by stage: train, score, price, select, split."""
     import cost_models
     from hwsplit.config import GrowConfig, load_config, parse_budget
@@ -265,6 +280,7 @@ def grow(model: str, model_config: str | None, width_mult: float | None, activat
         records = run_grow(config, resume, resume=True, progress=_progress, on_stage=_print_stage)
         if _main_rank():
             click.echo(_table(stage_table(records)))
+            _print_final(config, resume, records)
             click.echo(f"\nrun directory: {resume}")
         return
 
@@ -284,11 +300,26 @@ def grow(model: str, model_config: str | None, width_mult: float | None, activat
         split_method=split_method, split_step=split_step, selection=selection, max_layer_growth=max_layer_growth,
         channel_multiple=_channel_multiple(channel_multiple),
         batch_size=batch_size, lr=lr, weight_decay=weight_decay, device=device, seed=seed,
+        val_fraction=val_fraction, post_split=post_split, final_epochs=final_epochs,
     )
     records = run_grow(config, out, overwrite=overwrite, progress=_progress, on_stage=_print_stage)
     if _main_rank():
         click.echo(_table(stage_table(records)))
+        _print_final(config, out, records)
         click.echo(f"\nrun directory: {out}")
+
+
+def _print_final(config: Any, out: str, records: list[dict[str, Any]]) -> None:
+    """With --final-epochs: the shipped network's accuracy next to the seed's."""
+    from hwsplit.rundir import RunDir
+
+    final = RunDir(Path(out) / "final").records() if config.final_epochs else []
+    if not final or not records:
+        return
+    f, seed = final[-1], records[0]
+    click.echo(f"\nfinal network (stage {f['source_stage']} fine-tuned {f['epochs']} epochs, "
+               f"{f['epochs_in_all']} in all): test top-1 {f['test_top1']:.4f} at {f['macs'] / 1e3:.4g}k MACs; "
+               f"seed: {seed['test_top1']:.4f} at {seed['macs'] / 1e3:.4g}k MACs  -> {Path(out) / 'final'}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -368,6 +399,47 @@ def baseline_width(multipliers: str, like: str | None, model: str, model_config:
     if _main_rank():
         click.echo(_table(stage_table(records)))
         click.echo(f"\nrun directory: {out}")
+
+
+# --------------------------------------------------------------------------------------------
+# finetune
+# --------------------------------------------------------------------------------------------
+
+@main.command()
+@click.argument("run", metavar="RUN", type=click.Path(file_okay=False, exists=True))
+@click.option("--stage", "stages", type=click.IntRange(min=0), multiple=True,
+              help="A grown stage to fine-tune (repeatable).")
+@click.option("--all", "all_stages", is_flag=True, help="Every completed stage (the default when no --stage).")
+@click.option("--epochs", type=click.IntRange(min=1), required=True, help="Training epochs of each network.")
+@click.option("--from-scratch", is_flag=True,
+              help="Retrain each architecture from a fresh initialisation (writes RUN/retrain/).")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Peak lr (default: the run's).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Default: the run's.")
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=None, help="Default: the run's.")
+@click.option("--device", default=None, help="cpu, cuda, cuda:N (default: the run's).")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Output run directory (default RUN/finetune, or RUN/retrain with --from-scratch).")
+@click.option("--overwrite", is_flag=True, help="Replace another fine-tuning already in the output directory.")
+@_library_errors
+def finetune(run: str, stages: tuple[int, ...], all_stages: bool, epochs: int, from_scratch: bool,
+             lr: float | None, batch_size: int | None, weight_decay: float | None, device: str | None,
+             out: str | None, overwrite: bool) -> None:
+    """Fine-tune (or retrain from scratch) grown stages of RUN for the same schedule; resumable."""
+    from hwsplit.devices import check_device
+    from hwsplit.finetune import finetune as run_finetune
+    from hwsplit.rundir import stage_table
+
+    if all_stages and stages:
+        raise click.UsageError("--all and --stage exclude each other")
+    overrides = {k: v for k, v in (("lr", lr), ("batch_size", batch_size), ("weight_decay", weight_decay),
+                                   ("device", device)) if v is not None}
+    if device is not None:
+        check_device(device, field="--device")
+    records = run_finetune(run, epochs=epochs, stages=list(stages) or None, from_scratch=from_scratch, out=out,
+                           overrides=overrides, overwrite=overwrite, progress=_progress, on_stage=_print_stage)
+    click.echo(_table(stage_table(records)))
+    dest = out or str(Path(run) / ("retrain" if from_scratch else "finetune"))
+    click.echo(f"\nrun directory: {dest}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from typing import Any
 
 from hwsplit.errors import ConfigError
 from hwsplit.families import FAMILIES, supports_channel_multiple
+from hwsplit.schedule import POLICIES, stage_train_config
 from hwsplit.select import SELECTIONS
 from hwsplit.train import TrainConfig
 
@@ -106,6 +107,9 @@ class GrowConfig:
     # grow in multiples of N channels per layer and stage (None: one neuron at a time); "auto": the
     # profile's channel_block (issue 11; hwsplit/blocks.py, resolve_channel_multiple)
     channel_multiple: int | str | None = None
+    val_fraction: float = 0.0  # share of the training images carved out (seeded) for validation
+    post_split: str = "restart"  # training policy after a split: hwsplit.schedule.POLICIES
+    final_epochs: int | None = None  # fine-tune the shipped stage this many epochs at the end (RUN/final/)
 
     @property
     def profile(self) -> str | None:
@@ -133,6 +137,8 @@ class GrowConfig:
             "label_smoothing": _number(self.label_smoothing) and 0 <= self.label_smoothing < 1,
             "seed": isinstance(self.seed, int) and not isinstance(self.seed, bool),
             "measure_time_s": _number(self.measure_time_s) and self.measure_time_s > 0,
+            "val_fraction": _number(self.val_fraction) and 0 <= self.val_fraction < 1,
+            "final_epochs": self.final_epochs is None or _positive_int(self.final_epochs),
             "device": isinstance(self.device, str) and re.fullmatch(r"cpu|cuda(:\d+)?", self.device) is not None,
         }
         for name, ok in checks.items():
@@ -142,6 +148,8 @@ class GrowConfig:
             raise ConfigError(f"model: unknown name {self.model!r}; available: {', '.join(sorted(FAMILIES))}")
         if self.selection not in SELECTIONS:
             raise ConfigError(f"selection: expected one of {', '.join(SELECTIONS)}, got {self.selection!r}")
+        if self.post_split not in POLICIES:
+            raise ConfigError(f"post_split: expected one of {', '.join(POLICIES)}, got {self.post_split!r}")
         if self.split_method not in SPLIT_METHODS:
             raise ConfigError(f"split_method: expected rayleigh or exact, got {self.split_method!r}")
         if self.cost not in COSTS:
@@ -176,6 +184,12 @@ class GrowConfig:
     def train_config(self, epochs: int) -> TrainConfig:
         return TrainConfig(epochs=epochs, lr=self.lr, weight_decay=self.weight_decay,
                            label_smoothing=self.label_smoothing, schedule=self.schedule)
+
+    def stage_train_config(self, stage: int) -> TrainConfig:
+        """The training settings of growth stage ``stage`` (0 = the seed) under ``post_split``."""
+        return stage_train_config(self.train_config(self.epochs), self.post_split, stage,
+                                  seed_epochs=self.seed_epochs or self.epochs, stage_epochs=self.epochs,
+                                  stages=self.stages)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, source: str = "config") -> GrowConfig:

@@ -15,6 +15,7 @@ kinds of loader, so that data-parallel training changes nothing else.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import math
@@ -40,8 +41,10 @@ __all__ = [
     "epoch_batches",
     "example_batch",
     "load_dataset",
+    "make_eval_loader",
     "make_loaders",
     "shard_size",
+    "split_validation",
 ]
 
 log = logging.getLogger(__name__)
@@ -88,6 +91,9 @@ class DataBundle:
         mean, std: per-channel mean and standard deviation of the training images in [0, 1]
             intensity units, used for normalisation.
         class_names: class names where the data set has them, else ``None``.
+        val: the validation set carved from the training images by :func:`split_validation`, else
+            ``None`` (never augmented; disjoint from ``train``).
+        val_index: indices of ``val`` in the training set before the split (``train_index`` the rest).
     """
 
     name: str
@@ -98,6 +104,9 @@ class DataBundle:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     class_names: list[str] | None = field(default=None)
+    val: Dataset | None = field(default=None)
+    val_index: torch.Tensor | None = field(default=None)
+    train_index: torch.Tensor | None = field(default=None)
 
 
 class TensorImageDataset(Dataset):
@@ -944,6 +953,49 @@ def load_dataset(
         data_dir=path, download=download, seed=seed, augment=augment, limit=limit, test_limit=test_limit,
         image_size=image_size,
     )
+
+
+def split_validation(bundle: DataBundle, fraction: float, *, seed: int) -> DataBundle:
+    """``bundle`` with a validation set carved from its training images (docs/design.md §5).
+
+    A seeded random permutation of the training indices (``torch.Generator`` seeded with ``seed``)
+    puts its first ``round(fraction * N)`` images (at least 1, at most N - 1) into ``val`` and the
+    rest into ``train``, so the two never overlap and the same seed gives the same split. The
+    normalisation statistics stay those of all training images (a label-free statistic). ``val``
+    is never augmented. ``fraction`` is in (0, 1).
+    """
+    if not (isinstance(fraction, (int, float)) and 0 < fraction < 1):
+        raise ValueError(f"val_fraction: expected a number in (0, 1), got {fraction!r}")
+    n = len(bundle.train)  # type: ignore[arg-type]
+    if n < 2:
+        raise ValueError(f"val_fraction: {n} training image(s) cannot be split into training and validation")
+    n_val = min(max(1, round(fraction * n)), n - 1)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
+    val_index, train_index = order[:n_val].sort().values, order[n_val:].sort().values
+    train = bundle.train
+    if isinstance(train, TensorImageDataset):
+        def part(index: torch.Tensor, augment: bool) -> TensorImageDataset:
+            i = index.to(train.images.device)
+            return TensorImageDataset(train.images.index_select(0, i), train.labels.index_select(0, i),
+                                      mean=train.mean, std=train.std, augment=augment, pad=train.pad)
+
+        new_train, val = part(train_index, train.augment), part(val_index, False)
+    else:  # image folders: subsets (the validation subset shares the training transform's crop)
+        new_train = torch.utils.data.Subset(train, train_index.tolist())
+        val = torch.utils.data.Subset(train, val_index.tolist())
+    log.info("%s: %d training images kept, %d carved out for validation (seed %d)", bundle.name,
+             len(train_index), len(val_index), seed)
+    return dataclasses.replace(bundle, train=new_train, val=val, val_index=val_index, train_index=train_index)
+
+
+def make_eval_loader(dataset: Dataset, *, batch_size: int, seed: int = 0,
+                     device: str | torch.device | None = None) -> Iterable:
+    """An evaluation loader (in order, never augmented) over ``dataset``, like :func:`make_loaders`' test one."""
+    if isinstance(dataset, TensorImageDataset):
+        return TensorBatchLoader(dataset, batch_size, shuffle=False, augment=False, seed=seed, device=device)
+    sampler = _EpochBatchSampler(len(dataset), batch_size, shuffle=False, seed=seed, rank=0,  # type: ignore[arg-type]
+                                 world_size=1)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler)
 
 
 def make_loaders(

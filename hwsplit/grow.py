@@ -145,6 +145,10 @@ def grow(config: GrowConfig, out: str | Path, *, resume: bool = False, overwrite
     reason; the completed stages' checkpoints and records stay intact. ``KeyboardInterrupt``
     propagates after the same bookkeeping; no partial file is left behind.
     """
+    if config.final_epochs is not None:  # before anything runs: RUN/final/ is written by one process only
+        from hwsplit.finetune import check_one_process
+
+        check_one_process("--final-epochs")
     run = RunDir(out)
     check_writable_name(run.summary)
     if config.data_dir is not None and not resume:  # resumable from any working directory
@@ -193,7 +197,8 @@ def _stages(run: RunDir, config: GrowConfig, session: Session, records: list[dic
 
     def finish_stage(stage: int, extra: dict[str, Any], timings: dict[str, float], epochs: int) -> dict[str, Any]:
         record = train_and_record(session, model, stage, epochs=epochs, loader_epoch=stage * 10_000,
-                                  timings=timings, extra=extra, progress=progress, groups=groups)
+                                  timings=timings, extra=extra, progress=progress, groups=groups,
+                                  train_config=config.stage_train_config(stage))
         write_stage(run, session, model, record, records)
         write_summary(run, config, records, status="running")
         log.info("stage %d: test top-1 %.4f, %.4g MACs, %s %.4g %s", stage, record["test_top1"], record["macs"],
@@ -314,6 +319,10 @@ def _stages(run: RunDir, config: GrowConfig, session: Session, records: list[dic
 
     write_summary(run, config, records, status=f"stopped: {stop_reason}")
     log.info("stopped: %s", stop_reason)
+    if config.final_epochs is not None and records:  # the network to ship, in RUN/final/ (resumable)
+        from hwsplit.finetune import final_network
+
+        final_network(run.path, config, session, records, progress=progress)
     return records
 
 

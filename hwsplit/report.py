@@ -12,7 +12,10 @@
   neurons.
 
 Runs are read from their directories (``config.json`` and ``stages.jsonl``) only; the plots carry
-their own titles, axis units and legends.
+their own titles, axis units and legends. A grow run's ``final/``, ``finetune/`` and ``retrain/``
+directories (:mod:`hwsplit.finetune`) are added as series of their own, so grown, fine-tuned,
+retrained and baseline networks share one chart. Accuracies are drawn with ±2 standard errors,
+√(p(1 − p)/n) over the n test images a record was scored on (records that do not say n: no bar).
 """
 
 from __future__ import annotations
@@ -50,6 +53,11 @@ class Run:
     def description(self) -> str:
         """A short summary of the settings, e.g. ``grow: mobilenet_v1, cost flops, lp``."""
         c = self.config
+        ft = c.get("finetune")
+        if isinstance(ft, dict):
+            what = "retrained from scratch" if ft.get("from_scratch") else "fine-tuned"
+            return (f"{ft.get('kind', 'finetune')}: grown stages {what}, {ft.get('epochs')} epochs, "
+                    f"{c.get('model')}, cost {c.get('cost')}")
         if self.is_baseline:
             mults = ", ".join(f"{m:g}" for m in c.get("multipliers", []))
             return f"{c.get('baseline')} baseline: {c.get('model')} × {mults}"
@@ -61,6 +69,8 @@ class Run:
 
     def point_label(self, record: dict[str, Any]) -> str:
         """How a stage is named on plots: ``0``, ``1``, … for growth, ``×0.5`` for a width baseline."""
+        if "source_stage" in record:
+            return f"{record['source_stage']}"
         return f"×{record['width_mult']:g}" if "width_mult" in record else str(record["stage"])
 
 
@@ -78,6 +88,30 @@ def load_run(path: str | Path) -> Run:
         if missing:
             raise ValueError(f"run: {path}/stages.jsonl record {i} lacks {', '.join(missing)}")
     return Run(path=path, config=config, records=records)
+
+
+#: Sub-directories of a grow run that hold fine-tuned networks (hwsplit.finetune), shown with it.
+DERIVED = ("final", "finetune", "retrain")
+
+
+def expand_runs(paths: Sequence[str | Path]) -> list[Path]:
+    """``paths`` with each grow run's ``final/``, ``finetune/``, ``retrain/`` (if they hold records) after it."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p not in out:
+            out.append(p)
+        for sub in DERIVED:
+            d = p / sub
+            if d.is_dir() and (d / "config.json").is_file() and RunDir(d).records() and d not in out:
+                out.append(d)
+    return out
+
+
+def accuracy_se(top1: float, n: int | None) -> float | None:
+    """Standard error of an accuracy ``top1`` (fraction) measured on ``n`` images, or None without ``n``."""
+    if not n:
+        return None
+    return math.sqrt(max(top1 * (1 - top1), 0.0) / n)
 
 
 def _name_runs(runs: list[Run]) -> None:
@@ -101,12 +135,19 @@ def _latency_ms(record: dict[str, Any]) -> float | None:
 
 def comparison_rows(runs: Sequence[Run]) -> list[list[str]]:
     """Rows (header first): one per run and stage."""
-    rows = [["run", "stage", "test top-1 (%)", "MACs", "params", "cost", "measured latency (ms)"]]
+    rows = [["run", "stage", "test top-1 (%)", "± 2 SE", "val top-1 (%)", "epochs in all", "MACs", "params", "cost",
+             "measured latency (ms)"]]
     for run in runs:
         for r in run.records:
             stage = str(r["stage"]) + (f" (×{r['width_mult']:g})" if "width_mult" in r else "")
+            if "source_stage" in r:
+                stage = f"{r['stage']} (of stage {r['source_stage']})"
             lat = _latency_ms(r)
-            rows.append([run.name, stage, f"{100 * r['test_top1']:.2f}", fmt_si(r["macs"]), fmt_si(r["params"]),
+            se = accuracy_se(r["test_top1"], r.get("test_samples"))
+            total = r.get("epochs_in_all", r.get("epochs"))
+            rows.append([run.name, stage, f"{100 * r['test_top1']:.2f}", f"{200 * se:.2f}" if se is not None else "-",
+                         f"{100 * r['val_top1']:.2f}" if "val_top1" in r else "-",
+                         str(total) if total is not None else "-", fmt_si(r["macs"]), fmt_si(r["params"]),
                          f"{r['cost']['value']:.4g} {r['cost']['unit']}", f"{lat:.4g}" if lat is not None else "-"])
     return rows
 
@@ -141,6 +182,11 @@ def _accuracy_plot(ax: Any, runs: Sequence[Run], x_of: Any, *, annotate: bool = 
         xs, ys, names = zip(*points)
         (line,) = ax.plot(xs, ys, marker=_MARKERS[i % len(_MARKERS)], markersize=7, linewidth=1.6,
                           label=run.label)
+        bars = [(x_of(r), 100 * r["test_top1"], 200 * se) for r in run.records
+                if x_of(r) is not None and (se := accuracy_se(r["test_top1"], r.get("test_samples"))) is not None]
+        if bars:
+            bx, by, be = zip(*bars)
+            ax.errorbar(bx, by, yerr=be, fmt="none", ecolor=line.get_color(), elinewidth=1, capsize=3, alpha=0.7)
         if annotate:
             for x, y, name in points:
                 ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8,
@@ -162,7 +208,7 @@ def write_report(run_paths: Sequence[str | Path], out: str | Path) -> dict[str, 
 
     if not run_paths:
         raise ValueError("runs: give at least one run directory")
-    runs = [load_run(p) for p in run_paths]
+    runs = [load_run(p) for p in expand_runs(run_paths)]
     _name_runs(runs)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -174,7 +220,8 @@ def write_report(run_paths: Sequence[str | Path], out: str | Path) -> dict[str, 
     fig, ax = plt.subplots(figsize=(8, 5.5))
     _accuracy_plot(ax, runs, lambda r: math.log10(r["macs"]) if r["macs"] > 0 else None)
     ax.set_xlabel("log10 MACs (multiply-accumulates per image)")
-    ax.set_title(f"Test accuracy against MACs{on}\n(one marker per stage; labels: stage or width multiplier)")
+    ax.set_title(f"Test accuracy against MACs{on}, ±2 SE\n(one marker per stage; labels: stage, grown stage "
+                 "fine-tuned/retrained, or width multiplier)")
     _legend(ax, len(runs))
     _save(fig, out / "accuracy_vs_macs.png")
     plt.close(fig)
@@ -244,4 +291,4 @@ def _short(name: str) -> str:
     return name[: -len(".conv")] if name.endswith(".conv") and len(name) > len(".conv") else name
 
 
-__all__ = ["Run", "comparison_rows", "load_run", "write_report"]
+__all__ = ["DERIVED", "Run", "accuracy_se", "comparison_rows", "expand_runs", "load_run", "write_report"]

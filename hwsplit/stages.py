@@ -29,7 +29,7 @@ from torch import nn
 import cost_models
 from hwsplit.checkpoint import save_checkpoint
 from hwsplit.config import GrowConfig, resolve_channel_multiple
-from hwsplit.data import DataBundle, load_dataset, make_loaders
+from hwsplit.data import DataBundle, load_dataset, make_eval_loader, make_loaders, split_validation
 from hwsplit.distributed import is_main, local_device, rank, world_size
 from hwsplit.errors import ConfigError, first_line
 from hwsplit.families import build_seed as _build_family_seed
@@ -37,7 +37,7 @@ from hwsplit.graph import NeuronGroup, find_neuron_groups
 from hwsplit.models import architecture
 from hwsplit.parallel import on_main
 from hwsplit.rundir import RunDir, WriteFailed
-from hwsplit.train import evaluate, seed_everything, train
+from hwsplit.train import TrainConfig, evaluate, seed_everything, train
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,7 @@ class Session:
     cost_model: Any
     flops: Any
     measure: Callable[[nn.Module, tuple[int, ...]], dict[str, Any]] | None
+    val_loader: Any = None  # with config.val_fraction > 0: the validation images, in order
 
     def trace(self, model: nn.Module) -> list[NeuronGroup]:
         """The neuron groups of ``model`` (one fx trace; pass the result on instead of tracing again)."""
@@ -118,12 +119,17 @@ def open_session(config: GrowConfig, *, bundle: DataBundle | None = None) -> Ses
     if bundle is None:
         bundle = load_dataset(config.dataset, data_dir=config.data_dir, download=config.download, seed=config.seed,
                               limit=config.data_limit, test_limit=config.test_limit)
+    if config.val_fraction > 0 and bundle.val is None:
+        bundle = split_validation(bundle, config.val_fraction, seed=config.seed)
     train_loader, test_loader = make_loaders(bundle, batch_size=config.batch_size, seed=config.seed,
                                              rank=rank(), world_size=world_size(),
                                              device=device if device.type == "cuda" else None)
     return Session(config=config, bundle=bundle, train_loader=train_loader, test_loader=test_loader, device=device,
                    input_shape=(1, *bundle.input_shape), cost_model=_cost_model(config),
-                   flops=cost_models.get_cost_model("flops"), measure=end_to_end_measurer(config))
+                   flops=cost_models.get_cost_model("flops"), measure=end_to_end_measurer(config),
+                   val_loader=None if bundle.val is None else make_eval_loader(
+                       bundle.val, batch_size=config.batch_size, seed=config.seed,
+                       device=device if device.type == "cuda" else None))
 
 
 def _cost_model(config: GrowConfig) -> Any:
@@ -156,24 +162,36 @@ def describe(session: Session, model: nn.Module, groups: list[NeuronGroup] | Non
 
 def train_and_record(session: Session, model: nn.Module, stage: int, *, epochs: int, loader_epoch: int,
                      timings: dict[str, float], extra: dict[str, Any], progress: Progress | None = None,
-                     groups: list[NeuronGroup] | None = None) -> dict[str, Any]:
+                     groups: list[NeuronGroup] | None = None,
+                     train_config: TrainConfig | None = None) -> dict[str, Any]:
     """Train ``model`` for ``epochs`` (data order from ``loader_epoch`` on), evaluate, describe: the record.
 
     ``groups`` are ``model``'s neuron groups if already traced (training does not change them).
+    ``train_config`` replaces the run's one cosine schedule of ``epochs`` (e.g. a post-split policy's,
+    :mod:`hwsplit.schedule`); its peak ``lr``, warm-up and horizon go into the record's ``"schedule"``.
+    With a validation split the record has ``val_loss``/``val_top1``; ``test_samples`` (and
+    ``val_samples``) count the images the accuracies are over, for standard errors.
     """
     config, device = session.config, session.device
     if hasattr(session.train_loader, "set_epoch"):
         session.train_loader.set_epoch(loader_epoch)  # the shuffles depend on the stage only
     t0 = time.perf_counter()
-    fit = train(model, session.train_loader, config=config.train_config(epochs), device=device, progress=progress)
+    tc = config.train_config(epochs) if train_config is None else train_config
+    fit = train(model, session.train_loader, config=tc, device=device, progress=progress)
     timings["train_s"] = time.perf_counter() - t0
     test = evaluate(model, session.test_loader, device=device, progress=progress)
+    val = (evaluate(model, session.val_loader, device=device, progress=progress)
+           if session.val_loader is not None else None)
     info = describe(session, model, groups)
     record = {
         "stage": stage,
         **info,
         "train_loss": fit["loss"], "train_top1": fit["top1"],
         "test_loss": test["loss"], "test_top1": test["top1"], "test_top5": test["top5"],
+        "test_samples": test["samples"],
+        **({"val_loss": val["loss"], "val_top1": val["top1"], "val_samples": val["samples"]} if val else {}),
+        "schedule": {"epochs": tc.epochs, "lr": tc.lr, "kind": tc.schedule, "warmup_epochs": tc.warmup_epochs,
+                     "horizon_epochs": tc.horizon_epochs or tc.epochs, "offset_epochs": tc.offset_epochs},
         "seconds": timings,
         "world_size": world_size(),
         **extra,

@@ -64,6 +64,11 @@ class TrainConfig:
         label_smoothing: cross-entropy label smoothing in [0, 1).
         amp: float16 autocast + GradScaler; ``None``: on when the device is CUDA (``True`` needs CUDA).
         channels_last: channels-last memory format for model and inputs; ``None``: on when CUDA.
+        warmup_epochs: linear warm-up of the learning rate from ~0 to ``lr`` over this many epochs
+            (fractions allowed; 0: none), multiplied onto the schedule.
+        horizon_epochs, offset_epochs: the cosine runs over ``horizon_epochs`` (default ``epochs``)
+            and this training starts ``offset_epochs`` into it: one schedule across several calls
+            (hwsplit.schedule's ``continue`` policy). ``offset_epochs + epochs`` must not exceed it.
     """
 
     epochs: int = 10
@@ -77,6 +82,9 @@ class TrainConfig:
     label_smoothing: float = 0.0
     amp: bool | None = None
     channels_last: bool | None = None
+    warmup_epochs: float = 0.0
+    horizon_epochs: int | None = None
+    offset_epochs: int = 0
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ValueError:
@@ -104,6 +112,15 @@ class TrainConfig:
             raise bad("gamma", "must be in (0, 1]")
         if not (isinstance(self.label_smoothing, (int, float)) and 0 <= self.label_smoothing < 1):
             raise bad("label_smoothing", "must be in [0, 1)")
+        if not (isinstance(self.warmup_epochs, (int, float)) and math.isfinite(self.warmup_epochs)
+                and 0 <= self.warmup_epochs <= self.epochs):
+            raise bad("warmup_epochs", "must be a number in [0, epochs]")
+        if isinstance(self.offset_epochs, bool) or not isinstance(self.offset_epochs, int) or self.offset_epochs < 0:
+            raise bad("offset_epochs", "must be an integer >= 0")
+        if self.horizon_epochs is not None and (
+                isinstance(self.horizon_epochs, bool) or not isinstance(self.horizon_epochs, int)
+                or self.horizon_epochs < self.offset_epochs + self.epochs):
+            raise bad("horizon_epochs", "must be an integer >= offset_epochs + epochs")
         for name in ("amp", "channels_last"):
             if getattr(self, name) not in (None, True, False):
                 raise bad(name, "must be True, False or None (auto: on for CUDA)")
@@ -148,13 +165,17 @@ class _LRFactor:
     steps_per_epoch: int
     step_size: int
     gamma: float
+    warmup_steps: float = 0.0
+    offset_steps: int = 0
 
     def __call__(self, t: int) -> float:
+        warm = min(1.0, (t + 1) / self.warmup_steps) if self.warmup_steps > 0 else 1.0
+        g = t + self.offset_steps  # position in a schedule shared with earlier trainings
         if self.schedule == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * min(t, self.total_steps) / self.total_steps))
+            return warm * 0.5 * (1.0 + math.cos(math.pi * min(g, self.total_steps) / self.total_steps))
         if self.schedule == "step":
-            return self.gamma ** ((t // self.steps_per_epoch) // self.step_size)
-        return 1.0
+            return warm * self.gamma ** ((g // self.steps_per_epoch) // self.step_size)
+        return warm
 
 
 def make_scheduler(
@@ -163,12 +184,16 @@ def make_scheduler(
     """Learning-rate schedule of ``config.schedule``, to be stepped once per optimisation step.
 
     ``steps_per_epoch`` is the number of batches per epoch; cosine decays from ``lr`` to 0 over
-    ``epochs * steps_per_epoch`` steps, step multiplies by ``gamma`` every ``step_size`` epochs.
+    ``horizon_epochs`` (default ``epochs``) × ``steps_per_epoch`` steps, starting ``offset_epochs``
+    in; step multiplies by ``gamma`` every ``step_size`` epochs; a linear warm-up over
+    ``warmup_epochs`` multiplies either.
     """
     if steps_per_epoch < 1:
         raise ValueError(f"steps_per_epoch: must be >= 1, got {steps_per_epoch}")
+    horizon = config.epochs if config.horizon_epochs is None else config.horizon_epochs
     factor = _LRFactor(
-        config.schedule, config.epochs * steps_per_epoch, steps_per_epoch, config.step_size, config.gamma
+        config.schedule, horizon * steps_per_epoch, steps_per_epoch, config.step_size, config.gamma,
+        warmup_steps=config.warmup_epochs * steps_per_epoch, offset_steps=config.offset_epochs * steps_per_epoch,
     )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 

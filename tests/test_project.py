@@ -16,7 +16,7 @@ def _readme_commands() -> list[str]:
 def test_readme_has_exactly_two_setup_commands():
     commands = _readme_commands()
     assert len(commands) == 2
-    assert commands[0].endswith("python cli.py grow --cost flops")
+    assert re.search(r"python cli.py grow --cost flops( --final-epochs \d+)?$", commands[0])
     assert "pytest" in commands[1]
 
 
