@@ -191,6 +191,8 @@ def _channel_multiple(text: str | None) -> int | str | None:
 
 
 def _print_stage(record: dict[str, Any]) -> None:
+    if not _main_rank():  # under torchrun rank 0 alone reports
+        return
     what = f"width ×{record['width_mult']:g}" if "width_mult" in record else f"stage {record['stage']}"
     if "source_stage" in record:
         what = f"{'retrained' if record.get('from_scratch') else 'fine-tuned'} stage {record['source_stage']}"
@@ -421,6 +423,7 @@ def baseline_width(multipliers: str, like: str | None, model: str, model_config:
               help="Output run directory (default RUN/finetune, or RUN/retrain with --from-scratch).")
 @click.option("--overwrite", is_flag=True, help="Replace another fine-tuning already in the output directory.")
 @_library_errors
+@_on_all_ranks
 def finetune(run: str, stages: tuple[int, ...], all_stages: bool, epochs: int, from_scratch: bool,
              lr: float | None, batch_size: int | None, weight_decay: float | None, device: str | None,
              out: str | None, overwrite: bool) -> None:
@@ -437,9 +440,10 @@ def finetune(run: str, stages: tuple[int, ...], all_stages: bool, epochs: int, f
         check_device(device, field="--device")
     records = run_finetune(run, epochs=epochs, stages=list(stages) or None, from_scratch=from_scratch, out=out,
                            overrides=overrides, overwrite=overwrite, progress=_progress, on_stage=_print_stage)
-    click.echo(_table(stage_table(records)))
-    dest = out or str(Path(run) / ("retrain" if from_scratch else "finetune"))
-    click.echo(f"\nrun directory: {dest}")
+    if _main_rank():
+        click.echo(_table(stage_table(records)))
+        dest = out or str(Path(run) / ("retrain" if from_scratch else "finetune"))
+        click.echo(f"\nrun directory: {dest}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from hwsplit.blocks import make_divisible  # one rounding rule for seeds, baselines and the bench
 from hwsplit.specs import LayerSpec
 
 __all__ = ["CHANNEL_LADDER", "FAMILIES", "aligned_architecture", "calibration_architectures", "family_grid",
@@ -116,17 +117,6 @@ def calibration_architectures(family: str, resolution: int, n: int, *, num_class
                     "activation": activation, "dropout": 0.0})
     return out
 
-
-
-def make_divisible(width: int, multiple: int) -> int:
-    """``width`` rounded to the nearest multiple of ``multiple`` (never below it, never more than
-    10 % down): torchvision's ``_make_divisible`` convention for MobileNets."""
-    if multiple <= 1:
-        return int(width)
-    new = max(multiple, int(width + multiple / 2) // multiple * multiple)
-    if new < 0.9 * width:
-        new += multiple
-    return new
 
 
 def aligned_architecture(arch: dict[str, Any], multiple: int) -> dict[str, Any]:

@@ -22,9 +22,9 @@ a budget and a validation split the best on validation, never on test) and fine-
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,9 +33,11 @@ from hwsplit.baselines import grow_epochs
 from hwsplit.checkpoint import load_checkpoint, load_model
 from hwsplit.config import GrowConfig, load_config, read_config
 from hwsplit.data import BadImageError
+from hwsplit.distributed import is_main
 from hwsplit.errors import ConfigError
 from hwsplit.fsio import atomic_write_json, check_writable_name
 from hwsplit.models import model_from_architecture
+from hwsplit.parallel import on_main
 from hwsplit.rundir import RunDir, StageFailed, WriteFailed, start_fresh, write_summary
 from hwsplit.stages import (
     Session,
@@ -62,14 +64,6 @@ def stage_epochs_in_all(config: GrowConfig, stage: int) -> int:
     return (config.seed_epochs or config.epochs) + stage * config.epochs
 
 
-def check_one_process(what: str) -> None:
-    """``ConfigError`` under torchrun with several processes: fine-tuning is not data-parallel yet (every
-    rank would write the same directory), so it must run in one process."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError(f"{what}: runs in one process only (data-parallel fine-tuning is not implemented); "
-                          "start it without torchrun, or with --nproc-per-node 1")
-
-
 def finetune(run: str | Path, *, epochs: int, stages: Sequence[int] | None = None, from_scratch: bool = False,
              out: str | Path | None = None, overrides: dict[str, Any] | None = None, overwrite: bool = False,
              session: Session | None = None, progress: Callable | None = None,
@@ -86,7 +80,6 @@ def finetune(run: str | Path, *, epochs: int, stages: Sequence[int] | None = Non
     (before anything is written) and :class:`~hwsplit.rundir.StageFailed` when a record cannot
     complete (a non-finite loss, a failed write), after writing ``summary.md``.
     """
-    check_one_process("finetune")
     src = RunDir(run)
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ConfigError(f"epochs: expected a positive integer, got {epochs!r}")
@@ -117,11 +110,18 @@ def finetune(run: str | Path, *, epochs: int, stages: Sequence[int] | None = Non
                                              "source_architectures": [done[k].get("architecture") for k in chosen]}}
     if session is None:
         session = open_session(config)
-    with dest.lock(kind):
-        kept = _prepare(dest, info, overwrite=overwrite)
-        atomic_write_json(dest.config, info)
+    # under torchrun every rank trains (train_and_record is data-parallel) and rank 0 alone writes dest
+    # (write_stage, write_summary and the start below); the source run is read by every rank
+    with dest.lock(kind) if is_main() else contextlib.nullcontext():
+        kept = on_main(_start, dest, info, overwrite=overwrite, share=True)
         return _train_all(dest, src, config, session, chosen, done, kept, epochs=epochs, from_scratch=from_scratch,
                           kind=kind, progress=progress, on_stage=on_stage)
+
+
+def _start(dest: RunDir, info: dict[str, Any], *, overwrite: bool) -> list[dict[str, Any]]:
+    kept = _prepare(dest, info, overwrite=overwrite)
+    atomic_write_json(dest.config, info)
+    return kept
 
 
 def _prepare(dest: RunDir, info: dict[str, Any], *, overwrite: bool) -> list[dict[str, Any]]:

@@ -145,10 +145,6 @@ def grow(config: GrowConfig, out: str | Path, *, resume: bool = False, overwrite
     reason; the completed stages' checkpoints and records stay intact. ``KeyboardInterrupt``
     propagates after the same bookkeeping; no partial file is left behind.
     """
-    if config.final_epochs is not None:  # before anything runs: RUN/final/ is written by one process only
-        from hwsplit.finetune import check_one_process
-
-        check_one_process("--final-epochs")
     run = RunDir(out)
     check_writable_name(run.summary)
     if config.data_dir is not None and not resume:  # resumable from any working directory

@@ -136,6 +136,12 @@ def test_torchrun_grow_resumes_after_one_rank_is_killed(tmp_path: Path) -> None:
     assert [r["stage"] for r in records] == [0, 1, 2]
     assert [r["world_size"] for r in records] == [2, 2, 2]
     assert done.stdout.count("run directory:") == 1  # rank 0 alone prints the result
+    # finetune under torchrun: data-parallel, rank 0 alone writes RUN/finetune/ and prints
+    tuned = _torchrun("finetune", str(out), "--stage", "2", "--epochs", "1", env=_env())
+    assert tuned.returncode == 0, tuned.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "finetune" / "stages.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["source_stage"], r["world_size"]) for r in records] == [(0, 2, 2)]
+    assert tuned.stdout.count("run directory:") == 1
 
 
 def test_one_process_reductions_are_identities() -> None:
