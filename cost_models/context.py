@@ -99,15 +99,10 @@ def node_times(module: nn.Module, example: Any, *, threads: int = 1, runs: int =
     order: ``[{"name", "op", "ms"}]``, from the per-node profile of ``runs`` inferences."""
     import onnxruntime as ort
 
-    from cost_models.runner import export_layer_onnx
+    from cost_models.runner import export_layer_onnx, session_options
 
     with tempfile.TemporaryDirectory() as tmp:
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.log_severity_level = 3
+        opts = session_options(threads)
         opts.enable_profiling = True
         opts.profile_file_prefix = os.path.join(tmp, "trace")
         session = ort.InferenceSession(export_layer_onnx(module, example), opts, providers=["CPUExecutionProvider"])

@@ -23,7 +23,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
 __all__ = ["DEFAULT_WARMUP", "OPSET", "Runner", "check_choice", "export_layer_onnx", "layer_module", "make_meter",
-           "measure_layer", "measure_module", "overhead_module"]
+           "measure_layer", "measure_module", "overhead_module", "session_options"]
 
 DEFAULT_WARMUP = 10
 OPSET = 17
@@ -60,6 +60,21 @@ def _cuda_sync(kind: str) -> Callable[[], None] | None:
     if not torch.cuda.is_available():
         return None
     return torch.cuda.synchronize
+
+
+def session_options(threads: int) -> Any:
+    """The onnxruntime session settings every timing uses (the runner, per-node traces): ``threads``
+    intra-op threads, one inter-op thread, sequential execution, full graph optimisation (what a
+    deployed session runs), warnings off."""
+    import onnxruntime as ort  # lazy: only profiling needs it
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    return options
 
 
 def export_layer_onnx(module: nn.Module, example: Any) -> bytes:
@@ -108,12 +123,7 @@ class Runner:
             return
         import onnxruntime as ort  # lazy: only profiling needs it
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3
+        options = session_options(threads)
         model_bytes = export_layer_onnx(module, example)
         x = example.detach().cpu().numpy()
         if self.kind == "cuda":
