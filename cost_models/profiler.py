@@ -51,6 +51,8 @@ DEFAULT_TIME_BUDGET_S = 1.0
 QUICK_TIME_BUDGET_S = 0.05
 #: Seconds per row on top of the time budget (export, session creation, warm-up) used for estimates.
 PER_ROW_SETUP_S = 0.08
+#: Networks the repeatability check measures twice (the first of the in-context networks).
+REPEATABILITY_NETWORKS = 8
 ProgressFn = Callable[..., Iterable[Any]]
 
 
@@ -318,12 +320,13 @@ def _measure_in_context(profile: dict[str, Any], family: str, resolution: int, n
     example = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     if "repeatability" not in profile:
         runners = []
-        for arch in archs[:4]:
+        for arch in archs[:REPEATABILITY_NETWORKS]:
             torch.manual_seed(0)
             runners.append(Runner(model_from_architecture(arch).eval(), example, backend="onnxruntime", device="cpu",
                                   threads=threads))
-        profile["repeatability"] = repeatability([r.run_once for r in runners], meter=meter, rounds=5,
-                                                 time_budget_s=0.1 if time_budget_s < 1 else 0.2)
+        # the check judges what one measurement delivers (median of rounds), timed as the networks below are
+        profile["repeatability"] = repeatability([r.run_once for r in runners], meter=meter,
+                                                 time_budget_s=time_budget_s)
         save()
     context = profile.setdefault("context", {"networks": [], "node_runs": 100})
     done = [e["architecture"] for e in context["networks"]]

@@ -121,7 +121,7 @@ def test_quick_profile_with_onnxruntime(tmp_path: Path) -> None:
     # then the channel block, the repeatability check and 6 networks timed node by node (issue 11)
     assert seen[2] == {"desc": "profile networks node by node", "total": 6}
     assert profile["channel_block"] == profile["blocks"]["channel_block"] >= 1
-    assert profile["repeatability"]["networks"] == 4 and profile["repeatability"]["rounds"] == 5
+    assert profile["repeatability"]["networks"] == 6 and profile["repeatability"]["rounds"] == 5
     context = profile["context"]["networks"]
     assert len(context) == 6 and sum(n["architecture"]["stem_width"] % profile["channel_block"] == 0
                                      for n in context) >= 3
