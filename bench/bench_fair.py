@@ -1,7 +1,20 @@
-"""Claims 2 and 3 of BENCHMARKS.md under the paper's comparison protocol (issue 12).
+"""Claims 2, 3 and 4 of BENCHMARKS.md under the paper's comparison protocol (issue 12).
 
-    python bench/bench_fair.py --seeds 0,1         # BENCHMARKS.md's run (the defaults)
+    python bench/bench_fair.py --seeds 0,1         # BENCHMARKS.md's run (the defaults): claims 2 and 3
     python bench/bench_fair.py --fragment-only                     # rebuild the tables from what is done
+    # claim 4 (issues 11 and 12): lut vs flops, both in blocks of the profile's channel block, then the
+    # latency of every compared architecture on a quiet core
+    python bench/bench_fair.py --claim4 --channel-multiple auto --out bench/results/fair_hardware
+    flock /work/locks/core1.lock taskset -c 1 python bench/bench_fair.py --claim4 --channel-multiple auto \
+        --out bench/results/fair_hardware --steps measure
+
+Claim 4 (``--claim4``: steps ``flops,lut,width,retrain-flops,retrain-lut``): the same protocol with the ``lut``
+arm (cost ``lut`` of ``--profile``) beside ``flops``, every network (seed, both arms, width multipliers) rounded
+to ``--channel-multiple``; step ``measure`` times every compared architecture end to end
+(``cost_models.measure.measure_model``, onnxruntime, 1 thread, ``--measure-time`` s per measurement, two
+interleaved passes whose agreement is reported) into ``<out>/latency.json``; the comparisons are at matched
+*measured* latency (interpolated on log10 ms). The latency of a network is its architecture's, so the grown
+stage's checkpoint stands for its retrained copy.
 
 The architecture is what is compared, not the schedule it grew under (Wang et al. 2019, code
 ``main_finetune.py``): every compared network is **retrained from scratch on the same schedule**
@@ -34,6 +47,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -65,9 +79,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", default="flops,width,retrain-flops,random,retrain-random,vanilla,retrain-vanilla;"
                    "finetune,width-total",
                    help="phases (';') of steps (','): every seed runs phase 1, then phase 2, ...")
+    p.add_argument("--claim4", action="store_true",
+                   help="claim 4: arms flops and lut (default steps flops,lut,width,retrain-flops,retrain-lut)")
+    p.add_argument("--profile", default="profiles/cpu-amd-epyc-1t-onnxruntime.json", help="the lut arm's profile")
+    p.add_argument("--channel-multiple", default=None, metavar="N|auto",
+                   help="every network in multiples of N channels; auto: the channel_block of --profile")
+    p.add_argument("--measure-time", type=float, default=1.0, help="seconds per latency measurement (step measure)")
     p.add_argument("--fragment-only", action="store_true")
     p.add_argument("--out", default=f"bench/results/{NAME}")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.claim4 and "--steps" not in " ".join(argv if argv is not None else sys.argv):
+        args.steps = "flops,lut,width,retrain-flops,retrain-lut"
+    return args
+
+
+def channel_multiple(args: argparse.Namespace) -> int | None:
+    """``--channel-multiple`` as a number (``auto``: the profile's channel block), the same for every arm."""
+    from hwsplit.config import GrowConfig, resolve_channel_multiple
+
+    if args.channel_multiple is None:
+        return None
+    if args.channel_multiple != "auto":
+        return int(args.channel_multiple)
+    return resolve_channel_multiple(GrowConfig(cost="lut", cost_options={"profile": str(common.resolve(args.profile))},
+                                               channel_multiple="auto"))
 
 
 def base_config(args: argparse.Namespace, seed: int):
@@ -76,10 +111,16 @@ def base_config(args: argparse.Namespace, seed: int):
     return GrowConfig(model="mobilenet_v1_cifar", dataset="npz", data_dir=args.data_dir, data_limit=args.limit,
                       test_limit=args.test_limit, val_fraction=args.val_fraction, post_split=args.post_split,
                       seed=seed, stages=args.stages, epochs=args.epochs, seed_epochs=args.seed_epochs, measure=False,
-                      batch_size=args.batch_size)
+                      batch_size=args.batch_size, channel_multiple=channel_multiple(args))
 
 
-ARMS = {"flops": {}, "vanilla": {"cost": "none"}, "random": {"selection": "random"}}
+ARMS = {"flops": {}, "vanilla": {"cost": "none"}, "random": {"selection": "random"}, "lut": {"cost": "lut"}}
+
+
+def arm_overrides(arm: str, args: argparse.Namespace) -> dict:
+    if arm == "lut":
+        return {**ARMS[arm], "cost_options": {"profile": str(common.resolve(args.profile))}}
+    return ARMS[arm]
 
 
 def _done(path: Path) -> bool:
@@ -101,7 +142,7 @@ def run_seed(args: argparse.Namespace, out: Path, seed: int, steps: list[str]) -
     mults = parse_multipliers(args.multipliers)
 
     def arm_config(arm: str):
-        return dataclasses.replace(base, **ARMS[arm])
+        return dataclasses.replace(base, **arm_overrides(arm, args))
 
     def grow_arm(arm: str) -> None:
         d = root / f"grow-{arm}"
@@ -162,8 +203,10 @@ def run_seed(args: argparse.Namespace, out: Path, seed: int, steps: list[str]) -
         elif step.startswith("retrain-"):  # retrain-ARM[:K]
             arm, _, k = step.split("-", 1)[1].partition(":")
             retrain(arm, stages=[int(k)] if k else None)
-        elif step in ("random", "vanilla"):
+        elif step in ("random", "vanilla", "lut"):
             grow_arm(step)
+        elif step == "measure":
+            measure_latency(out, root, args)
         elif step == "finetune":
             last = common.records(root / "grow-flops")[-1]["stage"]
             retrain("flops", from_scratch=False, stages=[last])
@@ -205,19 +248,86 @@ def _width_curve(root: Path, tag: str) -> list[dict]:
     return sorted(recs, key=lambda r: r["macs"])
 
 
-def _interp(curve: list[dict], macs: float) -> float | None:
-    return common.interpolate([(math.log10(r["macs"]), r["test_top1"]) for r in curve], math.log10(macs))
+def _interp(curve: list[dict], x: float, key: str = "macs") -> float | None:
+    return common.interpolate([(math.log10(r[key]), r["test_top1"]) for r in curve if r.get(key)], math.log10(x))
 
 
-def _compare(points: list[dict], curve: list[dict], n_test: int) -> list[dict]:
+def _compare(points: list[dict], curve: list[dict], n_test: int, key: str = "macs") -> list[dict]:
+    """Each point against ``curve``'s accuracy interpolated at the same log10 ``key`` (MACs or latency_ms)."""
     out = []
     for r in points:
-        y = _interp(curve, r["macs"])
+        y = _interp(curve, r[key], key) if r.get(key) else None
         if y is None:
             continue
         se = math.sqrt(2) * common.accuracy_se(r["test_top1"], n_test)
-        out.append({"stage": r.get("source_stage", r["stage"]), "macs": r["macs"], "acc": r["test_top1"], "other": y,
-                    "diff": r["test_top1"] - y, "two_se": 2 * se})
+        out.append({"stage": r.get("source_stage", r["stage"]), "macs": r["macs"], key: r[key], "acc": r["test_top1"],
+                    "other": y, "diff": r["test_top1"] - y, "two_se": 2 * se})
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# claim 4: measured latency of every compared architecture
+# ------------------------------------------------------------------------------------------------
+
+INPUT_SHAPE = (1, 3, 32, 32)
+
+
+def _arch_key(arch: dict) -> str:
+    return json.dumps(arch, sort_keys=True)
+
+
+def _compared_architectures(root: Path) -> list[dict]:
+    recs = [r for d in sorted(root.glob("width-x*")) if _done(d) for r in _recs(d)]
+    for arm in ("flops", "lut"):
+        recs += _recs(root / f"grow-{arm}")
+    return recs
+
+
+def measure_latency(out: Path, root: Path, args: argparse.Namespace) -> None:
+    """Time every compared architecture of ``root`` not yet in ``<out>/latency.json``: two passes over them
+    (each network once per pass), so that the two measurements of a network are minutes apart."""
+    import torch
+
+    import cost_models
+    from cost_models.measure import measure_model
+    from hwsplit.models import model_from_architecture
+
+    path = out / "latency.json"
+    table = json.loads(path.read_text()) if path.exists() else {"networks": {}, "sessions": []}
+    todo: dict[str, dict] = {}
+    for r in _compared_architectures(root):
+        k = _arch_key(r["architecture"])
+        if k not in table["networks"] and k not in todo:
+            todo[k] = r
+    if not todo:
+        log.info("%s: every architecture is measured already", root.name)
+        return
+    lut = cost_models.get_cost_model("lut", profile=str(common.resolve(args.profile)))
+    models = {}
+    for k, r in todo.items():
+        torch.manual_seed(0)
+        models[k] = model_from_architecture(r["architecture"]).eval()
+    table["sessions"].append({"date": common.now(), "machine": common.machine(), "command": common.command_line(),
+                              "load_before": os.getloadavg()[0], "networks": len(todo)})
+    passes: dict[str, list[float]] = {k: [] for k in todo}
+    for p in range(2):
+        for i, (k, model) in enumerate(models.items()):
+            m = measure_model(model, INPUT_SHAPE, backend="onnxruntime", threads=1, time_budget_s=args.measure_time)
+            passes[k].append(m["latency_ms"]["median"])
+            log.info("%s pass %d: %d/%d %.4f ms", root.name, p + 1, i + 1, len(models), passes[k][-1])
+    for k, model in models.items():
+        table["networks"][k] = {"architecture": todo[k]["architecture"], "macs": todo[k]["macs"],
+                                "passes_ms": passes[k], "latency_ms": statistics.mean(passes[k]),
+                                "lut_predicted_ms": lut.total(model, INPUT_SHAPE), "measured": common.now()}
+    table["sessions"][-1]["load_after"] = os.getloadavg()[0]
+    common.save_json(path, table)
+
+
+def _with_latency(recs: list[dict], table: dict) -> list[dict]:
+    out = []
+    for r in recs:
+        m = table.get(_arch_key(r["architecture"])) if "architecture" in r else None
+        out.append({**r, "latency_ms": m["latency_ms"] if m else None})
     return out
 
 
@@ -257,16 +367,38 @@ def summarise(out: Path, args: argparse.Namespace) -> dict:
                               "width_same_epochs": [{"width_mult": r["width_mult"], "macs": r["macs"],
                                                      "test_top1": r["test_top1"]} for r in wt],
                               "vs_width": _compare(ft, wt, n_test)}
+        lat_path = out / "latency.json"
+        lat = json.loads(lat_path.read_text())["networks"] if lat_path.exists() else {}
+        rt_l = _derived(root / "grow-lut", "retrain")
+        if rt_l and lat:  # claim 4: at matched measured latency
+            width_l = _with_latency(width, lat)
+            rt_l, rt_fl = _with_latency(rt_l, lat), _with_latency(rt_f, lat)
+            flops_curve = sorted(_with_latency(seed_rt, lat) + rt_fl, key=lambda r: r["latency_ms"] or 0)
+            lut_curve = sorted(_with_latency(seed_rt, lat) + rt_l, key=lambda r: r["latency_ms"] or 0)
+            s["claim4"] = {
+                "lut_vs_flops": _compare(rt_l, flops_curve, n_test, "latency_ms"),
+                "flops_vs_lut": _compare(rt_fl, lut_curve, n_test, "latency_ms"),
+                "lut_vs_width": _compare(rt_l, width_l, n_test, "latency_ms"),
+                "flops_vs_width": _compare(rt_fl, width_l, n_test, "latency_ms"),
+                "networks": [{"name": name, "test_top1": r["test_top1"], "val_top1": r.get("val_top1"),
+                              "macs": r["macs"], **{f: lat[_arch_key(r["architecture"])][f]
+                                                    for f in ("passes_ms", "lut_predicted_ms")}}
+                             for name, r in ([(f"width × {r['width_mult']:g}", r) for r in width]
+                                             + [(f"flops stage {r['source_stage']}", r) for r in rt_fl]
+                                             + [(f"lut stage {r['source_stage']}", r) for r in rt_l])
+                             if _arch_key(r["architecture"]) in lat]}
         result["seeds"][seed] = s
     # across seeds: the mean difference at each comparison, with 2 SE = 2 √(Σ SE_s²) / n_seeds (test-set noise)
     agg: dict = {}
-    for key in ("flops", "random", "vanilla"):
+    for key in ("flops", "random", "vanilla", "lut"):
         agg[f"{key}_retrained_vs_width"] = _aggregate([s[key]["retrained_vs_width"] for s in result["seeds"].values()
                                                        if key in s])
     for key in ("flops_vs_vanilla", "flops_vs_random"):
         agg[key] = _aggregate([s[key] for s in result["seeds"].values() if key in s])
     agg["finetuned_vs_width"] = _aggregate([s["finetuned"]["vs_width"] for s in result["seeds"].values()
                                             if "finetuned" in s])
+    for key in ("lut_vs_flops", "flops_vs_lut", "lut_vs_width", "flops_vs_width"):
+        agg[f"claim4_{key}"] = _aggregate([s["claim4"][key] for s in result["seeds"].values() if "claim4" in s])
     result["aggregate"] = agg
     common.save_json(out / "summary.json", result)
     out.with_suffix(".md").write_text(fragment(result, args), encoding="utf-8")
@@ -285,6 +417,7 @@ def _aggregate(per_seed: list[list[dict]]) -> dict:
         out[stage] = {"n_seeds": n, "diff": statistics.mean(c["diff"] for c in cs),
                       "two_se": math.sqrt(sum(c["two_se"] ** 2 for c in cs)) / n,
                       "macs": statistics.mean(c["macs"] for c in cs),
+                      **({"latency_ms": statistics.mean(c["latency_ms"] for c in cs)} if "latency_ms" in cs[0] else {}),
                       "diffs": [c["diff"] for c in cs]}
     return out
 
@@ -294,7 +427,8 @@ def _verdict_line(name: str, agg: dict) -> str:
         return f"- {name}: no comparison yet"
     parts, ahead, behind = [], 0, 0
     for stage, a in agg.items():
-        parts.append(f"stage {stage} ({common.fmt_num(a['macs'])} MACs, {a['n_seeds']} seed(s)): "
+        where = f"{a['latency_ms']:.3f} ms" if "latency_ms" in a else f"{common.fmt_num(a['macs'])} MACs"
+        parts.append(f"stage {stage} ({where}, {a['n_seeds']} seed(s)): "
                      f"{100 * a['diff']:+.2f} ± {100 * a['two_se']:.2f}")
         ahead += a["diff"] > a["two_se"]
         behind += a["diff"] < -a["two_se"]
@@ -302,33 +436,71 @@ def _verdict_line(name: str, agg: dict) -> str:
             f"of {len(agg)}")
 
 
+def _command(args: argparse.Namespace) -> str:
+    parts = []
+    for k, v in vars(args).items():
+        if k in ("fragment_only", "steps") or v is None or v is False:
+            continue
+        parts.append(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}"))
+    return "`python bench/bench_fair.py " + " ".join(parts) + "`"
+
+
 def fragment(result: dict, args: argparse.Namespace) -> str:
-    lines = ["## Fair protocol (issue 12): claims 2 and 3", "",
-             "- command: `python bench/bench_fair.py " + " ".join(
-                 f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("fragment_only", "steps"))
-             + "`", f"- machine: {common.machine_line(common.machine())}",
+    arms = ("flops (LP) and lut (LP, the latency table of "
+            f"`{args.profile}`), every network in multiples of {channel_multiple(args)} channels"
+            if args.claim4 else "flops (LP), vanilla (cost none), random (selection random, MACs budget)")
+    lines = [f"## Fair protocol (issue 12): {'claim 4' if args.claim4 else 'claims 2 and 3'}", "",
+             f"- command: {_command(args)}" + (" (steps flops,lut,width,retrain-flops,retrain-lut; then `--steps "
+                                               "measure` on a quiet core)" if args.claim4 else ""),
+             f"- machine: {common.machine_line(common.machine())}",
              f"- rebuilt: {common.now()}",
              f"- data: CIFAR-10 (`{args.data_dir}`), first {args.limit} training images, of which "
              f"{args.val_fraction:g} carved out (seeded) as validation (recorded, not used: nothing is chosen "
              f"here); the first {args.test_limit} test images",
              f"- growth: seed {args.seed_epochs} epochs, {args.stages} stages × {args.epochs} epochs, growth ratio "
-             f"0.5, post-split policy `{args.post_split}`; arms flops (LP), vanilla (cost none), random "
-             "(selection random, MACs budget), sharing one trained seed",
+             f"0.5, post-split policy `{args.post_split}`; arms {arms}, sharing one trained seed",
              f"- comparison schedule: every grown stage and every width multiplier trained from scratch for "
-             f"{args.retrain_epochs} epochs (one cosine from lr 0.1, batch {args.batch_size}); the fine-tuned last "
-             "flops stage against width multipliers trained from scratch for the same total epochs",
-             "- differences in points of test top-1 at matched MACs (interpolated on log10 MACs), mean over the "
-             "seeds that have the point, ± 2 SE of the test-set noise", ""]
+             f"{args.retrain_epochs} epochs (one cosine from lr 0.1, batch {args.batch_size})"
+             + ("" if args.claim4 else "; the fine-tuned last flops stage against width multipliers trained from "
+                "scratch for the same total epochs"),
+             "- differences in points of test top-1 at matched "
+             + ("measured latency (onnxruntime, 1 thread, interpolated on log10 ms)" if args.claim4
+                else "MACs (interpolated on log10 MACs)")
+             + ", mean over the seeds that have the point, ± 2 SE of the test-set noise", ""]
     agg = result["aggregate"]
-    lines += ["### Verdict lines", "",
-              _verdict_line("claim 3, retrained grown (flops) − width", agg["flops_retrained_vs_width"]),
-              _verdict_line("claim 3, retrained random-selection − width", agg["random_retrained_vs_width"]),
-              _verdict_line("claim 3, retrained flops − retrained random (random arm's curve incl. the seed)",
-                            agg["flops_vs_random"]),
-              _verdict_line("claim 3, fine-tuned flops − width trained as many epochs", agg["finetuned_vs_width"]),
-              _verdict_line("claim 2, retrained flops − retrained vanilla (vanilla curve incl. the seed)",
-                            agg["flops_vs_vanilla"]),
-              _verdict_line("(diagnostic) retrained vanilla − width", agg["vanilla_retrained_vs_width"]), ""]
+    if args.claim4:
+        lines += ["### Verdict lines", "",
+                  _verdict_line("claim 4, retrained lut − retrained flops (flops curve incl. the seed), matched "
+                                "latency", agg["claim4_lut_vs_flops"]),
+                  _verdict_line("claim 4, retrained flops − retrained lut (lut curve incl. the seed), matched "
+                                "latency", agg["claim4_flops_vs_lut"]),
+                  _verdict_line("retrained lut − width, matched latency", agg["claim4_lut_vs_width"]),
+                  _verdict_line("retrained flops − width, matched latency", agg["claim4_flops_vs_width"]),
+                  _verdict_line("retrained flops − width, matched MACs", agg["flops_retrained_vs_width"]),
+                  _verdict_line("retrained lut − width, matched MACs", agg["lut_retrained_vs_width"]), ""]
+        for seed, s in result["seeds"].items():
+            if "claim4" not in s:
+                continue
+            rows = [["network", "test top-1 (%)", "MACs", "measured (ms), two passes", "agreement",
+                     "lut predicted (ms)", "prediction error"]]
+            for n in s["claim4"]["networks"]:
+                a, b = n["passes_ms"]
+                m = (a + b) / 2
+                rows.append([n["name"], f"{100 * n['test_top1']:.2f}", common.fmt_num(n["macs"]),
+                             f"{a:.4f}, {b:.4f}", f"{100 * abs(a / b - 1):.1f} %", f"{n['lut_predicted_ms']:.4f}",
+                             f"{100 * (n['lut_predicted_ms'] / m - 1):+.1f} %"])
+            lines += [f"Latency, seed {seed} (retrained networks; a grown stage has its retrained copy's latency):", "",
+                      common.md_table(rows), ""]
+    else:
+        lines += ["### Verdict lines", "",
+                  _verdict_line("claim 3, retrained grown (flops) − width", agg["flops_retrained_vs_width"]),
+                  _verdict_line("claim 3, retrained random-selection − width", agg["random_retrained_vs_width"]),
+                  _verdict_line("claim 3, retrained flops − retrained random (random arm's curve incl. the seed)",
+                                agg["flops_vs_random"]),
+                  _verdict_line("claim 3, fine-tuned flops − width trained as many epochs", agg["finetuned_vs_width"]),
+                  _verdict_line("claim 2, retrained flops − retrained vanilla (vanilla curve incl. the seed)",
+                                agg["flops_vs_vanilla"]),
+                  _verdict_line("(diagnostic) retrained vanilla − width", agg["vanilla_retrained_vs_width"]), ""]
     lines += ["### Per seed", ""]
     for seed, s in result["seeds"].items():
         rows = [["network", "test top-1 (%)", "val top-1 (%)", "MACs"]]
