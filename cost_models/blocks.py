@@ -56,14 +56,11 @@ def optimized_graph(module: Any, example: Any, *, threads: int = 1) -> list[dict
     """The graph onnxruntime (CPU provider, ``ORT_ENABLE_ALL``) actually runs for ``module``."""
     import onnxruntime as ort
 
-    from cost_models.runner import export_layer_onnx
+    from cost_models.runner import export_layer_onnx, session_options
 
     with tempfile.TemporaryDirectory() as tmp:
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts = session_options(threads)  # the graph the timings run, so the same settings
         opts.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
-        opts.log_severity_level = 3  # the "hardware specific" serialisation warning is the point here
         ort.InferenceSession(export_layer_onnx(module, example), opts, providers=["CPUExecutionProvider"])
         return graph_summary(opts.optimized_model_filepath)
 
