@@ -17,12 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from hwsplit.config import RUN_INFO_WORLD_SIZE, GrowConfig
-from hwsplit.data import BadImageError
 from hwsplit.distributed import is_main, world_size
 from hwsplit.fsio import atomic_write_json, check_writable_name
 from hwsplit.parallel import on_main
-from hwsplit.rundir import RunDir, StageFailed, WriteFailed, start_fresh, write_summary
-from hwsplit.stages import build_seed, open_session, stage_seed, train_and_record, write_stage
+from hwsplit.rundir import RunDir, start_fresh, write_summary
+from hwsplit.stages import build_seed, guarded_records, open_session, stage_seed, train_and_record, write_stage
 from hwsplit.train import seed_everything
 
 log = logging.getLogger(__name__)
@@ -102,7 +101,8 @@ def _train_all(run: RunDir, config: GrowConfig, session: Any, multipliers: list[
     records: list[dict[str, Any]] = []
     title = f"width baseline: {config.model} on {config.dataset} × {', '.join(f'{m:g}' for m in multipliers)}"
     index = 0
-    try:
+    with guarded_records(run, config, records, where=lambda: (index, f"width ×{multipliers[index]:g}"),
+                         noun="network", resume="run the same command again to continue", title=title):
         for index, mult in enumerate(multipliers):
             seed_everything(stage_seed(config, 0))
             model = build_seed(config, session.bundle, width_mult=mult).to(session.device)
@@ -115,15 +115,6 @@ def _train_all(run: RunDir, config: GrowConfig, session: Any, multipliers: list[
             log.info("width ×%g: test top-1 %.4f, %.4g MACs", mult, record["test_top1"], record["macs"])
             if on_stage and is_main():
                 on_stage(record)
-    except (FloatingPointError, WriteFailed, BadImageError) as err:
-        reason = f"failed at width ×{multipliers[index]:g}: {err}"
-        write_summary(run, config, records, status=reason, title=title, safe=True)
-        raise StageFailed(f"{reason}; {len(records)} network(s) in {run.path} are complete",
-                            stage=index, run=run.path) from None
-    except KeyboardInterrupt:
-        write_summary(run, config, records, status=f"interrupted at width ×{multipliers[index]:g}", title=title,
-                        safe=True)
-        raise
     write_summary(run, config, records, status="done", title=title)
     return records
 

@@ -32,16 +32,15 @@ from typing import Any
 from hwsplit.baselines import grow_epochs
 from hwsplit.checkpoint import load_checkpoint, load_model
 from hwsplit.config import GrowConfig, load_config, read_config
-from hwsplit.data import BadImageError
 from hwsplit.distributed import is_main
 from hwsplit.errors import ConfigError
 from hwsplit.fsio import atomic_write_json, check_writable_name
 from hwsplit.models import model_from_architecture
 from hwsplit.parallel import on_main
-from hwsplit.rundir import RunDir, StageFailed, WriteFailed, start_fresh, write_summary
+from hwsplit.rundir import RunDir, start_fresh, write_summary
 from hwsplit.stages import (
     Session,
-    ignoring_interrupts,
+    guarded_records,
     kill_point,
     open_session,
     stage_seed,
@@ -159,7 +158,8 @@ def _train_all(dest: RunDir, src: RunDir, config: GrowConfig, session: Session, 
                on_stage: Callable[[dict[str, Any]], None] | None) -> list[dict[str, Any]]:
     title = f"{kind} of {src.path.name}: stages {', '.join(map(str, chosen))}, {epochs} epochs"
     index = len(records)
-    try:
+    with guarded_records(dest, config, records, where=lambda: (index, f"stage {chosen[index]}"), noun="record",
+                         resume="run the same command again to continue", title=title):
         for index in range(len(records), len(chosen)):
             k = chosen[index]
             kill_point(f"{kind}-{index}:start")
@@ -182,16 +182,6 @@ def _train_all(dest: RunDir, src: RunDir, config: GrowConfig, session: Session, 
                      source.get("test_top1", float("nan")))
             if on_stage:
                 on_stage(record)
-    except (FloatingPointError, WriteFailed, BadImageError) as err:
-        reason = f"failed at stage {chosen[index]}: {err}"
-        write_summary(dest, config, records, status=reason, title=title, safe=True)
-        raise StageFailed(f"{kind}: {reason}; {len(records)} record(s) in {dest.path} are complete",
-                          stage=index, run=dest.path) from None
-    except KeyboardInterrupt:
-        with ignoring_interrupts():
-            write_summary(dest, config, records, status=f"interrupted at stage {chosen[index]}; run the same "
-                          "command again to continue", title=title, safe=True)
-        raise
     write_summary(dest, config, records, status="done", title=title)
     return records
 

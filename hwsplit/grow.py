@@ -38,7 +38,6 @@ from torch import nn
 from hwsplit.blocks import select_blocks
 from hwsplit.checkpoint import load_checkpoint, load_model
 from hwsplit.config import RUN_INFO_WORLD_SIZE, GrowConfig, load_config, parse_budget, resolve_channel_multiple
-from hwsplit.data import BadImageError
 from hwsplit.distributed import all_ranks_true, broadcast_object, is_main, world_size
 from hwsplit.errors import ConfigError
 from hwsplit.fsio import atomic_write_json, check_writable_name
@@ -51,7 +50,7 @@ from hwsplit.stages import (
     Progress,
     Session,
     build_seed,
-    ignoring_interrupts,
+    guarded_records,
     kill_point,
     open_session,
     stage_seed,
@@ -203,7 +202,8 @@ def _stages(run: RunDir, config: GrowConfig, session: Session, records: list[dic
             on_stage(record)
         return record
 
-    try:
+    with guarded_records(run, config, records, where=lambda: (stage, f"stage {stage}"), noun="stage", prep="in",
+                         resume=f"continue with `grow --resume {run.path}`"):
         if stage == 0:
             seed_everything(stage_seed(config, 0))
             model = build_seed(config, session.bundle).to(device)
@@ -298,20 +298,6 @@ def _stages(run: RunDir, config: GrowConfig, session: Session, records: list[dic
             if config.budget is not None and records[-1]["cost"]["value"] >= config.budget * (1 - 1e-9):
                 stop_reason = STOP_BUDGET
                 break
-    except (FloatingPointError, WriteFailed, BadImageError) as err:
-        what = ("non-finite loss" if isinstance(err, FloatingPointError) else
-                "bad input image" if isinstance(err, BadImageError) else "write failed")
-        reason = f"failed in stage {stage} ({what}): {err}"
-        write_summary(run, config, records, status=reason, safe=True)
-        kept = (f"stages 0-{len(records) - 1} in {run.path} are intact" if records
-                else f"no stage of {run.path} completed")
-        raise StageFailed(f"stage {stage} failed ({what}): {str(err).splitlines()[0]}; {kept}",
-                          stage=stage, run=run.path) from None
-    except KeyboardInterrupt:
-        with ignoring_interrupts():  # a second Ctrl-C must not break the bookkeeping
-            write_summary(run, config, records, safe=True,
-                          status=f"interrupted in stage {stage}; continue with `grow --resume {run.path}`")
-        raise
 
     write_summary(run, config, records, status=f"stopped: {stop_reason}")
     log.info("stopped: %s", stop_reason)

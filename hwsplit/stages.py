@@ -29,14 +29,14 @@ from torch import nn
 import cost_models
 from hwsplit.checkpoint import save_checkpoint
 from hwsplit.config import GrowConfig, resolve_channel_multiple
-from hwsplit.data import DataBundle, load_dataset, make_eval_loader, make_loaders, split_validation
+from hwsplit.data import BadImageError, DataBundle, load_dataset, make_eval_loader, make_loaders, split_validation
 from hwsplit.distributed import is_main, local_device, rank, world_size
 from hwsplit.errors import ConfigError, first_line
 from hwsplit.families import build_seed as _build_family_seed
 from hwsplit.graph import NeuronGroup, find_neuron_groups
 from hwsplit.models import architecture
 from hwsplit.parallel import on_main
-from hwsplit.rundir import RunDir, WriteFailed
+from hwsplit.rundir import RunDir, StageFailed, WriteFailed, write_summary
 from hwsplit.train import TrainConfig, evaluate, seed_everything, train
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,40 @@ def kill_point(point: str) -> None:
     if os.environ.get(KILL_AT_ENV) == point and os.environ.get(KILL_RANK_ENV, str(rank())) == str(rank()):
         log.warning("%s=%s: killing this process", KILL_AT_ENV, point)
         os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
+
+
+def failure_kind(err: BaseException) -> str:
+    """What stopped a record: ``non-finite loss``, ``bad input image`` or ``write failed``."""
+    return ("non-finite loss" if isinstance(err, FloatingPointError) else
+            "bad input image" if isinstance(err, BadImageError) else "write failed")
+
+
+@contextlib.contextmanager
+def guarded_records(run: RunDir, config: Any, records: list[dict[str, Any]], *,
+                    where: Callable[[], tuple[int, str]], noun: str, resume: str, prep: str = "at",
+                    title: str | None = None) -> Iterator[None]:
+    """The bookkeeping of every loop that writes records into a run (grow, finetune, the width
+    baseline) when it stops early. ``where()`` names the record being made: ``(index, "stage 2")``.
+
+    A non-finite loss, a bad input image or a failed write: ``summary.md`` gets the status
+    ``failed <prep> <what> (<kind>): <error>`` and :class:`StageFailed` is raised, saying which
+    ``noun``s are intact. Ctrl-C: the status says where it stopped and ``resume`` (how to continue),
+    a second Ctrl-C is ignored while it is written, and the interrupt propagates."""
+    try:
+        yield
+    except (FloatingPointError, WriteFailed, BadImageError) as err:
+        index, what = where()
+        kind = failure_kind(err)
+        write_summary(run, config, records, status=f"failed {prep} {what} ({kind}): {err}", title=title, safe=True)
+        kept = (f"{noun}s 0-{len(records) - 1} in {run.path} are intact" if records
+                else f"no {noun} of {run.path} completed")
+        raise StageFailed(f"{what} failed ({kind}): {first_line(err)}; {kept}", stage=index,
+                          run=run.path) from None
+    except KeyboardInterrupt:
+        with ignoring_interrupts():  # a second Ctrl-C must not break the bookkeeping
+            write_summary(run, config, records, status=f"interrupted {prep} {where()[1]}; {resume}", title=title,
+                          safe=True)
+        raise
 
 
 @contextlib.contextmanager
@@ -276,4 +310,5 @@ def end_to_end_measurer(config: GrowConfig) -> Callable[[nn.Module, tuple[int, .
 
 
 __all__ = ["KILL_AT_ENV", "KILL_RANK_ENV", "Session", "build_seed", "count_params", "describe", "end_to_end_measurer",
-           "ignoring_interrupts", "kill_point", "open_session", "stage_seed", "train_and_record", "write_stage"]
+           "failure_kind", "guarded_records", "ignoring_interrupts", "kill_point", "open_session", "stage_seed",
+           "train_and_record", "write_stage"]
