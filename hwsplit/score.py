@@ -14,9 +14,10 @@ construction because channel j depends only on row j of P.weight.
 * ``method="exact"`` accumulates every S_j (n·d² memory) and calls ``torch.linalg.eigh``.
 * ``method="rayleigh"`` is the paper's fast method (Wang et al. 2019, §4): minimise the Rayleigh
   quotient R(v) = vᵀSv / vᵀv by stochastic gradient 2(Sv − Rv)/‖v‖² with RMSprop, renormalising
-  v after every step; O(n·d) memory. The eigenvalue is estimated in the same pass, as the mean
-  Rayleigh quotient of the converging v over the last part of the pass (or, optionally, in one more
-  pass with v fixed).
+  v after every step; O(n·d) memory. The eigenvalue is estimated in the same pass: by default by a
+  Rayleigh–Ritz finish (the descent runs over the first quarter of the batches, then λ is the smallest
+  eigenvalue of Vᵀ S V averaged over the rest, V a frozen 3-vector subspace per channel); optionally
+  from the averaged iterate over the last part of the pass, or in one more pass with v fixed.
 
 Kinked activations (ReLU, ReLU6, Hardswish, LeakyReLU) have σ'' = 0 almost everywhere; they are
 scored through a softplus surrogate of sharpness ``surrogate_beta`` (3, as in the paper's code):
