@@ -135,20 +135,23 @@ def test_split_changes_loss_by_eps2_lambda_over_2(trained_tiny64):
 def test_rayleigh_agrees_with_exact(trained_tiny):
     model, data = trained_tiny
     exact = splitting_indices(model, data, method="exact")
-    fast = splitting_indices(model, data, method="rayleigh", epochs=20, seed=1)
+    ritz = splitting_indices(model, data, method="rayleigh", epochs=20, seed=1)  # the default: Rayleigh–Ritz
+    fused = splitting_indices(model, data, method="rayleigh", epochs=20, seed=1, ritz_vectors=0)
     separate = splitting_indices(model, data, method="rayleigh", epochs=20, seed=1, eigenvalue_pass=True)
-    assert exact.keys() == fast.keys()
+    assert exact.keys() == ritz.keys() == fused.keys()
+    for fast in (ritz, fused):
+        for name in exact:
+            e, r = exact[name].eigenvalues, fast[name].eigenvalues
+            rho = spearmanr(e.numpy(), r.numpy())[0]
+            assert rho >= 0.9, f"{name}: Spearman {rho:.3f}"
+            assert int(e.argmin()) == int(r.argmin()), name
+            # a Rayleigh quotient (or Ritz value) over the same data can only be ≥ the minimum eigenvalue
+            assert (r >= e - 1e-3 * e.abs().max()).all()
+            assert fast[name].eigenvectors.flatten(1).norm(dim=1).sub(1).abs().max() < 1e-5
     for name in exact:
-        e, r = exact[name].eigenvalues, fast[name].eigenvalues
-        rho = spearmanr(e.numpy(), r.numpy())[0]
-        assert rho >= 0.9, f"{name}: Spearman {rho:.3f}"
-        assert int(e.argmin()) == int(r.argmin()), name
-        # λ of a unit vector is a Rayleigh quotient, so it can only be ≥ the minimum eigenvalue
-        assert (r >= e - 1e-3 * e.abs().max()).all()
-        assert fast[name].eigenvectors.flatten(1).norm(dim=1).sub(1).abs().max() < 1e-5
         # once v has converged, the in-pass λ (of the averaged iterate) is close to the fixed-v one
-        assert (separate[name].eigenvectors * fast[name].eigenvectors).flatten(1).sum(1).min() > 0.99, name
-        assert (r - separate[name].eigenvalues).abs().max() < 0.1 * e.abs().max(), name
+        assert (separate[name].eigenvectors * fused[name].eigenvectors).flatten(1).sum(1).min() > 0.99, name
+        assert (fused[name].eigenvalues - separate[name].eigenvalues).abs().max() < 0.1 * exact[name].eigenvalues.abs().max()
 
 
 def test_scoring_leaves_model_untouched(trained_tiny):
@@ -250,9 +253,9 @@ def test_fused_eigenvalue_equals_separate_pass_on_a_fixed_v(trained_tiny):
     model, data = trained_tiny
     data = data[:4]
     sep = splitting_indices(model, data, lr=0.0, eigenvalue_pass=True)
-    full = splitting_indices(model, data, lr=0.0, average_last=1.0)
-    half = splitting_indices(model, data, lr=0.0)  # default: the last half of the batches
-    quotients = splitting_indices(model, data, lr=0.0, average_vectors=False)
+    full = splitting_indices(model, data, lr=0.0, average_last=1.0, ritz_vectors=0)
+    half = splitting_indices(model, data, lr=0.0, ritz_vectors=0)  # default: the last half of the batches
+    quotients = splitting_indices(model, data, lr=0.0, average_vectors=False, ritz_vectors=0)
     last = splitting_indices(model, data[2:], lr=0.0, eigenvalue_pass=True)
     for name in sep:
         torch.testing.assert_close(full[name].eigenvectors, sep[name].eigenvectors)
@@ -264,3 +267,63 @@ def test_fused_eigenvalue_equals_separate_pass_on_a_fixed_v(trained_tiny):
     with pytest.raises(ValueError, match="average_last"):
         splitting_indices(model, data, average_last=0.0)
 
+
+
+def test_ritz_quadratic_form_equals_the_hessian_vector_products(trained_tiny):
+    """LocalChain.ritz_prepared (forward half of the HVP only) gives Vᵀ S_b V as hvp_prepared does,
+    for a plain chain, a depthwise chain and a Linear producer."""
+    from hwsplit import build_model
+    from hwsplit.score import LocalChain, _batches, trace
+
+    torch.manual_seed(0)
+    mlp = build_model("mlp", in_features=12, widths=[7, 5], num_classes=3, batchnorm=True, activation="silu").eval()
+    x = torch.randn(40, 12)
+    cases = [(trained_tiny[0], trained_tiny[1][:1]), (mlp, [(x, torch.randint(0, 3, (40,)))])]
+    checked = 0
+    for model, data in cases:
+        model.eval()
+        groups = [g for g in find_neuron_groups(model, data[0][0][:2]) if g.splittable]
+        batch = next(iter(_batches(model, trace(model), groups, data, F.cross_entropy, len(data[0][0]), None)))
+        for g in groups:
+            chain = LocalChain(model, g, surrogate_beta=3.0)
+            ctx = batch.prepare(chain)
+            basis = torch.randn(3, *chain.weight.shape)
+            gram = chain.ritz_prepared(ctx, basis)
+            products = [chain.hvp_prepared(ctx, basis[k]) for k in range(3)]
+            ref = torch.stack([torch.stack([(basis[i] * products[k]).flatten(1).sum(1) for k in range(3)], -1)
+                               for i in range(3)], 1)
+            torch.testing.assert_close(gram, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
+            checked += 1
+    assert checked >= 4
+
+
+def test_rayleigh_ritz_bounds_and_fixed_subspace(trained_tiny):
+    """The Rayleigh–Ritz finish (the default): on a fixed one-vector subspace (lr = 0, one vector) it is
+    the separate pass's quotient over the same batches; with more vectors its λ lies between exact
+    λ_min of those batches and that quotient; with a basis spanning every direction it is exact."""
+    model, data = trained_tiny
+    data = data[:4]  # ritz_from = 0.25: batch 0 descends, batches 1-3 accumulate Vᵀ S V
+    one = splitting_indices(model, data, lr=0.0, ritz_vectors=1)
+    separate = splitting_indices(model, data[1:], lr=0.0, eigenvalue_pass=True)
+    three = splitting_indices(model, data, lr=0.0, ritz_vectors=3)
+    exact_late = splitting_indices(model, data[1:], method="exact")
+    for name in one:
+        torch.testing.assert_close(one[name].eigenvalues, separate[name].eigenvalues, rtol=1e-4, atol=1e-6)
+        cos = (one[name].eigenvectors * separate[name].eigenvectors).flatten(1).sum(1).abs()
+        assert (cos > 1 - 1e-5).all(), name
+        scale = float(exact_late[name].eigenvalues.abs().max())
+        lam = three[name].eigenvalues
+        assert (lam <= one[name].eigenvalues + 1e-5 * scale).all(), name
+        assert (lam >= exact_late[name].eigenvalues - 1e-5 * scale).all(), name
+        assert (lam < one[name].eigenvalues - 1e-3 * scale).any(), name
+    # ritz_from = 0: every batch in the Rayleigh–Ritz sum; as many random vectors as the fan-in: exact
+    d = max(s.eigenvectors[0].numel() for s in one.values())
+    full = splitting_indices(model, data, ritz_from=0.0, ritz_vectors=d)
+    exact = splitting_indices(model, data, method="exact")
+    for name in full:
+        scale = float(exact[name].eigenvalues.abs().max())
+        torch.testing.assert_close(full[name].eigenvalues, exact[name].eigenvalues, rtol=1e-4, atol=1e-5 * scale)
+    with pytest.raises(ValueError, match="ritz_from"):
+        splitting_indices(model, data, ritz_from=1.0)
+    with pytest.raises(ValueError, match="ritz_vectors"):
+        splitting_indices(model, data, ritz_vectors=-1)
