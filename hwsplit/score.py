@@ -288,23 +288,9 @@ class LocalChain:
         v_iᵀ S v_k = Σ ḣ_i g E''(h) ḣ_k without a depthwise conv, and with one
         Σ ż_i g E2''(z) ż_k + Σ ḣ_i g_s E1''(h) ḣ_k, ż = L(E1'(h) ḣ), because
         ⟨E1' ḣ_i, Lᵀ(g E2'' ż_k)⟩ = ⟨ż_i, g E2'' ż_k⟩: no transposed convolutions, and the b tangents
-        go through the producer (and depthwise) conv as one convolution of b·n channels.
+        go through the producer (and depthwise) conv as one convolution of b·n channels. Slicing a
+        large batch (the CPU's allocator) is the caller's: :meth:`_Batch.ritz`.
         """
-        x, b = ctx["x"], basis.shape[0]
-        per_sample = ctx["w2" if self.dw is None else "e1"][0].numel() * b * basis.element_size()
-        rows = max(1, RITZ_CHUNK_BYTES // max(per_sample, 1)) if x.device.type == "cpu" else x.shape[0]
-        if rows < x.shape[0]:
-            # on the CPU in slices of samples whose temporaries stay small: the allocator then reuses
-            # memory instead of mapping (and zeroing) fresh pages for every large temporary
-            total = None
-            for start in range(0, x.shape[0], rows):
-                part = {k: v[start:start + rows] if isinstance(v, torch.Tensor) else v for k, v in ctx.items()}
-                gram = self._ritz_block(part, basis)
-                total = gram if total is None else total.add_(gram)
-            return total
-        return self._ritz_block(ctx, basis)
-
-    def _ritz_block(self, ctx: dict[str, Any], basis: torch.Tensor) -> torch.Tensor:
         x, b = ctx["x"], basis.shape[0]
         n = basis.shape[1]
         h_dot = self._linear(x, basis.reshape(b * n, *basis.shape[2:]), False)
@@ -723,14 +709,14 @@ def _rayleigh(chains: dict[str, LocalChain], passes: Callable[[str], Iterable[_B
               n_batches: int | None = None, eps: float = 1e-8) -> dict[str, SplitScore]:
     """Stochastic Rayleigh-quotient descent (Wang et al. 2019, §4, Algorithm 1), all groups at once.
 
-    With ``ritz_vectors = b > 0`` (and no eigenvalue pass) the descent runs over the first ``ritz_from``
-    share of all passes, and at least over all but the last pass; then every channel's block V (n·(d×b), orthonormal columns: the iterate,
-    its last gradient, the iterates 2, 4, 8, … steps back, random directions where those do not exist
-    yet) is frozen, T = Σ_b w_b Vᵀ S_b V is accumulated over the remaining batches (linear in S, so
-    T/Σw is an unbiased estimate of Vᵀ S V) and λ = λ_min(T/Σw), the direction V y with y its
-    eigenvector: the Rayleigh–Ritz approximation of λ_min(S) from the subspace (Parlett, *The Symmetric
-    Eigenvalue Problem*, §11.4), never below the minimum eigenvalue of the matrix it is estimated on and
-    never above the quotient of any vector in V, the iterate included.
+    With ``ritz_vectors = b > 0`` (and no eigenvalue pass) the descent runs over the first ``ritz_from`` share
+    of all passes, and at least over all but the last pass; then every channel's block V (n·(d×b), orthonormal
+    columns: the iterate, its last gradient, the iterates 2, 4, 8, … steps back, random directions where those
+    do not exist yet) is frozen, T = Σ_b w_b Vᵀ S_b V is accumulated over the remaining batches (linear in S, so
+    T/Σw is an unbiased estimate of Vᵀ S V) and λ = λ_min(T/Σw), the direction V y with y its eigenvector: the
+    Rayleigh–Ritz approximation of λ_min(S) from the subspace (Parlett, *The Symmetric Eigenvalue Problem*,
+    §11.4), never below the minimum eigenvalue of the matrix it is estimated on and never above the quotient of
+    any vector in V, the iterate included.
 
     λ is estimated in the same pass (``eigenvalue_pass=False``) from the batches in the last
     ``average_last`` share of all ``epochs`` passes, using each batch's S_b v with the v of the
@@ -864,7 +850,6 @@ def _ritz_basis(v: torch.Tensor, grad: torch.Tensor | None, history: list[torch.
     """Per channel, an orthonormal basis (n, d, min(d, size)) of the iterate v, its last gradient and the
     iterates ``lags`` steps back, in that order, filled up with random directions (reduced QR: its columns
     are orthonormal even where these vectors are dependent)."""
-    n = v.shape[0]
     cols = [v.flatten(1)]
     if grad is not None:
         cols.append(grad.flatten(1))
