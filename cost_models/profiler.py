@@ -250,24 +250,36 @@ def profile_family(*, family: str = "mobilenet_v1", resolution: int = 32, device
 
 
 
+def _pending(archs: Sequence[dict[str, Any]], entries: Sequence[dict[str, Any]], *, desc: str,
+             progress: ProgressFn | None) -> Iterable[dict[str, Any]]:
+    """The architectures of ``archs`` not yet in ``entries`` (what a resumed profile still measures),
+    under ``progress`` when given."""
+    done = [e["architecture"] for e in entries]
+    todo = [a for a in archs if a not in done]
+    return progress(todo, desc=desc, total=len(todo)) if progress is not None and todo else todo
+
+
+def _seeded_model(arch: dict[str, Any]) -> Any:
+    """The network of ``arch`` in eval mode, initialised from seed 0 (its timing does not depend on the
+    weights; the seed keeps a resumed profile's exports identical)."""
+    import torch
+
+    from hwsplit.models import model_from_architecture
+
+    torch.manual_seed(0)
+    return model_from_architecture(arch).eval()
+
+
 def _measure_networks(profile: dict[str, Any], family: str, resolution: int, n: int, *, num_classes: int,
                       activation: str, backend: str, device: str, meter: Any, threads: int, time_budget_s: float,
                       warmup: int, save: Callable[[], None], progress: ProgressFn | None) -> None:
     import torch
 
-    from hwsplit.models import model_from_architecture
-
     entries = profile.setdefault("networks", [])
-    done = [e["architecture"] for e in entries]
-    todo = [a for a in calibration_architectures(family, resolution, n, num_classes=num_classes,
-                                                 activation=activation) if a not in done]
+    archs = calibration_architectures(family, resolution, n, num_classes=num_classes, activation=activation)
     shape = (int(profile["batch"]), 3, resolution, resolution)
-    iterable: Iterable[dict[str, Any]] = todo
-    if progress is not None and todo:
-        iterable = progress(todo, desc="profile whole networks", total=len(todo))
-    for arch in iterable:
-        torch.manual_seed(0)
-        model = model_from_architecture(arch).eval()
+    for arch in _pending(archs, entries, desc="profile whole networks", progress=progress):
+        model = _seeded_model(arch)
         example = torch.randn(shape, generator=torch.Generator().manual_seed(0))
         runner = Runner(model, example, backend=backend, device=device, threads=threads)
         try:
@@ -305,7 +317,6 @@ def _measure_in_context(profile: dict[str, Any], family: str, resolution: int, n
     import torch
 
     from hwsplit.graph import layer_specs
-    from hwsplit.models import model_from_architecture
 
     if "channel_block" not in profile:
         blocks = detect_channel_block(threads=threads)
@@ -319,24 +330,19 @@ def _measure_in_context(profile: dict[str, Any], family: str, resolution: int, n
     shape = (int(profile["batch"]), 3, resolution, resolution)
     example = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     if "repeatability" not in profile:
-        runners = []
-        for arch in archs[:REPEATABILITY_NETWORKS]:
-            torch.manual_seed(0)
-            runners.append(Runner(model_from_architecture(arch).eval(), example, backend="onnxruntime", device="cpu",
-                                  threads=threads))
-        # the check judges what one measurement delivers (median of rounds), timed as the networks below are
-        profile["repeatability"] = repeatability([r.run_once for r in runners], meter=meter,
-                                                 time_budget_s=time_budget_s)
+        runners = [Runner(_seeded_model(arch), example, backend="onnxruntime", device="cpu", threads=threads)
+                   for arch in archs[:REPEATABILITY_NETWORKS]]
+        try:
+            # the check judges what one measurement delivers (median of rounds), timed as the networks below are
+            profile["repeatability"] = repeatability([r.run_once for r in runners], meter=meter,
+                                                     time_budget_s=time_budget_s)
+        finally:
+            for r in runners:
+                r.close()
         save()
     context = profile.setdefault("context", {"networks": [], "node_runs": 100})
-    done = [e["architecture"] for e in context["networks"]]
-    todo = [a for a in archs if a not in done]
-    iterable: Iterable[dict[str, Any]] = todo
-    if progress is not None and todo:
-        iterable = progress(todo, desc="profile networks node by node", total=len(todo))
-    for arch in iterable:
-        torch.manual_seed(0)
-        model = model_from_architecture(arch).eval()
+    for arch in _pending(archs, context["networks"], desc="profile networks node by node", progress=progress):
+        model = _seeded_model(arch)
         specs = layer_specs(model, shape)
         runner = Runner(model, example, backend="onnxruntime", device="cpu", threads=threads)
         try:
