@@ -87,6 +87,16 @@ class Cases:
         np.savez(d / "test.npz", x=x[:10], y=rng.integers(0, 4, 10))
         return d
 
+    def lut_grow_with_latency(self, tmp: Path, name: str, value_ms: float, *, networks: bool) -> dict:
+        """``grow --cost lut`` on a copy of the shipped profile whose every row (and, with ``networks``,
+        every whole network) reads ``value_ms``."""
+        prof = json.loads(sorted((self.root / "profiles").glob("*.json"))[0].read_text())
+        for r in prof["rows"] + (prof.get("networks", []) if networks else []):
+            r["latency_ms"] = {"median": value_ms, "p25": value_ms, "p75": value_ms, "n": 5}
+        (tmp / name).write_text(json.dumps(prof))
+        return {"argv": ["grow", "--cost", "lut", "--profile", str(tmp / name), "--stages", "1",
+                         "--epochs", "1", "--limit", "200", "--out", str(tmp / "run")]}
+
 
 def define(c: Cases) -> None:  # noqa: C901 - one flat list of cases, in the issue's order
     # ---- 1. data loss ------------------------------------------------------------------------------
@@ -181,12 +191,7 @@ def define(c: Cases) -> None:  # noqa: C901 - one flat list of cases, in the iss
 
     @c.case("3 wrong results", "all-zero profile with --cost lut")
     def _(tmp):
-        prof = json.loads(sorted((c.root / "profiles").glob("*.json"))[0].read_text())
-        for r in prof["rows"] + prof.get("networks", []):
-            r["latency_ms"] = {"median": 0.0, "p25": 0.0, "p75": 0.0, "n": 5}
-        (tmp / "zero.json").write_text(json.dumps(prof))
-        return {"argv": ["grow", "--cost", "lut", "--profile", str(tmp / "zero.json"), "--stages", "1",
-                         "--epochs", "1", "--limit", "200", "--out", str(tmp / "run")]}
+        return c.lut_grow_with_latency(tmp, "zero.json", 0.0, networks=True)
 
     @c.case("3 wrong results", "npz with one label of 50000")
     def _(tmp):
@@ -290,12 +295,7 @@ def define(c: Cases) -> None:  # noqa: C901 - one flat list of cases, in the iss
 
     @c.case("5 messages", "degenerate profile with grow --cost lut")
     def _(tmp):
-        prof = json.loads(sorted((c.root / "profiles").glob("*.json"))[0].read_text())
-        for r in prof["rows"]:
-            r["latency_ms"] = {"median": 1e308, "p25": 1e308, "p75": 1e308, "n": 5}
-        (tmp / "degenerate.json").write_text(json.dumps(prof))
-        return {"argv": ["grow", "--cost", "lut", "--profile", str(tmp / "degenerate.json"), "--stages", "1",
-                         "--epochs", "1", "--limit", "200", "--out", str(tmp / "run")]}
+        return c.lut_grow_with_latency(tmp, "degenerate.json", 1e308, networks=False)
 
     @c.case("5 messages", "a binary profile")
     def _(tmp):
