@@ -345,14 +345,14 @@ def run(args: argparse.Namespace) -> dict:
             model.eval()
             print(f"k={k} timed training epoch: {train_times[-1]:.1f} s (loss {stats['loss']:.3f})", flush=True)
             start = time.perf_counter()
-            scores = _on_score_epoch(loader, lambda: splitting_indices(model, loader, **score_kwargs))
+            scores = _on_score_epoch(loader, lambda model=model: splitting_indices(model, loader, **score_kwargs))
             _sync(args.device)
             rayleigh_times.append(time.perf_counter() - start)
             print(f"k={k} rayleigh default call: {rayleigh_times[-1]:.1f} s", flush=True)
             if before is not None:
                 start = time.perf_counter()
                 before_scores = _on_score_epoch(
-                    loader, lambda: before.splitting_indices(model, loader, method="rayleigh", epochs=1))
+                    loader, lambda model=model: before.splitting_indices(model, loader, method="rayleigh", epochs=1))
                 _sync(args.device)
                 before_times.append(time.perf_counter() - start)
                 print(f"k={k} rayleigh before (main's score.py): {before_times[-1]:.1f} s", flush=True)
@@ -366,9 +366,9 @@ def run(args: argparse.Namespace) -> dict:
             start = time.perf_counter()
             # the calls without ``groups`` read one batch of SCORE_EPOCH to find the groups, then score
             # SCORE_EPOCH + 1; exact, given the groups, scores the epoch it is set to
-            exact = _on_score_epoch(loader, lambda: splitting_indices(model, loader, method="exact",
-                                                                      groups=[scores[n].group for n in names]),
-                                    SCORE_EPOCH + 1)
+            groups = [scores[n].group for n in names]
+            exact = _on_score_epoch(loader, lambda model=model, groups=groups: splitting_indices(
+                model, loader, method="exact", groups=groups), SCORE_EPOCH + 1)
             quality = {"after": quality_figures(exact, scores), "exact_s": time.perf_counter() - start,
                        "groups": names}
             if before_scores is not None:
