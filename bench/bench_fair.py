@@ -378,9 +378,9 @@ def summarise(out: Path, args: argparse.Namespace) -> dict:
         rt_l = _derived(root / "grow-lut", "retrain")
         if rt_l and lat:  # claim 4: at matched measured latency
             width_l = _with_latency(width, lat)
-            rt_l, rt_fl = _with_latency(rt_l, lat), _with_latency(rt_f, lat)
-            flops_curve = sorted(_with_latency(seed_rt, lat) + rt_fl, key=lambda r: r["latency_ms"] or 0)
-            lut_curve = sorted(_with_latency(seed_rt, lat) + rt_l, key=lambda r: r["latency_ms"] or 0)
+            rt_l, rt_fl, seed_l = _with_latency(rt_l, lat), _with_latency(rt_f, lat), _with_latency(seed_rt, lat)
+            flops_curve = sorted(seed_l + rt_fl, key=lambda r: r["latency_ms"] or 0)
+            lut_curve = sorted(seed_l + rt_l, key=lambda r: r["latency_ms"] or 0)
             s["claim4"] = {
                 "lut_vs_flops": _compare(rt_l, flops_curve, n_test, "latency_ms"),
                 "flops_vs_lut": _compare(rt_fl, lut_curve, n_test, "latency_ms"),
