@@ -255,9 +255,11 @@ class LocalChain:
         return h
 
     def prepare(self, x: torch.Tensor, g: torch.Tensor, h: torch.Tensor | None = None,
-                z: torch.Tensor | None = None) -> dict[str, Any]:
+                z: torch.Tensor | None = None, gs: torch.Tensor | None = None) -> dict[str, Any]:
         """Everything S·V needs that does not depend on V, for one batch. ``h`` (producer output) and
-        ``z`` (depthwise output), when the forward pass recorded them, are not computed again."""
+        ``z`` (depthwise output), when the forward pass recorded them, are not computed again; nor is
+        g_s = Lᵀ(g E2'(z)) when ``gs``, the network's own gradient at the depthwise input, is given
+        (equal only where the scored chain is the network's: no surrogate, see :func:`_gradient_names`)."""
         if h is None:
             h = self._linear(x, self.weight, True)
         s, e1, e1_2 = _elementwise_derivatives(self.pre, h)
@@ -268,7 +270,9 @@ class LocalChain:
         if z is None or self.surrogate_before_dw:
             z = self._dw(s, True)
         _, e2, e2_2 = _elementwise_derivatives(self.post, z)
-        ctx.update(s_shape=s.shape, gz2=g * e2_2, gs_e1_2=self._dw_transposed(g * e2, s.shape) * e1_2)
+        if gs is None:
+            gs = self._dw_transposed(g * e2, s.shape)
+        ctx.update(s_shape=s.shape, gz2=g * e2_2, gs_e1_2=gs * e1_2)
         return ctx
 
     def hvp_prepared(self, ctx: dict[str, Any], tangent: torch.Tensor) -> torch.Tensor:
@@ -432,7 +436,8 @@ class _Batch:
     weight: float  # share of this batch in the expectation over the data
     inputs: dict[str, torch.Tensor]  # producer input x per group
     grads: dict[str, torch.Tensor]  # ∂L/∂a at the chain end per group
-    intermediates: dict[str, dict[str, torch.Tensor]]  # producer output h, depthwise output z per group
+    # per group: producer output h, depthwise output z, gradient g_s at the depthwise input
+    intermediates: dict[str, dict[str, torch.Tensor]]
 
     def prepare(self, chain: LocalChain) -> dict[str, Any]:
         name = chain.group.name
@@ -469,6 +474,18 @@ def _intermediate_nodes(groups: list[NeuronGroup]) -> set[str]:
     return {n for g in groups for n in _intermediate_names(g).values()}
 
 
+def _gradient_names(group: NeuronGroup) -> dict[str, str]:
+    """fx nodes whose *gradients* scoring reuses: ∂L/∂s at the depthwise conv's input (g_s of
+    :class:`LocalChain`), which the backward pass computes anyway and which otherwise costs a transposed
+    depthwise convolution per batch. Only where the scored chain is the network's own: with a softplus
+    surrogate for a kinked activation, E2' (and z) of the scored chain differ from the network's."""
+    at = next((i for i, op in enumerate(group.chain) if op.kind == "dwconv"), None)
+    if at is None or any(op.kind == "act" and op.activation in KINKED for op in group.chain):
+        return {}
+    node = group.chain[at - 1].node if at > 0 else group.producer_node
+    return {"gs": node} if node else {}
+
+
 def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     p = next(model.parameters())
     return p.device, p.dtype
@@ -479,6 +496,11 @@ def _batches(model: nn.Module, gm: fx.GraphModule, groups: list[NeuronGroup], lo
     """One forward and one backward of the network per batch (only down to the chain ends)."""
     device, dtype = _model_device_dtype(model)
     keep = sorted({g.input_node for g in groups} | {g.output_node for g in groups} | _intermediate_nodes(groups))
+    # ∂L/∂s equals g_s only if the depthwise conv is s's one consumer (else other paths add to it)
+    users = {node.name: len(node.users) for node in gm.graph.nodes}
+    reused = {g.name: {k: n for k, n in _gradient_names(g).items() if users.get(n) == 1} for g in groups}
+    grad_nodes = sorted({n for names in reused.values() for n in names.values()})
+    keep = sorted(set(keep) | set(grad_nodes))
     recorder = _recording_module(gm, keep)
     # the first non-finite loss and its batch, as tensors: checked once after the pass (no host sync per batch)
     first_bad: torch.Tensor | None = None
@@ -504,11 +526,14 @@ def _batches(model: nn.Module, gm: fx.GraphModule, groups: list[NeuronGroup], lo
                 first_bad = torch.where(new_bad, bad, first_bad)
                 bad_loss = torch.where(new_bad, loss.detach(), bad_loss)
             ends = [values[g.output_node] for g in groups]
-            grads = torch.autograd.grad(loss, ends, allow_unused=True)
+            grads = torch.autograd.grad(loss, ends + [values[n] for n in grad_nodes], allow_unused=True)
+        by_node = {n: (torch.zeros_like(values[n]) if gr is None else gr.detach())
+                   for n, gr in zip(grad_nodes, grads[len(ends):])}
         yield _Batch(
             weight=x.shape[0] / total_samples,
             inputs={g.name: values[g.input_node].detach() for g in groups},
-            intermediates={g.name: {k: values[n].detach() for k, n in _intermediate_names(g).items()}
+            intermediates={g.name: {**{k: values[n].detach() for k, n in _intermediate_names(g).items()},
+                                    **{k: by_node[n] for k, n in reused[g.name].items()}}
                            for g in groups},
             grads={g.name: (torch.zeros_like(e) if gr is None else gr.detach())
                    for g, e, gr in zip(groups, ends, grads)},
