@@ -328,3 +328,34 @@ def test_rayleigh_ritz_bounds_and_fixed_subspace(trained_tiny):
         splitting_indices(model, data, ritz_from=1.0)
     with pytest.raises(ValueError, match="ritz_vectors"):
         splitting_indices(model, data, ritz_vectors=-1)
+
+
+def test_depthwise_input_gradient_is_reused_only_where_it_equals_g_s(trained_tiny):
+    """The backward pass's ∂L/∂s at the depthwise input stands in for g_s = Lᵀ(g E2'(z)) where the scored
+    chain is the network's (SiLU): the prepared products are the same as with g_s computed; with a
+    surrogate (ReLU) it is not reused."""
+    from hwsplit.score import LocalChain, _batches, trace
+
+    model, data = trained_tiny
+    model.eval()
+    groups = [g for g in find_neuron_groups(model, data[0][0][:2]) if g.splittable]
+    batch = next(iter(_batches(model, trace(model), groups, data[:1], F.cross_entropy, len(data[0][0]), None)))
+    reused = 0
+    for g in groups:
+        chain = LocalChain(model, g, surrogate_beta=3.0)
+        inter = batch.intermediates[g.name]
+        if chain.dw is None:
+            assert "gs" not in inter
+            continue
+        assert "gs" in inter
+        computed = {k: v for k, v in inter.items() if k != "gs"}
+        with_gs = chain.prepare(batch.inputs[g.name], batch.grads[g.name], **inter)
+        without = chain.prepare(batch.inputs[g.name], batch.grads[g.name], **computed)
+        torch.testing.assert_close(with_gs["gs_e1_2"], without["gs_e1_2"], rtol=1e-4,
+                                   atol=1e-6 * float(without["gs_e1_2"].abs().max()))
+        reused += 1
+    assert reused >= 2
+    relu = tiny_mobilenet(activation="relu").eval()
+    relu_groups = [g for g in find_neuron_groups(relu, data[0][0][:2]) if g.splittable]
+    batch = next(iter(_batches(relu, trace(relu), relu_groups, data[:1], F.cross_entropy, len(data[0][0]), None)))
+    assert all("gs" not in inter for inter in batch.intermediates.values())
