@@ -209,7 +209,7 @@ class LocalChain:
                                    activation_derivatives(op.activation, kw, surrogate_beta=surrogate_beta)))
             elif op.kind == "dwconv":
                 self.dw = model.get_submodule(op.target)
-        self.kinked = [op.activation for op in group.chain if op.kind == "act" and op.activation in KINKED]
+        self.kinked = _kinked_activations(group)
         # A surrogate before the depthwise conv moves its input off the network's: the recorded
         # depthwise output is then not L(E1(h)) of the scored chain and must be recomputed.
         dw_at = next((i for i, op in enumerate(group.chain) if op.kind == "dwconv"), len(group.chain))
@@ -314,6 +314,11 @@ class LocalChain:
     def hvp(self, x: torch.Tensor, g: torch.Tensor, tangent: torch.Tensor) -> torch.Tensor:
         """S·V for every channel: the Hessian of ⟨g, a(θ)⟩ at θ = P.weight applied to ``tangent``."""
         return self.hvp_prepared(self.prepare(x, g), tangent)
+
+
+def _kinked_activations(group: NeuronGroup) -> list[str]:
+    """The chain's activations that are scored through a softplus surrogate (σ'' = 0 almost everywhere)."""
+    return [op.activation for op in group.chain if op.kind == "act" and op.activation in KINKED]
 
 
 def _channel_gram(a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -480,7 +485,7 @@ def _gradient_names(group: NeuronGroup) -> dict[str, str]:
     depthwise convolution per batch. Only where the scored chain is the network's own: with a softplus
     surrogate for a kinked activation, E2' (and z) of the scored chain differ from the network's."""
     at = next((i for i, op in enumerate(group.chain) if op.kind == "dwconv"), None)
-    if at is None or any(op.kind == "act" and op.activation in KINKED for op in group.chain):
+    if at is None or _kinked_activations(group):
         return {}
     node = group.chain[at - 1].node if at > 0 else group.producer_node
     return {"gs": node} if node else {}
@@ -495,12 +500,12 @@ def _batches(model: nn.Module, gm: fx.GraphModule, groups: list[NeuronGroup], lo
              loss_fn: Callable, total_samples: int, max_batches: int | None) -> Iterable[_Batch]:
     """One forward and one backward of the network per batch (only down to the chain ends)."""
     device, dtype = _model_device_dtype(model)
-    keep = sorted({g.input_node for g in groups} | {g.output_node for g in groups} | _intermediate_nodes(groups))
     # ∂L/∂s equals g_s only if the depthwise conv is s's one consumer (else other paths add to it)
     users = {node.name: len(node.users) for node in gm.graph.nodes}
     reused = {g.name: {k: n for k, n in _gradient_names(g).items() if users.get(n) == 1} for g in groups}
     grad_nodes = sorted({n for names in reused.values() for n in names.values()})
-    keep = sorted(set(keep) | set(grad_nodes))
+    keep = sorted({g.input_node for g in groups} | {g.output_node for g in groups} | _intermediate_nodes(groups)
+                  | set(grad_nodes))
     recorder = _recording_module(gm, keep)
     # the first non-finite loss and its batch, as tensors: checked once after the pass (no host sync per batch)
     first_bad: torch.Tensor | None = None
