@@ -300,23 +300,26 @@ def test_ritz_quadratic_form_equals_the_hessian_vector_products(trained_tiny):
 
 def test_rayleigh_ritz_bounds_and_fixed_subspace(trained_tiny):
     """The Rayleigh–Ritz finish (the default): on a fixed one-vector subspace (lr = 0, one vector) it is
-    the separate pass's quotient over the same batches; with more vectors its λ lies between exact
+    the separate pass's quotient over the same batches (all of them: the descent's batch is replayed into
+    the sum; only the later ones with ``ritz_replay=False``); with more vectors its λ lies between exact
     λ_min of those batches and that quotient; with a basis spanning every direction it is exact."""
     model, data = trained_tiny
-    data = data[:4]  # ritz_from = 0.25: batch 0 descends, batches 1-3 accumulate Vᵀ S V
-    one = splitting_indices(model, data, lr=0.0, ritz_vectors=1)
-    separate = splitting_indices(model, data[1:], lr=0.0, eigenvalue_pass=True)
-    three = splitting_indices(model, data, lr=0.0, ritz_vectors=3)
-    exact_late = splitting_indices(model, data[1:], method="exact")
-    for name in one:
-        torch.testing.assert_close(one[name].eigenvalues, separate[name].eigenvalues, rtol=1e-4, atol=1e-6)
-        cos = (one[name].eigenvectors * separate[name].eigenvectors).flatten(1).sum(1).abs()
-        assert (cos > 1 - 1e-5).all(), name
-        scale = float(exact_late[name].eigenvalues.abs().max())
-        lam = three[name].eigenvalues
-        assert (lam <= one[name].eigenvalues + 1e-5 * scale).all(), name
-        assert (lam >= exact_late[name].eigenvalues - 1e-5 * scale).all(), name
-        assert (lam < one[name].eigenvalues - 1e-3 * scale).any(), name
+    data = data[:4]  # ritz_from = 0.25: batch 0 descends, batches 1-3 (and 0 replayed) accumulate Vᵀ S V
+    for replay, scored in ((True, data), (False, data[1:])):
+        kw = dict(lr=0.0, ritz_from=0.25, ritz_replay=replay)
+        one = splitting_indices(model, data, ritz_vectors=1, **kw)
+        separate = splitting_indices(model, scored, lr=0.0, eigenvalue_pass=True)
+        three = splitting_indices(model, data, ritz_vectors=3, **kw)
+        exact_scored = splitting_indices(model, scored, method="exact")
+        for name in one:
+            torch.testing.assert_close(one[name].eigenvalues, separate[name].eigenvalues, rtol=1e-4, atol=1e-6)
+            cos = (one[name].eigenvectors * separate[name].eigenvectors).flatten(1).sum(1).abs()
+            assert (cos > 1 - 1e-5).all(), name
+            scale = float(exact_scored[name].eigenvalues.abs().max())
+            lam = three[name].eigenvalues
+            assert (lam <= one[name].eigenvalues + 1e-5 * scale).all(), name
+            assert (lam >= exact_scored[name].eigenvalues - 1e-5 * scale).all(), name
+            assert (lam < one[name].eigenvalues - 1e-3 * scale).any(), name
     # ritz_from = 0: every batch in the Rayleigh–Ritz sum; as many random vectors as the fan-in: exact
     d = max(s.eigenvectors[0].numel() for s in one.values())
     full = splitting_indices(model, data, ritz_from=0.0, ritz_vectors=d)
