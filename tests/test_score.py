@@ -362,3 +362,21 @@ def test_depthwise_input_gradient_is_reused_only_where_it_equals_g_s(trained_tin
     relu_groups = [g for g in find_neuron_groups(relu, data[0][0][:2]) if g.splittable]
     batch = next(iter(_batches(relu, trace(relu), relu_groups, data[:1], F.cross_entropy, len(data[0][0]), None)))
     assert all("gs" not in inter for inter in batch.intermediates.values())
+
+
+def test_replay_memory_cap_falls_back_to_the_later_batches(trained_tiny, monkeypatch, caplog):
+    """With no memory for the replay, the descent's batches are left out of the Rayleigh–Ritz sum: the
+    result is ``ritz_replay=False``'s, and the cap is logged once."""
+    import logging
+
+    import hwsplit.score as score
+
+    model, data = trained_tiny
+    data = data[:4]
+    off = splitting_indices(model, data, ritz_replay=False)
+    monkeypatch.setattr(score, "RITZ_REPLAY_BYTES", 0)
+    with caplog.at_level(logging.INFO, logger=score.log.name):
+        capped = splitting_indices(model, data)
+    assert sum("not replayed" in r.getMessage() for r in caplog.records) == 1
+    for name in off:
+        torch.testing.assert_close(capped[name].eigenvalues, off[name].eigenvalues)

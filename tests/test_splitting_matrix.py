@@ -153,24 +153,24 @@ def wide_net():
 
 def test_rayleigh_at_default_settings_against_exact(wide_net):
     """Bounds for the ONE-PASS default (λ in the descent pass, issue 13), with margin: measured
-    2026-12-02 on this net (8 batches) with seeds 0, 1, 2. The Rayleigh–Ritz default (2 descent
-    steps, then V of 3 vectors over 6 batches; bench/results/scoring_issue13d_widenet.txt):
-    worst-group Spearman ρ 0.70/0.80/0.78, share of exact negatives found 0.66/0.66/0.70, median
-    eigenvector |cos| 0.34/0.32/0.34 (the Ritz vector lowers vᵀSv within V, it is not the
-    eigenvector after 2 steps). Before it (averaged iterate, ``ritz_vectors=0``): 0.66/0.75/0.76,
-    0.64/0.62/0.66, 0.47/0.41/0.50. The two-pass estimate (``eigenvalue_pass=True``, constant rate: main's default
-    before issue 13) gave 0.87/0.85/0.93, 0.87/0.88/0.86, 0.65/0.66/0.72 and is checked as well: eight
-    steps are too few for the in-pass estimate (see BENCHMARKS.md for the CIFAR-10 nets)."""
+    2026-12-03 on this net (8 batches) with seeds 0, 1, 2. The default (issue 13f: 2 descent steps, then
+    V of 8 vectors — the iterate, the 2 residuals, 5 random directions — over all 8 batches, the descent's
+    replayed): worst-group Spearman ρ 0.89/0.92/0.88, share of exact negatives found 0.85/0.88/0.83,
+    median eigenvector |cos| 0.55/0.55/0.56. Issue 13d's default (3 vectors from the iterate, its last
+    gradient and the iterate 2 steps back, over the last 6 batches; bench/results/scoring_issue13d_widenet.txt):
+    0.70/0.80/0.78, 0.66/0.66/0.70, 0.34/0.32/0.34. The two-pass estimate (``eigenvalue_pass=True``, constant
+    rate: main's default before issue 13) gave 0.87/0.85/0.93, 0.87/0.88/0.86, 0.65/0.66/0.72 and is checked
+    as well. Both estimate λ over all the data, so neither may fall below exact λ_min."""
     model, data = wide_net
     exact = splitting_indices(model, data, method="exact")
     fast = splitting_indices(model, data)  # the defaults: method="rayleigh", epochs=1, one pass
     two_pass = splitting_indices(model, data, eigenvalue_pass=True, schedule="constant", average_vectors=False)
-    for scores, bounds in ((fast, (0.55, 0.5, 0.3)), (two_pass, (0.75, 0.75, 0.5))):
+    for scores, bounds in ((fast, (0.8, 0.75, 0.45)), (two_pass, (0.75, 0.75, 0.5))):
         rhos, found, cosines = [], [], []
         for name in exact:
             e, r = exact[name].eigenvalues, scores[name].eigenvalues
-            if scores is two_pass:  # a fixed v's quotient over all the data: never below λ_min
-                assert (r >= e - 1e-4 * e.abs().max()).all(), f"{name}: a Rayleigh quotient below λ_min"
+            # a fixed v's quotient, or a Ritz value, over all the data: never below λ_min
+            assert (r >= e - 1e-4 * e.abs().max()).all(), f"{name}: an estimate below λ_min"
             rhos.append(spearmanr(e.numpy(), r.numpy())[0])
             neg = e < -1e-3 * e.abs().max()
             if neg.any():
