@@ -220,6 +220,9 @@ def _print_stage(record: dict[str, Any]) -> None:
 @click.option("--split-epochs", type=click.IntRange(min=1), default=1, show_default=True,
               help="Rayleigh-quotient epochs per stage.")
 @click.option("--split-method", type=click.Choice(["rayleigh", "exact"]), default="rayleigh", show_default=True)
+@click.option("--split-vectors", type=click.IntRange(min=0), default=8, show_default=True,
+              help="Rayleigh-Ritz vectors per neuron: fewer score faster and rank less like exact "
+                   "(BENCHMARKS.md, issue 13f); 0 = averaged iterate.")
 @click.option("--split-step", type=click.FloatRange(min=0), default=1e-2, show_default=True,
               help="Offspring step epsilon (weight units).")
 @click.option("--selection", type=click.Choice(["lp", "milp", "greedy", "random"]), default="lp", show_default=True,
@@ -251,7 +254,8 @@ def grow(model: str, model_config: str | None, width_mult: float | None, activat
          data_dir: str | None, download: bool, limit: int | None, test_limit: str, cost: str,
          profile_path: str | None, metric: str | None, growth_ratio: float, stages: int, budget: str | None,
          epochs: int,
-         seed_epochs: int | None, split_epochs: int, split_method: str, split_step: float, selection: str,
+         seed_epochs: int | None, split_epochs: int, split_method: str, split_vectors: int, split_step: float,
+         selection: str,
          max_layer_growth: float | None, channel_multiple: str | None, val_fraction: float, post_split: str,
          final_epochs: int | None, batch_size: int, lr: float, weight_decay: float, device: str, seed: int,
          out: str, overwrite: bool, resume: str | None) -> None:
@@ -299,7 +303,8 @@ def grow(model: str, model_config: str | None, width_mult: float | None, activat
         data_limit=limit, test_limit=_test_limit(test_limit), cost=cost, cost_options=cost_options,
         growth_ratio=growth_ratio, stages=stages,
         budget=budget_value, epochs=epochs, seed_epochs=seed_epochs, split_epochs=split_epochs,
-        split_method=split_method, split_step=split_step, selection=selection, max_layer_growth=max_layer_growth,
+        split_method=split_method, split_vectors=split_vectors, split_step=split_step, selection=selection,
+        max_layer_growth=max_layer_growth,
         channel_multiple=_channel_multiple(channel_multiple),
         batch_size=batch_size, lr=lr, weight_decay=weight_decay, device=device, seed=seed,
         val_fraction=val_fraction, post_split=post_split, final_epochs=final_epochs,

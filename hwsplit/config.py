@@ -93,6 +93,9 @@ class GrowConfig:
     split_method: str = "rayleigh"
     split_step: float = 1e-2
     split_lr: float = 0.05
+    # Rayleigh–Ritz subspace per neuron (hwsplit.score.splitting_indices ritz_vectors): quality for cost,
+    # BENCHMARKS.md issue 13f; 0 = the averaged-iterate estimate
+    split_vectors: int = 8
     selection: str = "lp"
     max_layer_growth: float | None = None  # cap per layer and stage, as a fraction of its width
     batch_size: int = 64
@@ -125,6 +128,8 @@ class GrowConfig:
             "split_epochs": _positive_int(self.split_epochs),
             "split_step": _number(self.split_step) and self.split_step >= 0,
             "split_lr": _number(self.split_lr) and self.split_lr > 0,
+            "split_vectors": isinstance(self.split_vectors, int) and not isinstance(self.split_vectors, bool)
+            and self.split_vectors >= 0,
             "batch_size": _positive_int(self.batch_size),
             "budget": self.budget is None or (_number(self.budget) and self.budget > 0),
             "seed_epochs": self.seed_epochs is None or _positive_int(self.seed_epochs),

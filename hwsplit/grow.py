@@ -220,7 +220,8 @@ def _stages(run: RunDir, config: GrowConfig, session: Session, records: list[dic
             if hasattr(train_loader, "set_epoch"):
                 train_loader.set_epoch(stage * 10_000 - 1)
             scores = splitting_indices(model, train_loader, method=config.split_method, epochs=config.split_epochs,
-                                       lr=config.split_lr, seed=config.seed + stage, groups=groups,
+                                       lr=config.split_lr, ritz_vectors=config.split_vectors,
+                                       seed=config.seed + stage, groups=groups,
                                        progress=progress)
             timings["score_s"] = time.perf_counter() - t0
 

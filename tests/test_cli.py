@@ -29,7 +29,7 @@ def test_grow_writes_a_self_describing_run_directory(tiny_run):
     assert {"config.json", "stages.jsonl", "summary.md", "stage-0.pt", "stage-1.pt", "stage-2.pt"} <= names
     assert not [n for n in names if n.endswith(".tmp")]
     config = json.loads((tiny_run / "config.json").read_text())
-    assert config["cost"] == "flops" and config["stages"] == 2
+    assert config["cost"] == "flops" and config["stages"] == 2 and config["split_vectors"] == 8
     records = [json.loads(line) for line in (tiny_run / "stages.jsonl").read_text().splitlines()]
     assert [r["stage"] for r in records] == [0, 1, 2]
     for key in ("widths", "train_loss", "train_top1", "test_loss", "test_top1", "macs", "params", "cost",
@@ -85,6 +85,7 @@ def test_summary_of_a_checkpoint_and_of_a_model_name(tiny_run):
     (["grow", "--dataset", "imagenet"], "imagenet"),
     (["grow", "--model", "vgg"], "vgg"),
     (["grow", "--device", "tpu"], "--device"),
+    (["grow", "--split-vectors", "-1"], "--split-vectors"),
     (["grow", "--budget", "lots"], "budget"),
     (["summary", "/nonexistent/stage-1.pt"], "does not exist"),
     (["fit", "/nonexistent/profile.json"], "profile.json"),
@@ -120,3 +121,27 @@ def test_test_limit_option(tmp_path):
     assert json.loads((out / "config.json").read_text())["test_limit"] is None
     bad = CliRunner().invoke(main, ["grow", "--test-limit", "0"])
     assert bad.exit_code == 2 and "--test-limit" in bad.output
+
+
+def test_split_vectors_reach_the_scorer(tmp_path, monkeypatch):
+    """--split-vectors is the scoring cost/quality dial: it is the Rayleigh–Ritz subspace size of every
+    stage's splitting_indices call, and a bad value in a config names its field."""
+    import hwsplit.grow as grow_module
+    from hwsplit.config import ConfigError, GrowConfig
+
+    seen = []
+    real = grow_module.splitting_indices
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("ritz_vectors"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(grow_module, "splitting_indices", spy)
+    out = tmp_path / "grow"
+    result = CliRunner().invoke(main, ["grow", "--cost", "flops", "--out", str(out), "--split-vectors", "2",
+                                       "--stages", "1", "--epochs", "1", "--limit", "200", "--batch-size", "32"])
+    assert result.exit_code == 0, result.output
+    assert seen == [2]
+    assert json.loads((out / "config.json").read_text())["split_vectors"] == 2
+    with pytest.raises(ConfigError, match="split_vectors"):
+        GrowConfig(split_vectors="3")
