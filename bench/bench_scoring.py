@@ -9,8 +9,8 @@ first ``--images`` CIFAR-10 training images (so that the gradients scoring reads
 
 (a) times one more training epoch (``hwsplit.train.train_epoch``, SGD, batch ``--batch-size``);
 (b) times the default ``splitting_indices`` call (``--score-kwargs`` to change it) over the same loader,
-    and, with ``--before PATH``, the default call of another score.py (main's: a descent pass and an
-    eigenvalue pass) loaded beside this tree's, alternated in the same loop; the ratio is the whole call
+    and, with ``--before PATH``, the default call of another score.py (e.g. main's, from ``git show``)
+    loaded beside this tree's, alternated in the same loop; the ratio is the whole call
     over one training epoch (issue 13's target: ≤ 1.5);
 (q) with ``--quality``, ranks both against ``method="exact"`` on the same batches (every scoring call
     reads the loader's epoch SCORE_EPOCH: the same shuffle and augmentation; Spearman ρ per group,
@@ -332,7 +332,7 @@ def run(args: argparse.Namespace) -> dict:
             print(f"k={k} pretrain epoch {epoch}: loss {stats['loss']:.3f} top1 {stats['top1']:.3f} "
                   f"{stats['seconds']:.1f} s", flush=True)
         # (a) and (b), alternated ``--repeats`` times; the ratio uses the fastest of each (the least
-        # disturbed by other processes on a shared machine). "before" is main's score.py (two passes),
+        # disturbed by other processes on a shared machine). "before" is another score.py (e.g. main's),
         # loaded beside this tree's when --before names it, timed in the same loop.
         train_times, rayleigh_times, before_times = [], [], []
         before_scores = None
