@@ -67,6 +67,10 @@ def _positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
+def _non_negative_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -123,13 +127,12 @@ class GrowConfig:
             "model_options": isinstance(self.model_options, dict),
             "cost_options": isinstance(self.cost_options, dict),
             "growth_ratio": _number(self.growth_ratio) and self.growth_ratio > 0,
-            "stages": isinstance(self.stages, int) and not isinstance(self.stages, bool) and self.stages >= 0,
+            "stages": _non_negative_int(self.stages),
             "epochs": _positive_int(self.epochs),
             "split_epochs": _positive_int(self.split_epochs),
             "split_step": _number(self.split_step) and self.split_step >= 0,
             "split_lr": _number(self.split_lr) and self.split_lr > 0,
-            "split_vectors": isinstance(self.split_vectors, int) and not isinstance(self.split_vectors, bool)
-            and self.split_vectors >= 0,
+            "split_vectors": _non_negative_int(self.split_vectors),
             "batch_size": _positive_int(self.batch_size),
             "budget": self.budget is None or (_number(self.budget) and self.budget > 0),
             "seed_epochs": self.seed_epochs is None or _positive_int(self.seed_epochs),

@@ -489,10 +489,8 @@ class _Batch:
         total = None
         for start in range(0, x.shape[0], rows):
             part = slice(start, start + rows)
-            if kept is not None:
+            if kept is not None:  # ritz_prepared reads only the per-sample tensors (not s_shape)
                 ctx = {k: (v[part] if isinstance(v, torch.Tensor) else v) for k, v in kept.items()}
-                if "s_shape" in ctx:
-                    ctx["s_shape"] = torch.Size((ctx["x"].shape[0], *kept["s_shape"][1:]))
             else:
                 ctx = chain.prepare(x[part], self.grads[name][part],
                                     **{k: v[part] for k, v in self.intermediates[name].items()})
@@ -877,7 +875,7 @@ def _rayleigh(chains: dict[str, LocalChain], passes: Callable[[str], Iterable[_B
                     {name: chain.hvp_prepared(ctxs[name] if ctxs else batch.prepare(chain), vs[name])
                      for name, chain in chains.items()}, batch.weight)
                 _descent_step(vs, sq, svs, step=step, alpha=alpha, eps=eps,
-                              average=(average and inner == 0) and batch.weight,  # a v this batch has not moved
+                              average=batch.weight if average and inner == 0 else 0.0,  # a v not yet moved
                               average_vectors=average_vectors, sums=(u_sum, su_sum, lam_sum),
                               residuals=residuals if ritz else None, keep=ritz_vectors - 1)
     if ritz:
@@ -938,7 +936,7 @@ def _descent_step(vs: dict[str, torch.Tensor], sq: dict[str, torch.Tensor], svs:
                   sums: tuple[dict, dict, dict], residuals: dict[str, list[torch.Tensor]] | None,
                   keep: int = 0) -> None:
     """One RMSprop step on every channel's Rayleigh quotient (Algorithm 1), in place on ``vs``/``sq``.
-    ``average`` > 0 (the part's weight) adds the unmoved v to the λ sums; ``residuals`` keeps the last
+    ``average`` > 0 (the batch's weight) adds the unmoved v to the λ sums; ``residuals`` keeps the last
     ``keep`` gradients (for the Rayleigh–Ritz basis)."""
     u_sum, su_sum, lam_sum = sums
     for name, sv in svs.items():
