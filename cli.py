@@ -220,9 +220,10 @@ def _print_stage(record: dict[str, Any]) -> None:
 @click.option("--split-epochs", type=click.IntRange(min=1), default=1, show_default=True,
               help="Rayleigh-quotient epochs per stage.")
 @click.option("--split-method", type=click.Choice(["rayleigh", "exact"]), default="rayleigh", show_default=True)
-@click.option("--split-vectors", type=click.IntRange(min=0), default=8, show_default=True,
-              help="Rayleigh-Ritz vectors per neuron: fewer score faster and rank less like exact "
-                   "(BENCHMARKS.md, issue 13f); 0 = averaged iterate.")
+@click.option("--split-vectors", type=click.IntRange(min=0), default=6, show_default=True,
+              help="Rayleigh-Ritz vectors per neuron on average, more in layers where they cost less: "
+                   "fewer score faster and rank less like exact (BENCHMARKS.md, issues 13f/13g); "
+                   "0 = averaged iterate.")
 @click.option("--split-step", type=click.FloatRange(min=0), default=1e-2, show_default=True,
               help="Offspring step epsilon (weight units).")
 @click.option("--selection", type=click.Choice(["lp", "milp", "greedy", "random"]), default="lp", show_default=True,

@@ -97,9 +97,9 @@ class GrowConfig:
     split_method: str = "rayleigh"
     split_step: float = 1e-2
     split_lr: float = 0.05
-    # Rayleigh–Ritz subspace per neuron (hwsplit.score.splitting_indices ritz_vectors): quality for cost,
-    # BENCHMARKS.md issue 13f; 0 = the averaged-iterate estimate
-    split_vectors: int = 8
+    # Rayleigh–Ritz vectors per neuron on average, more where cheaper (hwsplit.score.splitting_indices
+    # ritz_vectors): quality for cost, BENCHMARKS.md issues 13f/13g; 0 = the averaged-iterate estimate
+    split_vectors: int = 6
     selection: str = "lp"
     max_layer_growth: float | None = None  # cap per layer and stage, as a fraction of its width
     batch_size: int = 64

@@ -15,9 +15,10 @@ construction because channel j depends only on row j of P.weight.
 * ``method="rayleigh"`` is the paper's fast method (Wang et al. 2019, §4): minimise the Rayleigh
   quotient R(v) = vᵀSv / vᵀv by stochastic gradient 2(Sv − Rv)/‖v‖² with RMSprop, renormalising
   v after every step; O(n·d) memory. The eigenvalue is estimated in the same pass: by default by a
-  Rayleigh–Ritz finish (the descent runs over the first quarter of the batches, then λ is the smallest
-  eigenvalue of Vᵀ S V averaged over the rest, V a frozen 3-vector subspace per channel); optionally
-  from the averaged iterate over the last part of the pass, or in one more pass with v fixed.
+  Rayleigh–Ritz finish (the descent runs over the first 35 % of the batches, then λ is the smallest
+  eigenvalue of Vᵀ S V averaged over every batch, V a frozen subspace per channel of the iterate and
+  the descent's last gradients, more vectors where they cost less); optionally from the averaged
+  iterate over the last part of the pass, or in one more pass with v fixed.
 
 Kinked activations (ReLU, ReLU6, Hardswish, LeakyReLU) have σ'' = 0 almost everywhere; they are
 scored through a softplus surrogate of sharpness ``surrogate_beta`` (3, as in the paper's code):
@@ -52,6 +53,11 @@ log = logging.getLogger(__name__)
 KINKED = ("relu", "relu6", "hardswish", "leaky_relu")
 RITZ_REPLAY_BYTES = 2 << 30  # the recorded descent batches kept for the Rayleigh–Ritz estimate, at most
 RITZ_CHUNK_BYTES = 4 << 20  # CPU: the Rayleigh–Ritz quadratic forms run on slices of samples of this size
+# Per element of the tangents ḣ and ż, the Rayleigh–Ritz forms' elementwise products and b×b sums cost
+# about as much as this many multiply-adds of their convolutions: least squares over the 14 groups' measured
+# times on the 4× CIFAR seed net, one CPU thread (issue 13g; the forms are memory-bound on maps ≥ 8×8).
+RITZ_ELEMENT_MACS = 20
+RITZ_ALLOCATIONS = ("cost", "uniform")
 METHODS = ("rayleigh", "exact")
 
 
@@ -329,6 +335,21 @@ class LocalChain:
     def hvp(self, x: torch.Tensor, g: torch.Tensor, tangent: torch.Tensor) -> torch.Tensor:
         """S·V for every channel: the Hessian of ⟨g, a(θ)⟩ at θ = P.weight applied to ``tangent``."""
         return self.hvp_prepared(self.prepare(x, g), tangent)
+
+    def ritz_cost(self, x: torch.Tensor) -> float:
+        """Work of one Rayleigh–Ritz vector of every channel on one sample of ``x`` (the producer's input), in
+        multiply-adds: the producer (and depthwise) convolution of the tangent, plus RITZ_ELEMENT_MACS per
+        element of ḣ (and ż) for the elementwise products and b×b sums. From the shapes alone, so every rank
+        computes the same."""
+        n = self.weight.shape[0]
+        with torch.no_grad():
+            h = self._linear(x[:1], self.weight, False)
+            positions = h.numel() // n
+            work = n * positions * (self.weight[0].numel() + RITZ_ELEMENT_MACS)
+            if self.dw is not None:
+                z_positions = self._dw(h, False).numel() // n
+                work += n * z_positions * (self.dw.weight[0].numel() + RITZ_ELEMENT_MACS)
+        return float(work)
 
 
 def _kinked_activations(group: NeuronGroup) -> list[str]:
@@ -622,9 +643,10 @@ def splitting_indices(
     schedule: str = "cosine",
     steps_per_batch: int = 1,
     average_vectors: bool = True,
-    ritz_vectors: int = 8,
+    ritz_vectors: int = 6,
     ritz_from: float = 0.35,
     ritz_replay: bool = True,
+    ritz_allocation: str = "cost",
     max_batches: int | None = None,
     progress: Callable[[Iterable, str, int], Iterable] | None = None,
 ) -> dict[str, SplitScore]:
@@ -644,8 +666,10 @@ def splitting_indices(
     last pass (``ritz_replay=True``: the descent's batches of that pass, kept in memory up to
     RITZ_REPLAY_BYTES, are added once V exists; False: the remaining batches only), and λ is its smallest
     eigenvalue, the direction its Ritz vector, never above the quotient of any vector of V. Each batch
-    costs the forward half of b Hessian-vector products. Measured on the CIFAR-10 seed MobileNetV1
-    (BENCHMARKS.md, issue 13f): b = 8 and ``ritz_from=0.35`` at one pass.
+    costs the forward half of b Hessian-vector products. b is per group (:func:`allocate_ritz_vectors`):
+    ``ritz_allocation="cost"`` spends the work of ``ritz_vectors`` vectors everywhere as more vectors where
+    one costs less, ``"uniform"`` gives every group ``ritz_vectors``. Measured on the CIFAR-10 seed
+    MobileNetV1 (BENCHMARKS.md, issues 13f/13g): 6 by cost and ``ritz_from=0.35`` at one pass.
 
     ``ritz_vectors=0`` is the earlier one-pass estimate, from the last ``average_last`` share
     (0 < · ≤ 1) of the batches of all passes: the Rayleigh quotient of the averaged iterate
@@ -669,6 +693,8 @@ def splitting_indices(
         raise ValueError(f"steps_per_batch: expected a positive integer, got {steps_per_batch!r}")
     if not isinstance(ritz_vectors, int) or ritz_vectors < 0:
         raise ValueError(f"ritz_vectors: expected an integer >= 0, got {ritz_vectors!r}")
+    if ritz_allocation not in RITZ_ALLOCATIONS:
+        raise ValueError(f"ritz_allocation: expected one of {RITZ_ALLOCATIONS}, got {ritz_allocation!r}")
     if not 0 <= ritz_from < 1:
         raise ValueError(f"ritz_from: expected a share in [0, 1), got {ritz_from!r}")
     if schedule not in SCHEDULES:
@@ -725,7 +751,7 @@ def splitting_indices(
                                eigenvalue_pass=eigenvalue_pass, average_last=average_last, schedule=schedule,
                                steps_per_batch=steps_per_batch, average_vectors=average_vectors,
                                ritz_vectors=ritz_vectors, ritz_from=ritz_from, ritz_replay=ritz_replay,
-                               n_batches=n_batches)
+                               ritz_allocation=ritz_allocation, n_batches=n_batches)
         log.info("scored %d neurons in %d groups (%s) in %.2f s", sum(len(s) for s in scores.values()),
                  len(scores), method, time.perf_counter() - start)
         return {**scores, **linear}
@@ -772,7 +798,8 @@ def _rayleigh(chains: dict[str, LocalChain], passes: Callable[[str], Iterable[_B
               lr: float, alpha: float, seed: int, eigenvalue_pass: bool, average_last: float,
               schedule: str = "cosine", steps_per_batch: int = 1, average_vectors: bool = True,
               ritz_vectors: int = 0, ritz_from: float = 0.35, ritz_replay: bool = True,
-              n_batches: int | None = None, eps: float = 1e-8) -> dict[str, SplitScore]:
+              ritz_allocation: str = "uniform", n_batches: int | None = None,
+              eps: float = 1e-8) -> dict[str, SplitScore]:
     """Stochastic Rayleigh-quotient descent (Wang et al. 2019, §4, Algorithm 1), all groups at once.
 
     With ``ritz_vectors = b > 0`` (and no eigenvalue pass) the descent runs over the first ``ritz_from`` share
@@ -818,7 +845,8 @@ def _rayleigh(chains: dict[str, LocalChain], passes: Callable[[str], Iterable[_B
     # in passes: the descent's share of all of them, and at least every pass but the last (whose batches
     # then all count in the Rayleigh–Ritz sum, once each)
     ritz_start = max(ritz_from * epochs, epochs - 1.0)
-    residuals: dict[str, list[torch.Tensor]] = {name: [] for name in chains}  # the last b − 1 gradients, oldest first
+    residuals: dict[str, list[torch.Tensor]] = {name: [] for name in chains}  # the last b_g − 1 gradients, oldest first
+    vectors: dict[str, int] | None = None  # b_g per group, from the first batch's shapes
     basis: dict[str, torch.Tensor] | None = None  # per group (n, d, b'), frozen at the switch
     gram: dict[str, torch.Tensor] = {}
     kept: list[_Batch] = []  # the last pass's descent batches, replayed into the Rayleigh–Ritz sum
@@ -828,13 +856,19 @@ def _rayleigh(chains: dict[str, LocalChain], passes: Callable[[str], Iterable[_B
         # (the ranks of a sharded loader run in lockstep), else by this process's batch weights
         seen, seen_batches = 0.0, 0
         for batch in passes(f"rayleigh epoch {epoch + 1}/{epochs}"):
+            if ritz and vectors is None:
+                vectors = allocate_ritz_vectors(
+                    {name: chain.ritz_cost(batch.inputs[name]) for name, chain in chains.items()},
+                    {name: chain.weight[0].numel() for name, chain in chains.items()}, ritz_vectors, ritz_allocation)
+                log.info("rayleigh: Rayleigh–Ritz vectors per group (%s): %s", ritz_allocation,
+                         ", ".join(f"{name} {b}" for name, b in vectors.items()))
             seen += batch.weight
             done = (seen_batches := seen_batches + 1) / n_batches if n_batches else seen
             share = 1 / n_batches if n_batches else batch.weight
             if ritz and epoch + done > ritz_start + 1e-9:
                 # Rayleigh–Ritz: every batch that ends after the descent share, so the last one always counts
                 if basis is None:
-                    basis = {name: _ritz_basis(vs[name], residuals[name], ritz_vectors, gen)
+                    basis = {name: _ritz_basis(vs[name], residuals[name], vectors[name], gen)
                              for name in chains}
                     gram = {name: torch.zeros(q.shape[0], q.shape[2], q.shape[2], dtype=q.dtype, device=q.device)
                             for name, q in basis.items()}
@@ -877,7 +911,8 @@ def _rayleigh(chains: dict[str, LocalChain], passes: Callable[[str], Iterable[_B
                 _descent_step(vs, sq, svs, step=step, alpha=alpha, eps=eps,
                               average=batch.weight if average and inner == 0 else 0.0,  # a v not yet moved
                               average_vectors=average_vectors, sums=(u_sum, su_sum, lam_sum),
-                              residuals=residuals if ritz else None, keep=ritz_vectors - 1)
+                              residuals=residuals if ritz else None,
+                              keep={name: b - 1 for name, b in vectors.items()} if ritz else None)
     if ritz:
         if basis is None or weight_sum == 0:
             raise ValueError("loader: yielded fewer batches than its len() says; no batch was left for λ")
@@ -934,10 +969,10 @@ def _batch_bytes(batch: _Batch) -> int:
 def _descent_step(vs: dict[str, torch.Tensor], sq: dict[str, torch.Tensor], svs: dict[str, torch.Tensor], *,
                   step: float, alpha: float, eps: float, average: float, average_vectors: bool,
                   sums: tuple[dict, dict, dict], residuals: dict[str, list[torch.Tensor]] | None,
-                  keep: int = 0) -> None:
+                  keep: dict[str, int] | None = None) -> None:
     """One RMSprop step on every channel's Rayleigh quotient (Algorithm 1), in place on ``vs``/``sq``.
-    ``average`` > 0 (the batch's weight) adds the unmoved v to the λ sums; ``residuals`` keeps the last
-    ``keep`` gradients (for the Rayleigh–Ritz basis)."""
+    ``average`` > 0 (the batch's weight) adds the unmoved v to the λ sums; ``residuals`` keeps each group's
+    last ``keep[group]`` gradients (for the Rayleigh–Ritz basis)."""
     u_sum, su_sum, lam_sum = sums
     for name, sv in svs.items():
         v = vs[name]
@@ -951,8 +986,30 @@ def _descent_step(vs: dict[str, torch.Tensor], sq: dict[str, torch.Tensor], svs:
         grad = 2.0 * (sv - r * v)  # ‖v‖ = 1 after every step
         sq[name].mul_(alpha).addcmul_(grad, grad, value=1 - alpha)
         vs[name] = _normalise(v - step * grad / (sq[name].sqrt() + eps))
-        if residuals is not None and keep > 0:
-            residuals[name] = (residuals[name] + [grad])[-keep:]
+        if residuals is not None and keep and keep[name] > 0:
+            residuals[name] = (residuals[name] + [grad])[-keep[name]:]
+
+
+def allocate_ritz_vectors(costs: dict[str, float], dims: dict[str, int], vectors: int,
+                          rule: str = "cost") -> dict[str, int]:
+    """Rayleigh–Ritz vectors b_g per group for ``vectors`` = b on average (docs/design.md §2).
+
+    ``"uniform"``: b_g = b. ``"cost"``: b_g = b·Σ_h c_h / (√c_g · Σ_h √c_h), rounded, with c_g the work of
+    one vector (:meth:`LocalChain.ritz_cost`): the same total work Σ b_g c_g as b everywhere, spent as
+    the allocation that minimises Σ_g 1/b_g for it (a Lagrange multiplier: b_g ∝ c_g^(-1/2)), i.e. more
+    vectors where they are cheap (small maps, late layers) and fewer where they are dear (the stem).
+    Measured on the CIFAR seed MobileNetV1 (issue 13g): at b = 6 it ranks like b = 8 everywhere for
+    6–11 % less time, and at 1× lifts the worst group's Spearman ρ from 0.84 to 0.94. Either rule is
+    bounded by the fan-in d_g (``dims``: a basis of d_g vectors is exact) and, for b ≥ 2, by 2 below."""
+    if rule not in RITZ_ALLOCATIONS:
+        raise ValueError(f"ritz_allocation: expected one of {RITZ_ALLOCATIONS}, got {rule!r}")
+    if rule == "uniform" or vectors == 0:
+        return {name: min(vectors, dims[name]) for name in dims}
+    total = sum(costs.values())
+    roots = sum(math.sqrt(c) for c in costs.values())
+    low = min(2, vectors)
+    return {name: max(low, min(dims[name], round(vectors * total / (roots * math.sqrt(costs[name])))))
+            for name in dims}
 
 
 def _ritz_basis(v: torch.Tensor, residuals: list[torch.Tensor], size: int, gen: torch.Generator) -> torch.Tensor:
@@ -1002,4 +1059,5 @@ def predicted_loss_change(eigenvalue: float, step: float) -> float:
     return 0.5 * step * step * eigenvalue
 
 
-__all__ = ["LocalChain", "SplitScore", "activation_fn", "predicted_loss_change", "splitting_indices"]
+__all__ = ["LocalChain", "SplitScore", "activation_fn", "allocate_ritz_vectors", "predicted_loss_change",
+           "splitting_indices"]

@@ -29,7 +29,7 @@ def test_grow_writes_a_self_describing_run_directory(tiny_run):
     assert {"config.json", "stages.jsonl", "summary.md", "stage-0.pt", "stage-1.pt", "stage-2.pt"} <= names
     assert not [n for n in names if n.endswith(".tmp")]
     config = json.loads((tiny_run / "config.json").read_text())
-    assert config["cost"] == "flops" and config["stages"] == 2 and config["split_vectors"] == 8
+    assert config["cost"] == "flops" and config["stages"] == 2 and config["split_vectors"] == 6
     records = [json.loads(line) for line in (tiny_run / "stages.jsonl").read_text().splitlines()]
     assert [r["stage"] for r in records] == [0, 1, 2]
     for key in ("widths", "train_loss", "train_top1", "test_loss", "test_top1", "macs", "params", "cost",

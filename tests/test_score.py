@@ -306,7 +306,7 @@ def test_rayleigh_ritz_bounds_and_fixed_subspace(trained_tiny):
     model, data = trained_tiny
     data = data[:4]  # ritz_from = 0.25: batch 0 descends, batches 1-3 (and 0 replayed) accumulate Vᵀ S V
     for replay, scored in ((True, data), (False, data[1:])):
-        kw = dict(lr=0.0, ritz_from=0.25, ritz_replay=replay)
+        kw = dict(lr=0.0, ritz_from=0.25, ritz_replay=replay, ritz_allocation="uniform")
         one = splitting_indices(model, data, ritz_vectors=1, **kw)
         separate = splitting_indices(model, scored, lr=0.0, eigenvalue_pass=True)
         three = splitting_indices(model, data, ritz_vectors=3, **kw)
@@ -322,7 +322,7 @@ def test_rayleigh_ritz_bounds_and_fixed_subspace(trained_tiny):
             assert (lam < one[name].eigenvalues - 1e-3 * scale).any(), name
     # ritz_from = 0: every batch in the Rayleigh–Ritz sum; as many random vectors as the fan-in: exact
     d = max(s.eigenvectors[0].numel() for s in one.values())
-    full = splitting_indices(model, data, ritz_from=0.0, ritz_vectors=d)
+    full = splitting_indices(model, data, ritz_from=0.0, ritz_vectors=d, ritz_allocation="uniform")
     exact = splitting_indices(model, data, method="exact")
     for name in full:
         scale = float(exact[name].eigenvalues.abs().max())
@@ -331,6 +331,56 @@ def test_rayleigh_ritz_bounds_and_fixed_subspace(trained_tiny):
         splitting_indices(model, data, ritz_from=1.0)
     with pytest.raises(ValueError, match="ritz_vectors"):
         splitting_indices(model, data, ritz_vectors=-1)
+    with pytest.raises(ValueError, match="ritz_allocation"):
+        splitting_indices(model, data, ritz_allocation="even")
+
+
+def test_ritz_vectors_are_allocated_by_cost():
+    """b_g ∝ c_g^(-1/2) for the work of b vectors everywhere, within [2, d_g]; uniform is b (≤ d_g)."""
+    from hwsplit.score import allocate_ritz_vectors
+
+    costs = {"stem": 400.0, "mid": 100.0, "late": 36.0, "narrow": 25.0}
+    dims = {"stem": 27, "mid": 64, "late": 128, "narrow": 6}
+    got = allocate_ritz_vectors(costs, dims, 6)
+    # Σc = 561, Σ√c = 41: b_g = 6·561/41/√c_g = 82.1/√c_g → 4.1, 8.2, 13.7 (and 16.4, capped at d = 6)
+    assert got == {"stem": 4, "mid": 8, "late": 14, "narrow": 6}
+    many = {"a": 900.0, **{f"g{i}": 100.0 for i in range(20)}}  # a: 3·2900/230/30 = 1.26 → the floor, 2
+    assert allocate_ritz_vectors(many, dict.fromkeys(many, 50), 3) == {"a": 2, **{f"g{i}": 4 for i in range(20)}}
+    assert allocate_ritz_vectors(costs, dims, 6, "uniform") == {"stem": 6, "mid": 6, "late": 6, "narrow": 6}
+    assert allocate_ritz_vectors(costs, dims, 1) == {"stem": 1, "mid": 1, "late": 2, "narrow": 3}
+    equal = allocate_ritz_vectors({"a": 5.0, "b": 5.0}, {"a": 9, "b": 9}, 4)
+    assert equal == {"a": 4, "b": 4}  # equal costs: the uniform allocation
+    with pytest.raises(ValueError, match="ritz_allocation"):
+        allocate_ritz_vectors(costs, dims, 6, "even")
+
+
+def test_ritz_cost_counts_the_tangent_work(trained_tiny):
+    """LocalChain.ritz_cost: n·P_h·(d + RITZ_ELEMENT_MACS) + n·P_z·(k² + RITZ_ELEMENT_MACS) per sample."""
+    from hwsplit.graph import find_neuron_groups
+    from hwsplit.score import RITZ_ELEMENT_MACS, LocalChain
+
+    model, data = trained_tiny
+    x = data[0][0]
+    inputs = {}
+    groups = [g for g in find_neuron_groups(model, x[:2]) if g.splittable]
+    hooks = [model.get_submodule(g.producer).register_forward_hook(
+        lambda m, i, o, name=g.name: inputs.__setitem__(name, (i[0], o))) for g in groups]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    checked = 0
+    for g in groups:
+        chain = LocalChain(model, g, surrogate_beta=3.0)
+        xin, out = inputs[g.name]
+        n, d = chain.weight.shape[0], chain.weight[0].numel()
+        expected = n * out[0, 0].numel() * (d + RITZ_ELEMENT_MACS)
+        if chain.dw is not None:
+            z = chain.dw(torch.zeros_like(out[:1]))
+            expected += n * z[0, 0].numel() * (chain.dw.weight[0].numel() + RITZ_ELEMENT_MACS)
+            checked += 1
+        assert chain.ritz_cost(xin) == pytest.approx(expected), g.name
+    assert checked >= 1
 
 
 def test_depthwise_input_gradient_is_reused_only_where_it_equals_g_s(trained_tiny):
