@@ -992,23 +992,22 @@ def _descent_step(vs: dict[str, torch.Tensor], sq: dict[str, torch.Tensor], svs:
 
 def allocate_ritz_vectors(costs: dict[str, float], dims: dict[str, int], vectors: int,
                           rule: str = "cost") -> dict[str, int]:
-    """Rayleigh–Ritz vectors b_g per group for ``vectors`` = b on average (docs/design.md §2).
+    """Rayleigh–Ritz vectors b_g per group for ``vectors`` = b (docs/design.md §2).
 
-    ``"uniform"``: b_g = b. ``"cost"``: b_g = b·Σ_h c_h / (√c_g · Σ_h √c_h), rounded, with c_g the work of
-    one vector (:meth:`LocalChain.ritz_cost`): the same total work Σ b_g c_g as b everywhere, spent as
-    the allocation that minimises Σ_g 1/b_g for it (a Lagrange multiplier: b_g ∝ c_g^(-1/2)), i.e. more
-    vectors where they are cheap (small maps, late layers) and fewer where they are dear (the stem).
-    Measured on the CIFAR seed MobileNetV1 (issue 13g): at b = 6 it ranks like b = 8 everywhere for
-    6–11 % less time, and at 1× lifts the worst group's Spearman ρ from 0.84 to 0.94. Either rule is
-    bounded by the fan-in d_g (``dims``: a basis of d_g vectors is exact) and, for b ≥ 2, by 2 below."""
+    ``"uniform"``: b_g = b. ``"cost"``: b_g = max(b, b·Σ_h c_h / (√c_g · Σ_h √c_h)), rounded, with c_g the
+    work of one vector (:meth:`LocalChain.ritz_cost`): the second term is the allocation of the work of b
+    vectors everywhere that minimises Σ_g 1/b_g (an error falling like 1/b; a Lagrange multiplier gives
+    b_g ∝ c_g^(-1/2)), i.e. more vectors where they are cheap (small maps, late layers); the floor b keeps
+    the dear groups (the stem) at the uniform count, because which groups need vectors depends on the
+    net (issue 13g: on a CIFAR-10 net after 2 epochs the stem needs 6–8, after 4 epochs 3). Both rules are
+    bounded by the fan-in d_g (``dims``): a basis of d_g vectors spans every direction and is exact."""
     if rule not in RITZ_ALLOCATIONS:
         raise ValueError(f"ritz_allocation: expected one of {RITZ_ALLOCATIONS}, got {rule!r}")
     if rule == "uniform" or vectors == 0:
         return {name: min(vectors, dims[name]) for name in dims}
     total = sum(costs.values())
     roots = sum(math.sqrt(c) for c in costs.values())
-    low = min(2, vectors)
-    return {name: max(low, min(dims[name], round(vectors * total / (roots * math.sqrt(costs[name])))))
+    return {name: min(dims[name], max(vectors, round(vectors * total / (roots * math.sqrt(costs[name])))))
             for name in dims}
 
 

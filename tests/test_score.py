@@ -336,16 +336,16 @@ def test_rayleigh_ritz_bounds_and_fixed_subspace(trained_tiny):
 
 
 def test_ritz_vectors_are_allocated_by_cost():
-    """b_g ∝ c_g^(-1/2) for the work of b vectors everywhere, within [2, d_g]; uniform is b (≤ d_g)."""
+    """b_g = max(b, b·Σc/(√c_g·Σ√c)) within d_g: at least b, more where a vector is cheap; uniform is b (≤ d_g)."""
     from hwsplit.score import allocate_ritz_vectors
 
     costs = {"stem": 400.0, "mid": 100.0, "late": 36.0, "narrow": 25.0}
     dims = {"stem": 27, "mid": 64, "late": 128, "narrow": 6}
     got = allocate_ritz_vectors(costs, dims, 6)
-    # Σc = 561, Σ√c = 41: b_g = 6·561/41/√c_g = 82.1/√c_g → 4.1, 8.2, 13.7 (and 16.4, capped at d = 6)
-    assert got == {"stem": 4, "mid": 8, "late": 14, "narrow": 6}
-    many = {"a": 900.0, **{f"g{i}": 100.0 for i in range(20)}}  # a: 3·2900/230/30 = 1.26 → the floor, 2
-    assert allocate_ritz_vectors(many, dict.fromkeys(many, 50), 3) == {"a": 2, **{f"g{i}": 4 for i in range(20)}}
+    # Σc = 561, Σ√c = 41: b·Σc/Σ√c/√c_g = 82.1/√c_g → 4.1 (below b: 6), 8.2, 13.7, 16.4 (capped at d = 6)
+    assert got == {"stem": 6, "mid": 8, "late": 14, "narrow": 6}
+    many = {"a": 900.0, **{f"g{i}": 100.0 for i in range(20)}}  # a: 3·2900/230/30 = 1.26 → b = 3; others 3.8
+    assert allocate_ritz_vectors(many, dict.fromkeys(many, 50), 3) == {"a": 3, **{f"g{i}": 4 for i in range(20)}}
     assert allocate_ritz_vectors(costs, dims, 6, "uniform") == {"stem": 6, "mid": 6, "late": 6, "narrow": 6}
     assert allocate_ritz_vectors(costs, dims, 1) == {"stem": 1, "mid": 1, "late": 2, "narrow": 3}
     equal = allocate_ritz_vectors({"a": 5.0, "b": 5.0}, {"a": 9, "b": 9}, 4)
