@@ -667,9 +667,10 @@ def splitting_indices(
     RITZ_REPLAY_BYTES, are added once V exists; False: the remaining batches only), and λ is its smallest
     eigenvalue, the direction its Ritz vector, never above the quotient of any vector of V. Each batch
     costs the forward half of b Hessian-vector products. b is per group (:func:`allocate_ritz_vectors`):
-    ``ritz_allocation="cost"`` spends the work of ``ritz_vectors`` vectors everywhere as more vectors where
-    one costs less, ``"uniform"`` gives every group ``ritz_vectors``. Measured on the CIFAR-10 seed
-    MobileNetV1 (BENCHMARKS.md, issues 13f/13g): 6 by cost and ``ritz_from=0.35`` at one pass.
+    ``ritz_allocation="cost"`` gives every group at least ``ritz_vectors`` and the groups where a vector is
+    cheap more (up to the square-root allocation of the same work), ``"uniform"`` gives every group
+    ``ritz_vectors``. Measured on the CIFAR-10 seed MobileNetV1 (BENCHMARKS.md, issues 13f/13g): 6 by cost
+    and ``ritz_from=0.35`` at one pass.
 
     ``ritz_vectors=0`` is the earlier one-pass estimate, from the last ``average_last`` share
     (0 < · ≤ 1) of the batches of all passes: the Rayleigh quotient of the averaged iterate
