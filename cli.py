@@ -221,9 +221,11 @@ def _print_stage(record: dict[str, Any]) -> None:
               help="Rayleigh-quotient epochs per stage.")
 @click.option("--split-method", type=click.Choice(["rayleigh", "exact"]), default="rayleigh", show_default=True)
 @click.option("--split-vectors", type=click.IntRange(min=0), default=6, show_default=True,
-              help="Rayleigh-Ritz vectors per neuron on average, more in layers where they cost less: "
-                   "fewer score faster and rank less like exact (BENCHMARKS.md, issues 13f/13g); "
-                   "0 = averaged iterate.")
+              help="Rayleigh-Ritz vectors per neuron, at least this many in every layer: fewer score faster "
+                   "and rank less like exact (BENCHMARKS.md, issues 13f/13g); 0 = averaged iterate.")
+@click.option("--split-allocation", type=click.Choice(["cost", "uniform"]), default="cost", show_default=True,
+              help="cost: more Rayleigh-Ritz vectors in layers where one is cheap (small maps); "
+                   "uniform: --split-vectors everywhere.")
 @click.option("--split-step", type=click.FloatRange(min=0), default=1e-2, show_default=True,
               help="Offspring step epsilon (weight units).")
 @click.option("--selection", type=click.Choice(["lp", "milp", "greedy", "random"]), default="lp", show_default=True,
@@ -255,7 +257,8 @@ def grow(model: str, model_config: str | None, width_mult: float | None, activat
          data_dir: str | None, download: bool, limit: int | None, test_limit: str, cost: str,
          profile_path: str | None, metric: str | None, growth_ratio: float, stages: int, budget: str | None,
          epochs: int,
-         seed_epochs: int | None, split_epochs: int, split_method: str, split_vectors: int, split_step: float,
+         seed_epochs: int | None, split_epochs: int, split_method: str, split_vectors: int, split_allocation: str,
+         split_step: float,
          selection: str,
          max_layer_growth: float | None, channel_multiple: str | None, val_fraction: float, post_split: str,
          final_epochs: int | None, batch_size: int, lr: float, weight_decay: float, device: str, seed: int,
@@ -304,7 +307,8 @@ def grow(model: str, model_config: str | None, width_mult: float | None, activat
         data_limit=limit, test_limit=_test_limit(test_limit), cost=cost, cost_options=cost_options,
         growth_ratio=growth_ratio, stages=stages,
         budget=budget_value, epochs=epochs, seed_epochs=seed_epochs, split_epochs=split_epochs,
-        split_method=split_method, split_vectors=split_vectors, split_step=split_step, selection=selection,
+        split_method=split_method, split_vectors=split_vectors, split_allocation=split_allocation,
+        split_step=split_step, selection=selection,
         max_layer_growth=max_layer_growth,
         channel_multiple=_channel_multiple(channel_multiple),
         batch_size=batch_size, lr=lr, weight_decay=weight_decay, device=device, seed=seed,

@@ -40,6 +40,8 @@ def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     configs = json.loads(args.configs) if args.configs else DEFAULT_CONFIGS
     names = list(configs)
+    if len(names) < 2:
+        raise SystemExit("--configs: give at least two settings to compare")
     seeds = [int(s) for s in args.seeds.split(",")]
     _, loader = B._load(args)
     report: dict = {"args": vars(args), "machine": B._machine(args.threads), "load_before": os.getloadavg(),

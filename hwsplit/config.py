@@ -20,6 +20,7 @@ from typing import Any
 from hwsplit.errors import ConfigError
 from hwsplit.families import FAMILIES, supports_channel_multiple
 from hwsplit.schedule import POLICIES, stage_train_config
+from hwsplit.score import RITZ_ALLOCATIONS
 from hwsplit.select import SELECTIONS
 from hwsplit.train import TrainConfig
 
@@ -97,9 +98,11 @@ class GrowConfig:
     split_method: str = "rayleigh"
     split_step: float = 1e-2
     split_lr: float = 0.05
-    # Rayleigh–Ritz vectors per neuron on average, more where cheaper (hwsplit.score.splitting_indices
+    # Rayleigh–Ritz vectors per neuron, at least this many in every layer (hwsplit.score.splitting_indices
     # ritz_vectors): quality for cost, BENCHMARKS.md issues 13f/13g; 0 = the averaged-iterate estimate
     split_vectors: int = 6
+    # "cost": more vectors where one is cheap (small maps), "uniform": split_vectors everywhere (before 13g)
+    split_allocation: str = "cost"
     selection: str = "lp"
     max_layer_growth: float | None = None  # cap per layer and stage, as a fraction of its width
     batch_size: int = 64
@@ -160,6 +163,9 @@ class GrowConfig:
             raise ConfigError(f"post_split: expected one of {', '.join(POLICIES)}, got {self.post_split!r}")
         if self.split_method not in SPLIT_METHODS:
             raise ConfigError(f"split_method: expected rayleigh or exact, got {self.split_method!r}")
+        if self.split_allocation not in RITZ_ALLOCATIONS:
+            raise ConfigError(f"split_allocation: expected one of {', '.join(RITZ_ALLOCATIONS)}, "
+                              f"got {self.split_allocation!r}")
         if self.cost not in COSTS:
             raise ConfigError(f"cost: expected one of {', '.join(COSTS)}, got {self.cost!r}")
         if self.cost in PROFILED_COSTS and not self.profile:

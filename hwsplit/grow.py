@@ -221,7 +221,7 @@ def _stages(run: RunDir, config: GrowConfig, session: Session, records: list[dic
                 train_loader.set_epoch(stage * 10_000 - 1)
             scores = splitting_indices(model, train_loader, method=config.split_method, epochs=config.split_epochs,
                                        lr=config.split_lr, ritz_vectors=config.split_vectors,
-                                       seed=config.seed + stage, groups=groups,
+                                       ritz_allocation=config.split_allocation, seed=config.seed + stage, groups=groups,
                                        progress=progress)
             timings["score_s"] = time.perf_counter() - t0
 

@@ -56,7 +56,8 @@ RITZ_CHUNK_BYTES = 4 << 20  # CPU: the Rayleigh–Ritz quadratic forms run on sl
 # Per element of the tangents ḣ and ż, the Rayleigh–Ritz forms' elementwise products and b×b sums cost
 # about as much as this many multiply-adds of their convolutions: least squares over the 14 groups' measured
 # times on the 4× CIFAR seed net, one CPU thread (issue 13g; the forms are memory-bound on maps ≥ 8×8).
-RITZ_ELEMENT_MACS = 20
+RITZ_ELEMENT_MACS = 20  # not tuned for GPUs (there the split only shifts vectors between groups)
+RITZ_MAX_FACTOR = 4  # the cost allocation gives no group more than this many times ritz_vectors
 RITZ_ALLOCATIONS = ("cost", "uniform")
 METHODS = ("rayleigh", "exact")
 
@@ -799,13 +800,14 @@ def _rayleigh(chains: dict[str, LocalChain], passes: Callable[[str], Iterable[_B
               lr: float, alpha: float, seed: int, eigenvalue_pass: bool, average_last: float,
               schedule: str = "cosine", steps_per_batch: int = 1, average_vectors: bool = True,
               ritz_vectors: int = 0, ritz_from: float = 0.35, ritz_replay: bool = True,
-              ritz_allocation: str = "uniform", n_batches: int | None = None,
+              ritz_allocation: str = "cost", n_batches: int | None = None,
               eps: float = 1e-8) -> dict[str, SplitScore]:
     """Stochastic Rayleigh-quotient descent (Wang et al. 2019, §4, Algorithm 1), all groups at once.
 
     With ``ritz_vectors = b > 0`` (and no eigenvalue pass) the descent runs over the first ``ritz_from`` share
-    of all passes, and at least over all but the last pass; then every channel's block V (n·(d×b), orthonormal
-    columns: the iterate and the last b − 1 gradients, random directions where there are fewer) is frozen,
+    of all passes, and at least over all but the last pass; then every channel's block V (n·(d×b_g), orthonormal
+    columns: the iterate and the last b_g − 1 gradients, random directions where there are fewer; b_g per group
+    from :func:`allocate_ritz_vectors` with ``ritz_allocation``, on the first batch's shapes) is frozen,
     T = Σ_b w_b Vᵀ S_b V is accumulated over the remaining batches and, with ``ritz_replay``, the last pass's
     descent batches kept for it (linear in S, so T/Σw is an unbiased estimate of Vᵀ S V given V; the replayed
     batches also chose V, a bias measured to matter less than the noise of leaving them out) and
@@ -848,6 +850,7 @@ def _rayleigh(chains: dict[str, LocalChain], passes: Callable[[str], Iterable[_B
     ritz_start = max(ritz_from * epochs, epochs - 1.0)
     residuals: dict[str, list[torch.Tensor]] = {name: [] for name in chains}  # the last b_g − 1 gradients, oldest first
     vectors: dict[str, int] | None = None  # b_g per group, from the first batch's shapes
+    residual_counts: dict[str, int] | None = None  # residuals kept per group for the basis: b_g − 1
     basis: dict[str, torch.Tensor] | None = None  # per group (n, d, b'), frozen at the switch
     gram: dict[str, torch.Tensor] = {}
     kept: list[_Batch] = []  # the last pass's descent batches, replayed into the Rayleigh–Ritz sum
@@ -858,9 +861,10 @@ def _rayleigh(chains: dict[str, LocalChain], passes: Callable[[str], Iterable[_B
         seen, seen_batches = 0.0, 0
         for batch in passes(f"rayleigh epoch {epoch + 1}/{epochs}"):
             if ritz and vectors is None:
-                vectors = allocate_ritz_vectors(
-                    {name: chain.ritz_cost(batch.inputs[name]) for name, chain in chains.items()},
-                    {name: chain.weight[0].numel() for name, chain in chains.items()}, ritz_vectors, ritz_allocation)
+                vectors = allocate_ritz_vectors(_ritz_costs(chains, batch),
+                                                {name: chain.weight[0].numel() for name, chain in chains.items()},
+                                                ritz_vectors, ritz_allocation)
+                residual_counts = {name: b - 1 for name, b in vectors.items()}
                 log.info("rayleigh: Rayleigh–Ritz vectors per group (%s): %s", ritz_allocation,
                          ", ".join(f"{name} {b}" for name, b in vectors.items()))
             seen += batch.weight
@@ -912,8 +916,7 @@ def _rayleigh(chains: dict[str, LocalChain], passes: Callable[[str], Iterable[_B
                 _descent_step(vs, sq, svs, step=step, alpha=alpha, eps=eps,
                               average=batch.weight if average and inner == 0 else 0.0,  # a v not yet moved
                               average_vectors=average_vectors, sums=(u_sum, su_sum, lam_sum),
-                              residuals=residuals if ritz else None,
-                              keep={name: b - 1 for name, b in vectors.items()} if ritz else None)
+                              residuals=residuals if ritz else None, keep=residual_counts)
     if ritz:
         if basis is None or weight_sum == 0:
             raise ValueError("loader: yielded fewer batches than its len() says; no batch was left for λ")
@@ -961,6 +964,16 @@ def _add_ritz_gram(gram: dict[str, torch.Tensor], chains: dict[str, LocalChain],
         gram[name].add_(batch.ritz(chain, block), alpha=batch.weight)
 
 
+def _ritz_costs(chains: dict[str, LocalChain], batch: _Batch) -> dict[str, float]:
+    """Every group's :meth:`LocalChain.ritz_cost` on this batch's shapes, summed over the ranks (one
+    reduction per call), so that every rank allocates the same vectors even where their shapes differ."""
+    names = list(chains)
+    local = [chains[name].ritz_cost(batch.inputs[name]) for name in names]
+    device = chains[names[0]].weight.device
+    total = sum_across_ranks(torch.tensor(local, dtype=torch.float64, device=device))
+    return dict(zip(names, total.tolist()))
+
+
 def _batch_bytes(batch: _Batch) -> int:
     tensors = [*batch.inputs.values(), *batch.grads.values(),
                *(t for inter in batch.intermediates.values() for t in inter.values())]
@@ -1001,14 +1014,17 @@ def allocate_ritz_vectors(costs: dict[str, float], dims: dict[str, int], vectors
     b_g ∝ c_g^(-1/2)), i.e. more vectors where they are cheap (small maps, late layers); the floor b keeps
     the dear groups (the stem) at the uniform count, because which groups need vectors depends on the
     net (issue 13g: on a CIFAR-10 net after 2 epochs the stem needs 6–8, after 4 epochs 3). Both rules are
-    bounded by the fan-in d_g (``dims``): a basis of d_g vectors spans every direction and is exact."""
+    bounded by the fan-in d_g (``dims``: a basis of d_g vectors spans every direction and is exact), and
+    "cost" by RITZ_MAX_FACTOR·b: the basis (n·d·b_g), the b×b sums (n·b_g²) and their eigen-solves grow with
+    b_g in ways c_g does not count (a Linear head's vectors cost almost nothing to form)."""
     if rule not in RITZ_ALLOCATIONS:
         raise ValueError(f"ritz_allocation: expected one of {RITZ_ALLOCATIONS}, got {rule!r}")
     if rule == "uniform" or vectors == 0:
         return {name: min(vectors, dims[name]) for name in dims}
     total = sum(costs.values())
     roots = sum(math.sqrt(c) for c in costs.values())
-    return {name: min(dims[name], max(vectors, round(vectors * total / (roots * math.sqrt(costs[name])))))
+    cap = RITZ_MAX_FACTOR * vectors
+    return {name: min(dims[name], cap, max(vectors, round(vectors * total / (roots * math.sqrt(costs[name])))))
             for name in dims}
 
 

@@ -133,15 +133,22 @@ def test_split_vectors_reach_the_scorer(tmp_path, monkeypatch):
     real = grow_module.splitting_indices
 
     def spy(*args, **kwargs):
-        seen.append(kwargs.get("ritz_vectors"))
+        seen.append((kwargs.get("ritz_vectors"), kwargs.get("ritz_allocation")))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(grow_module, "splitting_indices", spy)
     out = tmp_path / "grow"
     result = CliRunner().invoke(main, ["grow", "--cost", "flops", "--out", str(out), "--split-vectors", "2",
-                                       "--stages", "1", "--epochs", "1", "--limit", "200", "--batch-size", "32"])
+                                       "--split-allocation", "uniform", "--stages", "1", "--epochs", "1",
+                                       "--limit", "200", "--batch-size", "32"])
     assert result.exit_code == 0, result.output
-    assert seen == [2]
-    assert json.loads((out / "config.json").read_text())["split_vectors"] == 2
+    assert seen == [(2, "uniform")]
+    config = json.loads((out / "config.json").read_text())
+    assert config["split_vectors"] == 2 and config["split_allocation"] == "uniform"
+    assert GrowConfig().split_allocation == "cost"
     with pytest.raises(ConfigError, match="split_vectors"):
         GrowConfig(split_vectors="3")
+    with pytest.raises(ConfigError, match="split_allocation"):
+        GrowConfig(split_allocation="even")
+    bad = CliRunner().invoke(main, ["grow", "--split-allocation", "even"])
+    assert bad.exit_code == 2 and "--split-allocation" in bad.output

@@ -350,8 +350,47 @@ def test_ritz_vectors_are_allocated_by_cost():
     assert allocate_ritz_vectors(costs, dims, 1) == {"stem": 1, "mid": 1, "late": 2, "narrow": 3}
     equal = allocate_ritz_vectors({"a": 5.0, "b": 5.0}, {"a": 9, "b": 9}, 4)
     assert equal == {"a": 4, "b": 4}  # equal costs: the uniform allocation
+    # a group whose vectors cost almost nothing (a Linear head) gets RITZ_MAX_FACTOR·b, not its whole fan-in
+    head = allocate_ritz_vectors({"conv": 1e6, "head": 1.0}, {"conv": 50, "head": 4096}, 6)
+    assert head == {"conv": 6, "head": 4 * 6}
     with pytest.raises(ValueError, match="ritz_allocation"):
         allocate_ritz_vectors(costs, dims, 6, "even")
+
+
+def test_splitting_indices_uses_the_allocation_per_group(trained_tiny, monkeypatch):
+    """The allocation decides each group's basis: b_g − 1 residuals kept and a basis of b_g columns; it is
+    made once per call (on the first batch), and not at all without the Rayleigh–Ritz finish."""
+    import hwsplit.score as score
+
+    model, data = trained_tiny
+    data = data[:4]  # ritz_from = 0.5: two descent steps, then the Rayleigh–Ritz sum
+    calls, bases = [], []
+    real_basis = score._ritz_basis
+
+    def fake_allocation(costs, dims, vectors, rule="cost"):
+        calls.append((vectors, rule))
+        names = list(dims)
+        return {name: (1 if i == 0 else 3) for i, name in enumerate(names)}
+
+    def spy_basis(v, residuals, size, gen):
+        q = real_basis(v, residuals, size, gen)
+        bases.append((size, len(residuals), q.shape[2]))  # in the groups' order, as allocated
+        return q
+
+    monkeypatch.setattr(score, "allocate_ritz_vectors", fake_allocation)
+    monkeypatch.setattr(score, "_ritz_basis", spy_basis)
+    scores = score.splitting_indices(model, data, ritz_from=0.5)
+    assert calls == [(6, "cost")]
+    assert len(bases) == len(scores) >= 2
+    assert bases[0] == (1, 0, 1)  # one vector: the iterate, no residual kept
+    assert set(bases[1:]) == {(3, 2, 3)}  # three: the iterate and the two descent steps' residuals
+    calls.clear()
+    score.splitting_indices(model, data, ritz_from=0.5, epochs=2)
+    assert len(calls) == 1
+    calls.clear()
+    score.splitting_indices(model, data, eigenvalue_pass=True)
+    score.splitting_indices(model, data, ritz_vectors=0)
+    assert calls == []
 
 
 def test_ritz_cost_counts_the_tangent_work(trained_tiny):
