@@ -340,8 +340,8 @@ class LocalChain:
     def ritz_cost(self, x: torch.Tensor) -> float:
         """Work of one Rayleigh–Ritz vector of every channel on one sample of ``x`` (the producer's input), in
         multiply-adds: the producer (and depthwise) convolution of the tangent, plus RITZ_ELEMENT_MACS per
-        element of ḣ (and ż) for the elementwise products and b×b sums. From the shapes alone, so every rank
-        computes the same."""
+        element of ḣ (and ż) for the elementwise products and b×b sums. From the shapes alone (one sample's
+        convolutions give the output positions)."""
         n = self.weight.shape[0]
         with torch.no_grad():
             h = self._linear(x[:1], self.weight, False)
@@ -850,7 +850,6 @@ def _rayleigh(chains: dict[str, LocalChain], passes: Callable[[str], Iterable[_B
     ritz_start = max(ritz_from * epochs, epochs - 1.0)
     residuals: dict[str, list[torch.Tensor]] = {name: [] for name in chains}  # the last b_g − 1 gradients, oldest first
     vectors: dict[str, int] | None = None  # b_g per group, from the first batch's shapes
-    residual_counts: dict[str, int] | None = None  # residuals kept per group for the basis: b_g − 1
     basis: dict[str, torch.Tensor] | None = None  # per group (n, d, b'), frozen at the switch
     gram: dict[str, torch.Tensor] = {}
     kept: list[_Batch] = []  # the last pass's descent batches, replayed into the Rayleigh–Ritz sum
@@ -864,7 +863,6 @@ def _rayleigh(chains: dict[str, LocalChain], passes: Callable[[str], Iterable[_B
                 vectors = allocate_ritz_vectors(_ritz_costs(chains, batch),
                                                 {name: chain.weight[0].numel() for name, chain in chains.items()},
                                                 ritz_vectors, ritz_allocation)
-                residual_counts = {name: b - 1 for name, b in vectors.items()}
                 log.info("rayleigh: Rayleigh–Ritz vectors per group (%s): %s", ritz_allocation,
                          ", ".join(f"{name} {b}" for name, b in vectors.items()))
             seen += batch.weight
@@ -916,7 +914,7 @@ def _rayleigh(chains: dict[str, LocalChain], passes: Callable[[str], Iterable[_B
                 _descent_step(vs, sq, svs, step=step, alpha=alpha, eps=eps,
                               average=batch.weight if average and inner == 0 else 0.0,  # a v not yet moved
                               average_vectors=average_vectors, sums=(u_sum, su_sum, lam_sum),
-                              residuals=residuals if ritz else None, keep=residual_counts)
+                              residuals=residuals if ritz else None, vectors=vectors)
     if ritz:
         if basis is None or weight_sum == 0:
             raise ValueError("loader: yielded fewer batches than its len() says; no batch was left for λ")
@@ -983,10 +981,10 @@ def _batch_bytes(batch: _Batch) -> int:
 def _descent_step(vs: dict[str, torch.Tensor], sq: dict[str, torch.Tensor], svs: dict[str, torch.Tensor], *,
                   step: float, alpha: float, eps: float, average: float, average_vectors: bool,
                   sums: tuple[dict, dict, dict], residuals: dict[str, list[torch.Tensor]] | None,
-                  keep: dict[str, int] | None = None) -> None:
+                  vectors: dict[str, int] | None = None) -> None:
     """One RMSprop step on every channel's Rayleigh quotient (Algorithm 1), in place on ``vs``/``sq``.
     ``average`` > 0 (the batch's weight) adds the unmoved v to the λ sums; ``residuals`` keeps each group's
-    last ``keep[group]`` gradients (for the Rayleigh–Ritz basis)."""
+    last ``vectors[group]`` − 1 gradients (for its Rayleigh–Ritz basis of that many vectors)."""
     u_sum, su_sum, lam_sum = sums
     for name, sv in svs.items():
         v = vs[name]
@@ -1000,8 +998,8 @@ def _descent_step(vs: dict[str, torch.Tensor], sq: dict[str, torch.Tensor], svs:
         grad = 2.0 * (sv - r * v)  # ‖v‖ = 1 after every step
         sq[name].mul_(alpha).addcmul_(grad, grad, value=1 - alpha)
         vs[name] = _normalise(v - step * grad / (sq[name].sqrt() + eps))
-        if residuals is not None and keep and keep[name] > 0:
-            residuals[name] = (residuals[name] + [grad])[-keep[name]:]
+        if residuals is not None and vectors[name] > 1:
+            residuals[name] = (residuals[name] + [grad])[1 - vectors[name]:]
 
 
 def allocate_ritz_vectors(costs: dict[str, float], dims: dict[str, int], vectors: int,
