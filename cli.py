@@ -22,6 +22,7 @@ import click
 from click.core import ParameterSource
 
 from hwsplit.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, HwsplitError, first_line
+from hwsplit.units import fmt_si
 
 
 class CliError(click.ClickException):
@@ -196,9 +197,12 @@ def _print_stage(record: dict[str, Any]) -> None:
     what = f"width ×{record['width_mult']:g}" if "width_mult" in record else f"stage {record['stage']}"
     if "source_stage" in record:
         what = f"{'retrained' if record.get('from_scratch') else 'fine-tuned'} stage {record['source_stage']}"
-    click.echo(f"{what}: test top-1 {record['test_top1']:.4f}, {record['macs'] / 1e6:.4g}M MACs, "
-               f"{record['cost']['value']:.4g} {record['cost']['unit']}, "
-               f"{record.get('neurons_split', 0)} neurons split", err=True)
+    cost = record["cost"]
+    priced = "" if cost["unit"] == "MACs" else f", {cost['value']:.4g} {cost['unit']}"  # MACs are printed once
+    split = "" if "source_stage" in record or "width_mult" in record else \
+        f", {record.get('neurons_split', 0)} neurons split"
+    click.echo(f"{what}: test top-1 {record['test_top1']:.4f}, {fmt_si(record['macs'])} MACs{priced}{split}",
+               err=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -247,7 +251,9 @@ def _print_stage(record: dict[str, Any]) -> None:
 @_SGD_OPTIONS
 @click.option("--out", type=click.Path(file_okay=False), default="runs/grow", show_default=True,
               help="Run directory (created; a previous run in it is replaced only with --overwrite).")
-@click.option("--overwrite", is_flag=True, help="Replace the run already in --out (its stages are deleted).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace the run already in --out: its stages, its final/, finetune/ and retrain/ directories "
+                   "and the ONNX files exported from it are deleted.")
 @click.option("--resume", type=click.Path(file_okay=False), default=None, metavar="RUN",
               help="Continue the run in RUN after its last completed stage, with the settings of its config.json "
                    "(only --stages may be given with it, to extend the run).")
@@ -291,7 +297,7 @@ def grow(model: str, model_config: str | None, width_mult: float | None, activat
         if _main_rank():
             click.echo(_table(stage_table(records)))
             _print_final(config, resume, records)
-            click.echo(f"\nrun directory: {resume}")
+            click.echo(f"\nrun directory: {resume} ({_run_status(resume)})")
         return
 
     check_device(device, field="--device")
@@ -318,7 +324,14 @@ def grow(model: str, model_config: str | None, width_mult: float | None, activat
     if _main_rank():
         click.echo(_table(stage_table(records)))
         _print_final(config, out, records)
-        click.echo(f"\nrun directory: {out}")
+        click.echo(f"\nrun directory: {out} ({_run_status(out)})")
+
+
+def _run_status(run: str) -> str:
+    """The run's status line (``stopped: budget reached``, …) as its summary.md says it."""
+    from hwsplit.rundir import RunDir, run_status
+
+    return run_status(RunDir(run))
 
 
 def _print_final(config: Any, out: str, records: list[dict[str, Any]]) -> None:
@@ -472,6 +485,9 @@ def report(runs: tuple[str, ...], out: str) -> None:
     result = write_report(list(runs), out)
     click.echo(_table(result["rows"]))
     click.echo("")
+    for name, status in result["status"].items():
+        click.echo(f"{name}: {status}")
+    click.echo("")
     for path in result["files"]:
         click.echo(f"wrote {path}")
 
@@ -483,16 +499,21 @@ def report(runs: tuple[str, ...], out: str) -> None:
 @click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False), required=True, help="ONNX file to write.")
 @click.option("--atol", type=click.FloatRange(min=0), default=1e-4, show_default=True,
               help="Largest |onnxruntime - torch| accepted on random inputs.")
+@click.option("--with-preprocessing", is_flag=True,
+              help="Put the data set's normalisation into the graph: the file then takes images as the data set "
+                   "stores them (uint8 0..255 for cifar10/npz, float 0..1 for digits/imagefolder; NCHW).")
 @_library_errors
-def export(run: str, stage: int | None, onnx_path: str, atol: float) -> None:
+def export(run: str, stage: int | None, onnx_path: str, atol: float, with_preprocessing: bool) -> None:
     """Export a stage of a run (or a stage-K.pt) to ONNX, checked against PyTorch with onnxruntime."""
     from hwsplit.export import export_run
 
-    info = export_run(run, onnx_path, stage=stage, atol=atol)
+    info = export_run(run, onnx_path, stage=stage, atol=atol, with_preprocessing=with_preprocessing)
     checkpoint = info["checkpoint"]
     shape = "x".join(str(d) for d in info["input_shape"][1:])
-    click.echo(f"wrote {info['path']} from {checkpoint} (stage {info['stage']}, input N x {shape}, dynamic batch, "
-               f"opset {info['opset']})")
+    meta = info["metadata"]
+    click.echo(f"wrote {info['path']} from {checkpoint} (stage {info['stage']}, input N x {shape} "
+               f"{info['input_dtype']}, dynamic batch, opset {info['opset']})")
+    click.echo(f"input: {meta['input']}" + (f"; mean {meta['mean']}, std {meta['std']}" if "mean" in meta else ""))
     click.echo(f"onnxruntime vs torch: max |difference| = {info['max_abs_diff']:.3g} over batches of "
                f"{', '.join(str(b) for b in info['batch_sizes'])} random inputs (tolerance {atol:g})")
 
@@ -512,14 +533,21 @@ def _test_limit(text: str) -> int | str | None:
 # --------------------------------------------------------------------------------------------
 
 @main.command()
-@click.argument("model_or_checkpoint")
+@click.argument("model_or_checkpoint", metavar="RUN|CHECKPOINT|MODEL")
 @click.option("--resolution", type=click.IntRange(min=1), default=None,
               help="Input height = width (default: the checkpoint's, or 32; 224 for mobilenet_v1 standard).")
 @click.option("--in-channels", type=click.IntRange(min=1), default=None)
 @_library_errors
 def summary(model_or_checkpoint: str, resolution: int | None, in_channels: int | None) -> None:
-    """Per-layer widths, MACs and params of a model name or a stage checkpoint (stage-K.pt)."""
-    from hwsplit.summary import model_summary
+    """A run directory's stages and status, or the per-layer widths, MACs and params of a stage checkpoint
+    (stage-K.pt) or a model name."""
+    from hwsplit.summary import model_summary, run_summary
+
+    if Path(model_or_checkpoint).is_dir():
+        info = run_summary(model_or_checkpoint)
+        click.echo(_table(info["rows"]))
+        click.echo(f"\n{info['path']}: {info['status']}")
+        return
 
     result = model_summary(model_or_checkpoint, resolution=resolution, in_channels=in_channels)
     click.echo(_table(result["rows"]))

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from hwsplit.config import RUN_INFO_WORLD_SIZE, GrowConfig
+from hwsplit.config import RUN_INFO_PREPROCESSING, RUN_INFO_WORLD_SIZE, GrowConfig
 from hwsplit.distributed import is_main, world_size
 from hwsplit.fsio import atomic_write_json, check_writable_name
 from hwsplit.parallel import on_main
@@ -85,7 +85,7 @@ def width_baseline(config: GrowConfig, multipliers: Sequence[float], out: str | 
     for mult in multipliers:  # every network must have a cost the model can price (CostOutOfRange if not)
         session.cost_model.total(build_seed(config, session.bundle, width_mult=mult), session.input_shape)
     info = {**config.to_dict(), "baseline": WIDTH_BASELINE, "multipliers": multipliers, "total_epochs": total,
-            RUN_INFO_WORLD_SIZE: world_size()}
+            RUN_INFO_WORLD_SIZE: world_size(), RUN_INFO_PREPROCESSING: session.preprocessing}
     with run.lock("write") if is_main() else contextlib.nullcontext():  # rank 0 alone writes the run
         on_main(_start, run, info, overwrite=overwrite)
         return _train_all(run, config, session, multipliers, total, progress=progress, on_stage=on_stage)

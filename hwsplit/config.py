@@ -245,6 +245,8 @@ def resolve_channel_multiple(config: GrowConfig) -> int | None:
 BASELINE_FIELDS = ("baseline", "multipliers", "total_epochs")
 #: How many processes wrote the run (config.json; not a setting: a run may resume with another number).
 RUN_INFO_WORLD_SIZE = "world_size"
+#: The input the run's networks expect (config.json; :func:`hwsplit.data.preprocessing`; not a setting).
+RUN_INFO_PREPROCESSING = "preprocessing"
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
@@ -266,7 +268,7 @@ def load_config(out: str | Path, *, purpose: str = "resume") -> GrowConfig:
     data = read_config(out)
     if data.get("baseline"):
         raise ConfigError(f"{purpose}: {out} is a {data['baseline']} baseline, not a grow run")
-    data = {k: v for k, v in data.items() if k != RUN_INFO_WORLD_SIZE}
+    data = {k: v for k, v in data.items() if k not in (RUN_INFO_WORLD_SIZE, RUN_INFO_PREPROCESSING)}
     return GrowConfig.from_dict(data, source=f"{purpose}: {Path(out) / 'config.json'}")
 
 
@@ -286,5 +288,6 @@ def config_like(run: str | Path | None, overrides: Mapping[str, Any]) -> GrowCon
     return GrowConfig.from_dict(fields)
 
 
-__all__ = ["COSTS", "MAX_CHANNEL_MULTIPLE", "PROFILED_COSTS", "RUN_INFO_WORLD_SIZE", "GrowConfig", "config_like",
+__all__ = ["COSTS", "MAX_CHANNEL_MULTIPLE", "PROFILED_COSTS", "RUN_INFO_PREPROCESSING", "RUN_INFO_WORLD_SIZE",
+           "GrowConfig", "config_like",
            "load_config", "parse_budget", "read_config", "resolve_channel_multiple"]

@@ -29,7 +29,15 @@ from torch import nn
 import cost_models
 from hwsplit.checkpoint import save_checkpoint
 from hwsplit.config import GrowConfig, resolve_channel_multiple
-from hwsplit.data import BadImageError, DataBundle, load_dataset, make_eval_loader, make_loaders, split_validation
+from hwsplit.data import (
+    BadImageError,
+    DataBundle,
+    load_dataset,
+    make_eval_loader,
+    make_loaders,
+    preprocessing,
+    split_validation,
+)
 from hwsplit.distributed import is_main, local_device, rank, world_size
 from hwsplit.errors import ConfigError, first_line
 from hwsplit.families import build_seed as _build_family_seed
@@ -136,6 +144,11 @@ class Session:
     flops: Any
     measure: Callable[[nn.Module, tuple[int, ...]], dict[str, Any]] | None
     val_loader: Any = None  # with config.val_fraction > 0: the validation images, in order
+
+    @property
+    def preprocessing(self) -> dict[str, Any]:
+        """The input the run's networks expect (:func:`hwsplit.data.preprocessing`): layout, value range, mean/std."""
+        return preprocessing(self.bundle)
 
     def trace(self, model: nn.Module) -> list[NeuronGroup]:
         """The neuron groups of ``model`` (one fx trace; pass the result on instead of tracing again)."""
@@ -252,7 +265,8 @@ def write_stage(run: RunDir, session: Session, model: nn.Module, record: dict[st
         return
     try:
         save_checkpoint(path, model, stage=stage, extra={"test_top1": record["test_top1"],
-                                                         "input_shape": list(session.input_shape)})
+                                                         "input_shape": list(session.input_shape),
+                                                         "preprocessing": session.preprocessing})
         kill_point(f"stage-{stage}:checkpoint")
         run.write_records(records + [record])
     except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
