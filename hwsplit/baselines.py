@@ -109,7 +109,8 @@ def _train_all(run: RunDir, config: GrowConfig, session: Any, multipliers: list[
             timings: dict[str, float] = {}
             record = train_and_record(session, model, index, epochs=total, loader_epoch=0, timings=timings,
                                         progress=progress,
-                                        extra={"width_mult": mult, "epochs": total, "split": {}, "neurons_split": 0})
+                                        extra={"width_mult": mult, "epochs": total, "epochs_in_all": total, "split": {},
+                                             "neurons_split": 0})
             write_stage(run, session, model, record, records)
             write_summary(run, config, records, status="running", title=title)
             log.info("width ×%g: test top-1 %.4f, %.4g MACs", mult, record["test_top1"], record["macs"])

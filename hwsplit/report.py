@@ -224,7 +224,9 @@ def _si_log_axis(axis: Any) -> None:
 
     axis.axes.set_xscale("log") if axis is axis.axes.xaxis else axis.axes.set_yscale("log")
     fmt = FuncFormatter(lambda v, _pos: fmt_si(v) if v > 0 else "")
-    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    low, high = axis.get_data_interval()
+    narrow = low > 0 and high / low < 10  # within a decade: more ticks, so that there are several
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 1.5, 2.0, 3.0, 5.0, 7.0) if narrow else (1.0, 2.0, 5.0)))
     axis.set_major_formatter(fmt)
     axis.set_minor_formatter(FuncFormatter(lambda v, _pos: ""))
 
