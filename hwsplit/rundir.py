@@ -88,6 +88,13 @@ class RunDir:
     def checkpoint(self, stage: int) -> Path:
         return self.path / f"stage-{stage}.pt"
 
+    def partial(self, stage: int) -> Path:
+        """The training state of a stage still training (``partial-K.pt``), written after every epoch."""
+        return self.path / f"partial-{stage}.pt"
+
+    def partials(self) -> list[Path]:
+        return sorted(self.path.glob("partial-*.pt"))
+
     def checkpoints(self) -> dict[int, Path]:
         """Existing ``stage-K.pt`` files by K."""
         out = {}
@@ -179,7 +186,7 @@ class RunDir:
 def remove_run_files(run: RunDir) -> None:
     """Delete a previous run's files from ``run`` (config.json first: killed half-way, no run is left
     to resume rather than a mix of two). Nothing else in the directory is touched."""
-    for p in [run.config, run.stages, *run.checkpoints().values(), *run.temporaries(), run.summary]:
+    for p in [run.config, run.stages, *run.checkpoints().values(), *run.partials(), *run.temporaries(), run.summary]:
         if p.exists():
             p.unlink()
 
