@@ -2,6 +2,7 @@
 
     python bench/bench_train_speed.py                      # all 50,000 CIFAR-10 training images, widths 1 and 2.5
     python bench/bench_train_speed.py --images 10000 --out bench/results/train_speed_quick.json
+    python bench/bench_train_speed.py --formats-only --out bench/results/train_formats.json
 
 For each width multiplier of ``mobilenet_v1_cifar`` and each memory format (channels-first, channels-last) it
 times one epoch of
@@ -41,6 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--formats", default="first,last", help="memory formats: first (NCHW), last (channels-last)")
+    p.add_argument("--formats-only", action="store_true",
+                   help="only time training steps channels-last vs channels-first for several networks")
     p.add_argument("--out", default="bench/results/train_speed.json")
     return p.parse_args(argv)
 
@@ -89,11 +92,66 @@ def hwsplit_epoch(model, bundle, *, batch_size: int, channels_last: bool, seed: 
     return time.perf_counter() - t0
 
 
+#: (name, input shape, width multiplier, batch) of the memory-format comparison (``--formats-only``).
+FORMAT_NETWORKS = [("digits seed", (1, 8, 8), 1.0, 64), ("digits ×4", (1, 8, 8), 4.0, 64),
+                   ("cifar seed", (3, 32, 32), 1.0, 64), ("cifar ×2.5", (3, 32, 32), 2.5, 128),
+                   ("cifar ×4", (3, 32, 32), 4.0, 128)]
+
+
+def format_steps(threads: int) -> list[dict]:
+    """Training-step time channels-last ÷ channels-first for each of :data:`FORMAT_NETWORKS` (random inputs;
+    the best of 3 rounds of 10 steps after 3 warm-up steps)."""
+    import torch
+    import torch.nn.functional as F
+
+    from hwsplit.families import build_seed
+
+    torch.set_num_threads(threads)
+    rows = []
+    for name, shape, width, batch in FORMAT_NETWORKS:
+        ms = {}
+        for cl in (False, True):
+            torch.manual_seed(0)
+            model = build_seed("mobilenet_v1_cifar", {}, shape, 10, width_mult=width)
+            x, y = torch.randn(batch, *shape), torch.randint(0, 10, (batch,))
+            if cl:
+                model = model.to(memory_format=torch.channels_last)
+                x = x.contiguous(memory_format=torch.channels_last)
+            opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
+
+            def step(model=model, x=x, y=y, opt=opt):
+                loss = F.cross_entropy(model(x), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+
+            for _ in range(3):
+                step()
+            best = math.inf
+            for _ in range(3):
+                t0 = time.perf_counter()
+                for _ in range(10):
+                    step()
+                best = min(best, (time.perf_counter() - t0) / 10)
+            ms[cl] = best * 1e3
+        rows.append({"network": name, "batch": batch, "channels_first_ms": round(ms[False], 2),
+                     "channels_last_ms": round(ms[True], 2), "last_vs_first": round(ms[True] / ms[False], 3)})
+        print(f"{name:>12} batch {batch}: channels-first {ms[False]:7.2f} ms, channels-last {ms[True]:7.2f} ms, "
+              f"ratio {ms[True] / ms[False]:.2f}", flush=True)
+    return rows
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     import torch
 
     torch.set_num_threads(args.threads)
+    if args.formats_only:
+        rows = format_steps(args.threads)
+        common.save_json(common.resolve(args.out), {"date": common.now(), "machine": common.machine(),
+                                                    "command": common.command_line(), "threads": args.threads,
+                                                    "torch": torch.__version__, "format_steps": rows})
+        return
     from hwsplit.data import load_dataset
     from hwsplit.families import build_seed
 
