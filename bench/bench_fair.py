@@ -368,7 +368,8 @@ def summarise(out: Path, args: argparse.Namespace) -> dict:
         n_test = args.test_limit or 10_000  # None: the whole CIFAR-10 test set
         width = _width_curve(root, "width")
         s: dict = {"width": [{"width_mult": r["width_mult"], "macs": r["macs"], "test_top1": r["test_top1"],
-                              "epochs": r["epochs"]} for r in width]}
+                              "val_top1": r.get("val_top1"), "epochs": r["epochs"]} for r in width]}
+        s["compute"] = compute(root, args)
         for arm in ARMS:
             g = root / f"grow-{arm}"
             grown = _recs(g) if _done(g) or arm == "flops" else []
@@ -427,9 +428,110 @@ def summarise(out: Path, args: argparse.Namespace) -> dict:
     for key in ("lut_vs_flops", "flops_vs_lut", "lut_vs_width", "flops_vs_width"):
         agg[f"claim4_{key}"] = _aggregate([s["claim4"][key] for s in result["seeds"].values() if "claim4" in s])
     result["aggregate"] = agg
+    result["curves"] = curves(result)
     common.save_json(out / "summary.json", result)
     out.with_suffix(".md").write_text(fragment(result, args), encoding="utf-8")
+    plot(result, out)
     return result
+
+
+# ------------------------------------------------------------------------------------------------
+# compute of each path, curves over seeds, plots
+# ------------------------------------------------------------------------------------------------
+
+def _passes(recs: list[dict], n_train: int) -> int:
+    """Training sample-passes of ``recs`` (each record's schedule epochs × the training images)."""
+    return sum(r["schedule"]["epochs"] * n_train for r in recs)
+
+
+def compute(root: Path, args: argparse.Namespace) -> dict:
+    """Each path's compute for one seed: training sample-passes and seconds, growth's search (its seed and stage
+    trainings plus scoring) apart from the final trainings (retraining, fine-tuning, width multipliers)."""
+    n_all = args.limit or 50_000
+    n_train = n_all - round(n_all * args.val_fraction)
+    out: dict = {"train_images": n_train}
+    for arm in ARMS:
+        g = root / f"grow-{arm}"
+        recs = _recs(g) if _done(g) else []
+        if not recs:
+            continue
+        sec = [r.get("seconds", {}) for r in recs]
+        out[f"grow-{arm}"] = {"train_sample_passes": _passes(recs, n_train),
+                              "scoring_sample_passes": (len(recs) - 1) * n_train,
+                              "train_s": sum(x.get("train_s", 0) for x in sec),
+                              "score_s": sum(x.get("score_s", 0) for x in sec),
+                              "search_s": sum(sum(v for k, v in x.items() if k.endswith("_s")) for x in sec)}
+        for sub in ("retrain", "finetune"):
+            rs = _derived(g, sub)
+            if rs:
+                out[f"{sub}-{arm}"] = {"networks": len(rs), "train_sample_passes": _passes(rs, n_train),
+                                       "train_s": sum(r.get("seconds", {}).get("train_s", 0) for r in rs)}
+    for d in sorted(root.glob("width*-x*")):
+        rs = _recs(d) if _done(d) else []
+        if rs:
+            out[d.name] = {"train_sample_passes": _passes(rs, n_train),
+                           "train_s": sum(r.get("seconds", {}).get("train_s", 0) for r in rs)}
+    return out
+
+
+def _mean_point(points: list[dict], key: str) -> dict:
+    accs = [p["test_top1"] for p in points]
+    n = len(accs)
+    return {key: statistics.mean(p[key] for p in points), "test_top1": statistics.mean(accs), "n_seeds": n,
+            "two_se_seeds": 2 * statistics.stdev(accs) / math.sqrt(n) if n > 1 else None}
+
+
+def curves(result: dict) -> dict:
+    """Each arm's curve averaged over seeds (test top-1 and MACs per width multiplier or per grown stage)."""
+    by: dict[str, dict] = {}
+    for s in result["seeds"].values():
+        for r in s["width"]:
+            by.setdefault("width multipliers", {}).setdefault(r["width_mult"], []).append(r)
+        for arm in ARMS:
+            for r in s.get(arm, {}).get("retrained", []):
+                by.setdefault(f"{arm} stages, retrained", {}).setdefault(r["stage"], []).append(r)
+        if "finetuned" in s:
+            f = s["finetuned"]
+            by.setdefault("flops last stage, fine-tuned", {}).setdefault(0, []).append(f)
+            for r in f["width_same_epochs"]:
+                by.setdefault(f"width multipliers, {f['epochs_in_all']} epochs", {}).setdefault(
+                    r["width_mult"], []).append(r)
+    return {name: [_mean_point(pts, "macs") for _, pts in sorted(points.items())] for name, points in by.items()}
+
+
+def plot(result: dict, out: Path) -> None:
+    """``<out>/accuracy_vs_macs.png``: test top-1 against MACs, mean over seeds; bars: 2 SE, the larger of the
+    spread between seeds and the test set's binomial noise."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import EngFormatter
+
+    cs = result["curves"]
+    if not cs:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, pts in cs.items():
+        xs = [p["macs"] for p in pts]
+        ys = [100 * p["test_top1"] for p in pts]
+        n_test = result["args"].get("test_limit") or 10_000
+        err = [100 * max(p["two_se_seeds"] or 0, 2 * common.accuracy_se(p["test_top1"], n_test)) for p in pts]
+        ax.errorbar(xs, ys, yerr=err, marker="o", ms=4, capsize=3, label=name,
+                    linestyle="--" if name.startswith("width") else "-")
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(EngFormatter(unit=""))
+    ax.xaxis.set_minor_formatter(EngFormatter(unit=""))
+    ax.set_xlabel("MACs per image")
+    ax.set_ylabel("test top-1 (%)")
+    n = max((p["n_seeds"] for pts in cs.values() for p in pts), default=0)
+    ax.set_title(f"CIFAR-10, every network trained from scratch on one schedule ({n} seed(s); bars: 2 SE)")
+    ax.title.set_fontsize(9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_vs_macs.png", dpi=120)
+    plt.close(fig)
 
 
 def _aggregate(per_seed: list[list[dict]]) -> dict:
