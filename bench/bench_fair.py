@@ -5,7 +5,7 @@
     # claim 4 (issues 11 and 12): lut vs flops, both in blocks of the profile's channel block, then the
     # latency of every compared architecture on a quiet core
     python bench/bench_fair.py --claim4 --channel-multiple auto --out bench/results/fair_hardware
-    flock /work/locks/core1.lock taskset -c 1 python bench/bench_fair.py --claim4 --channel-multiple auto \
+    taskset -c 1 python bench/bench_fair.py --claim4 --channel-multiple auto \
         --out bench/results/fair_hardware --steps measure
 
 Claim 4 (``--claim4``: steps ``flops,lut,width,retrain-flops,retrain-lut``): the same protocol with the ``lut``
