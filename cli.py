@@ -167,6 +167,9 @@ _SGD_OPTIONS = _options(
     click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True),
     click.option("--weight-decay", type=click.FloatRange(min=0), default=5e-4, show_default=True),
     click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N."),
+    click.option("--threads", type=click.IntRange(min=1), default=None,
+                 help="CPU threads per process for training and scoring (default: 1 on machines with up to 4 "
+                      "cores, torch's default on larger ones; OMP_NUM_THREADS is honoured)."),
     click.option("--seed", type=int, default=0, show_default=True),
 )
 
@@ -267,8 +270,8 @@ def grow(model: str, model_config: str | None, width_mult: float | None, activat
          split_step: float,
          selection: str,
          max_layer_growth: float | None, channel_multiple: str | None, val_fraction: float, post_split: str,
-         final_epochs: int | None, batch_size: int, lr: float, weight_decay: float, device: str, seed: int,
-         out: str, overwrite: bool, resume: str | None) -> None:
+         final_epochs: int | None, batch_size: int, lr: float, weight_decay: float, device: str,
+         threads: int | None, seed: int, out: str, overwrite: bool, resume: str | None) -> None:
     """Grow a network stage by stage: train, score, price, select, split."""
     import cost_models
     from hwsplit.config import GrowConfig, load_config, parse_budget
@@ -280,15 +283,18 @@ def grow(model: str, model_config: str | None, width_mult: float | None, activat
     if resume is not None:
         ctx = click.get_current_context()
         given = [p.opts[0] for p in ctx.command.params
-                 if p.name not in ("resume", "stages") and _given(p.name)]
+                 if p.name not in ("resume", "stages", "threads") and _given(p.name)]
         if given:
             raise click.UsageError(f"--resume continues RUN with the settings of its config.json; "
-                                   f"{', '.join(given)} cannot be combined with it (only --stages, to extend the run)")
+                                   f"{', '.join(given)} cannot be combined with it (only --stages, to extend the "
+                                   "run, and --threads)")
         if _main_rank() and not Path(resume).is_dir():
             raise click.UsageError(f"--resume: {resume} is not a run directory")
         config = on_main(load_config, resume, share=True)  # the run directory is rank 0's
         if _given("stages"):
             config = dataclasses.replace(config, stages=stages)
+        if _given("threads"):
+            config = dataclasses.replace(config, threads=threads)
         check_device(config.device)
         if _main_rank():
             click.echo(f"resuming {resume} ({config.model} on {config.dataset}, cost {config.cost}, "
@@ -317,7 +323,7 @@ def grow(model: str, model_config: str | None, width_mult: float | None, activat
         split_step=split_step, selection=selection,
         max_layer_growth=max_layer_growth,
         channel_multiple=_channel_multiple(channel_multiple),
-        batch_size=batch_size, lr=lr, weight_decay=weight_decay, device=device, seed=seed,
+        batch_size=batch_size, lr=lr, weight_decay=weight_decay, device=device, threads=threads, seed=seed,
         val_fraction=val_fraction, post_split=post_split, final_epochs=final_epochs,
     )
     records = run_grow(config, out, overwrite=overwrite, progress=_progress, on_stage=_print_stage)
@@ -387,7 +393,8 @@ def baseline_width(multipliers: str, like: str | None, model: str, model_config:
                    metric: str | None,
                    epochs: int | None, stages: int, stage_epochs: int, seed_epochs: int | None,
                    channel_multiple: str | None, batch_size: int,
-                   lr: float, weight_decay: float, device: str, seed: int, out: str, overwrite: bool) -> None:
+                   lr: float, weight_decay: float, device: str, threads: int | None, seed: int, out: str,
+                   overwrite: bool) -> None:
     """Train the family uniformly scaled by width multipliers, from scratch, on grow's schedule."""
     from hwsplit.baselines import grow_epochs, parse_multipliers, width_baseline
     from hwsplit.config import config_like
@@ -404,7 +411,7 @@ def baseline_width(multipliers: str, like: str | None, model: str, model_config:
                                ("stage_epochs", "epochs", stage_epochs), ("seed_epochs", "seed_epochs", seed_epochs),
                                ("batch_size", "batch_size", batch_size), ("lr", "lr", lr),
                                ("weight_decay", "weight_decay", weight_decay), ("device", "device", device),
-                               ("seed", "seed", seed),
+                               ("threads", "threads", threads), ("seed", "seed", seed),
                                ("channel_multiple", "channel_multiple", _channel_multiple(channel_multiple))):
         if use(option):
             overrides[key] = value
@@ -442,6 +449,8 @@ def baseline_width(multipliers: str, like: str | None, model: str, model_config:
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Default: the run's.")
 @click.option("--weight-decay", type=click.FloatRange(min=0), default=None, help="Default: the run's.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:N (default: the run's).")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads per process (default: the run's setting).")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Output run directory (default RUN/finetune, or RUN/retrain with --from-scratch).")
 @click.option("--overwrite", is_flag=True, help="Replace another fine-tuning already in the output directory.")
@@ -449,7 +458,7 @@ def baseline_width(multipliers: str, like: str | None, model: str, model_config:
 @_on_all_ranks
 def finetune(run: str, stages: tuple[int, ...], all_stages: bool, epochs: int, from_scratch: bool,
              lr: float | None, batch_size: int | None, weight_decay: float | None, device: str | None,
-             out: str | None, overwrite: bool) -> None:
+             threads: int | None, out: str | None, overwrite: bool) -> None:
     """Fine-tune (or retrain from scratch) grown stages of RUN for the same schedule; resumable."""
     from hwsplit.devices import check_device
     from hwsplit.finetune import finetune as run_finetune
@@ -458,7 +467,7 @@ def finetune(run: str, stages: tuple[int, ...], all_stages: bool, epochs: int, f
     if all_stages and stages:
         raise click.UsageError("--all and --stage exclude each other")
     overrides = {k: v for k, v in (("lr", lr), ("batch_size", batch_size), ("weight_decay", weight_decay),
-                                   ("device", device)) if v is not None}
+                                   ("device", device), ("threads", threads)) if v is not None}
     if device is not None:
         check_device(device, field="--device")
     records = run_finetune(run, epochs=epochs, stages=list(stages) or None, from_scratch=from_scratch, out=out,

@@ -111,6 +111,7 @@ class GrowConfig:
     label_smoothing: float = 0.0
     schedule: str = "cosine"
     device: str = "cpu"
+    threads: int | None = None  # torch intra-op threads per process; None: hwsplit.devices.default_threads
     seed: int = 0
     measure: bool | None = None  # measure each stage end to end; None: with --cost lut|energy
     measure_time_s: float = 1.0
@@ -150,6 +151,7 @@ class GrowConfig:
             "measure_time_s": _number(self.measure_time_s) and self.measure_time_s > 0,
             "val_fraction": _number(self.val_fraction) and 0 <= self.val_fraction < 1,
             "final_epochs": self.final_epochs is None or _positive_int(self.final_epochs),
+            "threads": self.threads is None or _positive_int(self.threads),
             "device": isinstance(self.device, str) and re.fullmatch(r"cpu|cuda(:\d+)?", self.device) is not None,
         }
         for name, ok in checks.items():

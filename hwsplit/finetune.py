@@ -53,7 +53,7 @@ from hwsplit.train import seed_everything
 log = logging.getLogger(__name__)
 
 #: SGD settings a fine-tuning may change from the grow run (the data and its validation split may not).
-OVERRIDABLE = ("lr", "batch_size", "weight_decay", "device", "label_smoothing")
+OVERRIDABLE = ("lr", "batch_size", "weight_decay", "device", "label_smoothing", "threads")
 FINETUNE_DIR, RETRAIN_DIR, FINAL_DIR = "finetune", "retrain", "final"
 # the data order and initial weights of a fine-tuning of stage K come from seeds far from grow's
 _SEED_OFFSET = 500
@@ -147,6 +147,9 @@ def _prepare(dest: RunDir, info: dict[str, Any], *, overwrite: bool) -> list[dic
             for k, p in dest.checkpoints().items():
                 if k >= len(kept):
                     p.unlink()
+            for p in dest.partials():  # the next record's training state resumes from its last epoch
+                if p != dest.partial(len(kept)):
+                    p.unlink()
             dest.write_records(kept)
             if kept:
                 log.info("continuing %s after %d completed record(s)", dest.path, len(kept))
@@ -183,7 +186,8 @@ def _train_all(dest: RunDir, src: RunDir, config: GrowConfig, session: Session, 
                      "split": {}, "neurons_split": source.get("neurons_split", 0),
                      **({"source_sha256": digests[str(k)]} if digests else {})}
             record = train_and_record(session, model, index, epochs=epochs, loader_epoch=(_SEED_OFFSET + k) * 10_000,
-                                      timings={}, extra=extra, progress=progress)
+                                      timings={}, extra=extra, progress=progress,
+                                      partial=dest.partial(index))
             write_stage(dest, session, model, record, records)
             write_summary(dest, config, records, status="running", title=title)
             log.info("%s of stage %d: test top-1 %.4f (grown: %.4f)", kind, k, record["test_top1"],

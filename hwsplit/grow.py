@@ -80,7 +80,7 @@ def _resume_preflight(run: RunDir, config: GrowConfig) -> None:
         raise ConfigError(f"resume: {run.path} has no config.json (nothing to resume; start a new run)")
     saved = load_config(run.path)
     for f in dataclasses.fields(GrowConfig):
-        if f.name != "stages" and getattr(saved, f.name) != getattr(config, f.name):
+        if f.name not in ("stages", "threads") and getattr(saved, f.name) != getattr(config, f.name):
             raise ConfigError(f"resume: {f.name} differs from {run.config} ({getattr(saved, f.name)!r} there, "
                               f"{getattr(config, f.name)!r} here)")
     done = len(run.records()) - 1  # growth stages completed after the seed
@@ -128,6 +128,10 @@ def _check_resume(run: RunDir, config: GrowConfig) -> list[dict[str, Any]]:
     for k, p in checkpoints.items():
         if k >= len(kept):
             log.info("resume: removing %s (its stage did not complete)", p.name)
+            p.unlink()
+    for p in run.partials():  # the training state of the stage to redo is kept: it resumes from its last epoch
+        if p != run.partial(len(kept)):
+            log.info("resume: removing %s (not the training state of stage %d)", p.name, len(kept))
             p.unlink()
     return kept
 
@@ -206,7 +210,7 @@ def _stages(run: RunDir, config: GrowConfig, session: Session, records: list[dic
         extra = {**extra, "epochs_in_all": (config.seed_epochs or config.epochs) + stage * config.epochs}
         record = train_and_record(session, model, stage, epochs=epochs, loader_epoch=stage * 10_000,
                                   timings=timings, extra=extra, progress=progress, groups=groups,
-                                  train_config=config.stage_train_config(stage))
+                                  train_config=config.stage_train_config(stage), partial=run.partial(stage))
         write_stage(run, session, model, record, records)
         write_summary(run, config, records, status="running")
         log.info("stage %d: test top-1 %.4f, %.4g MACs, %s %.4g %s", stage, record["test_top1"], record["macs"],

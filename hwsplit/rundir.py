@@ -94,6 +94,13 @@ class RunDir:
     def checkpoint(self, stage: int) -> Path:
         return self.path / f"stage-{stage}.pt"
 
+    def partial(self, stage: int) -> Path:
+        """The training state of a stage still training (``partial-K.pt``), written after every epoch."""
+        return self.path / f"partial-{stage}.pt"
+
+    def partials(self) -> list[Path]:
+        return sorted(self.path.glob("partial-*.pt"))
+
     def checkpoints(self) -> dict[int, Path]:
         """Existing ``stage-K.pt`` files by K."""
         out = {}
@@ -358,7 +365,8 @@ def remove_run_files(run: RunDir) -> None:
         with contextlib.suppress(OSError):
             d.path.rmdir()
     _remove_exports(run)
-    for p in [run.config, run.stages, *run.checkpoints().values(), *run.temporaries(), run.summary]:
+    for p in [run.config, run.stages, *run.checkpoints().values(), *run.partials(), *run.temporaries(),
+              run.summary]:
         if p.exists():
             p.unlink()
 
