@@ -208,7 +208,9 @@ def run_seed(args: argparse.Namespace, out: Path, seed: int, steps: list[str], *
                 continue
             t0 = time.perf_counter()
             try:
-                finetune(src, epochs=args.retrain_epochs, stages=[k], from_scratch=from_scratch, out=d)
+                # overwrite: a directory this job left unfinished under another version of its config.json is
+                # started over; the same config.json continues (from the last epoch of the network in training)
+                finetune(src, epochs=args.retrain_epochs, stages=[k], from_scratch=from_scratch, out=d, overwrite=True)
             except RunLocked:
                 log.info("seed %d: %s stage %d is being trained by another process: skipped", seed, sub, k)
                 continue

@@ -276,7 +276,7 @@ def test_cpu_training_uses_channels_last_for_conv_nets_and_restores_the_format(d
         model = _digits_model()
         seen = []
         conv = [m for m in model if isinstance(m, nn.Conv2d)][-1]  # 16 -> 32 channels: the formats differ
-        conv.register_forward_pre_hook(lambda m, a: seen.append(not m.weight.is_contiguous()))
+        conv.register_forward_pre_hook(lambda m, a, seen=seen: seen.append(not m.weight.is_contiguous()))
         train(model, loader, config=TrainConfig(epochs=4, lr=0.1, channels_last=flag))
         assert all(p.is_contiguous() for p in model.parameters())
         assert seen and all(seen) == (flag is None)
