@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, linprog, milp
 
-from hwsplit.select import budget_limit, cap_value
+from hwsplit.select import budget_limit, cap_value, price_transform, search_price_budget
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,8 @@ def _repair(choice: list[int], values: Sequence[np.ndarray], costs: Sequence[np.
 
 
 def solve_grouped_knapsack(values: Sequence[Any], costs: Sequence[Any], budget: float, *, method: str = "milp",
-                           time_limit_s: float | None = None) -> tuple[list[int], float | None]:
+                           time_limit_s: float | None = None,
+                           lp_threshold: float | None = None) -> tuple[list[int], float | None]:
     """Choose at most one option per layer minimising ``Σ value`` under ``Σ cost ≤ budget``.
 
     Args:
@@ -153,6 +154,9 @@ def solve_grouped_knapsack(values: Sequence[Any], costs: Sequence[Any], budget: 
             each layer's fractional solution, stepped down until it fits, then greedy upgrades;
             the best of that, the greedy alone and the best single option) or ``"greedy"``.
         time_limit_s: HiGHS wall-clock limit (None: none).
+        lp_threshold: ``"lp"`` only, the authors' rounding: each layer takes its largest option whose LP
+            value is at least this (in (0, 1]), stepped down until it fits, and nothing else (no
+            upgrades, no best-of); None: the rounding above.
 
     Returns:
         ``(choice, lp_bound)``: the chosen option per layer (0 = none), always within the budget;
@@ -206,6 +210,11 @@ def solve_grouped_knapsack(values: Sequence[Any], costs: Sequence[Any], budget: 
         log.warning("grouped lp failed (%s); using the greedy", res.message)
         return greedy, None
     rounded = list(none)
+    if lp_threshold is not None:  # the authors' rule: options with x >= threshold, nothing else
+        for j in np.flatnonzero(res.x >= lp_threshold - _LP_TOL):
+            li, k = var[j]
+            rounded[li] = max(rounded[li], k)
+        return _repair(rounded, vs, cs, limit), float(res.fun)
     for j in np.flatnonzero(res.x > _LP_TOL):
         li, k = var[j]
         rounded[li] = max(rounded[li], k)  # the largest option with any weight, then stepped down
@@ -293,7 +302,8 @@ def select_blocks(model: Any, scores: Mapping[str, Any], groups: Mapping[str, An
                   total: Callable[[Any], float], current: float, budget: float, multiple: int,
                   caps: Any = None, method: str = "lp",
                   increase: Callable[[dict[str, Any]], float] | None = None,
-                  max_rounds: int = 100) -> tuple[dict[str, Any], dict[str, Any]]:
+                  max_rounds: int = 100, price: str = "linear", reference: float = 1.0,
+                  lp_threshold: float | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Choose per-layer multiples of ``multiple`` channels to split under ``budget``.
 
     ``total(model)`` is the cost model's total (its unit), ``current`` that of ``model``. With
@@ -303,6 +313,13 @@ def select_blocks(model: Any, scores: Mapping[str, Any], groups: Mapping[str, An
     ``max_layer_growth`` (the rule of :func:`hwsplit.select.select_neurons`). Returns
     ``(plan, info)``: ``{group: sorted LongTensor of channels}`` (every count a multiple of
     ``multiple``) and ``{"counts", "objective", "cost_used", "lp_bound", "multiple"}``.
+
+    ``price`` other than ``"linear"`` chooses with transformed option prices: option ``k`` of layer ``l``
+    is priced ``n·T(C_lk / n)`` for its ``n`` channels (:func:`hwsplit.select.price_transform` of its
+    mean cost per channel, ``reference`` the cost of one MAC-equivalent), and the largest budget in those
+    units whose Σ of real option costs fits ``budget`` is searched (:func:`hwsplit.select.search_price_budget`);
+    blocks over the budget are then dropped by least Σλ per unit of price. ``lp_threshold`` is the
+    authors' rounding (:func:`solve_grouped_knapsack`); ``cost_used`` is always in the real unit.
     """
     if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
         raise ValueError(f"channel_multiple: expected a positive integer, got {multiple!r}")
@@ -311,8 +328,24 @@ def select_blocks(model: Any, scores: Mapping[str, Any], groups: Mapping[str, An
         cap = caps.get(name) if isinstance(caps, Mapping) else caps
         layers.append(block_options(name, getattr(s, "eigenvalues", s), multiple, cap))
     option_costs(model, groups, layers, total, current)
-    choice, lp_bound = solve_grouped_knapsack([lb.values for lb in layers], [lb.costs for lb in layers], budget,
-                                              method=method)
+    values = [lb.values for lb in layers]
+    costs = [np.asarray(lb.costs, dtype=np.float64) for lb in layers]
+    if price == "linear":
+        prices = [lb.costs for lb in layers]
+        choice, lp_bound = solve_grouped_knapsack(values, costs, budget, method=method, lp_threshold=lp_threshold)
+    else:
+        counts = [np.asarray(lb.counts, dtype=np.float64) for lb in layers]
+        prices = [n * price_transform(c / n, price, reference) if n.size else c for n, c in zip(counts, costs)]
+        solved: dict[float, tuple[list[int], float | None]] = {}
+
+        def solve(price_budget: float) -> list[int]:
+            solved[price_budget] = solve_grouped_knapsack(values, prices, price_budget, method=method,
+                                                          lp_threshold=lp_threshold)
+            return solved[price_budget][0]
+
+        high = float(sum(max(0.0, float(p.max())) for p in prices if p.size))  # every layer's largest option
+        choice = search_price_budget(solve, lambda ch: _used(ch, costs), budget, high)
+        lp_bound = next((b for ch, b in solved.values() if ch == choice), None)
     rounds = 0
     while increase is not None and any(choice) and rounds < max_rounds:
         over = increase(_plan(layers, choice)) - budget
@@ -322,9 +355,9 @@ def select_blocks(model: Any, scores: Mapping[str, Any], groups: Mapping[str, An
         for li, k in enumerate(choice):
             if not k:
                 continue
-            lb = layers[li]
+            lb, pr = layers[li], prices[li]
             dv = lb.values[k - 1] - (lb.values[k - 2] if k > 1 else 0.0)
-            dc = lb.costs[k - 1] - (lb.costs[k - 2] if k > 1 else 0.0)
+            dc = pr[k - 1] - (pr[k - 2] if k > 1 else 0.0)
             key = dv / dc if dc > 0 else -math.inf  # least negative per cost goes first
             if worst_key is None or key > worst_key:
                 worst, worst_key = li, key

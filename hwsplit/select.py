@@ -29,6 +29,11 @@ number of neurons to split as the budget.
 
 :data:`SELECTIONS` dispatches every strategy by name with one signature (:func:`select_by_name`).
 
+**Price transforms** (``grow --price``, the authors' recipe; docs/design.md §3). The knapsack may
+*choose* with a transformed price ``p_i = T(c_i)`` (:func:`price_transform`: ``linear``, ``sqrt``,
+``log``) while the budget still limits the *real* cost ``Σ c_i``: :func:`search_price_budget` finds
+the largest budget in price units whose plan fits the real budget.
+
 This module is pure: numpy and scipy only. :func:`select_neurons` imports torch inside the function
 to build its ``LongTensor`` results; :func:`solve_knapsack` never does.
 """
@@ -52,6 +57,8 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 METHODS = ("lp", "milp", "greedy")
+#: How a neuron's marginal cost is turned into the price the knapsack chooses with (price_transform).
+PRICES = ("linear", "sqrt", "log")
 
 # Relative slack allowed on the budget when checking a selection, so that sums such as
 # 0.1 + 0.2 against a budget of 0.3 are not rejected over the last bit of a float.
@@ -207,8 +214,12 @@ def _solve(
     caps: np.ndarray | None,
     method: str,
     time_limit_s: float | None,
+    lp_threshold: float | None = None,
 ) -> tuple[np.ndarray, float | None]:
-    """Validated solve; returns the mask and, for ``method="lp"``, the LP relaxation optimum."""
+    """Validated solve; returns the mask and, for ``method="lp"``, the LP relaxation optimum.
+
+    ``lp_threshold`` β (lp only): keep exactly the items whose LP value is ``>= β`` (the authors'
+    rule, β = 0.99), without the greedy fill and best-of rounding; ``None``: the default rounding."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     values = np.asarray(values, dtype=np.float64)
@@ -286,6 +297,9 @@ def _solve(
         log.warning("linprog failed (%s); falling back to the ratio greedy", res.message)
         return greedy, None
     x = res.x
+    if lp_threshold is not None:  # the authors' rule: β_i >= threshold, nothing else
+        mask[cand[x >= lp_threshold - _LP_TOL]] = True
+        return _repair(mask, values, costs, limit, layer_of, caps), float(res.fun)
     mask[cand[x >= 1 - _LP_TOL]] = True
     mask = _repair(mask, values, costs, limit, layer_of, caps)
     frac = cand[(x > _LP_TOL) & (x < 1 - _LP_TOL)]
@@ -312,6 +326,7 @@ def solve_knapsack(
     caps: np.ndarray | None = None,
     method: str = "lp",
     time_limit_s: float | None = None,
+    lp_threshold: float | None = None,
 ) -> np.ndarray:
     """Choose items minimising ``Σ values`` under a cost budget and per-layer count caps.
 
@@ -326,6 +341,9 @@ def solve_knapsack(
         method: ``"lp"`` (LP relaxation + rounding), ``"milp"`` (exact) or ``"greedy"`` (ratio).
         time_limit_s: wall-clock limit for the HiGHS solve (None: none). A MILP stopped early
             returns the better of its best solution and the ratio greedy, with a warning.
+        lp_threshold: ``method="lp"`` only: keep the items whose LP value β_i is at least this (in
+            (0, 1]; the authors' β ≥ 0.99) and nothing else; None: the default rounding (β_i = 1
+            kept, then the fractional and other candidates added by ratio while they fit).
 
     Returns:
         boolean mask of shape ``(n,)``; always satisfies budget and caps.
@@ -334,7 +352,7 @@ def solve_knapsack(
         ValueError: unknown ``method``, mismatched shapes, non-finite values, costs that are not
             finite and positive, NaN budget, ``caps`` without ``layer_of``.
     """
-    return _solve(values, costs, budget, layer_of, caps, method, time_limit_s)[0]
+    return _solve(values, costs, budget, layer_of, caps, method, time_limit_s, _check_threshold(lp_threshold))[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -418,6 +436,7 @@ def select_neurons_report(
     method: str = "lp",
     threshold: float = 0.0,
     time_limit_s: float | None = None,
+    lp_threshold: float | None = None,
 ) -> tuple[dict[str, torch.Tensor], SelectionInfo]:
     """:func:`select_neurons`, and a :class:`SelectionInfo` describing the choice."""
     if method not in METHODS:
@@ -452,7 +471,8 @@ def select_neurons_report(
     c = np.concatenate(cost_parts) if cost_parts else np.zeros(0)
     layer_of = np.concatenate(layer_parts) if layer_parts else np.zeros(0, dtype=np.int64)
     mask, lp_bound = _solve(
-        v, c, budget, layer_of, np.asarray(cap_list, dtype=np.float64), method, time_limit_s
+        v, c, budget, layer_of, np.asarray(cap_list, dtype=np.float64), method, time_limit_s,
+        _check_threshold(lp_threshold),
     )
 
     import torch  # lazily: the solver above is pure numpy
@@ -488,6 +508,7 @@ def select_neurons(
     method: str = "lp",
     threshold: float = 0.0,
     time_limit_s: float | None = None,
+    lp_threshold: float | None = None,
 ) -> dict[str, torch.Tensor]:
     """Choose the neurons to split: ``{group name: sorted LongTensor of channel indices}``.
 
@@ -505,6 +526,7 @@ def select_neurons(
         method: ``"lp"`` (default), ``"milp"`` (exact) or ``"greedy"``; see the module docstring.
         threshold: only neurons with ``λ < threshold`` (``threshold <= 0``) are candidates.
         time_limit_s: wall-clock limit for the solver (None: none); see :func:`solve_knapsack`.
+        lp_threshold: the authors' rounding of the LP (``method="lp"``); see :func:`solve_knapsack`.
 
     Returns:
         only groups with at least one chosen neuron; ``{}`` when nothing is worth splitting or
@@ -517,7 +539,7 @@ def select_neurons(
     """
     return select_neurons_report(
         scores, costs, budget, caps=caps, method=method, threshold=threshold,
-        time_limit_s=time_limit_s,
+        time_limit_s=time_limit_s, lp_threshold=lp_threshold,
     )[0]
 
 
@@ -574,26 +596,97 @@ def random_selection(widths: Mapping[str, int], costs: Mapping[str, float], budg
 
 
 def _knapsack_strategy(method: str):
-    def strategy(scores, costs, budget, *, caps=None, seed=0):
-        return select_neurons(scores, costs, budget, caps=caps, method=method)
-    strategy.__doc__ = f"The {method!r} knapsack (:func:`select_neurons`); ``seed`` is unused."
+    def strategy(scores, costs, budget, *, caps=None, seed=0, lp_threshold=None):
+        return select_neurons(scores, costs, budget, caps=caps, method=method,
+                              lp_threshold=lp_threshold if method == "lp" else None)
+    strategy.__doc__ = (f"The {method!r} knapsack (:func:`select_neurons`); ``seed`` is unused"
+                        + ("." if method == "lp" else ", and so is ``lp_threshold``."))
     return strategy
 
 
-def _random_strategy(scores, costs, budget, *, caps=None, seed=0):
-    """:func:`random_selection` over every neuron of the scored groups."""
+def _random_strategy(scores, costs, budget, *, caps=None, seed=0, lp_threshold=None):
+    """:func:`random_selection` over every neuron of the scored groups (``lp_threshold`` is unused)."""
     return random_selection({k: len(_eigenvalues(k, s)) for k, s in scores.items()}, costs, budget, caps=caps,
                             seed=seed)
 
 
-#: Every selection strategy by name: ``strategy(scores, costs, budget, *, caps, seed) -> plan``.
+#: Every selection strategy by name: ``strategy(scores, costs, budget, *, caps, seed, lp_threshold) -> plan``.
 SELECTIONS = {**{m: _knapsack_strategy(m) for m in METHODS}, "random": _random_strategy}
 
 
 def select_by_name(name: str, scores: Mapping[str, Any], costs: Mapping[str, float], budget: float, *,
                    caps: float | Mapping[str, float | None] | None = None,
-                   seed: int | Sequence[int] = 0) -> dict[str, torch.Tensor]:
-    """Run the strategy ``name`` of :data:`SELECTIONS`; ``ValueError`` naming ``selection`` if unknown."""
+                   seed: int | Sequence[int] = 0, lp_threshold: float | None = None) -> dict[str, torch.Tensor]:
+    """Run the strategy ``name`` of :data:`SELECTIONS`; ``ValueError`` naming ``selection`` if unknown.
+
+    ``lp_threshold`` is the authors' rounding of the ``lp`` strategy (:func:`solve_knapsack`); the
+    others ignore it."""
     if name not in SELECTIONS:
         raise ValueError(f"selection: expected one of {', '.join(SELECTIONS)}, got {name!r}")
-    return SELECTIONS[name](scores, costs, budget, caps=caps, seed=seed)
+    return SELECTIONS[name](scores, costs, budget, caps=caps, seed=seed, lp_threshold=lp_threshold)
+
+
+# --------------------------------------------------------------------------------------------
+# Price transforms: the price chooses, the real cost limits
+# --------------------------------------------------------------------------------------------
+
+def _check_threshold(lp_threshold: float | None) -> float | None:
+    if lp_threshold is None:
+        return None
+    if isinstance(lp_threshold, bool) or not isinstance(lp_threshold, numbers.Real) or not 0 < lp_threshold <= 1:
+        raise ValueError(f"lp_threshold: expected a number in (0, 1] or None, got {lp_threshold!r}")
+    return float(lp_threshold)
+
+
+def price_transform(costs: Any, price: str, reference: float = 1.0) -> np.ndarray:
+    """The price the knapsack chooses with, from real marginal costs ``costs`` (any shape, any sign).
+
+    With ``x = c / reference`` (``reference``: the cost of one MAC-equivalent, 1 for MACs):
+    ``linear`` → ``c`` itself; ``sqrt`` → ``√x`` (the authors' CIFAR price, ``np.sqrt(flops_inc)``);
+    ``log`` → ``log(1 + x)``, the authors' ImageNet price ``log(ΔMACs)`` made well defined and
+    positive for ``x < 1`` (it differs from ``log x`` by under ``1/x``, so by less than 0.01 for any
+    neuron that adds 100 MACs or more). A negative cost (a block of channels that makes a table-priced
+    layer cheaper) keeps its sign: ``T(c) = sign(c)·T(|c|)``. Only the ratios of prices matter to the
+    choice: ``sqrt`` is the same whatever the ``reference``, ``log`` is not (so other units are first
+    converted to MAC-equivalents by the caller's ``reference``). ``ValueError`` names ``price`` when
+    unknown and ``reference`` when it is not finite and positive.
+    """
+    if price not in PRICES:
+        raise ValueError(f"price: expected one of {', '.join(PRICES)}, got {price!r}")
+    if not (isinstance(reference, numbers.Real) and math.isfinite(reference) and reference > 0):
+        raise ValueError(f"reference: expected a finite positive cost of one MAC-equivalent, got {reference!r}")
+    c = np.asarray(costs, dtype=np.float64)
+    if price == "linear":
+        return c.copy()
+    x = np.abs(c) / float(reference)
+    return np.sign(c) * (np.sqrt(x) if price == "sqrt" else np.log1p(x))
+
+
+def search_price_budget(solve: Any, real_cost: Any, budget: float, high: float, *,
+                        rtol: float = 1e-3, max_solves: int = 40) -> Any:
+    """The plan of the largest price budget (in ``[0, high]``) whose real cost fits ``budget``.
+
+    ``solve(price_budget)`` returns a plan chosen by the knapsack with transformed prices;
+    ``real_cost(plan)`` is that plan's cost in the real unit (MACs, ms, mJ). ``high`` is the price of
+    everything that could be chosen: its plan is returned at once when it fits. Otherwise bisection
+    down to ``rtol`` of ``high`` (at most ``max_solves`` solves): the returned plan is the one of the
+    largest price budget tried whose real cost was ``<= budget`` (the empty plan of budget 0 at worst),
+    so the real budget is never exceeded, whatever the prices.
+    """
+    limit = budget_limit(budget)
+    if not (budget > 0 and high > 0):
+        return solve(0.0)
+    plan = solve(high)
+    if real_cost(plan) <= limit:
+        return plan
+    lo, hi, best = 0.0, float(high), solve(0.0)
+    for _ in range(max_solves):
+        if hi - lo <= rtol * high:
+            break
+        mid = 0.5 * (lo + hi)
+        plan = solve(mid)
+        if real_cost(plan) <= limit:
+            lo, best = mid, plan
+        else:
+            hi = mid
+    return best
