@@ -194,6 +194,20 @@ def _channel_multiple(text: str | None) -> int | str | None:
     return int(text) if text is not None and text.strip().isdigit() else text
 
 
+def _max_widths(text: str | None) -> str | list[int] | None:
+    """--max-widths as GrowConfig takes it: ``none`` → None, a comma list → whole numbers, else the name
+    (GrowConfig validates; a malformed list is a UsageError naming the option)."""
+    if text is None or text.strip().lower() == "none":
+        return None
+    if "," in text or text.strip().isdigit():
+        try:
+            return [int(w) for w in text.split(",")]
+        except ValueError:
+            raise click.BadParameter(f"expected whole numbers separated by commas, got {text!r}",
+                                     param_hint="--max-widths") from None
+    return text.strip()
+
+
 def _print_stage(record: dict[str, Any]) -> None:
     if not _main_rank():  # under torchrun rank 0 alone reports
         return
@@ -239,7 +253,25 @@ def _print_stage(record: dict[str, Any]) -> None:
               help="Knapsack by LP relaxation, exact MILP or ratio greedy; random: the baseline that splits "
                    "uniformly random neurons under the same budget.")
 @click.option("--max-layer-growth", type=click.FloatRange(min=0, max=1, min_open=True), default=None,
-              help="Cap per layer and stage, as a fraction of its width.")
+              help="Cap per layer and stage, as a fraction of its width (a layer at most doubles in any case).")
+@click.option("--price", type=click.Choice(["linear", "sqrt", "log"]), default=None,
+              help="What the knapsack chooses with: each neuron's marginal cost (linear, the default), its square "
+                   "root (the authors' CIFAR price) or log(1 + MAC-equivalents); --budget and --growth-ratio "
+                   "still limit the real cost.")
+@click.option("--group-budgets", type=click.Choice(["none", "authors", "resolution"]), default=None,
+              help="Split each stage's budget over layer groups by feature-map size, in proportion to each "
+                   "group's price-weighted width: none (one budget, the default), authors (two groups, as their "
+                   "code), resolution (one group per map size).")
+@click.option("--max-widths", default=None, metavar="standard|authors|none|W1,W2,...",
+              help="Width ceiling per growing layer: the family's standard widths (default), the authors' "
+                   "max_splitcfg, none, or one number per layer in graph order.")
+@click.option("--lp-threshold", type=click.FloatRange(min=0, max=1, min_open=True), default=None,
+              help="Keep the LP's neurons with beta >= this and nothing else (the authors' 0.99); default: "
+                   "round the LP and fill greedily.")
+@click.option("--recipe", type=click.Choice(["authors"]), default=None,
+              help="A preset of the selection options: authors = --price sqrt --group-budgets authors "
+                   "--max-layer-growth 1 --max-widths authors --lp-threshold 0.99 (with --selection lp); "
+                   "options given with it override it.")
 @_CHANNEL_MULTIPLE
 @click.option("--val-fraction", type=click.FloatRange(min=0, max=1, max_open=True), default=0.0, show_default=True,
               help="Share of the training images carved out (seeded by --seed) as a validation split; choices "
@@ -269,12 +301,13 @@ def grow(model: str, model_config: str | None, width_mult: float | None, activat
          seed_epochs: int | None, split_epochs: int, split_method: str, split_vectors: int, split_allocation: str,
          split_step: float,
          selection: str,
-         max_layer_growth: float | None, channel_multiple: str | None, val_fraction: float, post_split: str,
-         final_epochs: int | None, batch_size: int, lr: float, weight_decay: float, device: str,
+         max_layer_growth: float | None, price: str | None, group_budgets: str | None, max_widths: str | None,
+         lp_threshold: float | None, recipe: str | None, channel_multiple: str | None, val_fraction: float,
+         post_split: str, final_epochs: int | None, batch_size: int, lr: float, weight_decay: float, device: str,
          threads: int | None, seed: int, out: str, overwrite: bool, resume: str | None) -> None:
     """Grow a network stage by stage: train, score, price, select, split."""
     import cost_models
-    from hwsplit.config import GrowConfig, load_config, parse_budget
+    from hwsplit.config import GrowConfig, load_config, parse_budget, recipe_settings
     from hwsplit.devices import check_device
     from hwsplit.grow import grow as run_grow
     from hwsplit.parallel import on_main
@@ -313,6 +346,10 @@ def grow(model: str, model_config: str | None, width_mult: float | None, activat
     budget_value = parse_budget(budget, cost_model.unit) if budget is not None else None
     if cost in ("lut", "energy") and _main_rank():
         click.echo(f"pricing with {cost_model.name} ({cost_model.unit}) from {profile_path}", err=True)
+    given = {key: value for key, value in (("price", price), ("group_budgets", group_budgets),
+                                           ("max_widths", _max_widths(max_widths)), ("lp_threshold", lp_threshold),
+                                           ("max_layer_growth", max_layer_growth))
+             if value is not None or (key == "max_widths" and max_widths is not None)}
     config = GrowConfig(
         model=model, model_options=_model_options(model_config, width_mult, activation), dataset=dataset,
         data_dir=data_dir, download=download,
@@ -321,7 +358,7 @@ def grow(model: str, model_config: str | None, width_mult: float | None, activat
         budget=budget_value, epochs=epochs, seed_epochs=seed_epochs, split_epochs=split_epochs,
         split_method=split_method, split_vectors=split_vectors, split_allocation=split_allocation,
         split_step=split_step, selection=selection,
-        max_layer_growth=max_layer_growth,
+        **recipe_settings(recipe, given, selection=selection),
         channel_multiple=_channel_multiple(channel_multiple),
         batch_size=batch_size, lr=lr, weight_decay=weight_decay, device=device, threads=threads, seed=seed,
         val_fraction=val_fraction, post_split=post_split, final_epochs=final_epochs,

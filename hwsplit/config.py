@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from hwsplit.errors import ConfigError
-from hwsplit.families import FAMILIES, supports_channel_multiple
+from hwsplit.families import CEILINGS, FAMILIES, supports_channel_multiple
+from hwsplit.recipe import GROUP_BUDGETS
 from hwsplit.schedule import POLICIES, stage_train_config
 from hwsplit.score import RITZ_ALLOCATIONS
-from hwsplit.select import SELECTIONS
+from hwsplit.select import PRICES, SELECTIONS
 from hwsplit.train import TrainConfig
 
 #: Cost models that price from a device profile (and need one).
@@ -30,6 +31,18 @@ COSTS = ("flops", "none", *PROFILED_COSTS)
 SPLIT_METHODS = ("rayleigh", "exact")
 #: Largest --channel-multiple accepted (a block wider than any seed layer would never grow).
 MAX_CHANNEL_MULTIPLE = 1024
+
+#: Presets of the selection settings (``grow --recipe``); an option given with the preset overrides it.
+#: ``authors``: the selection of dilinwang820/fast-energy-aware-splitting (mbv1_cifar100/main_split.py): the
+#: price √ΔMACs, the budget split over two groups by map size, at most doubling per stage, the authors'
+#: width ceilings (max_splitcfg) and the LP kept at β ≥ 0.99 (with selection lp; the others have no LP).
+RECIPES: dict[str, dict[str, Any]] = {
+    "authors": {"price": "sqrt", "group_budgets": "authors", "max_layer_growth": 1.0, "max_widths": "authors",
+                "lp_threshold": 0.99},
+}
+#: Values of the fields a config.json written before they existed implies (the behaviour of that time),
+#: where they differ from today's defaults: a run directory of then resumes as it was started.
+LEGACY_FIELDS: dict[str, Any] = {"max_widths": None}
 
 # Units a budget may be written in, per cost-model unit: suffix → multiplier to the model's unit.
 _UNIT_SUFFIXES = {
@@ -121,6 +134,15 @@ class GrowConfig:
     val_fraction: float = 0.0  # share of the training images carved out (seeded) for validation
     post_split: str = "restart"  # training policy after a split: hwsplit.schedule.POLICIES
     final_epochs: int | None = None  # fine-tune the shipped stage this many epochs at the end (RUN/final/)
+    # the selection recipe (hwsplit/recipe.py, docs/design.md §3): the transform of each neuron's marginal
+    # cost the knapsack chooses with (the budget still limits the real cost): hwsplit.select.PRICES
+    price: str = "linear"
+    group_budgets: str = "none"  # split the stage budget over layer groups by map size: recipe.GROUP_BUDGETS
+    # width ceiling per layer: "standard" (the family's standard widths), "authors" (their max_splitcfg),
+    # None (no ceiling) or one whole number per growing layer in graph order
+    max_widths: str | list[int] | None = "standard"
+    lp_threshold: float | None = None  # keep the LP's β >= this and nothing else (the authors' 0.99); None: rounding
+    recipe: str | None = None  # the preset the settings above came from (RECIPES), for the record
 
     @property
     def profile(self) -> str | None:
@@ -176,6 +198,27 @@ class GrowConfig:
         if self.cost not in PROFILED_COSTS and self.profile is not None:
             raise ConfigError("profile: only used with cost lut or energy")
         self._check_channel_multiple()
+        self._check_recipe()
+
+    def _check_recipe(self) -> None:
+        if self.price not in PRICES:
+            raise ConfigError(f"price: expected one of {', '.join(PRICES)}, got {self.price!r}")
+        if self.group_budgets not in GROUP_BUDGETS:
+            raise ConfigError(f"group_budgets: expected one of {', '.join(GROUP_BUDGETS)}, got {self.group_budgets!r}")
+        w = self.max_widths
+        if isinstance(w, tuple):
+            self.max_widths = w = list(w)
+        if not (w is None or w in CEILINGS or (isinstance(w, list) and w and all(_positive_int(x) for x in w))):
+            raise ConfigError(f"max_widths: expected {', '.join(CEILINGS)}, None or a list of whole numbers >= 1 "
+                              f"(one per growing layer), got {w!r}")
+        t = self.lp_threshold
+        if t is not None:
+            if not (_number(t) and 0 < t <= 1):
+                raise ConfigError(f"lp_threshold: expected a number in (0, 1] or None, got {t!r}")
+            if self.selection != "lp":
+                raise ConfigError(f"lp_threshold: only used with selection lp (it rounds the LP), not {self.selection}")
+        if self.recipe is not None and self.recipe not in RECIPES:
+            raise ConfigError(f"recipe: expected one of {', '.join(RECIPES)} or None, got {self.recipe!r}")
 
     def _check_channel_multiple(self) -> None:
         n = self.channel_multiple
@@ -218,6 +261,18 @@ class GrowConfig:
             return cls(**dict(data))
         except ValueError as err:
             raise ConfigError(f"{source}: {err}") from None
+
+
+def recipe_settings(recipe: str | None, given: Mapping[str, Any], *, selection: str = "lp") -> dict[str, Any]:
+    """The selection fields of a run: the preset ``recipe`` (:data:`RECIPES`), then every field in ``given``
+    (an option given with the preset overrides it), plus ``recipe`` itself. ``lp_threshold`` comes from a
+    preset only with ``selection`` lp. ``ConfigError`` naming ``recipe`` when unknown."""
+    if recipe is None:
+        return dict(given)
+    if recipe not in RECIPES:
+        raise ConfigError(f"recipe: expected one of {', '.join(RECIPES)}, got {recipe!r}")
+    preset = {k: v for k, v in RECIPES[recipe].items() if k != "lp_threshold" or selection == "lp"}
+    return {**preset, **given, "recipe": recipe}
 
 
 def resolve_channel_multiple(config: GrowConfig) -> int | None:
@@ -270,7 +325,8 @@ def load_config(out: str | Path, *, purpose: str = "resume") -> GrowConfig:
     data = read_config(out)
     if data.get("baseline"):
         raise ConfigError(f"{purpose}: {out} is a {data['baseline']} baseline, not a grow run")
-    data = {k: v for k, v in data.items() if k not in (RUN_INFO_WORLD_SIZE, RUN_INFO_PREPROCESSING)}
+    data = {**LEGACY_FIELDS,
+            **{k: v for k, v in data.items() if k not in (RUN_INFO_WORLD_SIZE, RUN_INFO_PREPROCESSING)}}
     return GrowConfig.from_dict(data, source=f"{purpose}: {Path(out) / 'config.json'}")
 
 
@@ -290,6 +346,6 @@ def config_like(run: str | Path | None, overrides: Mapping[str, Any]) -> GrowCon
     return GrowConfig.from_dict(fields)
 
 
-__all__ = ["COSTS", "MAX_CHANNEL_MULTIPLE", "PROFILED_COSTS", "RUN_INFO_PREPROCESSING", "RUN_INFO_WORLD_SIZE",
-           "GrowConfig", "config_like",
-           "load_config", "parse_budget", "read_config", "resolve_channel_multiple"]
+__all__ = ["COSTS", "LEGACY_FIELDS", "MAX_CHANNEL_MULTIPLE", "PROFILED_COSTS", "RECIPES", "RUN_INFO_PREPROCESSING",
+           "RUN_INFO_WORLD_SIZE", "GrowConfig", "config_like", "load_config", "parse_budget", "read_config",
+           "recipe_settings", "resolve_channel_multiple"]

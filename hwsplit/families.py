@@ -9,7 +9,9 @@ seed to the standard widths), which the profiler's grid covers. Builders are in
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +27,42 @@ from hwsplit.models import (
     default_config,
     mlp,
 )
+
+#: The authors' width ceiling for MobileNetV1 (``max_splitcfg`` in dilinwang820/fast-energy-aware-splitting,
+#: mbv1_cifar100/config.py and mbv1_imagenet/config.py): stem first, then the 13 blocks — the standard
+#: widths up to 128, 1.25× them from the 256-wide blocks on.
+MOBILENET_V1_AUTHORS_MAX_WIDTHS = [32, 64, 128, 128, 320, 320] + [640] * 6 + [1280, 1280]
+#: Width ceilings a family may resolve (``grow --max-widths``).
+CEILINGS = ("standard", "authors")
+
+
+def _mobilenet_v1_ceilings(kind: str, names: Sequence[str]) -> dict[str, int]:
+    """Per group, the width at the same position (stem, block i) of the standard MobileNetV1 1.0×
+    (``MOBILENET_V1_STANDARD``: stem 32, blocks 64, 128, 128, 256, 256, 512 ×6, 1024, 1024) or of the
+    authors' ``max_splitcfg``. Every seed config (tiny, cifar, standard) has the standard network's first
+    blocks at the same positions; blocks past the 13th have no ceiling."""
+    table = ([MOBILENET_V1_STANDARD["stem"]] + [w for w, _ in MOBILENET_V1_STANDARD["blocks"]]
+             if kind == "standard" else MOBILENET_V1_AUTHORS_MAX_WIDTHS)
+    out = {}
+    for name in names:
+        m = re.fullmatch(r"blocks\.(\d+)\.pw\.conv", name)
+        i = 0 if name == "stem.conv" else int(m.group(1)) + 1 if m else None
+        if i is not None and i < len(table):
+            out[name] = table[i]
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _tv_mobilenet_v2_standard() -> dict[str, int]:
+    model = build_model(TORCHVISION_MOBILENET_V2, width_mult=1.0)
+    return {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups == 1}
+
+
+def _tv_mobilenet_v2_ceilings(kind: str, names: Sequence[str]) -> dict[str, int]:
+    """Per group, its width in torchvision's MobileNetV2 at ``width_mult=1.0`` (for ``standard`` and
+    ``authors`` alike: no other ceiling of the authors' is used here)."""
+    widths = _tv_mobilenet_v2_standard()
+    return {n: widths[n] for n in names if n in widths}
 
 
 def _mobilenet_v1_cifar_seed(options: dict[str, Any], shape: tuple[int, int, int], classes: int) -> dict[str, Any]:
@@ -92,6 +130,9 @@ class Family:
     seed and of the largest network the family grows towards (stem first, then the blocks), or
     ``None`` when the family has no fixed layer list. ``align(options, N)`` rounds the seed's
     widths to multiples of N (``grow --channel-multiple``; ``None``: not supported).
+    ``ceilings(kind, group_names)`` gives the width ceiling of each named neuron group for ``kind`` in
+    :data:`CEILINGS` (``grow --max-widths``; groups it leaves out, and every group of a family without
+    it (``None``, e.g. the MLP, which has no standard widths), have no ceiling).
     """
 
     name: str
@@ -99,17 +140,19 @@ class Family:
     default_resolution: int | None = 32
     width_range: Callable[[], tuple[list[int], list[int]]] | None = None
     align: Callable[[dict[str, Any], int], dict[str, Any]] | None = None
+    ceilings: Callable[[str, Sequence[str]], dict[str, int]] | None = None
 
     def build(self, **options: Any) -> nn.Module:
         return build_model(self.name, **options)
 
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
-    Family("mobilenet_v1", _mobilenet_v1_seed, 224, _mobilenet_v1_widths, _align_mobilenet_v1),
+    Family("mobilenet_v1", _mobilenet_v1_seed, 224, _mobilenet_v1_widths, _align_mobilenet_v1,
+           _mobilenet_v1_ceilings),
     Family("mobilenet_v1_cifar", _mobilenet_v1_cifar_seed, 32, _mobilenet_v1_widths,
-           lambda options, n: _align_mobilenet_v1(options, n, "cifar_seed")),
+           lambda options, n: _align_mobilenet_v1(options, n, "cifar_seed"), _mobilenet_v1_ceilings),
     Family("mlp", _mlp_seed, None, align=_align_mlp),
-    Family(TORCHVISION_MOBILENET_V2, _tv_mobilenet_v2_seed, 224),
+    Family(TORCHVISION_MOBILENET_V2, _tv_mobilenet_v2_seed, 224, ceilings=_tv_mobilenet_v2_ceilings),
 )}
 
 
@@ -146,9 +189,29 @@ def build_seed(name: str, options: dict[str, Any], input_shape: tuple[int, int, 
     return build_model(name, **opts)
 
 
+def width_ceilings(name: str, max_widths: str | Sequence[int] | None, group_names: Sequence[str]) -> dict[str, int]:
+    """The width ceiling of each neuron group of family ``name`` (``grow --max-widths``): ``None`` → none;
+    ``"standard"``/``"authors"`` → the family's (:attr:`Family.ceilings`; none for a family without);
+    a sequence of whole numbers → one per group, in ``group_names``' order (the splittable layers in
+    graph order, a record's ``layers``). ``ValueError`` naming ``max_widths`` otherwise."""
+    if max_widths is None:
+        return {}
+    if isinstance(max_widths, str):
+        if max_widths not in CEILINGS:
+            raise ValueError(f"max_widths: expected {', '.join(CEILINGS)}, none or whole numbers, got {max_widths!r}")
+        family = get_family(name)
+        return family.ceilings(max_widths, list(group_names)) if family.ceilings else {}
+    widths = list(max_widths)
+    if len(widths) != len(group_names):
+        raise ValueError(f"max_widths: {len(widths)} numbers for the {len(group_names)} growing layers of this "
+                         f"{name} network ({', '.join(group_names)})")
+    return dict(zip(group_names, (int(w) for w in widths)))
+
+
 def supports_channel_multiple(name: str) -> bool:
     """Whether family ``name`` can round its seed's widths to a channel multiple."""
     return name in FAMILIES and FAMILIES[name].align is not None
 
 
-__all__ = ["FAMILIES", "Family", "build_seed", "get_family", "seed_options", "supports_channel_multiple"]
+__all__ = ["CEILINGS", "FAMILIES", "MOBILENET_V1_AUTHORS_MAX_WIDTHS", "Family", "build_seed", "get_family",
+           "seed_options", "supports_channel_multiple", "width_ceilings"]

@@ -35,7 +35,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from hwsplit.blocks import select_blocks
 from hwsplit.checkpoint import load_checkpoint, load_model
 from hwsplit.config import (
     RUN_INFO_PREPROCESSING,
@@ -47,12 +46,13 @@ from hwsplit.config import (
 )
 from hwsplit.distributed import all_ranks_true, broadcast_object, is_main, world_size
 from hwsplit.errors import ConfigError
+from hwsplit.families import width_ceilings
 from hwsplit.fsio import atomic_write_json, check_writable_name
 from hwsplit.models import model_from_architecture
 from hwsplit.parallel import on_main
+from hwsplit.recipe import select_stage
 from hwsplit.rundir import RunDir, StageFailed, WriteFailed, stage_table, start_fresh, write_summary
 from hwsplit.score import splitting_indices
-from hwsplit.select import select_by_name
 from hwsplit.stages import (
     Progress,
     Session,
@@ -99,6 +99,10 @@ def check_seed_cost(session: Session, model: nn.Module) -> float:
         raise ConfigError(f"cost: the {cost_model.name} cost model{source} prices the seed network at {total:.4g} "
                           f"{cost_model.unit}; a network cannot cost <= 0 (the profile does not fit networks "
                           "this small: profile the device again, or use --cost flops)")
+    try:  # explicit per-layer ceilings must name every growing layer of this network
+        width_ceilings(config.model, config.max_widths, [g.name for g in session.trace(model) if g.splittable])
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     if config.budget is not None and config.budget <= total:
         raise ConfigError(f"budget: {config.budget:.4g} {cost_model.unit} is not above the seed's own cost "
                           f"({total:.4g} {cost_model.unit}{source}); nothing could grow")
@@ -258,23 +262,22 @@ def _stages(run: RunDir, config: GrowConfig, session: Session, records: list[dic
             if budget <= 0:
                 stop_reason = STOP_BUDGET
                 break
-            caps = config.max_layer_growth
-            costs = {k: marginal[k] for k in scores}
             # the random baseline drops neurons from an over-budget plan in random order too
             rank = _random_rank([config.seed, stage, 1]) if config.selection == "random" else None
             def increase(p: dict[str, torch.Tensor], m: nn.Module = model, s: dict = scores,
                          t: float = total) -> float:
                 return cost_model.total(apply_split(m, p, s, step=0.0), input_shape) - t
 
-            blocks: dict[str, Any] = {}
-            if multiple:  # per-layer multiples of N, priced at the widths they reach (hwsplit/blocks.py)
-                plan, blocks = select_blocks(model, scores, groups, total=lambda m: cost_model.total(m, input_shape),
-                                        current=total, budget=budget, multiple=multiple, caps=caps,
-                                        method=config.selection, increase=increase)
-            else:
-                plan = select_by_name(config.selection, scores, costs, budget, caps=caps, seed=[config.seed, stage])
-                if plan:
-                    plan = fit_plan_to_budget(plan, scores, marginal, increase, budget, rank=rank)
+            # the price chooses, the real cost limits; group budgets, caps, ceilings (hwsplit/recipe.py);
+            # with multiple: per-layer multiples of N, priced at the widths they reach (hwsplit/blocks.py)
+            plan, chosen_by = select_stage(
+                config.selection, scores, marginal, budget, increase=increase, fit=fit_plan_to_budget,
+                seed=[config.seed, stage], rank=rank, max_layer_growth=config.max_layer_growth, price=config.price,
+                reference=total / session.flops.total(model, input_shape) if config.price != "linear" else 1.0,
+                group_budgets=config.group_budgets, max_widths=config.max_widths, lp_threshold=config.lp_threshold,
+                family=config.model, model=model, graph=groups, input_shape=input_shape, multiple=multiple,
+                total=lambda m: cost_model.total(m, input_shape), current=total)
+            blocks: dict[str, Any] = chosen_by.get("blocks", {})
             plan = _agreed_plan(plan)
             timings["select_s"] = time.perf_counter() - t0
             if not plan:
@@ -297,6 +300,8 @@ def _stages(run: RunDir, config: GrowConfig, session: Session, records: list[dic
                 "neurons_split": int(sum(v.numel() for v in plan.values())),
                 "selection": config.selection,
                 **({"channel_multiple": multiple} if multiple else {}),
+                **({"price": config.price} if config.price != "linear" else {}),
+                **({"group_budgets": chosen_by["groups"]} if "groups" in chosen_by else {}),
                 "budget": {"value": budget, "unit": cost_model.unit,
                            "used": float(realised),
                            "marginal_sum": float(sum(marginal[k] * v.numel() for k, v in plan.items())),

@@ -63,12 +63,12 @@ def scenario_grow(rank: int, world: int, out: Path) -> dict:
     from hwsplit.distributed import checksum
 
     selected, applied, sums = [], [], []
-    select, apply, record = grow_module.select_by_name, grow_module.apply_split, grow_module.train_and_record
+    select, apply, record = grow_module.select_stage, grow_module.apply_split, grow_module.train_and_record
 
     def spy_select(*args, **kwargs):
-        plan = select(*args, **kwargs)
+        plan, info = select(*args, **kwargs)
         selected.append({k: v.tolist() for k, v in plan.items()})
-        return plan
+        return plan, info
 
     def spy_apply(model, plan, *args, **kwargs):
         if kwargs.get("step"):  # the split itself, not the budget fit's trial splits at step 0
@@ -80,7 +80,7 @@ def scenario_grow(rank: int, world: int, out: Path) -> dict:
         sums.append(checksum(model))
         return result
 
-    grow_module.select_by_name, grow_module.apply_split = spy_select, spy_apply
+    grow_module.select_stage, grow_module.apply_split = spy_select, spy_apply
     grow_module.train_and_record = spy_record
     config = GrowConfig(model="mlp", dataset="digits", data_limit=300, stages=2, epochs=1, batch_size=32,
                         split_epochs=1, seed=0)

@@ -18,6 +18,7 @@ LAYERS = {
     0: ["hwsplit.units", "hwsplit.errors", "hwsplit.fsio", "hwsplit.specs", "hwsplit.graph",
         "hwsplit.distributed", "hwsplit.devices"],
     1: ["hwsplit.models", "hwsplit.score", "hwsplit.surgery", "hwsplit.select", "hwsplit.blocks", "hwsplit.families",
+        "hwsplit.recipe",
         "hwsplit.data", "hwsplit.train", "hwsplit.checkpoint", "hwsplit.schedule"],
     2: ["cost_models.base", "cost_models.flops", "cost_models.uniform", "cost_models.profile_io",
         "cost_models.meters", "cost_models.machine", "cost_models.grid", "cost_models.runner",
