@@ -8,8 +8,10 @@ The paper's text prices each neuron by the cost it adds and fills one budget per
 * **price** (:func:`hwsplit.select.price_transform`): the knapsack chooses with ``T(c)`` of each
   neuron's real marginal cost ``c`` (``sqrt``: the authors' ``np.sqrt(flops_inc)``), while the stage
   budget keeps limiting the real cost (MACs, ms, mJ): the largest budget in price units whose plan's real
-  cost fits is searched (:func:`hwsplit.select.search_price_budget`), and the plan is then fitted to the
-  real budget on the real architecture, as always;
+  cost fits is searched (:func:`hwsplit.select.search_price_budget`), what is left of the real budget is
+  filled with the best remaining neurons per unit of price that still fit (not under ``lp_threshold``,
+  and not for channel multiples), and the plan is then fitted to the real budget on the real
+  architecture, as always;
 * **group budgets** (:func:`budget_groups`, :func:`group_shares`): the stage budget B is split over
   groups of layers in proportion to each group's price-weighted width ``w_g = Σ_{l∈g} width_l · p_l``
   (the authors' ``max_resource_per_group``: grow × Σ channels × price over the group's layers), and each
@@ -37,7 +39,7 @@ from torch import nn
 
 from hwsplit.blocks import select_blocks
 from hwsplit.families import width_ceilings
-from hwsplit.select import PRICES, cap_value, price_transform, search_price_budget, select_by_name
+from hwsplit.select import PRICES, budget_limit, cap_value, price_transform, search_price_budget, select_by_name
 
 log = logging.getLogger(__name__)
 
@@ -145,12 +147,26 @@ def _select_neurons(method: str, scores: Mapping[str, Any], marginal: Mapping[st
     def real(plan: Plan) -> float:
         return float(sum(costs[k] * v.numel() for k, v in plan.items()))
 
+    limit: dict[str, float] = {}
     high = 0.0
     for k, s in scores.items():
-        n = int((_eig(s) < 0).sum())
         cap = caps.get(k) if isinstance(caps, Mapping) else caps
-        high += price[k] * min(n, cap_value(f"[{k!r}]", cap, _width(s)))
-    return search_price_budget(solve, real, budget, high)
+        limit[k] = cap_value(f"[{k!r}]", cap, _width(s))
+        high += price[k] * min(int((_eig(s) < 0).sum()), limit[k])
+    plan = search_price_budget(solve, real, budget, high)
+    if lp_threshold is not None:  # the authors' rule: the LP's β >= threshold and nothing else
+        return plan
+    # the search stops where one more dear neuron would not fit; cheaper ones may: add them, best λ per
+    # unit of price first, while the real budget and the caps allow
+    used = real(plan)
+    chosen = {k: set(v.tolist()) for k, v in plan.items()}
+    order = sorted((float(_eig(s)[j]) / price[k], k, j) for k, s in scores.items()
+                   for j in torch.nonzero(_eig(s) < 0).flatten().tolist() if j not in chosen.get(k, ()))
+    for _, k, j in order:
+        if used + costs[k] <= budget_limit(budget) and len(chosen.get(k, ())) + 1 <= limit[k]:
+            chosen.setdefault(k, set()).add(j)
+            used += costs[k]
+    return {k: torch.tensor(sorted(v), dtype=torch.long) for k, v in chosen.items() if v}
 
 
 def _drop_blocks(plan: Plan, scores: Mapping[str, Any], prices: Mapping[str, float], multiple: int,
@@ -233,11 +249,13 @@ def select_stage(method: str, scores: Mapping[str, Any], marginal: Mapping[str, 
     shares = group_shares(widths, by_price, group_of, budget) if names else {}
 
     def choose(sub: Mapping[str, Any], share: float) -> tuple[Plan, dict[str, Any]]:
+        caps_sub = {k: caps[k] for k in sub} if isinstance(caps, Mapping) else caps
         if multiple:
             return select_blocks(model, sub, graph, total=total, current=current, budget=share, multiple=multiple,
-                                 caps=caps, method=method, increase=increase, price=price, reference=reference,
+                                 caps=caps_sub, method=method, increase=increase, price=price, reference=reference,
                                  lp_threshold=lp_threshold)
-        plan = _select_neurons(method, sub, marginal, prices, share, caps=caps, seed=seed, lp_threshold=lp_threshold)
+        plan = _select_neurons(method, sub, marginal, prices, share, caps=caps_sub, seed=seed,
+                               lp_threshold=lp_threshold)
         return (fit(plan, sub, marginal, increase, share, rank=rank) if plan else plan), {}
 
     if len(shares) <= 1:

@@ -74,6 +74,17 @@ def test_sqrt_and_log_spread_growth_to_the_dear_layer_that_linear_starves(method
 
 
 @pytest.mark.parametrize("method", ["lp", "milp", "greedy"])
+def test_what_the_price_search_leaves_of_the_real_budget_is_filled(method):
+    # at 40 MACs: 3 A (48) do not fit, so the search stops at 2 A and 3 B (35); 5 more B fit the real budget
+    scores, marginal = _layers({"A": (4, 16.0, -4.0), "B": (16, 1.0, -0.5)})
+    assert _counts(_select(scores, marginal, 40.0, method, "sqrt")) == {"A": 2, "B": 8}
+    # the authors' threshold keeps the LP's plan and adds nothing
+    plan = _select(scores, marginal, 40.0, "lp", "sqrt", lp_threshold=0.99) if method == "lp" else None
+    if plan is not None:
+        assert _counts(plan)["A"] == 2 and sum(_counts(plan).values()) < 10
+
+
+@pytest.mark.parametrize("method", ["lp", "milp", "greedy"])
 def test_log_softens_more_than_sqrt(method):
     # A: 3 neurons at 100 MACs, λ -8: per √c -0.8 (B wins at -1), per log1p(c) -1.73 (A wins over B's -1.44)
     scores, marginal = _layers({"A": (3, 100.0, -8.0), "B": (100, 1.0, -1.0)})
@@ -329,7 +340,7 @@ def test_a_digits_grow_with_the_authors_recipe_runs_and_resumes(tmp_path):
     assert all(after[k] <= 2 * before[k] for k in before)
     result = CliRunner().invoke(main, ["grow", "--resume", str(run), "--stages", "2"])
     assert result.exit_code == 0, result.output
-    assert json.loads((run / "config.json").read_text()) == saved
+    assert json.loads((run / "config.json").read_text()) == {**saved, "stages": 2}  # only the extension changed
     assert len((run / "stages.jsonl").read_text().splitlines()) == 3
 
 
