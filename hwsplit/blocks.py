@@ -317,7 +317,8 @@ def select_blocks(model: Any, scores: Mapping[str, Any], groups: Mapping[str, An
     ``price`` other than ``"linear"`` chooses with transformed option prices: option ``k`` of layer ``l``
     is priced ``n·T(C_lk / n)`` for its ``n`` channels (:func:`hwsplit.select.price_transform` of its
     mean cost per channel, ``reference`` the cost of one MAC-equivalent), and the largest budget in those
-    units whose Σ of real option costs fits ``budget`` is searched (:func:`hwsplit.select.search_price_budget`);
+    units whose plan's real cost (``increase``, else Σ option costs) fits ``budget`` is searched
+    (:func:`hwsplit.select.search_price_budget`);
     blocks over the budget are then dropped by least Σλ per unit of price. ``lp_threshold`` is the
     authors' rounding (:func:`solve_grouped_knapsack`); ``cost_used`` is always in the real unit.
     """
@@ -344,7 +345,10 @@ def select_blocks(model: Any, scores: Mapping[str, Any], groups: Mapping[str, An
             return solved[price_budget][0]
 
         high = float(sum(max(0.0, float(p.max())) for p in prices if p.size))  # every layer's largest option
-        choice = search_price_budget(solve, lambda ch: _used(ch, costs), budget, high)
+        def real(ch: list[int]) -> float:  # measured, cross terms included, when the caller can
+            return float(increase(_plan(layers, ch))) if increase is not None and any(ch) else _used(ch, costs)
+
+        choice = search_price_budget(solve, real, budget, high)
         lp_bound = next((b for ch, b in solved.values() if ch == choice), None)
     rounds = 0
     while increase is not None and any(choice) and rounds < max_rounds:

@@ -8,7 +8,8 @@ The paper's text prices each neuron by the cost it adds and fills one budget per
 * **price** (:func:`hwsplit.select.price_transform`): the knapsack chooses with ``T(c)`` of each
   neuron's real marginal cost ``c`` (``sqrt``: the authors' ``np.sqrt(flops_inc)``), while the stage
   budget keeps limiting the real cost (MACs, ms, mJ): the largest budget in price units whose plan's real
-  cost fits is searched (:func:`hwsplit.select.search_price_budget`), what is left of the real budget is
+  cost, measured on the architecture it produces, fits is searched (:func:`hwsplit.select.search_price_budget`),
+  what is left of the real budget is
   filled with the best remaining neurons per unit of price that still fit (not under ``lp_threshold``,
   and not for channel multiples), and the plan is then fitted to the real budget on the real
   architecture, as always;
@@ -133,9 +134,10 @@ def _eig(score: Any) -> torch.Tensor:
 
 def _select_neurons(method: str, scores: Mapping[str, Any], marginal: Mapping[str, float],
                     prices: Mapping[str, float] | None, budget: float, *, caps: Any, seed: Any,
-                    lp_threshold: float | None) -> Plan:
+                    lp_threshold: float | None, increase: Callable[[Plan], float] | None = None) -> Plan:
     """One knapsack (or the random baseline) over ``scores`` with the real ``budget``; with ``prices``
-    (a transform other than linear) the knapsack chooses in price units under the real budget."""
+    (a transform other than linear) the knapsack chooses in price units under the real budget, each
+    candidate plan's real cost measured by ``increase`` (cross terms included) when given, else Σ marginals."""
     costs = {k: marginal[k] for k in scores}
     if prices is None or method == "random":  # random draws under the real cost, whatever the price
         return select_by_name(method, scores, costs, budget, caps=caps, seed=seed, lp_threshold=lp_threshold)
@@ -145,6 +147,8 @@ def _select_neurons(method: str, scores: Mapping[str, Any], marginal: Mapping[st
         return select_by_name(method, scores, price, price_budget, caps=caps, seed=seed, lp_threshold=lp_threshold)
 
     def real(plan: Plan) -> float:
+        if increase is not None:
+            return float(increase(plan)) if plan else 0.0
         return float(sum(costs[k] * v.numel() for k, v in plan.items()))
 
     limit: dict[str, float] = {}
@@ -255,7 +259,7 @@ def select_stage(method: str, scores: Mapping[str, Any], marginal: Mapping[str, 
                                  caps=caps_sub, method=method, increase=increase, price=price, reference=reference,
                                  lp_threshold=lp_threshold)
         plan = _select_neurons(method, sub, marginal, prices, share, caps=caps_sub, seed=seed,
-                               lp_threshold=lp_threshold)
+                               lp_threshold=lp_threshold, increase=increase)
         return (fit(plan, sub, marginal, increase, share, rank=rank) if plan else plan), {}
 
     if len(shares) <= 1:
