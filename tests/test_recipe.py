@@ -369,3 +369,26 @@ def test_cli_rejects_bad_recipe_options_in_one_line(tmp_path, args, message):
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert not (tmp_path / "r" / "stages.jsonl").exists()
+
+
+@pytest.mark.parametrize("method", ["lp", "milp", "greedy", "random"])
+def test_the_defaults_select_what_the_stage_loop_selected_before(method):
+    from hwsplit.select import select_by_name
+
+    shape = (1, 3, 32, 32)
+    model = build_seed("mobilenet_v1_cifar", {}, shape[1:], 10).eval()
+    flops = cost_models.get_cost_model("flops")
+    scores = _scores(model, shape, negative=False)
+    current = flops.total(model, shape)
+    marginal = flops.marginal(model, shape)
+
+    def increase(p):
+        return flops.total(apply_split(model, p, scores, step=0.0), shape) - current
+
+    before = select_by_name(method, scores, {k: marginal[k] for k in scores}, 0.4 * current, seed=[3])
+    before = fit_plan_to_budget(before, scores, marginal, increase, 0.4 * current)
+    for max_widths in (None, "standard"):  # the standard ceilings are far above the seed: they do not bind
+        now, info = select_stage(method, scores, marginal, 0.4 * current, increase=increase, fit=fit_plan_to_budget,
+                                 seed=[3], max_widths=max_widths, family="mobilenet_v1_cifar")
+        assert {k: v.tolist() for k, v in now.items()} == {k: v.tolist() for k, v in before.items()}
+        assert info == {}
