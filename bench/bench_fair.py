@@ -113,7 +113,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 PRESETS = {"full": {"limit": None, "val_fraction": 0.1, "test_limit": None, "batch_size": 128, "seed_epochs": 15,
                     "epochs": 5, "stages": 4, "retrain_epochs": 30, "multipliers": "1,1.25,1.5,1.75,2,2.5",
                     "seeds": "0,1,2",
-                    "steps": "flops,width,retrain-flops;random,retrain-random;finetune,width-total"}}
+                    "steps": "flops,authors,width,retrain-flops,retrain-authors;random,retrain-random;"
+                             "finetune,width-total"}}
 
 
 def channel_multiple(args: argparse.Namespace) -> int | None:
@@ -134,16 +135,25 @@ def base_config(args: argparse.Namespace, seed: int):
     return GrowConfig(model="mobilenet_v1_cifar", dataset="npz", data_dir=args.data_dir, data_limit=args.limit,
                       test_limit=args.test_limit, val_fraction=args.val_fraction, post_split=args.post_split,
                       seed=seed, stages=args.stages, epochs=args.epochs, seed_epochs=args.seed_epochs, measure=False,
-                      batch_size=args.batch_size, channel_multiple=channel_multiple(args))
+                      batch_size=args.batch_size, channel_multiple=channel_multiple(args),
+                      max_widths=None)  # no width ceiling (as before the option existed); the authors arm sets its own
 
 
-ARMS = {"flops": {}, "vanilla": {"cost": "none"}, "random": {"selection": "random"}, "lut": {"cost": "lut"}}
+def _authors() -> dict:
+    from hwsplit.config import recipe_settings
+
+    return recipe_settings("authors", {})
+
+
+ARMS = {"flops": {}, "vanilla": {"cost": "none"}, "random": {"selection": "random"}, "lut": {"cost": "lut"},
+        # the selection recipe of the method's authors (issue 26): √ΔMACs price, group budgets, caps, β >= 0.99
+        "authors": _authors}
 
 
 def arm_overrides(arm: str, args: argparse.Namespace) -> dict:
     if arm == "lut":
         return {**ARMS[arm], "cost_options": {"profile": str(common.resolve(args.profile))}}
-    return ARMS[arm]
+    return ARMS[arm]() if callable(ARMS[arm]) else ARMS[arm]
 
 
 def _done(path: Path) -> bool:
@@ -228,7 +238,7 @@ def run_seed(args: argparse.Namespace, out: Path, seed: int, steps: list[str], *
         elif step.startswith("retrain-"):  # retrain-ARM[:K]
             arm, _, k = step.split("-", 1)[1].partition(":")
             retrain(arm, stages=[int(k)] if k else None)
-        elif step in ("random", "vanilla", "lut"):
+        elif step in ("random", "vanilla", "lut", "authors"):
             grow_arm(step)
         elif step == "measure":
             measure_latency(out, root, args)
@@ -274,20 +284,23 @@ def _width_curve(root: Path, tag: str) -> list[dict]:
     return sorted(recs, key=lambda r: r["macs"])
 
 
-def _interp(curve: list[dict], x: float, key: str = "macs") -> float | None:
-    return common.interpolate([(math.log10(r[key]), r["test_top1"]) for r in curve if r.get(key)], math.log10(x))
+def _interp(curve: list[dict], x: float, key: str = "macs", metric: str = "test_top1") -> float | None:
+    return common.interpolate([(math.log10(r[key]), r[metric]) for r in curve if r.get(key) and r.get(metric)
+                               is not None], math.log10(x))
 
 
-def _compare(points: list[dict], curve: list[dict], n_test: int, key: str = "macs") -> list[dict]:
-    """Each point against ``curve``'s accuracy interpolated at the same log10 ``key`` (MACs or latency_ms)."""
+def _compare(points: list[dict], curve: list[dict], n_test: int, key: str = "macs",
+             metric: str = "test_top1") -> list[dict]:
+    """Each point against ``curve``'s accuracy (``metric``: test or validation top-1, over ``n_test`` images)
+    interpolated at the same log10 ``key`` (MACs or latency_ms)."""
     out = []
     for r in points:
-        y = _interp(curve, r[key], key) if r.get(key) else None
+        y = _interp(curve, r[key], key, metric) if r.get(key) and r.get(metric) is not None else None
         if y is None:
             continue
-        se = math.sqrt(2) * common.accuracy_se(r["test_top1"], n_test)
-        out.append({"stage": r.get("source_stage", r["stage"]), "macs": r["macs"], key: r[key], "acc": r["test_top1"],
-                    "other": y, "diff": r["test_top1"] - y, "two_se": 2 * se})
+        se = math.sqrt(2) * common.accuracy_se(r[metric], n_test)
+        out.append({"stage": r.get("source_stage", r["stage"]), "macs": r["macs"], key: r[key], "acc": r[metric],
+                    "other": y, "diff": r[metric] - y, "two_se": 2 * se})
     return out
 
 
@@ -386,6 +399,14 @@ def summarise(out: Path, args: argparse.Namespace) -> dict:
         seed_rt = [r for r in width if r["width_mult"] == 1.0]  # the seed architecture retrained = width × 1
         if rt_f and rt_v:
             s["flops_vs_vanilla"] = _compare(rt_f, sorted(seed_rt + rt_v, key=lambda r: r["macs"]), n_test)
+        rt_a = _derived(root / "grow-authors", "retrain")
+        if rt_f and rt_a:  # issue 26: the authors' recipe against today's default, on validation (it chooses)
+            n_val = round((args.limit or 50_000) * args.val_fraction)
+            s["authors_vs_flops_val"] = _compare(rt_a, sorted(seed_rt + rt_f, key=lambda r: r["macs"]), n_val,
+                                                 metric="val_top1")
+            s["flops_vs_authors_val"] = _compare(rt_f, sorted(seed_rt + rt_a, key=lambda r: r["macs"]), n_val,
+                                                 metric="val_top1")
+            s["authors_vs_flops"] = _compare(rt_a, sorted(seed_rt + rt_f, key=lambda r: r["macs"]), n_test)
         rt_r = _derived(root / "grow-random", "retrain")
         if rt_f and rt_r:
             s["flops_vs_random"] = _compare(rt_f, sorted(seed_rt + rt_r, key=lambda r: r["macs"]), n_test)
@@ -420,10 +441,11 @@ def summarise(out: Path, args: argparse.Namespace) -> dict:
         result["seeds"][seed] = s
     # across seeds: the mean difference at each comparison, with 2 SE = 2 √(Σ SE_s²) / n_seeds (test-set noise)
     agg: dict = {}
-    for key in ("flops", "random", "vanilla", "lut"):
+    for key in ARMS:
         agg[f"{key}_retrained_vs_width"] = _aggregate([s[key]["retrained_vs_width"] for s in result["seeds"].values()
                                                        if key in s])
-    for key in ("flops_vs_vanilla", "flops_vs_random"):
+    for key in ("flops_vs_vanilla", "flops_vs_random", "authors_vs_flops_val", "flops_vs_authors_val",
+                "authors_vs_flops"):
         agg[key] = _aggregate([s[key] for s in result["seeds"].values() if key in s])
     agg["finetuned_vs_width"] = _aggregate([s["finetuned"]["vs_width"] for s in result["seeds"].values()
                                             if "finetuned" in s])
@@ -596,8 +618,9 @@ def fragment(result: dict, args: argparse.Namespace) -> str:
              f"- machine: {common.machine_line(common.machine())}",
              f"- rebuilt: {common.now()}",
              f"- data: CIFAR-10 (`{args.data_dir}`), {_images(args.limit, 'training')}, of which "
-             f"{args.val_fraction:g} carved out (seeded) as validation (recorded, not used: nothing is chosen "
-             f"here); {_images(args.test_limit, 'test')}",
+             f"{args.val_fraction:g} carved out (seeded) as validation (where a setting is chosen — the authors' "
+             f"recipe against the default — it is chosen on validation, never on test); "
+             f"{_images(args.test_limit, 'test')}",
              f"- growth: seed {args.seed_epochs} epochs, {args.stages} stages × {args.epochs} epochs, growth ratio "
              f"0.5, post-split policy `{args.post_split}`; arms {arms}, sharing one trained seed",
              f"- comparison schedule: every grown stage and every width multiplier trained from scratch for "
@@ -642,7 +665,14 @@ def fragment(result: dict, args: argparse.Namespace) -> str:
                   _verdict_line("claim 3, fine-tuned flops − width trained as many epochs", agg["finetuned_vs_width"]),
                   _verdict_line("claim 2, retrained flops − retrained vanilla (vanilla curve incl. the seed)",
                                 agg["flops_vs_vanilla"]),
-                  _verdict_line("(diagnostic) retrained vanilla − width", agg["vanilla_retrained_vs_width"]), ""]
+                  _verdict_line("(diagnostic) retrained vanilla − width", agg["vanilla_retrained_vs_width"]),
+                  _verdict_line("issue 26, on VALIDATION: retrained authors' recipe − retrained flops (flops curve "
+                                "incl. the seed)", agg["authors_vs_flops_val"]),
+                  _verdict_line("issue 26, on VALIDATION: retrained flops − retrained authors' recipe",
+                                agg["flops_vs_authors_val"]),
+                  _verdict_line("retrained authors' recipe − width (test)", agg["authors_retrained_vs_width"]),
+                  _verdict_line("retrained authors' recipe − retrained flops (test; read once the choice is made)",
+                                agg["authors_vs_flops"]), ""]
     lines += ["### Per seed", ""]
     for seed, s in result["seeds"].items():
         rows = [["network", "test top-1 (%)", "val top-1 (%)", "MACs"]]
@@ -674,7 +704,7 @@ def fragment(result: dict, args: argparse.Namespace) -> str:
 # --jobs: one network per job, run by worker processes as soon as what a job needs is done
 # ------------------------------------------------------------------------------------------------
 
-GROW_STEPS = ("flops", "random", "vanilla", "lut")
+GROW_STEPS = ("flops", "random", "vanilla", "lut", "authors")
 
 
 def _grow_done(root: Path, arm: str) -> bool:
