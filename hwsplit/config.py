@@ -121,6 +121,7 @@ class GrowConfig:
     val_fraction: float = 0.0  # share of the training images carved out (seeded) for validation
     post_split: str = "restart"  # training policy after a split: hwsplit.schedule.POLICIES
     final_epochs: int | None = None  # fine-tune the shipped stage this many epochs at the end (RUN/final/)
+    tensorboard: bool = True  # TensorBoard event files in RUN/tb/ (hwsplit/tblog.py)
 
     @property
     def profile(self) -> str | None:
@@ -152,6 +153,7 @@ class GrowConfig:
             "val_fraction": _number(self.val_fraction) and 0 <= self.val_fraction < 1,
             "final_epochs": self.final_epochs is None or _positive_int(self.final_epochs),
             "threads": self.threads is None or _positive_int(self.threads),
+            "tensorboard": isinstance(self.tensorboard, bool),
             "device": isinstance(self.device, str) and re.fullmatch(r"cpu|cuda(:\d+)?", self.device) is not None,
         }
         for name, ok in checks.items():
