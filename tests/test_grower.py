@@ -275,7 +275,7 @@ def test_the_example_grows_torchvision_mobilenet_v2_three_times(tmp_path, capsys
     from PIL import Image
 
     rng = np.random.default_rng(0)
-    for split, n in (("train", 24), ("val", 6)):
+    for split, n in (("train", 10), ("val", 4)):
         for label in ("a", "b"):
             folder = tmp_path / "images" / split / label
             folder.mkdir(parents=True)
@@ -341,6 +341,10 @@ def test_baseline_and_no_tensorboard(tmp_path):
             "--out", tmp_path / "width")
     events = _events(tmp_path / "width" / "tb")
     assert _steps(events, "train/loss") == [1, 2] and _steps(events, "test/top1") == [1, 2]
+    _invoke("baseline", "width", "--multipliers", "1", "--epochs", "1", "--limit", "200", "--batch-size", "32",
+            "--out", tmp_path / "width", "--overwrite")
+    assert len(list((tmp_path / "width" / "tb").glob("events.out.tfevents.*"))) == 1  # the replaced run's are gone
+    assert _steps(_events(tmp_path / "width" / "tb"), "test/top1") == [1]
     _invoke("grow", "--stages", "1", "--epochs", "1", "--limit", "200", "--batch-size", "32", "--no-tensorboard",
             "--out", tmp_path / "quiet")
     assert not (tmp_path / "quiet" / "tb").exists()
