@@ -101,6 +101,7 @@ class RunBoard:
             w.add_scalar("train/loss", stats["loss"], step)
             w.add_scalar("train/top1", stats["top1"], step)
             w.add_scalar("train/lr", stats["lr"], step)
+            w.flush()  # on disk before a kill can come (a resumed stage keeps its earlier epochs)
         except Exception as err:
             self._fail(err)
 

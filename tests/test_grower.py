@@ -386,4 +386,29 @@ def test_a_resumed_board_hides_what_the_interrupted_stage_wrote(tmp_path):
     again.close()
     events = _events(tmp_path)
     assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 2.0)]
-    assert all(not events.Scalars(tag) for tag in events.Tags()["scalars"] if tag != "train/loss")
+    assert all(not events.Scalars(tag) for tag in events.Tags()["scalars"] if not tag.startswith("train/"))
+
+
+def test_a_stage_killed_mid_training_and_resumed_shows_every_epoch_once(tmp_path):
+    """SIGKILL after stage 1's second epoch, then --resume (which continues from the training state):
+    the event files show each epoch of the run once, the pre-kill epochs included."""
+    import os
+    import subprocess
+    import sys
+
+    from hwsplit.stages import KILL_AT_ENV
+
+    out = tmp_path / "run"
+    args = [sys.executable, "cli.py", "grow", "--stages", "2", "--epochs", "3", "--seed-epochs", "2", "--limit", "300",
+            "--batch-size", "32", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", KILL_AT_ENV: "stage-1:epoch-1"}
+    killed = subprocess.run(args, cwd=ROOT, env=env, capture_output=True)
+    assert killed.returncode != 0 and [r["stage"] for r in _records(out)] == [0]
+    time.sleep(1.1)  # the resumed run's event file must sort after the killed one's (names start with the second)
+    env.pop(KILL_AT_ENV)
+    resumed = subprocess.run([sys.executable, "cli.py", "grow", "--resume", str(out)], cwd=ROOT, env=env,
+                             capture_output=True)
+    assert resumed.returncode == 0, resumed.stderr.decode()[-2000:]
+    events = _events(out / "tb")
+    assert _steps(events, "train/loss") == list(range(1, 2 + 3 + 3 + 1))
+    assert _steps(events, "test/top1") == [2, 5, 8]
