@@ -158,6 +158,9 @@ _COST_OPTIONS = _options(
                  help="Device profile JSON for --cost lut|energy."),
     click.option("--metric", default=None, help="Profile metric for --cost lut|energy (latency_ms, energy_mj)."),
 )
+_NO_TENSORBOARD = click.option(
+    "--no-tensorboard", is_flag=True,
+    help="Write no TensorBoard event files (by default RUN/tb/: per-epoch training, per-stage results).")
 _CHANNEL_MULTIPLE = click.option(
     "--channel-multiple", default=None, metavar="N|auto",
     help="Grow every layer by multiples of N channels per stage (seed widths rounded to multiples of N); "
@@ -283,6 +286,7 @@ def _print_stage(record: dict[str, Any]) -> None:
 @click.option("--final-epochs", type=click.IntRange(min=1), default=None,
               help="End the run with a trained network: fine-tune the last stage (with --budget and "
                    "--val-fraction: the best on validation) this many epochs into RUN/final/.")
+@_NO_TENSORBOARD
 @_SGD_OPTIONS
 @click.option("--out", type=click.Path(file_okay=False), default="runs/grow", show_default=True,
               help="Run directory (created; a previous run in it is replaced only with --overwrite).")
@@ -303,8 +307,9 @@ def grow(model: str, model_config: str | None, width_mult: float | None, activat
          selection: str,
          max_layer_growth: float | None, price: str | None, group_budgets: str | None, max_widths: str | None,
          lp_threshold: float | None, recipe: str | None, channel_multiple: str | None, val_fraction: float,
-         post_split: str, final_epochs: int | None, batch_size: int, lr: float, weight_decay: float, device: str,
-         threads: int | None, seed: int, out: str, overwrite: bool, resume: str | None) -> None:
+         post_split: str, final_epochs: int | None, no_tensorboard: bool, batch_size: int, lr: float,
+         weight_decay: float, device: str, threads: int | None, seed: int, out: str, overwrite: bool,
+         resume: str | None) -> None:
     """Grow a network stage by stage: train, score, price, select, split."""
     import cost_models
     from hwsplit.config import GrowConfig, load_config, parse_budget, recipe_settings
@@ -362,6 +367,7 @@ def grow(model: str, model_config: str | None, width_mult: float | None, activat
         channel_multiple=_channel_multiple(channel_multiple),
         batch_size=batch_size, lr=lr, weight_decay=weight_decay, device=device, threads=threads, seed=seed,
         val_fraction=val_fraction, post_split=post_split, final_epochs=final_epochs,
+        tensorboard=not no_tensorboard,
     )
     records = run_grow(config, out, overwrite=overwrite, progress=_progress, on_stage=_print_stage)
     if _main_rank():
@@ -418,6 +424,7 @@ def baseline() -> None:
 @click.option("--seed-epochs", type=click.IntRange(min=1), default=None,
               help="Seed epochs of the grow run to match (default: --stage-epochs).")
 @_CHANNEL_MULTIPLE
+@_NO_TENSORBOARD
 @_SGD_OPTIONS
 @click.option("--out", type=click.Path(file_okay=False), default="runs/width", show_default=True,
               help="Run directory (created; a previous run in it is replaced only with --overwrite).")
@@ -429,7 +436,7 @@ def baseline_width(multipliers: str, like: str | None, model: str, model_config:
                    download: bool, limit: int | None, test_limit: str, cost: str, profile_path: str | None,
                    metric: str | None,
                    epochs: int | None, stages: int, stage_epochs: int, seed_epochs: int | None,
-                   channel_multiple: str | None, batch_size: int,
+                   channel_multiple: str | None, no_tensorboard: bool, batch_size: int,
                    lr: float, weight_decay: float, device: str, threads: int | None, seed: int, out: str,
                    overwrite: bool) -> None:
     """Train the family uniformly scaled by width multipliers, from scratch, on grow's schedule."""
@@ -449,7 +456,8 @@ def baseline_width(multipliers: str, like: str | None, model: str, model_config:
                                ("batch_size", "batch_size", batch_size), ("lr", "lr", lr),
                                ("weight_decay", "weight_decay", weight_decay), ("device", "device", device),
                                ("threads", "threads", threads), ("seed", "seed", seed),
-                               ("channel_multiple", "channel_multiple", _channel_multiple(channel_multiple))):
+                               ("channel_multiple", "channel_multiple", _channel_multiple(channel_multiple)),
+                               ("no_tensorboard", "tensorboard", not no_tensorboard)):
         if use(option):
             overrides[key] = value
     if any(use(o) for o in ("model_config", "width_mult", "activation")):
@@ -491,11 +499,12 @@ def baseline_width(multipliers: str, like: str | None, model: str, model_config:
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Output run directory (default RUN/finetune, or RUN/retrain with --from-scratch).")
 @click.option("--overwrite", is_flag=True, help="Replace another fine-tuning already in the output directory.")
+@_NO_TENSORBOARD
 @_library_errors
 @_on_all_ranks
 def finetune(run: str, stages: tuple[int, ...], all_stages: bool, epochs: int, from_scratch: bool,
              lr: float | None, batch_size: int | None, weight_decay: float | None, device: str | None,
-             threads: int | None, out: str | None, overwrite: bool) -> None:
+             threads: int | None, out: str | None, overwrite: bool, no_tensorboard: bool) -> None:
     """Fine-tune (or retrain from scratch) grown stages of RUN for the same schedule; resumable."""
     from hwsplit.devices import check_device
     from hwsplit.finetune import finetune as run_finetune
@@ -505,6 +514,8 @@ def finetune(run: str, stages: tuple[int, ...], all_stages: bool, epochs: int, f
         raise click.UsageError("--all and --stage exclude each other")
     overrides = {k: v for k, v in (("lr", lr), ("batch_size", batch_size), ("weight_decay", weight_decay),
                                    ("device", device), ("threads", threads)) if v is not None}
+    if no_tensorboard:
+        overrides["tensorboard"] = False
     if device is not None:
         check_device(device, field="--device")
     records = run_finetune(run, epochs=epochs, stages=list(stages) or None, from_scratch=from_scratch, out=out,

@@ -22,6 +22,8 @@ _PUBLIC = {
     "build_model": "hwsplit.models",
     "architecture": "hwsplit.models",
     "model_from_architecture": "hwsplit.models",
+    "Grower": "hwsplit.grower",
+    "carry_optimizer": "hwsplit.grower",
 }
 
 __all__ = sorted(_PUBLIC)

@@ -23,6 +23,7 @@ from hwsplit.fsio import atomic_write_json, check_writable_name
 from hwsplit.parallel import on_main
 from hwsplit.rundir import RunDir, start_fresh, write_summary
 from hwsplit.stages import build_seed, guarded_records, open_session, stage_seed, train_and_record, write_stage
+from hwsplit.tblog import board_closed, open_board
 from hwsplit.train import seed_everything
 
 log = logging.getLogger(__name__)
@@ -137,8 +138,11 @@ def _train_all(run: RunDir, config: GrowConfig, session: Any, multipliers: list[
                on_stage: Callable[[dict[str, Any]], None] | None) -> list[dict[str, Any]]:
     title = f"width baseline: {config.model} on {config.dataset} × {', '.join(f'{m:g}' for m in multipliers)}"
     index = 0
-    with guarded_records(run, config, records, where=lambda: (index, f"width ×{multipliers[index]:g}"),
-                         noun="network", resume="run the same command again to continue", title=title):
+    board = open_board(run, config, records)
+    with board_closed(board), guarded_records(run, config, records,
+                                              where=lambda: (index, f"width ×{multipliers[index]:g}"),
+                                              noun="network", resume="run the same command again to continue",
+                                              title=title):
         for index, mult in enumerate(multipliers):
             if index < len(records):
                 continue
@@ -146,11 +150,12 @@ def _train_all(run: RunDir, config: GrowConfig, session: Any, multipliers: list[
             model = build_seed(config, session.bundle, width_mult=mult).to(session.device)
             timings: dict[str, float] = {}
             record = train_and_record(session, model, index, epochs=total, loader_epoch=0, timings=timings,
-                                        progress=progress,
+                                        progress=progress, on_epoch=board.epoch,
                                         extra={"width_mult": mult, "epochs": total, "epochs_in_all": total, "split": {},
                                                "neurons_split": 0},
                                         partial=run.partial(index))
             write_stage(run, session, model, record, records)
+            board.stage(record)
             write_summary(run, config, records, status="running", title=title)
             log.info("width ×%g: test top-1 %.4f, %.4g MACs", mult, record["test_top1"], record["macs"])
             if on_stage and is_main():

@@ -143,6 +143,7 @@ class GrowConfig:
     max_widths: str | list[int] | None = "standard"
     lp_threshold: float | None = None  # keep the LP's β >= this and nothing else (the authors' 0.99); None: rounding
     recipe: str | None = None  # the preset the settings above came from (RECIPES), for the record
+    tensorboard: bool = True  # TensorBoard event files in RUN/tb/ (hwsplit/tblog.py)
 
     @property
     def profile(self) -> str | None:
@@ -174,6 +175,7 @@ class GrowConfig:
             "val_fraction": _number(self.val_fraction) and 0 <= self.val_fraction < 1,
             "final_epochs": self.final_epochs is None or _positive_int(self.final_epochs),
             "threads": self.threads is None or _positive_int(self.threads),
+            "tensorboard": isinstance(self.tensorboard, bool),
             "device": isinstance(self.device, str) and re.fullmatch(r"cpu|cuda(:\d+)?", self.device) is not None,
         }
         for name, ok in checks.items():

@@ -48,12 +48,14 @@ from hwsplit.stages import (
     train_and_record,
     write_stage,
 )
+from hwsplit.tblog import board_closed, open_board
 from hwsplit.train import seed_everything
 
 log = logging.getLogger(__name__)
 
-#: SGD settings a fine-tuning may change from the grow run (the data and its validation split may not).
-OVERRIDABLE = ("lr", "batch_size", "weight_decay", "device", "label_smoothing", "threads")
+#: Settings a fine-tuning may change from the grow run: SGD's, threads and TensorBoard (the data and its
+#: validation split may not).
+OVERRIDABLE = ("lr", "batch_size", "weight_decay", "device", "label_smoothing", "threads", "tensorboard")
 FINETUNE_DIR, RETRAIN_DIR, FINAL_DIR = "finetune", "retrain", "final"
 # the data order and initial weights of a fine-tuning of stage K come from seeds far from grow's
 _SEED_OFFSET = 500
@@ -168,8 +170,10 @@ def _train_all(dest: RunDir, src: RunDir, config: GrowConfig, session: Session, 
                digests: dict[str, str] | None = None) -> list[dict[str, Any]]:
     title = f"{kind} of {src.path.name}: stages {', '.join(map(str, chosen))}, {epochs} epochs"
     index = len(records)
-    with guarded_records(dest, config, records, where=lambda: (index, f"stage {chosen[index]}"), noun="record",
-                         resume="run the same command again to continue", title=title):
+    board = open_board(dest, config, records)
+    with board_closed(board), guarded_records(dest, config, records, where=lambda: (index, f"stage {chosen[index]}"),
+                                              noun="record", resume="run the same command again to continue",
+                                              title=title):
         for index in range(len(records), len(chosen)):
             k = chosen[index]
             kill_point(f"{kind}-{index}:start")
@@ -187,8 +191,9 @@ def _train_all(dest: RunDir, src: RunDir, config: GrowConfig, session: Session, 
                      **({"source_sha256": digests[str(k)]} if digests else {})}
             record = train_and_record(session, model, index, epochs=epochs, loader_epoch=(_SEED_OFFSET + k) * 10_000,
                                       timings={}, extra=extra, progress=progress,
-                                      partial=dest.partial(index))
+                                      partial=dest.partial(index), on_epoch=board.epoch)
             write_stage(dest, session, model, record, records)
+            board.stage(record)
             write_summary(dest, config, records, status="running", title=title)
             log.info("%s of stage %d: test top-1 %.4f (grown: %.4f)", kind, k, record["test_top1"],
                      source.get("test_top1", float("nan")))

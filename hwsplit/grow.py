@@ -4,6 +4,10 @@
     stage k: splitting indices → marginal costs on the current architecture → budget
              → selection (by name, hwsplit.select.SELECTIONS) → fit the plan to the budget → split → train
 
+The score → price → select → split part of a stage is :meth:`hwsplit.grower.Grower.grow_step`, the
+same step a user's own training loop calls (``Grower.step``); this module adds the run directory,
+seeding, training, records, resume and TensorBoard (:mod:`hwsplit.tblog`).
+
 The run directory's format is :mod:`hwsplit.rundir`'s; what a stage shares with the other
 commands (session, training and recording, durable writes) is :mod:`hwsplit.stages`'s; the
 settings are a :class:`~hwsplit.config.GrowConfig`.
@@ -27,7 +31,6 @@ import contextlib
 import dataclasses
 import logging
 import math
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -44,15 +47,14 @@ from hwsplit.config import (
     parse_budget,
     resolve_channel_multiple,
 )
-from hwsplit.distributed import all_ranks_true, broadcast_object, is_main, world_size
+from hwsplit.distributed import is_main, world_size
 from hwsplit.errors import ConfigError
 from hwsplit.families import width_ceilings
 from hwsplit.fsio import atomic_write_json, check_writable_name
+from hwsplit.grower import STOP_BUDGET, STOP_NO_NEGATIVE, Grower, fit_plan_to_budget
 from hwsplit.models import model_from_architecture
 from hwsplit.parallel import on_main
-from hwsplit.recipe import select_stage
 from hwsplit.rundir import RunDir, StageFailed, WriteFailed, stage_table, start_fresh, write_summary
-from hwsplit.score import splitting_indices
 from hwsplit.stages import (
     Progress,
     Session,
@@ -64,14 +66,12 @@ from hwsplit.stages import (
     train_and_record,
     write_stage,
 )
-from hwsplit.surgery import apply_split
+from hwsplit.tblog import board_closed, open_board
 from hwsplit.train import evaluate, seed_everything
 
 log = logging.getLogger(__name__)
 
 STOP_STAGES = "stages done"
-STOP_NO_NEGATIVE = "no neuron has a negative splitting index"
-STOP_BUDGET = "budget reached"
 
 
 def _resume_preflight(run: RunDir, config: GrowConfig) -> None:
@@ -194,41 +194,67 @@ def _prepare(run: RunDir, config: GrowConfig, *, resume: bool, overwrite: bool,
     return records
 
 
+def make_grower(config: GrowConfig, session: Session, model: nn.Module, *, first_step: int = 1,
+                progress: Progress | None = None) -> Grower:
+    """The :class:`~hwsplit.grower.Grower` of a run: ``config``'s growth settings, the session's cost
+    model and device, the run's input shape."""
+    return Grower(model, torch.zeros(session.input_shape, device=session.device), cost=session.cost_model,
+                  growth_ratio=config.growth_ratio, budget=config.budget, selection=config.selection,
+                  split_step=config.split_step, device=session.device, split_method=config.split_method,
+                  split_epochs=config.split_epochs, split_lr=config.split_lr, split_vectors=config.split_vectors,
+                  split_allocation=config.split_allocation, max_layer_growth=config.max_layer_growth,
+                  channel_multiple=resolve_channel_multiple(config), seed=config.seed, first_step=first_step,
+                  price=config.price, group_budgets=config.group_budgets, max_widths=config.max_widths,
+                  lp_threshold=config.lp_threshold, family=config.model, progress=progress)
+
+
+#: The keys of a growth step's record (hwsplit.grower) that a stage record keeps, in this order.
+STEP_KEYS = ("split", "neurons_split", "selection", "channel_multiple", "price", "group_budgets", "budget",
+             "eigenvalues", "loss_before_split", "loss_after_split", "predicted_loss_change")
+
+
 def _stages(run: RunDir, config: GrowConfig, session: Session, records: list[dict[str, Any]], *,
             progress: Progress | None, on_stage: Callable[[dict[str, Any]], None] | None) -> list[dict[str, Any]]:
-    """The stage loop proper, on a locked, prepared run directory."""
-    device, input_shape, cost_model = session.device, session.input_shape, session.cost_model
+    """The stage loop proper, on a locked, prepared run directory: train, then :meth:`Grower.grow_step`."""
+    device, cost_model = session.device, session.cost_model
     train_loader, test_loader = session.train_loader, session.test_loader
     stop_reason = STOP_STAGES
     stage = len(records)
-    multiple = resolve_channel_multiple(config)
     groups: list = []
+    grower: Grower | None = None
+    board = open_board(run, config, records)
     if records:  # every rank continues from rank 0's checkpoint (its directory need not be shared)
         payload = on_main(load_checkpoint, run.checkpoint(stage - 1), share=True)
         model = model_from_architecture(payload["architecture"], payload["state_dict"]).eval().to(device)
-        groups = session.trace(model)
+        grower = make_grower(config, session, model, first_step=stage, progress=progress)
+        groups = grower.trace(model)
         log.info("resuming %s after stage %d", run.path, stage - 1)
 
-    def finish_stage(stage: int, extra: dict[str, Any], timings: dict[str, float], epochs: int) -> dict[str, Any]:
+    def finish_stage(stage: int, extra: dict[str, Any], timings: dict[str, float], epochs: int,
+                     scores: dict[str, Any] | None = None) -> dict[str, Any]:
         # every epoch the network has had: the seed's and each stage's (as fine-tuning records count them)
         extra = {**extra, "epochs_in_all": (config.seed_epochs or config.epochs) + stage * config.epochs}
         record = train_and_record(session, model, stage, epochs=epochs, loader_epoch=stage * 10_000,
                                   timings=timings, extra=extra, progress=progress, groups=groups,
-                                  train_config=config.stage_train_config(stage), partial=run.partial(stage))
+                                  train_config=config.stage_train_config(stage), partial=run.partial(stage),
+                                  on_epoch=board.epoch)
         write_stage(run, session, model, record, records)
         write_summary(run, config, records, status="running")
+        board.stage(record, scores)
         log.info("stage %d: test top-1 %.4f, %.4g MACs, %s %.4g %s", stage, record["test_top1"], record["macs"],
                  cost_model.name, record["cost"]["value"], cost_model.unit)
         if on_stage and is_main():
             on_stage(record)
         return record
 
-    with guarded_records(run, config, records, where=lambda: (stage, f"stage {stage}"), noun="stage", prep="in",
-                         resume=f"continue with `grow --resume {run.path}`"):
+    with board_closed(board), guarded_records(run, config, records, where=lambda: (stage, f"stage {stage}"),
+                                              noun="stage", prep="in",
+                                              resume=f"continue with `grow --resume {run.path}`"):
         if stage == 0:
             seed_everything(stage_seed(config, 0))
             model = build_seed(config, session.bundle).to(device)
-            groups = session.trace(model)
+            grower = make_grower(config, session, model, progress=progress)
+            groups = grower.trace(model)
             finish_stage(0, {"split": {}, "neurons_split": 0}, {}, config.seed_epochs or config.epochs)
             stage = 1
 
@@ -236,90 +262,19 @@ def _stages(run: RunDir, config: GrowConfig, session: Session, records: list[dic
         for stage in range(first, config.stages + 1):
             seed_everything(stage_seed(config, stage))
             kill_point(f"stage-{stage}:start")
-            timings: dict[str, float] = {}
-            t0 = time.perf_counter()
             if hasattr(train_loader, "set_epoch"):
                 train_loader.set_epoch(stage * 10_000 - 1)
-            scores = splitting_indices(model, train_loader, method=config.split_method, epochs=config.split_epochs,
-                                       lr=config.split_lr, ritz_vectors=config.split_vectors,
-                                       ritz_allocation=config.split_allocation, seed=config.seed + stage, groups=groups,
-                                       progress=progress)
-            timings["score_s"] = time.perf_counter() - t0
-
-            t0 = time.perf_counter()
-            total = cost_model.total(model, input_shape)
-            marginal = cost_model.marginal(model, input_shape, groups=groups)
-            budget = config.growth_ratio * total
-            if config.budget is not None:
-                budget = min(budget, config.budget - total)
-            eig = torch.cat([s.eigenvalues for s in scores.values()]) if scores else torch.zeros(0)
-            if not bool(torch.isfinite(eig).all()):
-                raise FloatingPointError("scoring: some splitting indices are not finite")
-            n_negative = int((eig < 0).sum())
-            if n_negative == 0 and config.selection != "random":
-                stop_reason = STOP_NO_NEGATIVE
+            step = grower.grow_step(model, train_loader, stage=stage, groups=groups,
+                                    evaluate=lambda m: evaluate(m, test_loader, device=device)["loss"])
+            if step.record is None:  # nothing split: no negative index, or no budget left
+                stop_reason = step.stop_reason
                 break
-            if budget <= 0:
-                stop_reason = STOP_BUDGET
-                break
-            # the random baseline drops neurons from an over-budget plan in random order too
-            rank = _random_rank([config.seed, stage, 1]) if config.selection == "random" else None
-            def increase(p: dict[str, torch.Tensor], m: nn.Module = model, s: dict = scores,
-                         t: float = total) -> float:
-                return cost_model.total(apply_split(m, p, s, step=0.0), input_shape) - t
-
-            # the price chooses, the real cost limits; group budgets, caps, ceilings (hwsplit/recipe.py);
-            # with multiple: per-layer multiples of N, priced at the widths they reach (hwsplit/blocks.py)
-            plan, chosen_by = select_stage(
-                config.selection, scores, marginal, budget, increase=increase, fit=fit_plan_to_budget,
-                seed=[config.seed, stage], rank=rank, max_layer_growth=config.max_layer_growth, price=config.price,
-                reference=total / session.flops.total(model, input_shape) if config.price != "linear" else 1.0,
-                group_budgets=config.group_budgets, max_widths=config.max_widths, lp_threshold=config.lp_threshold,
-                family=config.model, model=model, graph=groups, input_shape=input_shape, multiple=multiple,
-                total=lambda m: cost_model.total(m, input_shape), current=total)
-            blocks: dict[str, Any] = chosen_by.get("blocks", {})
-            plan = _agreed_plan(plan)
-            timings["select_s"] = time.perf_counter() - t0
-            if not plan:
-                stop_reason = STOP_BUDGET if n_negative or config.selection == "random" else STOP_NO_NEGATIVE
-                break
-
-            t0 = time.perf_counter()
-            before = evaluate(model, test_loader, device=device)["loss"]
-            model = apply_split(model, plan, scores, step=config.split_step).to(device)
-            groups = session.trace(model)
-            # what the split really cost (the cost model's total after minus before), not Σ marginals,
-            # which over- or under-states it when costs are not additive (docs/design.md §4)
-            realised = cost_model.total(model, input_shape) - total
-            after = evaluate(model, test_loader, device=device)["loss"]
-            timings["split_s"] = time.perf_counter() - t0
+            model, groups = step.model, step.groups
             kill_point(f"stage-{stage}:split")
-            chosen = torch.cat([scores[k].eigenvalues[v] for k, v in plan.items()])
-            extra = {
-                "split": {k: int(v.numel()) for k, v in plan.items()},
-                "neurons_split": int(sum(v.numel() for v in plan.values())),
-                "selection": config.selection,
-                **({"channel_multiple": multiple} if multiple else {}),
-                **({"price": config.price} if config.price != "linear" else {}),
-                **({"group_budgets": chosen_by["groups"]} if "groups" in chosen_by else {}),
-                "budget": {"value": budget, "unit": cost_model.unit,
-                           "used": float(realised),
-                           "marginal_sum": float(sum(marginal[k] * v.numel() for k, v in plan.items())),
-                           # block growth: Σ of the chosen options' costs, which the grouped knapsack used
-                           **({"option_cost_sum": blocks["cost_used"]} if blocks else {})},
-                "eigenvalues": {
-                    "min": float(eig.min()), "median": float(eig.median()), "negative": n_negative,
-                    "count": int(eig.numel()),
-                    "per_layer_min": {k: float(s.eigenvalues.min()) for k, s in scores.items()},
-                    "chosen_sum": float(chosen.sum()),
-                },
-                "loss_before_split": before,
-                "loss_after_split": after,
-                "predicted_loss_change": 0.5 * config.split_step ** 2 * float(chosen.sum()),
-            }
-            finish_stage(stage, extra, timings, config.epochs)
-            if config.budget is not None and records[-1]["cost"]["value"] >= config.budget * (1 - 1e-9):
-                stop_reason = STOP_BUDGET
+            extra = {k: step.record[k] for k in STEP_KEYS if k in step.record}
+            finish_stage(stage, extra, dict(step.record["seconds"]), config.epochs, step.scores)
+            if step.stop_reason is not None:  # the budget is reached
+                stop_reason = step.stop_reason
                 break
 
     write_summary(run, config, records, status=f"stopped: {stop_reason}")
@@ -331,74 +286,5 @@ def _stages(run: RunDir, config: GrowConfig, session: Session, records: list[dic
     return records
 
 
-def _agreed_plan(plan: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rank 0's plan on every rank (the plan itself with one process).
-
-    Every rank selects from the same reduced scores, so the plans agree; a disagreement (it would
-    mean non-deterministic reductions) is logged and rank 0's plan wins, so surgery stays identical.
-    """
-    if world_size() == 1:
-        return plan
-    shared = broadcast_object(plan)
-    same = sorted((k, v.tolist()) for k, v in plan.items()) == sorted((k, v.tolist()) for k, v in shared.items())
-    if not all_ranks_true(same):
-        log.warning("the ranks selected different plans; every rank splits rank 0's")
-    return shared
-
-
-def _random_rank(seed: list[int]) -> Callable[[str, int], float]:
-    """A random priority per (group, channel), for dropping neurons of a random plan in random order."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    table: dict[tuple[str, int], float] = {}
-
-    def rank(name: str, channel: int) -> float:
-        if (name, channel) not in table:
-            table[(name, channel)] = float(rng.random())
-        return table[(name, channel)]
-
-    return rank
-
-
-def fit_plan_to_budget(plan: dict[str, torch.Tensor], scores: dict[str, Any], marginal: dict[str, float],
-                       increase: Callable[[dict[str, torch.Tensor]], float], budget: float,
-                       max_rounds: int = 20, rank: Callable[[str, int], float] | None = None,
-                       ) -> dict[str, torch.Tensor]:
-    """Drop the least valuable chosen neurons until the *actual* cost increase fits the budget.
-
-    The knapsack prices neurons one at a time; splitting neighbouring layers together also adds
-    their cross terms (a conv grows in both its input and its output channels), so the real
-    increase can exceed the sum of marginals by a few percent. ``increase(plan)`` measures it on
-    the architecture the plan would produce; neurons with the worst λ/cost ratio go first, or
-    those with the highest ``rank(group, channel)`` when given (the random baseline). Each of the
-    first ``max_rounds`` rounds drops neurons worth the excess in marginals, later rounds one neuron
-    each; the plan returned is always one whose increase was measured to fit (or the empty plan).
-    """
-    def value(k: str, j: int) -> float:
-        return rank(k, j) if rank is not None else float(scores[k].eigenvalues[j]) / marginal[k]
-
-    items = sorted(((value(k, int(j)), k, int(j)) for k, v in plan.items() for j in v),
-                   reverse=True)  # worst (least negative per cost) first
-    rounds = 0
-    while True:
-        over = increase(plan) - budget
-        if over <= 1e-9 * max(1.0, abs(budget)) or not items:
-            return plan
-        drop, freed = [], 0.0
-        while items and (not drop or (freed < over and rounds < max_rounds)):
-            _, k, j = items.pop(0)
-            drop.append((k, j))
-            freed += marginal[k]
-        dropped: dict[str, set[int]] = {}
-        for k, j in drop:
-            dropped.setdefault(k, set()).add(j)
-        plan = {k: torch.tensor([j for j in v.tolist() if j not in dropped.get(k, ())], dtype=torch.long)
-                for k, v in plan.items()}
-        plan = {k: v for k, v in plan.items() if v.numel()}
-        log.info("dropped %d neurons whose joint cost exceeded the budget by %.4g", len(drop), over)
-        rounds += 1
-
-
-__all__ = ["GrowConfig", "RunDir", "StageFailed", "build_seed", "fit_plan_to_budget", "grow", "load_config",
-           "load_model", "parse_budget", "stage_table"]
+__all__ = ["STOP_BUDGET", "STOP_NO_NEGATIVE", "STOP_STAGES", "GrowConfig", "RunDir", "StageFailed", "build_seed",
+           "fit_plan_to_budget", "grow", "load_config", "load_model", "make_grower", "parse_budget", "stage_table"]

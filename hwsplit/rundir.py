@@ -90,6 +90,11 @@ class RunDir:
     summary = property(lambda self: self.path / "summary.md")
     lockfile = property(lambda self: self.path / ".lock")
     exports = property(lambda self: self.path / EXPORTS)
+    tb = property(lambda self: self.path / "tb")  # TensorBoard event files (hwsplit/tblog.py)
+
+    def event_files(self) -> list[Path]:
+        """The TensorBoard event files in ``tb/``."""
+        return sorted(p for p in self.tb.glob("events.out.tfevents.*") if p.is_file()) if self.tb.is_dir() else []
 
     def checkpoint(self, stage: int) -> Path:
         return self.path / f"stage-{stage}.pt"
@@ -352,8 +357,9 @@ def check_source(run: RunDir) -> None:
 def remove_run_files(run: RunDir) -> None:
     """Delete a previous run's files from ``run`` (config.json first: killed half-way, no run is left
     to resume rather than a mix of two), the ONNX files exported from it (:func:`record_export`) and
-    its fine-tunings (``final/``, ``finetune/``, ``retrain/``, with their exports). Nothing else in
-    the directory is touched; a derived directory is removed only when nothing else is left in it."""
+    its fine-tunings (``final/``, ``finetune/``, ``retrain/``, with their exports), TensorBoard event
+    files (``tb/``) included. Nothing else in the directory is touched; a derived directory (and
+    ``tb/``) is removed only when nothing else is left in it."""
     busy = [(d, h) for d in derived_runs(run) if (h := lock_holder(d)) is not None]
     if busy:
         raise RunLocked(f"run: {busy[0][0].path} is in use by {busy[0][1]}; wait for it before replacing {run.path}")
@@ -366,9 +372,11 @@ def remove_run_files(run: RunDir) -> None:
             d.path.rmdir()
     _remove_exports(run)
     for p in [run.config, run.stages, *run.checkpoints().values(), *run.partials(), *run.temporaries(),
-              run.summary]:
+              run.summary, *run.event_files()]:
         if p.exists():
             p.unlink()
+    with contextlib.suppress(OSError):
+        run.tb.rmdir()  # only when empty
 
 
 def start_fresh(run: RunDir, *, overwrite: bool = True) -> None:

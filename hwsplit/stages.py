@@ -271,10 +271,10 @@ def train_and_record(session: Session, model: nn.Module, stage: int, *, epochs: 
     saver = _epoch_saver(partial, model, tc, stage) if partial is not None else None
 
     def hook(stats: dict[str, Any], state: Callable[[], dict[str, Any]]) -> None:
+        if on_epoch is not None:  # first: what it reports of an epoch is out before the state that skips it
+            on_epoch(stats)
         if saver is not None:
             saver(stats, state)
-        if on_epoch is not None:
-            on_epoch(stats)
 
     fit = train(model, session.train_loader, config=tc, device=device, progress=progress, on_epoch=hook,
                 resume=resume)

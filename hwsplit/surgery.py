@@ -216,3 +216,42 @@ def _append_columns(layer: nn.Module, extra: int, columns: int) -> None:
         layer.in_channels += extra
     else:
         layer.in_features += extra * columns
+
+
+def split_sources(model: nn.Module, plan: Mapping[str, torch.Tensor], scores: Mapping[str, SplitScore], *,
+                  groups: Mapping[str, NeuronGroup] | None = None) -> dict[str, tuple[torch.Tensor | None, ...]]:
+    """Where every entry of the model :func:`apply_split` makes comes from in ``model``.
+
+    For each parameter or buffer whose shape the split changes, one index tensor per dimension
+    (``None`` where that dimension is unchanged): entry ``i`` of the new tensor along that dimension
+    holds (up to the ±εv step and the consumer's halving) entry ``index[i]`` of the old one. Old
+    channels keep their positions; offspring are appended and point to their parent. Names are
+    ``model.state_dict()``'s. Mirrors :func:`apply_split` step for step (rows of every group first,
+    then consumer columns); ``tests/test_grower.py`` checks the two agree.
+    """
+    sizes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    out: dict[str, list[torch.Tensor | None]] = {}
+
+    def extend(name: str, dim: int, channels: torch.Tensor) -> None:
+        index = out.setdefault(name, [None] * len(sizes[name]))
+        current = index[dim] if index[dim] is not None else torch.arange(sizes[name][dim])
+        index[dim] = torch.cat([current, current[channels]])
+
+    edits = []
+    for name, channels in plan.items():
+        channels = torch.as_tensor(channels, dtype=torch.long).flatten().cpu()
+        if channels.numel() == 0:
+            continue
+        group = (groups or {}).get(name) or scores[name].group
+        edits.append((group, channels))
+    for group, channels in edits:
+        targets = [group.producer] + [op.target for op in group.chain if op.kind in ("bn", "dwconv")]
+        for target in targets:
+            for suffix in ("weight", "bias", "running_mean", "running_var"):
+                if f"{target}.{suffix}" in sizes and sizes[f"{target}.{suffix}"]:
+                    extend(f"{target}.{suffix}", 0, channels)
+    for group, channels in edits:
+        for consumer in group.consumers:
+            cols = (channels[:, None] * consumer.columns + torch.arange(consumer.columns)[None, :]).flatten()
+            extend(f"{consumer.name}.weight", 1, cols)
+    return {name: tuple(index) for name, index in out.items()}

@@ -59,11 +59,12 @@ def scenario_scores(rank: int, world: int) -> dict:
 
 def scenario_grow(rank: int, world: int, out: Path) -> dict:
     import hwsplit.grow as grow_module
+    import hwsplit.grower as grower_module  # a stage's selection and split are Grower.grow_step's
     from hwsplit.config import GrowConfig
     from hwsplit.distributed import checksum
 
     selected, applied, sums = [], [], []
-    select, apply, record = grow_module.select_stage, grow_module.apply_split, grow_module.train_and_record
+    select, apply, record = grower_module.select_stage, grower_module.apply_split, grow_module.train_and_record
 
     def spy_select(*args, **kwargs):
         plan, info = select(*args, **kwargs)
@@ -80,7 +81,7 @@ def scenario_grow(rank: int, world: int, out: Path) -> dict:
         sums.append(checksum(model))
         return result
 
-    grow_module.select_stage, grow_module.apply_split = spy_select, spy_apply
+    grower_module.select_stage, grower_module.apply_split = spy_select, spy_apply
     grow_module.train_and_record = spy_record
     config = GrowConfig(model="mlp", dataset="digits", data_limit=300, stages=2, epochs=1, batch_size=32,
                         split_epochs=1, seed=0)

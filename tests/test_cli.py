@@ -126,7 +126,7 @@ def test_test_limit_option(tmp_path):
 def test_split_vectors_reach_the_scorer(tmp_path, monkeypatch):
     """--split-vectors is the scoring cost/quality dial: it is the Rayleigh–Ritz subspace size of every
     stage's splitting_indices call, and a bad value in a config names its field."""
-    import hwsplit.grow as grow_module
+    import hwsplit.grower as grow_module  # a stage's scoring is Grower.grow_step's
     from hwsplit.config import ConfigError, GrowConfig
 
     seen = []

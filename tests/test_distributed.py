@@ -96,7 +96,7 @@ def test_two_ranks_grow_the_same_network_and_rank0_alone_writes(two_ranks) -> No
     assert r0["records"] == r1["records"]
     run = tmp_path / "run-rank0"
     assert sorted(p.name for p in run.iterdir()) == [".lock", "config.json", "stage-0.pt", "stage-1.pt", "stage-2.pt",
-                                                     "stages.jsonl", "summary.md"]
+                                                     "stages.jsonl", "summary.md", "tb"]  # tb/: rank 0's events
     assert json.loads((run / "config.json").read_text())["world_size"] == 2
     assert not (tmp_path / "run-rank1").exists()
 

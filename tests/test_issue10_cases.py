@@ -205,7 +205,7 @@ def test_torch_save_on_a_full_disk_is_one_line_and_summary_says_why(tmp_path, mo
     assert "Status: failed in stage 1 (write failed)" in (out / "summary.md").read_text()
     assert [json.loads(r)["stage"] for r in (out / "stages.jsonl").read_text().splitlines()] == [0]
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
-        "config.json", "stage-0.pt", "stages.jsonl", "summary.md"]
+        "config.json", "stage-0.pt", "stages.jsonl", "summary.md", "tb"]
 
 
 def test_over_long_names_are_refused_up_front(tmp_path, run):

@@ -58,7 +58,7 @@ def _fail_on_call(monkeypatch, target: str, n: int, error: BaseException) -> Non
 
 @pytest.mark.parametrize("target, n, message", [
     ("hwsplit.stages:train", 2, "training loss is nan at epoch 0, batch 3"),
-    ("hwsplit.grow:splitting_indices", 1, "scoring: the loss is inf at batch 0"),
+    ("hwsplit.grower:splitting_indices", 1, "scoring: the loss is inf at batch 0"),  # Grower.grow_step scores
 ])
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_stage(tmp_path, monkeypatch, target, n, message):
     _fail_on_call(monkeypatch, target, n, FloatingPointError(message))
