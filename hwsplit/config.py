@@ -261,12 +261,21 @@ def read_config(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_config(out: str | Path, *, purpose: str = "resume") -> GrowConfig:
-    """The :class:`GrowConfig` of a grow run directory's config.json (``purpose`` prefixes messages)."""
+#: Fields a pruning baseline's config.json adds to a grow config (hwsplit.prune).
+PRUNE_FIELDS = ("baseline", "prune")
+
+
+def load_config(out: str | Path, *, purpose: str = "resume", accept: tuple[str, ...] = ()) -> GrowConfig:
+    """The :class:`GrowConfig` of a grow run directory's config.json (``purpose`` prefixes messages).
+
+    ``accept`` names baselines taken too (``("prune",)``: a pruning baseline's settings are its source
+    run's, which ``finetune`` reuses); any other baseline is a ``ConfigError``.
+    """
     data = read_config(out)
-    if data.get("baseline"):
+    if data.get("baseline") and data.get("baseline") not in accept:
         raise ConfigError(f"{purpose}: {out} is a {data['baseline']} baseline, not a grow run")
-    data = {k: v for k, v in data.items() if k != RUN_INFO_WORLD_SIZE}
+    extra = (RUN_INFO_WORLD_SIZE, *PRUNE_FIELDS) if data.get("baseline") == "prune" else (RUN_INFO_WORLD_SIZE,)
+    data = {k: v for k, v in data.items() if k not in extra}
     return GrowConfig.from_dict(data, source=f"{purpose}: {Path(out) / 'config.json'}")
 
 
@@ -286,5 +295,5 @@ def config_like(run: str | Path | None, overrides: Mapping[str, Any]) -> GrowCon
     return GrowConfig.from_dict(fields)
 
 
-__all__ = ["COSTS", "MAX_CHANNEL_MULTIPLE", "PROFILED_COSTS", "RUN_INFO_WORLD_SIZE", "GrowConfig", "config_like",
-           "load_config", "parse_budget", "read_config", "resolve_channel_multiple"]
+__all__ = ["COSTS", "MAX_CHANNEL_MULTIPLE", "PROFILED_COSTS", "PRUNE_FIELDS", "RUN_INFO_WORLD_SIZE", "GrowConfig",
+           "config_like", "load_config", "parse_budget", "read_config", "resolve_channel_multiple"]

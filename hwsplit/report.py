@@ -56,8 +56,13 @@ class Run:
         ft = c.get("finetune")
         if isinstance(ft, dict):
             what = "retrained from scratch" if ft.get("from_scratch") else "fine-tuned"
-            return (f"{ft.get('kind', 'finetune')}: grown stages {what}, {ft.get('epochs')} epochs, "
+            stages = "pruned" if ft.get("source_baseline") == "prune" else "grown"
+            return (f"{ft.get('kind', 'finetune')}: {stages} stages {what}, {ft.get('epochs')} epochs, "
                     f"{c.get('model')}, cost {c.get('cost')}")
+        prune = c.get("prune")
+        if isinstance(prune, dict):
+            return (f"prune baseline: {prune.get('method')} from {c.get('model')} ×{prune.get('wide_width_mult'):g}, "
+                    f"fine-tuned {prune.get('finetune_epochs')} epochs, cost {c.get('cost')}")
         if self.is_baseline:
             mults = ", ".join(f"{m:g}" for m in c.get("multipliers", []))
             return f"{c.get('baseline')} baseline: {c.get('model')} × {mults}"
@@ -71,6 +76,8 @@ class Run:
         """How a stage is named on plots: ``0``, ``1``, … for growth, ``×0.5`` for a width baseline."""
         if "source_stage" in record:
             return f"{record['source_stage']}"
+        if "wide_width_mult" in record and "target_cost" not in record:
+            return "wide"
         return f"×{record['width_mult']:g}" if "width_mult" in record else str(record["stage"])
 
 

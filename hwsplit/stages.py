@@ -197,21 +197,24 @@ def describe(session: Session, model: nn.Module, groups: list[NeuronGroup] | Non
 def train_and_record(session: Session, model: nn.Module, stage: int, *, epochs: int, loader_epoch: int,
                      timings: dict[str, float], extra: dict[str, Any], progress: Progress | None = None,
                      groups: list[NeuronGroup] | None = None,
-                     train_config: TrainConfig | None = None) -> dict[str, Any]:
+                     train_config: TrainConfig | None = None,
+                     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> dict[str, Any]:
     """Train ``model`` for ``epochs`` (data order from ``loader_epoch`` on), evaluate, describe: the record.
 
     ``groups`` are ``model``'s neuron groups if already traced (training does not change them).
     ``train_config`` replaces the run's one cosine schedule of ``epochs`` (e.g. a post-split policy's,
     :mod:`hwsplit.schedule`); its peak ``lr``, warm-up and horizon go into the record's ``"schedule"``.
-    With a validation split the record has ``val_loss``/``val_top1``; ``test_samples`` (and
-    ``val_samples``) count the images the accuracies are over, for standard errors.
+    ``loss_fn`` replaces the training loss (e.g. network slimming's penalty, :mod:`hwsplit.prune`);
+    the record's ``train_loss`` is then that loss. With a validation split the record has
+    ``val_loss``/``val_top1``; ``test_samples`` (and ``val_samples``) count the images the accuracies
+    are over, for standard errors.
     """
     config, device = session.config, session.device
     if hasattr(session.train_loader, "set_epoch"):
         session.train_loader.set_epoch(loader_epoch)  # the shuffles depend on the stage only
     t0 = time.perf_counter()
     tc = config.train_config(epochs) if train_config is None else train_config
-    fit = train(model, session.train_loader, config=tc, device=device, progress=progress)
+    fit = train(model, session.train_loader, config=tc, device=device, progress=progress, loss_fn=loss_fn)
     timings["train_s"] = time.perf_counter() - t0
     test = evaluate(model, session.test_loader, device=device, progress=progress)
     val = (evaluate(model, session.val_loader, device=device, progress=progress)
