@@ -427,8 +427,7 @@ def prune_baseline(run: str | Path, *, method: str, out: str | Path | None = Non
                       "targets_from": "given" if given else "stages of the source run",
                       "source_stages": None if given else [r["stage"] for r in source_records],
                       "slimming_l1": slimming_l1 if method == "slimming" else None, "round_to": round_to,
-                      "tolerance": TOLERANCE, "step_ratio": STEP_RATIO, "from_scratch": bool(from_scratch),
-                      "torch_pruning": _torch_pruning_version()}}
+                      "tolerance": TOLERANCE, "step_ratio": STEP_RATIO, "torch_pruning": _torch_pruning_version()}}
     with dest.lock("prune"):
         records = continue_or_start(dest, info, overwrite=overwrite)
         records = _stages(dest, config, session, records, info["prune"], progress=progress, on_stage=on_stage)

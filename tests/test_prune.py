@@ -28,7 +28,8 @@ SHAPE = (1, 3, 32, 32)
 
 
 def _records(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "stages.jsonl").read_text().splitlines() if line.strip()]
+    path = run / "stages.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
 def _cli(*args: str) -> str:
