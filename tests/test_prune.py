@@ -230,3 +230,14 @@ def test_prune_resumes_after_a_kill(grown, reference, tmp_path, kill_at):
         y = load_checkpoint(reference / f"stage-{a['stage']}.pt")["state_dict"]
         assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
     assert not list(killed.glob(".*.tmp"))
+
+
+def test_a_locked_output_is_refused(grown, tmp_path):
+    from hwsplit.rundir import RunDir
+
+    out = tmp_path / "locked"
+    with RunDir(out).lock("test"):
+        result = CliRunner().invoke(main, ["baseline", "prune", "--like", str(grown), "--method", "l1", *PRUNE,
+                                           "--out", str(out)])
+    assert result.exit_code == 2 and "in use" in result.output, result.output
+    assert not (out / "config.json").exists()
