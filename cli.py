@@ -22,6 +22,7 @@ import click
 from click.core import ParameterSource
 
 from hwsplit.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, HwsplitError, first_line
+from hwsplit.units import fmt_si
 
 
 class CliError(click.ClickException):
@@ -166,6 +167,9 @@ _SGD_OPTIONS = _options(
     click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True),
     click.option("--weight-decay", type=click.FloatRange(min=0), default=5e-4, show_default=True),
     click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N."),
+    click.option("--threads", type=click.IntRange(min=1), default=None,
+                 help="CPU threads per process for training and scoring (default: 1 on machines with up to 4 "
+                      "cores, torch's default on larger ones; OMP_NUM_THREADS is honoured)."),
     click.option("--seed", type=int, default=0, show_default=True),
 )
 
@@ -201,9 +205,12 @@ def _print_stage(record: dict[str, Any]) -> None:
         what = f"wide network ×{record['wide_width_mult']:g}"
     if "source_stage" in record:
         what = f"{'retrained' if record.get('from_scratch') else 'fine-tuned'} stage {record['source_stage']}"
-    click.echo(f"{what}: test top-1 {record['test_top1']:.4f}, {record['macs'] / 1e6:.4g}M MACs, "
-               f"{record['cost']['value']:.4g} {record['cost']['unit']}, "
-               f"{record.get('neurons_split', 0)} neurons split", err=True)
+    cost = record["cost"]
+    priced = "" if cost["unit"] == "MACs" else f", {cost['value']:.4g} {cost['unit']}"  # MACs are printed once
+    split = "" if "source_stage" in record or "width_mult" in record else \
+        f", {record.get('neurons_split', 0)} neurons split"
+    click.echo(f"{what}: test top-1 {record['test_top1']:.4f}, {fmt_si(record['macs'])} MACs{priced}{split}",
+               err=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -252,7 +259,9 @@ def _print_stage(record: dict[str, Any]) -> None:
 @_SGD_OPTIONS
 @click.option("--out", type=click.Path(file_okay=False), default="runs/grow", show_default=True,
               help="Run directory (created; a previous run in it is replaced only with --overwrite).")
-@click.option("--overwrite", is_flag=True, help="Replace the run already in --out (its stages are deleted).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace the run already in --out: its stages, its final/, finetune/ and retrain/ directories "
+                   "and the ONNX files exported from it are deleted.")
 @click.option("--resume", type=click.Path(file_okay=False), default=None, metavar="RUN",
               help="Continue the run in RUN after its last completed stage, with the settings of its config.json "
                    "(only --stages may be given with it, to extend the run).")
@@ -266,8 +275,8 @@ def grow(model: str, model_config: str | None, width_mult: float | None, activat
          split_step: float,
          selection: str,
          max_layer_growth: float | None, channel_multiple: str | None, val_fraction: float, post_split: str,
-         final_epochs: int | None, batch_size: int, lr: float, weight_decay: float, device: str, seed: int,
-         out: str, overwrite: bool, resume: str | None) -> None:
+         final_epochs: int | None, batch_size: int, lr: float, weight_decay: float, device: str,
+         threads: int | None, seed: int, out: str, overwrite: bool, resume: str | None) -> None:
     """Grow a network stage by stage: train, score, price, select, split."""
     import cost_models
     from hwsplit.config import GrowConfig, load_config, parse_budget
@@ -279,15 +288,18 @@ def grow(model: str, model_config: str | None, width_mult: float | None, activat
     if resume is not None:
         ctx = click.get_current_context()
         given = [p.opts[0] for p in ctx.command.params
-                 if p.name not in ("resume", "stages") and _given(p.name)]
+                 if p.name not in ("resume", "stages", "threads") and _given(p.name)]
         if given:
             raise click.UsageError(f"--resume continues RUN with the settings of its config.json; "
-                                   f"{', '.join(given)} cannot be combined with it (only --stages, to extend the run)")
+                                   f"{', '.join(given)} cannot be combined with it (only --stages, to extend the "
+                                   "run, and --threads)")
         if _main_rank() and not Path(resume).is_dir():
             raise click.UsageError(f"--resume: {resume} is not a run directory")
         config = on_main(load_config, resume, share=True)  # the run directory is rank 0's
         if _given("stages"):
             config = dataclasses.replace(config, stages=stages)
+        if _given("threads"):
+            config = dataclasses.replace(config, threads=threads)
         check_device(config.device)
         if _main_rank():
             click.echo(f"resuming {resume} ({config.model} on {config.dataset}, cost {config.cost}, "
@@ -296,7 +308,7 @@ def grow(model: str, model_config: str | None, width_mult: float | None, activat
         if _main_rank():
             click.echo(_table(stage_table(records)))
             _print_final(config, resume, records)
-            click.echo(f"\nrun directory: {resume}")
+            click.echo(f"\nrun directory: {resume} ({_run_status(resume)})")
         return
 
     check_device(device, field="--device")
@@ -316,14 +328,21 @@ def grow(model: str, model_config: str | None, width_mult: float | None, activat
         split_step=split_step, selection=selection,
         max_layer_growth=max_layer_growth,
         channel_multiple=_channel_multiple(channel_multiple),
-        batch_size=batch_size, lr=lr, weight_decay=weight_decay, device=device, seed=seed,
+        batch_size=batch_size, lr=lr, weight_decay=weight_decay, device=device, threads=threads, seed=seed,
         val_fraction=val_fraction, post_split=post_split, final_epochs=final_epochs,
     )
     records = run_grow(config, out, overwrite=overwrite, progress=_progress, on_stage=_print_stage)
     if _main_rank():
         click.echo(_table(stage_table(records)))
         _print_final(config, out, records)
-        click.echo(f"\nrun directory: {out}")
+        click.echo(f"\nrun directory: {out} ({_run_status(out)})")
+
+
+def _run_status(run: str) -> str:
+    """The run's status line (``stopped: budget reached``, …) as its summary.md says it."""
+    from hwsplit.rundir import RunDir, run_status
+
+    return run_status(RunDir(run))
 
 
 def _print_final(config: Any, out: str, records: list[dict[str, Any]]) -> None:
@@ -379,7 +398,8 @@ def baseline_width(multipliers: str, like: str | None, model: str, model_config:
                    metric: str | None,
                    epochs: int | None, stages: int, stage_epochs: int, seed_epochs: int | None,
                    channel_multiple: str | None, batch_size: int,
-                   lr: float, weight_decay: float, device: str, seed: int, out: str, overwrite: bool) -> None:
+                   lr: float, weight_decay: float, device: str, threads: int | None, seed: int, out: str,
+                   overwrite: bool) -> None:
     """Train the family uniformly scaled by width multipliers, from scratch, on grow's schedule."""
     from hwsplit.baselines import grow_epochs, parse_multipliers, width_baseline
     from hwsplit.config import config_like
@@ -396,7 +416,7 @@ def baseline_width(multipliers: str, like: str | None, model: str, model_config:
                                ("stage_epochs", "epochs", stage_epochs), ("seed_epochs", "seed_epochs", seed_epochs),
                                ("batch_size", "batch_size", batch_size), ("lr", "lr", lr),
                                ("weight_decay", "weight_decay", weight_decay), ("device", "device", device),
-                               ("seed", "seed", seed),
+                               ("threads", "threads", threads), ("seed", "seed", seed),
                                ("channel_multiple", "channel_multiple", _channel_multiple(channel_multiple))):
         if use(option):
             overrides[key] = value
@@ -491,6 +511,8 @@ def baseline_prune(like: str, method: str, width_mult: float | None, train_epoch
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Default: the run's.")
 @click.option("--weight-decay", type=click.FloatRange(min=0), default=None, help="Default: the run's.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:N (default: the run's).")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads per process (default: the run's setting).")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Output run directory (default RUN/finetune, or RUN/retrain with --from-scratch).")
 @click.option("--overwrite", is_flag=True, help="Replace another fine-tuning already in the output directory.")
@@ -498,7 +520,7 @@ def baseline_prune(like: str, method: str, width_mult: float | None, train_epoch
 @_on_all_ranks
 def finetune(run: str, stages: tuple[int, ...], all_stages: bool, epochs: int, from_scratch: bool,
              lr: float | None, batch_size: int | None, weight_decay: float | None, device: str | None,
-             out: str | None, overwrite: bool) -> None:
+             threads: int | None, out: str | None, overwrite: bool) -> None:
     """Fine-tune (or retrain from scratch) grown stages of RUN for the same schedule; resumable."""
     from hwsplit.devices import check_device
     from hwsplit.finetune import finetune as run_finetune
@@ -507,7 +529,7 @@ def finetune(run: str, stages: tuple[int, ...], all_stages: bool, epochs: int, f
     if all_stages and stages:
         raise click.UsageError("--all and --stage exclude each other")
     overrides = {k: v for k, v in (("lr", lr), ("batch_size", batch_size), ("weight_decay", weight_decay),
-                                   ("device", device)) if v is not None}
+                                   ("device", device), ("threads", threads)) if v is not None}
     if device is not None:
         check_device(device, field="--device")
     records = run_finetune(run, epochs=epochs, stages=list(stages) or None, from_scratch=from_scratch, out=out,
@@ -534,6 +556,9 @@ def report(runs: tuple[str, ...], out: str) -> None:
     result = write_report(list(runs), out)
     click.echo(_table(result["rows"]))
     click.echo("")
+    for name, status in result["status"].items():
+        click.echo(f"{name}: {status}")
+    click.echo("")
     for path in result["files"]:
         click.echo(f"wrote {path}")
 
@@ -545,16 +570,21 @@ def report(runs: tuple[str, ...], out: str) -> None:
 @click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False), required=True, help="ONNX file to write.")
 @click.option("--atol", type=click.FloatRange(min=0), default=1e-4, show_default=True,
               help="Largest |onnxruntime - torch| accepted on random inputs.")
+@click.option("--with-preprocessing", is_flag=True,
+              help="Put the data set's normalisation into the graph: the file then takes images as the data set "
+                   "stores them (uint8 0..255 for cifar10/npz, float 0..1 for digits/imagefolder; NCHW).")
 @_library_errors
-def export(run: str, stage: int | None, onnx_path: str, atol: float) -> None:
+def export(run: str, stage: int | None, onnx_path: str, atol: float, with_preprocessing: bool) -> None:
     """Export a stage of a run (or a stage-K.pt) to ONNX, checked against PyTorch with onnxruntime."""
     from hwsplit.export import export_run
 
-    info = export_run(run, onnx_path, stage=stage, atol=atol)
+    info = export_run(run, onnx_path, stage=stage, atol=atol, with_preprocessing=with_preprocessing)
     checkpoint = info["checkpoint"]
     shape = "x".join(str(d) for d in info["input_shape"][1:])
-    click.echo(f"wrote {info['path']} from {checkpoint} (stage {info['stage']}, input N x {shape}, dynamic batch, "
-               f"opset {info['opset']})")
+    meta = info["metadata"]
+    click.echo(f"wrote {info['path']} from {checkpoint} (stage {info['stage']}, input N x {shape} "
+               f"{info['input_dtype']}, dynamic batch, opset {info['opset']})")
+    click.echo(f"input: {meta['input']}" + (f"; mean {meta['mean']}, std {meta['std']}" if "mean" in meta else ""))
     click.echo(f"onnxruntime vs torch: max |difference| = {info['max_abs_diff']:.3g} over batches of "
                f"{', '.join(str(b) for b in info['batch_sizes'])} random inputs (tolerance {atol:g})")
 
@@ -574,14 +604,21 @@ def _test_limit(text: str) -> int | str | None:
 # --------------------------------------------------------------------------------------------
 
 @main.command()
-@click.argument("model_or_checkpoint")
+@click.argument("model_or_checkpoint", metavar="RUN|CHECKPOINT|MODEL")
 @click.option("--resolution", type=click.IntRange(min=1), default=None,
               help="Input height = width (default: the checkpoint's, or 32; 224 for mobilenet_v1 standard).")
 @click.option("--in-channels", type=click.IntRange(min=1), default=None)
 @_library_errors
 def summary(model_or_checkpoint: str, resolution: int | None, in_channels: int | None) -> None:
-    """Per-layer widths, MACs and params of a model name or a stage checkpoint (stage-K.pt)."""
-    from hwsplit.summary import model_summary
+    """A run directory's stages and status, or the per-layer widths, MACs and params of a stage checkpoint
+    (stage-K.pt) or a model name."""
+    from hwsplit.summary import model_summary, run_summary
+
+    if Path(model_or_checkpoint).is_dir():
+        info = run_summary(model_or_checkpoint)
+        click.echo(_table(info["rows"]))
+        click.echo(f"\n{info['path']}: {info['status']}")
+        return
 
     result = model_summary(model_or_checkpoint, resolution=resolution, in_channels=in_channels)
     click.echo(_table(result["rows"]))

@@ -1,7 +1,7 @@
 """Wall time of one growth stage with 1 and 2 processes (torchrun, gloo, CPU), and the scaling to N devices
 expected on paper from the measured split of the stage (issue 14).
 
-    flock /work/locks/core1.lock python bench/bench_distributed.py
+    python bench/bench_distributed.py
 
 Both arms grow the same CIFAR-10 seed MobileNetV1 (``--limit`` training images) for one stage with
 the same *global* batch (``--global-batch``: one process with the whole batch, two with half each,
@@ -132,7 +132,7 @@ def on_paper(single: dict, half: dict, double: dict, n: int, split_epochs: int =
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", default="/work/shared/data/cifar10")
+    parser.add_argument("--data-dir", default="../shared/data/cifar10")
     parser.add_argument("--limit", type=int, default=2000, help="training images")
     parser.add_argument("--test-limit", type=int, default=1000)
     parser.add_argument("--epochs", type=int, default=1, help="training epochs of the timed stage")
@@ -168,7 +168,7 @@ def main() -> None:
     single, double, half = median_run("1"), median_run("2"), median_run("1-half")
     double["epochs"] = args.epochs
     result = {
-        "command": "flock /work/locks/core1.lock " + common.command_line(), "date": common.now(),
+        "command": "" + common.command_line(), "date": common.now(),
         "machine": info, "loadavg_end": [round(x, 2) for x in os.getloadavg()],
         "settings": {k: v for k, v in vars(args).items() if k != "worker"},
         "runs": runs,

@@ -5,7 +5,7 @@
     # claim 4 (issues 11 and 12): lut vs flops, both in blocks of the profile's channel block, then the
     # latency of every compared architecture on a quiet core
     python bench/bench_fair.py --claim4 --channel-multiple auto --out bench/results/fair_hardware
-    flock /work/locks/core1.lock taskset -c 1 python bench/bench_fair.py --claim4 --channel-multiple auto \
+    taskset -c 1 python bench/bench_fair.py --claim4 --channel-multiple auto \
         --out bench/results/fair_hardware --steps measure
 
 Claim 4 (``--claim4``: steps ``flops,lut,width,retrain-flops,retrain-lut``): the same protocol with the ``lut``
@@ -64,7 +64,7 @@ NAME = "fair"
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", default="/work/shared/data/cifar10")
+    p.add_argument("--data-dir", default="../shared/data/cifar10", help="relative paths are from the current directory")
     p.add_argument("--limit", type=int, default=2000,
                    help="training images (first N of train.npz), before --val-fraction")
     p.add_argument("--val-fraction", type=float, default=0.1)
@@ -89,11 +89,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--measure-passes", type=int, default=3,
                    help="measurements per network (step measure), in interleaved passes; the latency is their median")
     p.add_argument("--fragment-only", action="store_true")
-    p.add_argument("--out", default=f"bench/results/{NAME}")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="worker processes of one thread each; steps are split into jobs (one network each) and run "
+                        "as soon as what they need is done")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="full: all of CIFAR-10 (5,000 training images held out for validation, the 10,000 test "
+                        "images), batch 128, 30 retraining epochs, 3 seeds; options given explicitly override it")
+    p.add_argument("--out", default=None, help=f"default bench/results/{NAME} (with --preset P: {NAME}_P)")
+    given = argv if argv is not None else sys.argv[1:]
     args = p.parse_args(argv)
-    if args.claim4 and "--steps" not in " ".join(argv if argv is not None else sys.argv):
+    if args.preset:
+        for key, value in PRESETS[args.preset].items():
+            if f"--{key.replace('_', '-')}" not in given:
+                setattr(args, key, value)
+    if args.out is None:
+        args.out = f"bench/results/{NAME}" + (f"_{args.preset}" if args.preset else "")
+    if args.claim4 and "--steps" not in " ".join(given):
         args.steps = "flops,lut,width,retrain-flops,retrain-lut"
     return args
+
+
+#: The full-scale protocol (issue 25): every image, a schedule long enough to converge, 3 seeds.
+PRESETS = {"full": {"limit": None, "val_fraction": 0.1, "test_limit": None, "batch_size": 128, "seed_epochs": 15,
+                    "epochs": 5, "stages": 4, "retrain_epochs": 30, "multipliers": "1,1.25,1.5,1.75,2,2.5",
+                    "seeds": "0,1,2",
+                    "steps": "flops,width,retrain-flops;random,retrain-random;finetune,width-total"}}
 
 
 def channel_multiple(args: argparse.Namespace) -> int | None:
@@ -135,7 +155,7 @@ def _mark(path: Path, t0: float) -> None:
     (path / "DONE").write_text(json.dumps({"wall_s": time.perf_counter() - t0, "at": common.now()}) + "\n")
 
 
-def run_seed(args: argparse.Namespace, out: Path, seed: int, steps: list[str]) -> None:
+def run_seed(args: argparse.Namespace, out: Path, seed: int, steps: list[str], *, summarise_after: bool = True) -> None:
     from hwsplit.baselines import parse_multipliers, width_baseline
     from hwsplit.finetune import finetune, stage_epochs_in_all
     from hwsplit.grow import grow
@@ -188,7 +208,9 @@ def run_seed(args: argparse.Namespace, out: Path, seed: int, steps: list[str]) -
                 continue
             t0 = time.perf_counter()
             try:
-                finetune(src, epochs=args.retrain_epochs, stages=[k], from_scratch=from_scratch, out=d)
+                # overwrite: a directory this job left unfinished under another version of its config.json is
+                # started over; the same config.json continues (from the last epoch of the network in training)
+                finetune(src, epochs=args.retrain_epochs, stages=[k], from_scratch=from_scratch, out=d, overwrite=True)
             except RunLocked:
                 log.info("seed %d: %s stage %d is being trained by another process: skipped", seed, sub, k)
                 continue
@@ -226,7 +248,8 @@ def run_seed(args: argparse.Namespace, out: Path, seed: int, steps: list[str]) -
         else:
             raise SystemExit(f"unknown step {step!r}")
         log.info("seed %d: step %s finished (%.0f s)", seed, step, time.perf_counter() - t0)
-        summarise(out, args)
+        if summarise_after:
+            summarise(out, args)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -344,10 +367,11 @@ def summarise(out: Path, args: argparse.Namespace) -> dict:
         root = out / f"s{seed}"
         if not root.exists():
             continue
-        n_test = args.test_limit
+        n_test = args.test_limit or 10_000  # None: the whole CIFAR-10 test set
         width = _width_curve(root, "width")
         s: dict = {"width": [{"width_mult": r["width_mult"], "macs": r["macs"], "test_top1": r["test_top1"],
-                              "epochs": r["epochs"]} for r in width]}
+                              "val_top1": r.get("val_top1"), "epochs": r["epochs"]} for r in width]}
+        s["compute"] = compute(root, args)
         for arm in ARMS:
             g = root / f"grow-{arm}"
             grown = _recs(g) if _done(g) or arm == "flops" else []
@@ -406,9 +430,110 @@ def summarise(out: Path, args: argparse.Namespace) -> dict:
     for key in ("lut_vs_flops", "flops_vs_lut", "lut_vs_width", "flops_vs_width"):
         agg[f"claim4_{key}"] = _aggregate([s["claim4"][key] for s in result["seeds"].values() if "claim4" in s])
     result["aggregate"] = agg
+    result["curves"] = curves(result)
     common.save_json(out / "summary.json", result)
     out.with_suffix(".md").write_text(fragment(result, args), encoding="utf-8")
+    plot(result, out)
     return result
+
+
+# ------------------------------------------------------------------------------------------------
+# compute of each path, curves over seeds, plots
+# ------------------------------------------------------------------------------------------------
+
+def _passes(recs: list[dict], n_train: int) -> int:
+    """Training sample-passes of ``recs`` (each record's schedule epochs × the training images)."""
+    return sum(r["schedule"]["epochs"] * n_train for r in recs)
+
+
+def compute(root: Path, args: argparse.Namespace) -> dict:
+    """Each path's compute for one seed: training sample-passes and seconds, growth's search (its seed and stage
+    trainings plus scoring) apart from the final trainings (retraining, fine-tuning, width multipliers)."""
+    n_all = args.limit or 50_000
+    n_train = n_all - round(n_all * args.val_fraction)
+    out: dict = {"train_images": n_train}
+    for arm in ARMS:
+        g = root / f"grow-{arm}"
+        recs = _recs(g) if _done(g) else []
+        if not recs:
+            continue
+        sec = [r.get("seconds", {}) for r in recs]
+        out[f"grow-{arm}"] = {"train_sample_passes": _passes(recs, n_train),
+                              "scoring_sample_passes": (len(recs) - 1) * n_train,
+                              "train_s": sum(x.get("train_s", 0) for x in sec),
+                              "score_s": sum(x.get("score_s", 0) for x in sec),
+                              "search_s": sum(sum(v for k, v in x.items() if k.endswith("_s")) for x in sec)}
+        for sub in ("retrain", "finetune"):
+            rs = _derived(g, sub)
+            if rs:
+                out[f"{sub}-{arm}"] = {"networks": len(rs), "train_sample_passes": _passes(rs, n_train),
+                                       "train_s": sum(r.get("seconds", {}).get("train_s", 0) for r in rs)}
+    for d in sorted(root.glob("width*-x*")):
+        rs = _recs(d) if _done(d) else []
+        if rs:
+            out[d.name] = {"train_sample_passes": _passes(rs, n_train),
+                           "train_s": sum(r.get("seconds", {}).get("train_s", 0) for r in rs)}
+    return out
+
+
+def _mean_point(points: list[dict], key: str) -> dict:
+    accs = [p["test_top1"] for p in points]
+    n = len(accs)
+    return {key: statistics.mean(p[key] for p in points), "test_top1": statistics.mean(accs), "n_seeds": n,
+            "two_se_seeds": 2 * statistics.stdev(accs) / math.sqrt(n) if n > 1 else None}
+
+
+def curves(result: dict) -> dict:
+    """Each arm's curve averaged over seeds (test top-1 and MACs per width multiplier or per grown stage)."""
+    by: dict[str, dict] = {}
+    for s in result["seeds"].values():
+        for r in s["width"]:
+            by.setdefault("width multipliers", {}).setdefault(r["width_mult"], []).append(r)
+        for arm in ARMS:
+            for r in s.get(arm, {}).get("retrained", []):
+                by.setdefault(f"{arm} stages, retrained", {}).setdefault(r["stage"], []).append(r)
+        if "finetuned" in s:
+            f = s["finetuned"]
+            by.setdefault("flops last stage, fine-tuned", {}).setdefault(0, []).append(f)
+            for r in f["width_same_epochs"]:
+                by.setdefault(f"width multipliers, {f['epochs_in_all']} epochs", {}).setdefault(
+                    r["width_mult"], []).append(r)
+    return {name: [_mean_point(pts, "macs") for _, pts in sorted(points.items())] for name, points in by.items()}
+
+
+def plot(result: dict, out: Path) -> None:
+    """``<out>/accuracy_vs_macs.png``: test top-1 against MACs, mean over seeds; bars: 2 SE, the larger of the
+    spread between seeds and the test set's binomial noise."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import EngFormatter
+
+    cs = result["curves"]
+    if not cs:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, pts in cs.items():
+        xs = [p["macs"] for p in pts]
+        ys = [100 * p["test_top1"] for p in pts]
+        n_test = result["args"].get("test_limit") or 10_000
+        err = [100 * max(p["two_se_seeds"] or 0, 2 * common.accuracy_se(p["test_top1"], n_test)) for p in pts]
+        ax.errorbar(xs, ys, yerr=err, marker="o", ms=4, capsize=3, label=name,
+                    linestyle="--" if name.startswith("width") else "-")
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(EngFormatter(unit=""))
+    ax.xaxis.set_minor_formatter(EngFormatter(unit=""))
+    ax.set_xlabel("MACs per image")
+    ax.set_ylabel("test top-1 (%)")
+    n = max((p["n_seeds"] for pts in cs.values() for p in pts), default=0)
+    ax.set_title(f"CIFAR-10, every network trained from scratch on one schedule ({n} seed(s); bars: 2 SE)")
+    ax.title.set_fontsize(9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_vs_macs.png", dpi=120)
+    plt.close(fig)
 
 
 def _aggregate(per_seed: list[list[dict]]) -> dict:
@@ -457,6 +582,10 @@ def _command(args: argparse.Namespace) -> str:
     return "`python bench/bench_fair.py " + " ".join(parts) + "`"
 
 
+def _images(limit: int | None, split: str) -> str:
+    return f"all {split} images" if limit is None else f"the first {limit} {split} images"
+
+
 def fragment(result: dict, args: argparse.Namespace) -> str:
     arms = ("flops (LP) and lut (LP, the latency table of "
             f"`{args.profile}`), every network in multiples of {channel_multiple(args)} channels"
@@ -466,9 +595,9 @@ def fragment(result: dict, args: argparse.Namespace) -> str:
                                                "measure` on a quiet core)" if args.claim4 else ""),
              f"- machine: {common.machine_line(common.machine())}",
              f"- rebuilt: {common.now()}",
-             f"- data: CIFAR-10 (`{args.data_dir}`), first {args.limit} training images, of which "
+             f"- data: CIFAR-10 (`{args.data_dir}`), {_images(args.limit, 'training')}, of which "
              f"{args.val_fraction:g} carved out (seeded) as validation (recorded, not used: nothing is chosen "
-             f"here); the first {args.test_limit} test images",
+             f"here); {_images(args.test_limit, 'test')}",
              f"- growth: seed {args.seed_epochs} epochs, {args.stages} stages × {args.epochs} epochs, growth ratio "
              f"0.5, post-split policy `{args.post_split}`; arms {arms}, sharing one trained seed",
              f"- comparison schedule: every grown stage and every width multiplier trained from scratch for "
@@ -541,6 +670,106 @@ def fragment(result: dict, args: argparse.Namespace) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ------------------------------------------------------------------------------------------------
+# --jobs: one network per job, run by worker processes as soon as what a job needs is done
+# ------------------------------------------------------------------------------------------------
+
+GROW_STEPS = ("flops", "random", "vanilla", "lut")
+
+
+def _grow_done(root: Path, arm: str) -> bool:
+    return _done(root / f"grow-{arm}")
+
+
+def _expand(args: argparse.Namespace, root: Path, step: str) -> list[str] | None:
+    """The jobs (single-network steps) of ``step`` for one seed; ``None`` while what it needs is not done."""
+    from hwsplit.baselines import parse_multipliers
+
+    if step in GROW_STEPS:
+        return [step] if step == "flops" or _grow_done(root, "flops") else None
+    if step == "width":
+        return [f"width:{m:g}" for m in parse_multipliers(args.multipliers)]
+    if step.startswith("retrain-") and ":" not in step:
+        arm = step.split("-", 1)[1]
+        if not _grow_done(root, arm):
+            return None
+        return [f"{step}:{r['stage']}" for r in common.records(root / f"grow-{arm}")[1:]]
+    if step == "finetune":
+        return [step] if _grow_done(root, "flops") else None
+    if step == "width-total":  # needs the fine-tuned network and every width multiplier's MACs
+        last = common.records(root / "grow-flops")[-1]["stage"] if _grow_done(root, "flops") else None
+        ready = last is not None and _done(root / "grow-flops" / f"finetune-{last}") and all(
+            _done(root / f"width-x{m:g}") for m in parse_multipliers(args.multipliers))
+        return [step] if ready else None
+    if step == "measure":
+        raise SystemExit("step measure times networks: run it alone on a quiet core, without --jobs")
+    return [step]
+
+
+def _job(args: argparse.Namespace, out: Path, seed: int, step: str) -> tuple[int, str, float]:
+    """One job in a worker process (one intra-op thread)."""
+    import torch
+
+    torch.set_num_threads(1)
+    common.setup_logging(f"[s{seed} {step}] ")
+    t0 = time.perf_counter()
+    run_seed(args, out, seed, [step], summarise_after=False)
+    return seed, step, time.perf_counter() - t0
+
+
+def run_jobs(args: argparse.Namespace, out: Path) -> None:
+    """Every phase's steps for every seed, split into single-network jobs, on ``args.jobs`` workers.
+
+    A job starts when what it needs is done (a grow arm after the flops arm's seed, a stage's retraining after its
+    grow run); ready jobs start in the order of the phases, then the seeds, then the steps. Finished work is
+    skipped (``DONE`` markers), and an interrupted training continues from its last epoch (the run directories'
+    ``partial-K.pt``), so the same command continues after a kill.
+    """
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    seeds = [int(x) for x in args.seeds.split(",")]
+    pending = [(seed, step) for phase in args.steps.split(";") for seed in seeds for step in phase.split(",")]
+    expanded: list[tuple[int, str]] = []
+    running: dict[cf.Future, tuple[int, str]] = {}
+    started: set[tuple[int, str]] = set()
+    with cf.ProcessPoolExecutor(max_workers=args.jobs, mp_context=mp.get_context("spawn")) as pool:
+        while pending or expanded or running:
+            still = []
+            for seed, step in pending:
+                jobs = _expand(args, out / f"s{seed}", step)
+                if jobs is None:
+                    still.append((seed, step))
+                else:
+                    expanded += [(seed, j) for j in jobs]
+            pending = still
+            for job in list(expanded):
+                if len(running) >= args.jobs:
+                    break
+                seed, step = job
+                if step != "width-total" and _expand(args, out / f"s{seed}", step) is None:
+                    continue
+                expanded.remove(job)
+                if job in started:
+                    continue
+                started.add(job)
+                running[pool.submit(_job, args, out, seed, step)] = job
+            if not running:
+                if pending and not expanded:
+                    raise SystemExit(f"jobs wait for work no job will do: {pending}")
+                continue
+            done, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+            for fut in done:
+                seed, step = running.pop(fut)
+                try:
+                    _, _, wall = fut.result()
+                    log.info("seed %d: job %s finished in %.0f s", seed, step, wall)
+                except Exception:
+                    log.exception("seed %d: job %s failed; the others go on (run the command again to retry it)",
+                                  seed, step)
+                summarise(out, args)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     common.prepare_process(1, 0)
@@ -549,9 +778,12 @@ def main(argv=None) -> None:
     if args.fragment_only:
         summarise(out, args)
         return
-    for phase in args.steps.split(";"):  # the core comparison for every seed first, then the other arms
-        for seed in [int(s) for s in args.seeds.split(",")]:
-            run_seed(args, out, seed, phase.split(","))
+    if args.jobs > 1:
+        run_jobs(args, out)
+    else:
+        for phase in args.steps.split(";"):  # the core comparison for every seed first, then the other arms
+            for seed in [int(s) for s in args.seeds.split(",")]:
+                run_seed(args, out, seed, phase.split(","))
     summarise(out, args)
 
 

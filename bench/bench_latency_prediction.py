@@ -12,7 +12,7 @@ layers with the old calibration (``lut_isolated``), the regressor (``energy`` co
 ``metric="latency_ms"``) and MACs (a ranking only). Reported per set: share within ±10 % of the
 mean of the two measurements, Spearman ρ (and MACs'), MAPE, median signed error.
 
-    flock /work/locks/core1.lock taskset -c 1 nice -n -5 python bench/bench_latency_prediction.py \\
+    taskset -c 1 nice -n -5 python bench/bench_latency_prediction.py \\
         --profile profiles/cpu-amd-epyc-1t-onnxruntime.json
 """
 

@@ -33,7 +33,7 @@ POLICIES = ("restart", "warm", "continue")
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", choices=["digits", "cifar"], default="digits")
-    p.add_argument("--data-dir", default="/work/shared/data/cifar10")
+    p.add_argument("--data-dir", default="../shared/data/cifar10")
     p.add_argument("--limit", type=int, default=3000, help="cifar: training images (before the validation split)")
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--seeds", default="0,1,2")

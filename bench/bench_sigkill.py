@@ -8,8 +8,8 @@ compares with the reference: ``stages.jsonl`` records minus timing fields (``sec
 end-to-end ``measured`` block) must be equal, and every tensor of every ``stage-K.pt``
 bit-identical.
 
-    taskset -c 0 nice -n 10 /work/venv/bin/python bench/bench_sigkill.py            # 10 kills
-    taskset -c 0 nice -n 10 /work/venv/bin/python bench/bench_sigkill.py --kills 3  # fewer
+    taskset -c 0 nice -n 10 python bench/bench_sigkill.py            # 10 kills
+    taskset -c 0 nice -n 10 python bench/bench_sigkill.py --kills 3  # fewer
 
 Resumable: each finished trial is written to ``bench/results/sigkill.json`` at once and skipped on
 a second invocation with the same settings. Not timing-sensitive (the kill moment is random anyway);

@@ -5,8 +5,8 @@ For every case it records the command, the exit status, whether a traceback appe
 existing run, a user's folder) was deleted or changed. Results go to
 ``bench/results/issue10_cases_<label>.json``.
 
-    taskset -c 0 nice -n 5 /work/venv/bin/python bench/issue10_cases.py --label after
-    taskset -c 0 nice -n 5 /work/venv/bin/python bench/issue10_cases.py --root /tmp/wt-before --label before
+    taskset -c 0 nice -n 5 python bench/issue10_cases.py --label after
+    taskset -c 0 nice -n 5 python bench/issue10_cases.py --root /tmp/wt-before --label before
 
 ``--root`` is the checkout whose ``cli.py`` is run (default: this one); the cases and the result
 file are this checkout's. Not timing-sensitive. Some cases need root (a tiny tmpfs via

@@ -16,8 +16,9 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from hwsplit.config import RUN_INFO_WORLD_SIZE, GrowConfig
+from hwsplit.config import RUN_INFO_PREPROCESSING, RUN_INFO_WORLD_SIZE, GrowConfig, read_config
 from hwsplit.distributed import is_main, world_size
+from hwsplit.errors import ConfigError
 from hwsplit.fsio import atomic_write_json, check_writable_name
 from hwsplit.parallel import on_main
 from hwsplit.rundir import RunDir, start_fresh, write_summary
@@ -72,8 +73,10 @@ def width_baseline(config: GrowConfig, multipliers: Sequence[float], out: str | 
     ``out`` gets ``config.json`` (``config``'s fields plus ``"baseline": "width"``,
     ``"multipliers"``, ``"total_epochs"``), ``stages.jsonl`` (one record per multiplier, with the
     keys of a grow seed record plus ``"width_mult"`` and ``"epochs"``), ``stage-K.pt`` and
-    ``summary.md``, all written atomically. A previous run in ``out`` is replaced only with
-    ``overwrite=True`` (see :func:`hwsplit.rundir.start_fresh`). Returns the records.
+    ``summary.md``, all written atomically. An ``out`` holding this same baseline (same config.json) is
+    continued after its completed networks (a network killed mid-training from its last epoch); another
+    run in ``out`` is replaced only with ``overwrite=True`` (see :func:`hwsplit.rundir.start_fresh`).
+    Returns the records.
     """
     multipliers = parse_multipliers(multipliers)
     total = grow_epochs(config) if epochs is None else epochs
@@ -85,31 +88,68 @@ def width_baseline(config: GrowConfig, multipliers: Sequence[float], out: str | 
     for mult in multipliers:  # every network must have a cost the model can price (CostOutOfRange if not)
         session.cost_model.total(build_seed(config, session.bundle, width_mult=mult), session.input_shape)
     info = {**config.to_dict(), "baseline": WIDTH_BASELINE, "multipliers": multipliers, "total_epochs": total,
-            RUN_INFO_WORLD_SIZE: world_size()}
+            RUN_INFO_WORLD_SIZE: world_size(), RUN_INFO_PREPROCESSING: session.preprocessing}
     with run.lock("write") if is_main() else contextlib.nullcontext():  # rank 0 alone writes the run
-        on_main(_start, run, info, overwrite=overwrite)
-        return _train_all(run, config, session, multipliers, total, progress=progress, on_stage=on_stage)
+        kept = on_main(_start, run, info, overwrite=overwrite, share=True)
+        return _train_all(run, config, session, multipliers, total, kept, progress=progress, on_stage=on_stage)
 
 
-def _start(run: RunDir, info: dict[str, Any], *, overwrite: bool) -> None:
-    start_fresh(run, overwrite=overwrite)
+def _start(run: RunDir, info: dict[str, Any], *, overwrite: bool) -> list[dict[str, Any]]:
+    """The records to keep: those of the same baseline (same config.json) whose checkpoint exists; another
+    run in ``run`` is replaced only with ``overwrite``."""
+    kept = _completed(run, info)
+    if kept is None:
+        start_fresh(run, overwrite=overwrite)
+        kept = []
     atomic_write_json(run.config, info)
+    return kept
 
 
-def _train_all(run: RunDir, config: GrowConfig, session: Any, multipliers: list[float], total: int, *,
-               progress: Callable | None, on_stage: Callable[[dict[str, Any]], None] | None) -> list[dict[str, Any]]:
-    records: list[dict[str, Any]] = []
+def _completed(run: RunDir, info: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """``None`` unless ``run`` holds this same baseline; then its completed records, the rest removed."""
+    try:
+        same = run.config.exists() and read_config(run.path) == info
+    except ConfigError:
+        same = False
+    if not same:
+        return None
+    for tmp in run.temporaries():
+        tmp.unlink()
+    kept: list[dict[str, Any]] = []
+    for i, r in enumerate(run.records()):
+        if r.get("stage") != i or not run.checkpoint(i).exists():
+            break
+        kept.append(r)
+    for k, p in run.checkpoints().items():
+        if k >= len(kept):
+            p.unlink()
+    for p in run.partials():  # the next network's training state resumes from its last epoch
+        if p != run.partial(len(kept)):
+            p.unlink()
+    run.write_records(kept)
+    if kept:
+        log.info("continuing %s after %d completed network(s)", run.path, len(kept))
+    return kept
+
+
+def _train_all(run: RunDir, config: GrowConfig, session: Any, multipliers: list[float], total: int,
+               records: list[dict[str, Any]], *, progress: Callable | None,
+               on_stage: Callable[[dict[str, Any]], None] | None) -> list[dict[str, Any]]:
     title = f"width baseline: {config.model} on {config.dataset} × {', '.join(f'{m:g}' for m in multipliers)}"
     index = 0
     with guarded_records(run, config, records, where=lambda: (index, f"width ×{multipliers[index]:g}"),
                          noun="network", resume="run the same command again to continue", title=title):
         for index, mult in enumerate(multipliers):
+            if index < len(records):
+                continue
             seed_everything(stage_seed(config, 0))
             model = build_seed(config, session.bundle, width_mult=mult).to(session.device)
             timings: dict[str, float] = {}
             record = train_and_record(session, model, index, epochs=total, loader_epoch=0, timings=timings,
                                         progress=progress,
-                                        extra={"width_mult": mult, "epochs": total, "split": {}, "neurons_split": 0})
+                                        extra={"width_mult": mult, "epochs": total, "epochs_in_all": total, "split": {},
+                                               "neurons_split": 0},
+                                        partial=run.partial(index))
             write_stage(run, session, model, record, records)
             write_summary(run, config, records, status="running", title=title)
             log.info("width ×%g: test top-1 %.4f, %.4g MACs", mult, record["test_top1"], record["macs"])

@@ -111,6 +111,7 @@ class GrowConfig:
     label_smoothing: float = 0.0
     schedule: str = "cosine"
     device: str = "cpu"
+    threads: int | None = None  # torch intra-op threads per process; None: hwsplit.devices.default_threads
     seed: int = 0
     measure: bool | None = None  # measure each stage end to end; None: with --cost lut|energy
     measure_time_s: float = 1.0
@@ -150,6 +151,7 @@ class GrowConfig:
             "measure_time_s": _number(self.measure_time_s) and self.measure_time_s > 0,
             "val_fraction": _number(self.val_fraction) and 0 <= self.val_fraction < 1,
             "final_epochs": self.final_epochs is None or _positive_int(self.final_epochs),
+            "threads": self.threads is None or _positive_int(self.threads),
             "device": isinstance(self.device, str) and re.fullmatch(r"cpu|cuda(:\d+)?", self.device) is not None,
         }
         for name, ok in checks.items():
@@ -245,6 +247,8 @@ def resolve_channel_multiple(config: GrowConfig) -> int | None:
 BASELINE_FIELDS = ("baseline", "multipliers", "total_epochs")
 #: How many processes wrote the run (config.json; not a setting: a run may resume with another number).
 RUN_INFO_WORLD_SIZE = "world_size"
+#: The input the run's networks expect (config.json; :func:`hwsplit.data.preprocessing`; not a setting).
+RUN_INFO_PREPROCESSING = "preprocessing"
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
@@ -274,7 +278,9 @@ def load_config(out: str | Path, *, purpose: str = "resume", accept: tuple[str, 
     data = read_config(out)
     if data.get("baseline") and data.get("baseline") not in accept:
         raise ConfigError(f"{purpose}: {out} is a {data['baseline']} baseline, not a grow run")
-    extra = (RUN_INFO_WORLD_SIZE, *PRUNE_FIELDS) if data.get("baseline") == "prune" else (RUN_INFO_WORLD_SIZE,)
+    extra = (RUN_INFO_WORLD_SIZE, RUN_INFO_PREPROCESSING)
+    if data.get("baseline") == "prune":
+        extra += PRUNE_FIELDS
     data = {k: v for k, v in data.items() if k not in extra}
     return GrowConfig.from_dict(data, source=f"{purpose}: {Path(out) / 'config.json'}")
 
@@ -295,5 +301,6 @@ def config_like(run: str | Path | None, overrides: Mapping[str, Any]) -> GrowCon
     return GrowConfig.from_dict(fields)
 
 
-__all__ = ["COSTS", "MAX_CHANNEL_MULTIPLE", "PROFILED_COSTS", "PRUNE_FIELDS", "RUN_INFO_WORLD_SIZE", "GrowConfig",
-           "config_like", "load_config", "parse_budget", "read_config", "resolve_channel_multiple"]
+__all__ = ["COSTS", "MAX_CHANNEL_MULTIPLE", "PROFILED_COSTS", "PRUNE_FIELDS", "RUN_INFO_PREPROCESSING",
+           "RUN_INFO_WORLD_SIZE", "GrowConfig", "config_like", "load_config", "parse_budget", "read_config",
+           "resolve_channel_multiple"]

@@ -43,6 +43,7 @@ __all__ = [
     "load_dataset",
     "make_eval_loader",
     "make_loaders",
+    "preprocessing",
     "shard_size",
     "split_validation",
 ]
@@ -986,6 +987,43 @@ def split_validation(bundle: DataBundle, fraction: float, *, seed: int) -> DataB
     log.info("%s: %d training images kept, %d carved out for validation (seed %d)", bundle.name,
              len(train_index), len(val_index), seed)
     return dataclasses.replace(bundle, train=new_train, val=val, val_index=val_index, train_index=train_index)
+
+
+#: What the pixels of each data set are before hwsplit's normalisation (``preprocessing()["source"]``).
+_SOURCES = {
+    "digits": "scikit-learn digits: 8x8 grey images, pixel values 0..16 divided by 16",
+    "cifar10": "CIFAR-10 RGB images as stored in its batches (uint8, transposed to NCHW)",
+    "cifar100": "CIFAR-100 RGB images as stored in its batches (uint8, transposed to NCHW)",
+    "npz": "the npz file's x (uint8 N x H x W x C) transposed to NCHW, channels in the file's order",
+    "imagefolder": "RGB images resized (short side size / 0.875), centre-cropped to size x size, scaled to 0..1",
+}
+
+
+def preprocessing(bundle: DataBundle) -> dict[str, Any]:
+    """How a network trained on ``bundle`` expects its input: what a checkpoint, config.json and an
+    ONNX file record so that the network can be used without reading this module.
+
+    ``layout`` is ``"NCHW"``; ``input_shape`` ``[C, H, W]``; ``dtype`` and ``value_range`` describe the
+    images as the data set stores them (``"uint8"`` 0..255, or ``"float32"`` 0..1 intensities); the
+    network's input is ``(x * scale - mean[c]) / std[c]`` with ``scale`` 1/255 for uint8 and 1 for floats
+    and ``mean``/``std`` per channel in 0..1 intensity units (:class:`TensorImageDataset`).
+    """
+    train = bundle.train
+    while isinstance(train, torch.utils.data.Subset):
+        train = train.dataset
+    uint8 = isinstance(train, TensorImageDataset) and train.images.dtype == torch.uint8
+    return {
+        "layout": "NCHW",
+        "input_shape": [int(d) for d in bundle.input_shape],
+        "dtype": "uint8" if uint8 else "float32",
+        "value_range": [0, 255] if uint8 else [0.0, 1.0],
+        "scale": 1.0 / 255.0 if uint8 else 1.0,
+        "mean": [float(m) for m in bundle.mean],
+        "std": [float(s) for s in bundle.std],
+        "normalize": "(x * scale - mean[c]) / std[c]",
+        "dataset": bundle.name,
+        "source": _SOURCES.get(bundle.name, bundle.name),
+    }
 
 
 def make_eval_loader(dataset: Dataset, *, batch_size: int, seed: int = 0,

@@ -7,9 +7,10 @@ same schedule: what is compared is the architecture, not the per-stage schedule 
 
 :func:`finetune` writes ``RUN/finetune/`` (or ``RUN/retrain/`` with ``from_scratch=True``) in the
 run-directory format of :mod:`hwsplit.rundir`: ``config.json`` (the grow run's settings, with the
-SGD overrides, plus ``"finetune"``: source, stages, epochs, from_scratch), ``stages.jsonl`` (one
-record per source stage; ``"stage"`` is the record's index, ``"source_stage"`` the grown stage,
-plus test and validation accuracy, MACs, cost, measured cost and ``"epochs_in_all"``),
+SGD overrides, plus ``"finetune"``: source, stages, epochs, from_scratch, the sha256 of each source
+checkpoint), ``stages.jsonl`` (one record per source stage; ``"stage"`` is the record's index,
+``"source_stage"`` the grown stage, by which tables name it, plus test and validation accuracy, MACs,
+cost, measured cost and ``"epochs_in_all"``),
 ``stage-K.pt`` and ``summary.md``. Every file is written atomically and the directory is locked
 against a second writer; running the same command again after a kill (even SIGKILL) continues after
 the last completed record and redoes the interrupted one from its start (each record re-seeds from
@@ -31,13 +32,13 @@ from typing import Any
 
 from hwsplit.baselines import grow_epochs
 from hwsplit.checkpoint import load_checkpoint, load_model
-from hwsplit.config import GrowConfig, load_config, read_config
+from hwsplit.config import RUN_INFO_PREPROCESSING, GrowConfig, load_config, read_config
 from hwsplit.distributed import is_main
 from hwsplit.errors import ConfigError
 from hwsplit.fsio import atomic_write_json, check_writable_name
 from hwsplit.models import model_from_architecture
 from hwsplit.parallel import on_main
-from hwsplit.rundir import RunDir, start_fresh, write_summary
+from hwsplit.rundir import RunDir, file_sha256, start_fresh, write_summary
 from hwsplit.stages import (
     Session,
     guarded_records,
@@ -52,7 +53,7 @@ from hwsplit.train import seed_everything
 log = logging.getLogger(__name__)
 
 #: SGD settings a fine-tuning may change from the grow run (the data and its validation split may not).
-OVERRIDABLE = ("lr", "batch_size", "weight_decay", "device", "label_smoothing")
+OVERRIDABLE = ("lr", "batch_size", "weight_decay", "device", "label_smoothing", "threads")
 FINETUNE_DIR, RETRAIN_DIR, FINAL_DIR = "finetune", "retrain", "final"
 # the data order and initial weights of a fine-tuning of stage K come from seeds far from grow's
 _SEED_OFFSET = 500
@@ -102,6 +103,11 @@ def finetune(run: str | Path, *, epochs: int, stages: Sequence[int] | None = Non
     kind = kind or (RETRAIN_DIR if from_scratch else FINETUNE_DIR)
     dest = RunDir(out if out is not None else src.path / kind)
     check_writable_name(dest.summary)
+    if session is None:
+        session = open_session(config)
+    # the fingerprint of each source stage: a replaced grow run is neither continued nor shown with its
+    # fine-tunings (hwsplit.rundir.check_source)
+    digests = {str(k): file_sha256(src.checkpoint(k)) for k in chosen}
     info = {**config.to_dict(), "finetune": {"source": str(src.path.resolve()), "stages": chosen, "epochs": epochs,
                                              "from_scratch": bool(from_scratch), "kind": kind,
                                              "schedule": f"{config.schedule} over {epochs} epochs",
@@ -109,16 +115,16 @@ def finetune(run: str | Path, *, epochs: int, stages: Sequence[int] | None = Non
                                              # a pruning baseline's stages (hwsplit.prune), not grown ones
                                              **({"source_baseline": source_info["baseline"]}
                                                 if source_info.get("baseline") else {}),
-                                             # a replaced grow run in the same directory is not continued
-                                             "source_architectures": [done[k].get("architecture") for k in chosen]}}
-    if session is None:
-        session = open_session(config)
+                                             "source_architectures": [done[k].get("architecture") for k in chosen],
+                                             "source_sha256": digests,
+                                             "source_in_parent": dest.path.resolve().parent == src.path.resolve()},
+            RUN_INFO_PREPROCESSING: session.preprocessing}
     # under torchrun every rank trains (train_and_record is data-parallel) and rank 0 alone writes dest
     # (write_stage, write_summary and the start below); the source run is read by every rank
     with dest.lock(kind) if is_main() else contextlib.nullcontext():
         kept = on_main(continue_or_start, dest, info, overwrite=overwrite, share=True)
         return _train_all(dest, src, config, session, chosen, done, kept, epochs=epochs, from_scratch=from_scratch,
-                          kind=kind, progress=progress, on_stage=on_stage)
+                          kind=kind, progress=progress, on_stage=on_stage, digests=digests)
 
 
 def continue_or_start(dest: RunDir, info: dict[str, Any], *, overwrite: bool) -> list[dict[str, Any]]:
@@ -148,6 +154,9 @@ def _prepare(dest: RunDir, info: dict[str, Any], *, overwrite: bool) -> list[dic
             for k, p in dest.checkpoints().items():
                 if k >= len(kept):
                     p.unlink()
+            for p in dest.partials():  # the next record's training state resumes from its last epoch
+                if p != dest.partial(len(kept)):
+                    p.unlink()
             dest.write_records(kept)
             if kept:
                 log.info("continuing %s after %d completed record(s)", dest.path, len(kept))
@@ -162,7 +171,8 @@ def _prepare(dest: RunDir, info: dict[str, Any], *, overwrite: bool) -> list[dic
 def _train_all(dest: RunDir, src: RunDir, config: GrowConfig, session: Session, chosen: list[int],
                done: dict[int, dict[str, Any]], records: list[dict[str, Any]], *, epochs: int, from_scratch: bool,
                kind: str, progress: Callable | None,
-               on_stage: Callable[[dict[str, Any]], None] | None) -> list[dict[str, Any]]:
+               on_stage: Callable[[dict[str, Any]], None] | None,
+               digests: dict[str, str] | None = None) -> list[dict[str, Any]]:
     title = f"{kind} of {src.path.name}: stages {', '.join(map(str, chosen))}, {epochs} epochs"
     index = len(records)
     with guarded_records(dest, config, records, where=lambda: (index, f"stage {chosen[index]}"), noun="record",
@@ -184,9 +194,11 @@ def _train_all(dest: RunDir, src: RunDir, config: GrowConfig, session: Session, 
                      "epochs_in_all": search + epochs if from_scratch else had + epochs,
                      **_samples_in_all(source, session, epochs, from_scratch),
                      "source_test_top1": source.get("test_top1"), "source_val_top1": source.get("val_top1"),
-                     "split": {}, "neurons_split": source.get("neurons_split", 0)}
+                     "split": {}, "neurons_split": source.get("neurons_split", 0),
+                     **({"source_sha256": digests[str(k)]} if digests else {})}
             record = train_and_record(session, model, index, epochs=epochs, loader_epoch=(_SEED_OFFSET + k) * 10_000,
-                                      timings={}, extra=extra, progress=progress)
+                                      timings={}, extra=extra, progress=progress,
+                                      partial=dest.partial(index))
             write_stage(dest, session, model, record, records)
             write_summary(dest, config, records, status="running", title=title)
             log.info("%s of stage %d: test top-1 %.4f (grown: %.4f)", kind, k, record["test_top1"],

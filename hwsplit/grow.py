@@ -37,7 +37,14 @@ from torch import nn
 
 from hwsplit.blocks import select_blocks
 from hwsplit.checkpoint import load_checkpoint, load_model
-from hwsplit.config import RUN_INFO_WORLD_SIZE, GrowConfig, load_config, parse_budget, resolve_channel_multiple
+from hwsplit.config import (
+    RUN_INFO_PREPROCESSING,
+    RUN_INFO_WORLD_SIZE,
+    GrowConfig,
+    load_config,
+    parse_budget,
+    resolve_channel_multiple,
+)
 from hwsplit.distributed import all_ranks_true, broadcast_object, is_main, world_size
 from hwsplit.errors import ConfigError
 from hwsplit.fsio import atomic_write_json, check_writable_name
@@ -73,7 +80,7 @@ def _resume_preflight(run: RunDir, config: GrowConfig) -> None:
         raise ConfigError(f"resume: {run.path} has no config.json (nothing to resume; start a new run)")
     saved = load_config(run.path)
     for f in dataclasses.fields(GrowConfig):
-        if f.name != "stages" and getattr(saved, f.name) != getattr(config, f.name):
+        if f.name not in ("stages", "threads") and getattr(saved, f.name) != getattr(config, f.name):
             raise ConfigError(f"resume: {f.name} differs from {run.config} ({getattr(saved, f.name)!r} there, "
                               f"{getattr(config, f.name)!r} here)")
     done = len(run.records()) - 1  # growth stages completed after the seed
@@ -122,6 +129,10 @@ def _check_resume(run: RunDir, config: GrowConfig) -> list[dict[str, Any]]:
         if k >= len(kept):
             log.info("resume: removing %s (its stage did not complete)", p.name)
             p.unlink()
+    for p in run.partials():  # the training state of the stage to redo is kept: it resumes from its last epoch
+        if p != run.partial(len(kept)):
+            log.info("resume: removing %s (not the training state of stage %d)", p.name, len(kept))
+            p.unlink()
     return kept
 
 
@@ -157,19 +168,23 @@ def grow(config: GrowConfig, out: str | Path, *, resume: bool = False, overwrite
         check_seed_cost(session, build_seed(config, session.bundle))
     # rank 0 alone locks and writes the run directory; the others get its records
     with run.lock("grow") if is_main() else contextlib.nullcontext():
-        records = on_main(_prepare, run, config, resume=resume, overwrite=overwrite, share=True)
+        records = on_main(_prepare, run, config, resume=resume, overwrite=overwrite,
+                          preprocessing=session.preprocessing, share=True)
         return _stages(run, config, session, records, progress=progress, on_stage=on_stage)
 
 
-def _prepare(run: RunDir, config: GrowConfig, *, resume: bool, overwrite: bool) -> list[dict[str, Any]]:
-    """Make the locked ``run`` ready (resumed or fresh), write config.json; the completed stages' records."""
+def _prepare(run: RunDir, config: GrowConfig, *, resume: bool, overwrite: bool,
+             preprocessing: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Make the locked ``run`` ready (resumed or fresh), write config.json (the settings, the number of
+    processes and the input the networks expect); the completed stages' records."""
     if resume:
         records = _check_resume(run, config)
     else:
         start_fresh(run, overwrite=overwrite)
         records = []
     try:
-        atomic_write_json(run.config, {**config.to_dict(), RUN_INFO_WORLD_SIZE: world_size()})
+        atomic_write_json(run.config, {**config.to_dict(), RUN_INFO_WORLD_SIZE: world_size(),
+                                       **({RUN_INFO_PREPROCESSING: preprocessing} if preprocessing else {})})
     except OSError as err:
         raise WriteFailed(f"could not write {run.config} ({err.strerror or err})") from None
     return records
@@ -191,9 +206,11 @@ def _stages(run: RunDir, config: GrowConfig, session: Session, records: list[dic
         log.info("resuming %s after stage %d", run.path, stage - 1)
 
     def finish_stage(stage: int, extra: dict[str, Any], timings: dict[str, float], epochs: int) -> dict[str, Any]:
+        # every epoch the network has had: the seed's and each stage's (as fine-tuning records count them)
+        extra = {**extra, "epochs_in_all": (config.seed_epochs or config.epochs) + stage * config.epochs}
         record = train_and_record(session, model, stage, epochs=epochs, loader_epoch=stage * 10_000,
                                   timings=timings, extra=extra, progress=progress, groups=groups,
-                                  train_config=config.stage_train_config(stage))
+                                  train_config=config.stage_train_config(stage), partial=run.partial(stage))
         write_stage(run, session, model, record, records)
         write_summary(run, config, records, status="running")
         log.info("stage %d: test top-1 %.4f, %.4g MACs, %s %.4g %s", stage, record["test_top1"], record["macs"],

@@ -42,8 +42,9 @@ keys plus ``method``, ``wide_width_mult``, ``target_cost``, ``pruned_top1_before
 ``epochs_in_all``/``train_samples_in_all`` (everything the path cost: the wide network's training
 counts for pruning as growth's scoring counts for splitting) and ``search_epochs``/
 ``search_train_samples`` (the wide network's share, which a retraining from scratch also carries).
-Every stage is durable (checkpoint, then record); the same command again after a kill (even SIGKILL)
-continues after the last completed stage with the same weights as an uninterrupted run on the CPU.
+Every stage is durable (checkpoint, then record; a training's state after every epoch); the same command
+again after a kill (even SIGKILL) continues after the last completed stage (a training from its last
+epoch) with the same weights as an uninterrupted run on the CPU.
 See docs/design.md §5.
 """
 
@@ -61,7 +62,13 @@ from torch import nn
 
 from hwsplit.baselines import grow_epochs
 from hwsplit.checkpoint import load_checkpoint
-from hwsplit.config import RUN_INFO_WORLD_SIZE, GrowConfig, load_config, resolve_channel_multiple
+from hwsplit.config import (
+    RUN_INFO_PREPROCESSING,
+    RUN_INFO_WORLD_SIZE,
+    GrowConfig,
+    load_config,
+    resolve_channel_multiple,
+)
 from hwsplit.errors import ConfigError, CostOutOfRange
 from hwsplit.finetune import RETRAIN_DIR, continue_or_start, finetune
 from hwsplit.fsio import check_writable_name
@@ -427,7 +434,8 @@ def prune_baseline(run: str | Path, *, method: str, out: str | Path | None = Non
                       "targets_from": "given" if given else "stages of the source run",
                       "source_stages": None if given else [r["stage"] for r in source_records],
                       "slimming_l1": slimming_l1 if method == "slimming" else None, "round_to": round_to,
-                      "tolerance": TOLERANCE, "step_ratio": STEP_RATIO, "torch_pruning": _torch_pruning_version()}}
+                      "tolerance": TOLERANCE, "step_ratio": STEP_RATIO, "torch_pruning": _torch_pruning_version()},
+            RUN_INFO_PREPROCESSING: session.preprocessing}
     with dest.lock("prune"):
         records = continue_or_start(dest, info, overwrite=overwrite)
         records = _stages(dest, config, session, records, info["prune"], progress=progress, on_stage=on_stage)
@@ -463,7 +471,7 @@ def _stages(dest: RunDir, config: GrowConfig, session: Session, records: list[di
                        if method == "slimming" else None)
             samples = epochs_wide * n_train
             record = train_and_record(session, wide, 0, epochs=epochs_wide, loader_epoch=0, timings={},
-                                      progress=progress, loss_fn=loss_fn,
+                                      progress=progress, loss_fn=loss_fn, partial=dest.partial(0),
                                       extra={**common, "epochs": epochs_wide, "epochs_in_all": epochs_wide,
                                              "train_samples_in_all": samples, "search_train_samples": samples,
                                              **({"slimming_l1": prune["slimming_l1"]} if loss_fn else {})})
@@ -498,7 +506,7 @@ def _stages(dest: RunDir, config: GrowConfig, session: Session, records: list[di
                      "search_train_samples": search, "train_samples_in_all": search + epochs_ft * n_train}
             record = train_and_record(session, pruned, index, epochs=epochs_ft,
                                       loader_epoch=(_SEED_OFFSET + index) * 10_000, timings={}, extra=extra,
-                                      progress=progress)
+                                      progress=progress, partial=dest.partial(index))
             write_stage(dest, session, pruned, record, records)
             write_summary(dest, config, records, status="running", title=title)
             log.info("%s pruning to %.6g: %.6g (before fine-tuning top-1 %.4f, after %.4f)", method, target,

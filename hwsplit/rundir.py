@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -23,13 +24,17 @@ from typing import Any
 
 from hwsplit.distributed import is_main
 from hwsplit.errors import ConfigError, RunFailed, RunLocked
-from hwsplit.fsio import atomic_write_text
+from hwsplit.fsio import atomic_write_json, atomic_write_text
 from hwsplit.units import fmt_si
 
 log = logging.getLogger(__name__)
 
 #: Keys every stage record has (grow, baseline and finetune records alike).
 RECORD_KEYS = ("stage", "test_top1", "macs", "params", "cost")
+#: Sub-directories of a grow run that hold networks derived from its stages (hwsplit.finetune).
+DERIVED = ("final", "finetune", "retrain")
+#: The run's list of the ONNX files ``export`` wrote from it (removed with the run it came from).
+EXPORTS = "exports.json"
 
 
 class WriteFailed(OSError):
@@ -84,9 +89,17 @@ class RunDir:
     stages = property(lambda self: self.path / "stages.jsonl")
     summary = property(lambda self: self.path / "summary.md")
     lockfile = property(lambda self: self.path / ".lock")
+    exports = property(lambda self: self.path / EXPORTS)
 
     def checkpoint(self, stage: int) -> Path:
         return self.path / f"stage-{stage}.pt"
+
+    def partial(self, stage: int) -> Path:
+        """The training state of a stage still training (``partial-K.pt``), written after every epoch."""
+        return self.path / f"partial-{stage}.pt"
+
+    def partials(self) -> list[Path]:
+        return sorted(self.path.glob("partial-*.pt"))
 
     def checkpoints(self) -> dict[int, Path]:
         """Existing ``stage-K.pt`` files by K."""
@@ -176,10 +189,184 @@ class RunDir:
             os.close(fd)  # closing the descriptor releases the lock
 
 
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file's bytes, in hex (the fingerprint of a checkpoint or an ONNX file)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def lock_holder(run: RunDir) -> str | None:
+    """Who holds ``run``'s lock (``"pid N"``), or None when no live process does (the kernel drops the
+    lock of a process that died, so a run whose writer was killed reads as not held)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        return None
+    try:
+        fd = os.open(run.lockfile, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            return os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "another process"
+        return None
+    finally:
+        os.close(fd)
+
+
+def resume_hint(run: RunDir) -> str:
+    """How to continue ``run`` after an interruption, as a command (from its config.json)."""
+    try:
+        config = json.loads(run.config.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        config = {}
+    ft = config.get("finetune") if isinstance(config, dict) else None
+    if isinstance(ft, dict):
+        source = ft.get("source", "RUN")
+        if ft.get("kind") == "final":
+            return f"continue with `python cli.py grow --resume {source}`"
+        stages = " ".join(f"--stage {k}" for k in ft.get("stages", []))
+        default = Path(source) / ("retrain" if ft.get("from_scratch") else "finetune")
+        out = "" if run.path.resolve() == default.resolve() else f" --out {run.path}"
+        return (f"continue with `python cli.py finetune {source} {stages} --epochs {ft.get('epochs')}"
+                f"{' --from-scratch' if ft.get('from_scratch') else ''}{out}`")
+    if isinstance(config, dict) and config.get("baseline"):
+        return "run the same `baseline` command again"
+    return f"continue with `python cli.py grow --resume {run.path}`"
+
+
+def run_status(run: RunDir) -> str:
+    """The run's status as ``summary.md`` states it (``running``, ``stopped: why``, ``done``, ``failed …``,
+    ``interrupted …``), except that a run said to be running while no live process holds its lock is
+    ``interrupted`` (its process was killed), with the command that continues it. ``unknown`` without
+    a summary."""
+    try:
+        text = run.summary.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return "unknown (no summary.md)"
+    status = next((line[len("Status: "):].strip() for line in text.splitlines() if line.startswith("Status: ")),
+                  "unknown")
+    if status == "running" and lock_holder(run) is None:
+        return f"interrupted (no process is writing it: it was killed or its machine stopped); {resume_hint(run)}"
+    return status
+
+
+def mark_interrupted(run: RunDir) -> str:
+    """:func:`run_status`, and when that says the run's writer died, the same status written into its
+    ``summary.md`` (under the run's lock, so never while a writer is alive). A failed write is logged."""
+    status = run_status(run)
+    if not status.startswith("interrupted (no process"):
+        return status
+    try:
+        with run.lock("update"):
+            text = run.summary.read_text(encoding="utf-8")
+            if "\nStatus: running\n" in text:
+                atomic_write_text(run.summary, text.replace("\nStatus: running\n", f"\nStatus: {status}\n", 1))
+    except RunLocked:  # a writer started meanwhile
+        return "running"
+    except (OSError, ConfigError) as err:
+        log.warning("could not mark %s interrupted: %s", run.summary, err)
+    return status
+
+
+def record_export(run: RunDir, onnx_path: str | Path, *, checkpoint: str | Path) -> None:
+    """Add an ONNX file ``export`` wrote from ``run`` to its ``exports.json`` (path, sha256 of the file and of
+    the checkpoint), so that replacing the run (:func:`start_fresh`) removes the export with it."""
+    try:
+        entries = json.loads(run.exports.read_text(encoding="utf-8")) if run.exports.exists() else []
+    except (OSError, ValueError, RecursionError):
+        entries = []
+    path = str(Path(onnx_path).resolve())
+    entries = [e for e in entries if isinstance(e, dict) and e.get("path") != path]
+    entries.append({"path": path, "sha256": file_sha256(path), "checkpoint": Path(checkpoint).name,
+                    "checkpoint_sha256": file_sha256(checkpoint)})
+    atomic_write_json(run.exports, entries)
+
+
+def _remove_exports(run: RunDir) -> None:
+    """Delete the ONNX files ``run``'s exports.json lists, unless changed since (those are left, with a warning)."""
+    try:
+        entries = json.loads(run.exports.read_text(encoding="utf-8")) if run.exports.exists() else []
+    except (OSError, ValueError, RecursionError):
+        entries = []
+    for e in entries if isinstance(entries, list) else []:
+        path = Path(e.get("path", "")) if isinstance(e, dict) else None
+        if path is None or not path.is_file():
+            continue
+        if file_sha256(path) == e.get("sha256"):
+            log.warning("removing %s, exported from the run being replaced", path)
+            path.unlink()
+        else:
+            log.warning("leaving %s: exported from the run being replaced, but changed since", path)
+    if run.exports.exists():
+        run.exports.unlink()
+
+
+def derived_runs(run: RunDir) -> list[RunDir]:
+    """``run``'s sub-directories ``final/``, ``finetune/``, ``retrain/`` that hold a fine-tuning of it."""
+    out = []
+    for sub in DERIVED:
+        d = RunDir(run.path / sub)
+        try:
+            config = json.loads(d.config.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError):
+            continue
+        if isinstance(config, dict) and isinstance(config.get("finetune"), dict):
+            out.append(d)
+    return out
+
+
+def check_source(run: RunDir) -> None:
+    """Refuse (``ConfigError``) a fine-tuned directory whose source stages changed since it was made.
+
+    A fine-tuning records the sha256 of each source checkpoint (config.json ``finetune.source_sha256``);
+    when the source run directory still exists, each ``stage-K.pt`` there must still have that hash (a
+    grow run replaced by ``--overwrite`` or deleted stages do not). Other directories pass.
+    """
+    try:
+        config = json.loads(run.config.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return
+    ft = config.get("finetune") if isinstance(config, dict) else None
+    if not isinstance(ft, dict) or not isinstance(ft.get("source_sha256"), dict):
+        return
+    source = RunDir(run.path.parent if ft.get("source_in_parent") else ft.get("source", ""))
+    if not source.path.is_dir():
+        log.warning("%s: its source run %s is gone; its stages cannot be checked", run.path, source.path)
+        return
+    for stage, digest in ft["source_sha256"].items():
+        ckpt = source.checkpoint(int(stage))
+        if not ckpt.is_file() or file_sha256(ckpt) != digest:
+            raise ConfigError(f"run: {run.path} was trained from stage {stage} of {source.path}, whose "
+                              f"{ckpt.name} {'is gone' if not ckpt.is_file() else 'has changed'} since (the run was "
+                              f"replaced?); it no longer belongs to that run: train it again or delete {run.path}")
+
+
 def remove_run_files(run: RunDir) -> None:
     """Delete a previous run's files from ``run`` (config.json first: killed half-way, no run is left
-    to resume rather than a mix of two). Nothing else in the directory is touched."""
-    for p in [run.config, run.stages, *run.checkpoints().values(), *run.temporaries(), run.summary]:
+    to resume rather than a mix of two), the ONNX files exported from it (:func:`record_export`) and
+    its fine-tunings (``final/``, ``finetune/``, ``retrain/``, with their exports). Nothing else in
+    the directory is touched; a derived directory is removed only when nothing else is left in it."""
+    busy = [(d, h) for d in derived_runs(run) if (h := lock_holder(d)) is not None]
+    if busy:
+        raise RunLocked(f"run: {busy[0][0].path} is in use by {busy[0][1]}; wait for it before replacing {run.path}")
+    for d in derived_runs(run):  # first: killed half-way, the run is whole and what is left of these is refused
+        log.warning("removing %s, derived from the run being replaced", d.path)
+        remove_run_files(d)
+        if d.lockfile.exists():
+            d.lockfile.unlink()
+        with contextlib.suppress(OSError):
+            d.path.rmdir()
+    _remove_exports(run)
+    for p in [run.config, run.stages, *run.checkpoints().values(), *run.partials(), *run.temporaries(),
+              run.summary]:
         if p.exists():
             p.unlink()
 
@@ -210,12 +397,20 @@ def start_fresh(run: RunDir, *, overwrite: bool = True) -> None:
 
 
 def record_widths(record: dict[str, Any]) -> list[int]:
-    """The per-layer widths a table shows: the family's width list, else every splittable layer in graph order."""
-    arch = record.get("architecture", {}).get("widths")
-    if isinstance(arch, list):
-        return arch
-    widths = record.get("widths", {})
-    return [widths[n] for n in record.get("layers", widths) if n in widths]
+    """The per-layer widths a table shows: every splittable layer in graph order (the stem included, as in
+    ``widths.png``); for a record without them, the family's width list (and its stem width first)."""
+    widths = record.get("widths")
+    if isinstance(widths, dict) and widths:
+        return [widths[n] for n in record.get("layers", widths) if n in widths]
+    arch = record.get("architecture", {})
+    if isinstance(arch.get("widths"), list):
+        return ([arch["stem_width"]] if isinstance(arch.get("stem_width"), int) else []) + arch["widths"]
+    return []
+
+
+def shown_stage(record: dict[str, Any]) -> int:
+    """The stage a table names a record by: a fine-tuned or retrained record by the grown stage it came from."""
+    return record.get("source_stage", record["stage"])
 
 
 def stage_table(records: list[dict[str, Any]]) -> list[list[str]]:
@@ -227,13 +422,14 @@ def stage_table(records: list[dict[str, Any]]) -> list[list[str]]:
                                                             f"cost ({unit})"]
             + (["measured ms"] if measured else []) + ["split", "widths"]]
     for r in records:
-        row = [str(r["stage"])] + ([f"{r['width_mult']:g}"] if baseline else [])
+        row = [str(shown_stage(r))] + ([f"{r['width_mult']:g}"] if baseline else [])
         row += [f"{r['test_top1']:.4f}", f"{r['test_loss']:.4f}", fmt_si(r["macs"]), fmt_si(r["params"]),
                 f"{r['cost']['value']:.4g}"]
         if measured:
             lat = (r.get("measured") or {}).get("latency_ms")
             row.append(f"{lat['median']:.4g}" if lat else "-")
-        rows.append(row + [str(r.get("neurons_split", 0)), " ".join(str(w) for w in record_widths(r))])
+        split = "-" if "source_stage" in r else str(r.get("neurons_split", 0))  # a fine-tuning splits nothing
+        rows.append(row + [split, " ".join(str(w) for w in record_widths(r))])
     return rows
 
 
@@ -266,5 +462,7 @@ def write_summary(run: RunDir, config: Any, records: list[dict[str, Any]], *, st
         log.error("could not write %s: %s", run.summary, err)
 
 
-__all__ = ["RECORD_KEYS", "RunDir", "StageFailed", "StageRecord", "WriteFailed", "record_widths",
-           "remove_run_files", "stage_table", "start_fresh", "write_summary"]
+__all__ = ["DERIVED", "EXPORTS", "RECORD_KEYS", "RunDir", "StageFailed", "StageRecord", "WriteFailed",
+           "check_source", "derived_runs", "file_sha256", "lock_holder", "mark_interrupted", "record_export",
+           "record_widths", "remove_run_files", "resume_hint", "run_status", "shown_stage", "stage_table",
+           "start_fresh", "write_summary"]

@@ -20,7 +20,8 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,10 +30,20 @@ from torch import nn
 import cost_models
 from hwsplit.checkpoint import save_checkpoint
 from hwsplit.config import GrowConfig, resolve_channel_multiple
-from hwsplit.data import BadImageError, DataBundle, load_dataset, make_eval_loader, make_loaders, split_validation
+from hwsplit.data import (
+    BadImageError,
+    DataBundle,
+    load_dataset,
+    make_eval_loader,
+    make_loaders,
+    preprocessing,
+    split_validation,
+)
+from hwsplit.devices import apply_threads
 from hwsplit.distributed import is_main, local_device, rank, world_size
 from hwsplit.errors import ConfigError, first_line
 from hwsplit.families import build_seed as _build_family_seed
+from hwsplit.fsio import atomic_write
 from hwsplit.graph import NeuronGroup, find_neuron_groups
 from hwsplit.models import architecture
 from hwsplit.parallel import on_main
@@ -137,6 +148,11 @@ class Session:
     measure: Callable[[nn.Module, tuple[int, ...]], dict[str, Any]] | None
     val_loader: Any = None  # with config.val_fraction > 0: the validation images, in order
 
+    @property
+    def preprocessing(self) -> dict[str, Any]:
+        """The input the run's networks expect (:func:`hwsplit.data.preprocessing`): layout, value range, mean/std."""
+        return preprocessing(self.bundle)
+
     def trace(self, model: nn.Module) -> list[NeuronGroup]:
         """The neuron groups of ``model`` (one fx trace; pass the result on instead of tracing again)."""
         return find_neuron_groups(model, torch.zeros(self.input_shape, device=self.device))
@@ -149,6 +165,7 @@ def open_session(config: GrowConfig, *, bundle: DataBundle | None = None) -> Ses
     a CUDA device is this rank's (``cuda:LOCAL_RANK``).
     """
     seed_everything(config.seed)
+    apply_threads(config.threads)
     device = local_device(config.device)
     if bundle is None:
         bundle = load_dataset(config.dataset, data_dir=config.data_dir, download=config.download, seed=config.seed,
@@ -194,12 +211,50 @@ def describe(session: Session, model: nn.Module, groups: list[NeuronGroup] | Non
     }
 
 
+def _load_partial(path: Path, model: nn.Module, tc: TrainConfig) -> dict[str, Any] | None:
+    """The training state in ``path`` if it belongs to this training (same architecture and schedule)."""
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a torn or foreign file: start the training over
+        log.warning("%s: unreadable (%s); training this stage from its first epoch", path, type(err).__name__)
+        return None
+    if state.get("architecture") != architecture(model) or state.get("train_config") != asdict(tc):
+        log.warning("%s: saved for another network or schedule; training this stage from its first epoch", path)
+        return None
+    return state
+
+
+def _epoch_saver(path: Path, model: nn.Module, tc: TrainConfig, stage: int) -> Callable[..., None]:
+    """``on_epoch`` hook of :func:`train` that keeps the training state in ``path`` (rank 0 writes)."""
+    arch = architecture(model)
+
+    def save(stats: dict[str, Any], state: Callable[[], dict[str, Any]]) -> None:
+        if stats["epoch"] + 1 >= tc.epochs:  # the stage checkpoint follows at once
+            return
+        if is_main():
+            payload = {**state(), "architecture": arch, "train_config": asdict(tc)}
+            try:
+                atomic_write(path, lambda f: torch.save(payload, f), binary=True)
+            except (OSError, RuntimeError) as err:  # losing a partial costs time, never the run
+                log.warning("could not save the training state to %s (%s)", path, first_line(err))
+        kill_point(f"stage-{stage}:epoch-{stats['epoch']}")
+
+    return save
+
+
 def train_and_record(session: Session, model: nn.Module, stage: int, *, epochs: int, loader_epoch: int,
                      timings: dict[str, float], extra: dict[str, Any], progress: Progress | None = None,
                      groups: list[NeuronGroup] | None = None,
-                     train_config: TrainConfig | None = None,
+                     train_config: TrainConfig | None = None, partial: Path | None = None,
+                     on_epoch: Callable[..., None] | None = None,
                      loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> dict[str, Any]:
     """Train ``model`` for ``epochs`` (data order from ``loader_epoch`` on), evaluate, describe: the record.
+
+    ``partial``: where the training state is kept after every epoch (a run's ``partial-K.pt``); when it
+    holds a state of this same network and schedule, the training resumes after its last epoch, to the
+    weights an uninterrupted training gives (on the CPU). ``on_epoch(stats)`` is called after every epoch.
 
     ``groups`` are ``model``'s neuron groups if already traced (training does not change them).
     ``train_config`` replaces the run's one cosine schedule of ``epochs`` (e.g. a post-split policy's,
@@ -210,11 +265,22 @@ def train_and_record(session: Session, model: nn.Module, stage: int, *, epochs: 
     are over, for standard errors.
     """
     config, device = session.config, session.device
-    if hasattr(session.train_loader, "set_epoch"):
-        session.train_loader.set_epoch(loader_epoch)  # the shuffles depend on the stage only
     t0 = time.perf_counter()
     tc = config.train_config(epochs) if train_config is None else train_config
-    fit = train(model, session.train_loader, config=tc, device=device, progress=progress, loss_fn=loss_fn)
+    resume = _load_partial(partial, model, tc) if partial is not None else None
+    done = resume["epochs_done"] if resume else 0
+    if hasattr(session.train_loader, "set_epoch"):
+        session.train_loader.set_epoch(loader_epoch + done)  # the shuffles depend on the stage and epoch only
+    saver = _epoch_saver(partial, model, tc, stage) if partial is not None else None
+
+    def hook(stats: dict[str, Any], state: Callable[[], dict[str, Any]]) -> None:
+        if saver is not None:
+            saver(stats, state)
+        if on_epoch is not None:
+            on_epoch(stats)
+
+    fit = train(model, session.train_loader, config=tc, device=device, progress=progress, on_epoch=hook,
+                resume=resume, loss_fn=loss_fn)
     timings["train_s"] = time.perf_counter() - t0
     test = evaluate(model, session.test_loader, device=device, progress=progress)
     val = (evaluate(model, session.val_loader, device=device, progress=progress)
@@ -231,6 +297,7 @@ def train_and_record(session: Session, model: nn.Module, stage: int, *, epochs: 
                      "horizon_epochs": tc.horizon_epochs or tc.epochs, "offset_epochs": tc.offset_epochs},
         "seconds": timings,
         "world_size": world_size(),
+        "threads": torch.get_num_threads(),
         **extra,
     }
     if session.measure is not None:  # rank 0 alone, the others idle at a barrier: no training beside it
@@ -255,13 +322,16 @@ def write_stage(run: RunDir, session: Session, model: nn.Module, record: dict[st
         return
     try:
         save_checkpoint(path, model, stage=stage, extra={"test_top1": record["test_top1"],
-                                                         "input_shape": list(session.input_shape)})
+                                                         "input_shape": list(session.input_shape),
+                                                         "preprocessing": session.preprocessing})
         kill_point(f"stage-{stage}:checkpoint")
         run.write_records(records + [record])
     except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
         raise WriteFailed(f"could not write stage {stage} to {run.path} ({err.__class__.__name__}: "
                           f"{str(err).splitlines()[0] if str(err) else ''})") from err
     records.append(record)
+    with contextlib.suppress(OSError):
+        run.partial(stage).unlink(missing_ok=True)  # the stage is durable: its training state is spent
     kill_point(f"stage-{stage}:record")
 
 

@@ -11,6 +11,7 @@ from hwsplit.checkpoint import load_checkpoint, load_model
 from hwsplit.families import get_family
 from hwsplit.graph import find_neuron_groups, layer_specs
 from hwsplit.models import build_model
+from hwsplit.rundir import RunDir, check_source, mark_interrupted, stage_table
 
 #: Largest input side and channel count a summary traces (a zero input of 3×4096² floats is 200 MB).
 MAX_SIDE = 4096
@@ -62,4 +63,17 @@ def model_summary(model_or_checkpoint: str | Path, *, resolution: int | None = N
             "params": sum(p.numel() for p in model.parameters())}
 
 
-__all__ = ["model_summary"]
+def run_summary(path: str | Path) -> dict[str, Any]:
+    """A run directory's stage table (``rows``, header first, as ``grow`` prints it) and its ``status``: what
+    its summary.md says, or ``interrupted`` with the command that continues it when it says running and no
+    live process holds the run (:func:`hwsplit.rundir.mark_interrupted`, which corrects summary.md too).
+    ``ValueError`` when ``path`` is not a run; ``ConfigError`` for a fine-tuning whose source changed."""
+    run = RunDir(path)
+    if not run.is_run():
+        raise ValueError(f"run: {run.path} is not an hwsplit run directory (no config.json, stages.jsonl or "
+                         "stage-K.pt)")
+    check_source(run)
+    return {"path": str(run.path), "rows": stage_table(run.records()), "status": mark_interrupted(run)}
+
+
+__all__ = ["model_summary", "run_summary"]

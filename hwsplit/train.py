@@ -1,8 +1,10 @@
 """Parametric descent: SGD training and evaluation of a classifier.
 
 The caller puts the model on its device; batches are moved there here. Mixed precision (autocast to
-float16 with a GradScaler) and channels-last memory format are used on CUDA only. On the CPU, two runs
-from the same seed, initial weights and loader seed give identical weights.
+float16 with a GradScaler) is used on CUDA only; channels-last memory format is used on CUDA and, for networks
+with 2-D convolutions, on the CPU too (docs/design.md §5 has the measurement behind that default). On the CPU,
+two runs from the same seed, initial weights and loader seed give identical weights, and a training resumed
+from the state :func:`train` hands to ``on_epoch`` gives the same weights as one never interrupted.
 
 Every cross-batch sum (loss, correct predictions, sample counts) goes through :func:`reduce_sum`, the
 one place that adds the partial sums of all ranks under ``torch.distributed``. Under a process group
@@ -13,6 +15,7 @@ statistics over ranks after every epoch (:mod:`hwsplit.distributed`).
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import random
@@ -26,6 +29,7 @@ import torch
 from torch import nn
 
 from hwsplit.distributed import all_ranks_true, average_buffers, data_parallel, reduce_sum
+from hwsplit.errors import first_line
 
 __all__ = [
     "TrainConfig",
@@ -63,7 +67,8 @@ class TrainConfig:
         gamma: decay factor of the step schedule, in (0, 1].
         label_smoothing: cross-entropy label smoothing in [0, 1).
         amp: float16 autocast + GradScaler; ``None``: on when the device is CUDA (``True`` needs CUDA).
-        channels_last: channels-last memory format for model and inputs; ``None``: on when CUDA.
+        channels_last: channels-last memory format for model and inputs during training; ``None``: on for
+            CUDA, and on the CPU when the model has a ``Conv2d`` (faster there for every family measured).
         warmup_epochs: linear warm-up of the learning rate from ~0 to ``lr`` over this many epochs
             (fractions allowed; 0: none), multiplied onto the schedule.
         horizon_epochs, offset_epochs: the cosine runs over ``horizon_epochs`` (default ``epochs``)
@@ -213,12 +218,16 @@ def _to_device(
     return x, y.to(device, non_blocking=non_blocking)
 
 
-def _resolve_flags(config: TrainConfig, device: torch.device) -> tuple[bool, bool]:
+def _has_conv2d(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
+def _resolve_flags(config: TrainConfig, device: torch.device, model: nn.Module) -> tuple[bool, bool]:
     cuda = device.type == "cuda"
     amp = cuda if config.amp is None else config.amp
     if amp and not cuda:
         raise ValueError(f"amp: mixed precision needs a CUDA device, got {device}")
-    channels_last = cuda if config.channels_last is None else config.channels_last
+    channels_last = (cuda or _has_conv2d(model)) if config.channels_last is None else config.channels_last
     return amp, channels_last
 
 
@@ -300,21 +309,33 @@ def train(
     device: str | torch.device = "cpu",
     progress: Progress | None = None,
     loss_fn: LossFn | None = None,
+    on_epoch: Callable[[dict[str, Any], Callable[[], dict[str, Any]]], None] | None = None,
+    resume: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` (already on ``device``) for ``config.epochs`` passes over ``loader``.
 
     ``loss_fn`` defaults to cross entropy with ``config.label_smoothing``. ``progress``, if given, wraps
     each epoch's batches (``progress(iterable, desc, total)``, e.g. a tqdm bar). The model is returned
-    to its previous train/eval mode; with channels-last on, its parameters stay channels-last.
+    to its previous train/eval mode; channels-last is used while training and, on the CPU, the
+    parameters are returned to the contiguous format afterwards (on CUDA they stay channels-last).
+
+    ``on_epoch(stats, state)`` is called after every epoch with that epoch's stats (see
+    :func:`train_epoch`) and a function returning the training state as plain tensors and numbers
+    (``{"epochs_done", "model", "optimizer", "scheduler", "scaler", "epochs", "rng"}``, on the CPU, to
+    save as a checkpoint). Passing such a state as ``resume`` continues the training after its last
+    epoch: ``model`` must have the architecture it was saved from, and the loader must yield what it
+    would have yielded for the remaining epochs (the caller sets a seeded loader's epoch).
 
     Returns ``{"loss": mean training loss of the last epoch, "top1": training accuracy (fraction) of
-    the last epoch, "epochs": per-epoch dicts (see :func:`train_epoch`), "seconds": wall time}``.
+    the last epoch, "epochs": per-epoch dicts (see :func:`train_epoch`), "seconds": wall time of this
+    call, "resumed_epochs": epochs taken from ``resume`` (0 without)}``.
 
     Raises:
         FloatingPointError: a non-finite training loss.
+        ValueError: a ``resume`` state that does not fit ``config`` or ``model``.
     """
     device = torch.device(device)
-    amp, channels_last = _resolve_flags(config, device)
+    amp, channels_last = _resolve_flags(config, device, model)
     if loss_fn is None:
         loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     steps = len(loader)  # type: ignore[arg-type]
@@ -326,12 +347,29 @@ def train(
     optimizer = make_optimizer(model, config)
     scheduler = make_scheduler(optimizer, config, steps)
     scaler = torch.amp.GradScaler(device.type) if amp else None
+    epochs: list[dict[str, Any]] = []
+    first = 0
+    if resume is not None:
+        first = _restore(resume, model, optimizer, scheduler, scaler, config)
+        epochs = [dict(e) for e in resume.get("epochs", [])]
+        log.info("resuming training after epoch %d of %d", first, config.epochs)
+
+    def state() -> dict[str, Any]:
+        return {
+            "epochs_done": len(epochs),
+            "model": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()},
+            "optimizer": _cpu(optimizer.state_dict()),
+            "scheduler": copy.deepcopy(scheduler.state_dict()),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "epochs": [dict(e) for e in epochs],
+            "rng": torch.get_rng_state(),
+        }
+
     was_training = model.training
     start = time.perf_counter()
-    epochs: list[dict[str, Any]] = []
     log.debug("training %d epochs of %d steps: %s", config.epochs, steps, asdict(config))
     try:
-        for epoch in range(config.epochs):
+        for epoch in range(first, config.epochs):
             stats = train_epoch(
                 net,
                 loader,
@@ -355,14 +393,50 @@ def train(
                 stats["lr"],
                 stats["seconds"],
             )
+            if on_epoch is not None:
+                on_epoch(stats, state)
     finally:
         model.train(was_training)
+        if channels_last and device.type != "cuda":
+            model.to(memory_format=torch.contiguous_format)
     return {
         "loss": epochs[-1]["loss"],
         "top1": epochs[-1]["top1"],
         "epochs": epochs,
         "seconds": time.perf_counter() - start,
+        "resumed_epochs": first,
     }
+
+
+def _cpu(obj: Any) -> Any:
+    """``obj`` with every tensor copied to the CPU (an optimizer's state dict, for a checkpoint)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu(v) for v in obj)
+    return obj
+
+
+def _restore(state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
+             scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler | None,
+             config: TrainConfig) -> int:
+    """Load a state from :func:`train`'s ``on_epoch`` into the fresh objects; the number of epochs done."""
+    done = state.get("epochs_done")
+    if isinstance(done, bool) or not isinstance(done, int) or not 0 <= done <= config.epochs:
+        raise ValueError(f"resume: epochs_done must be an integer in [0, {config.epochs}], got {done!r}")
+    try:
+        model.load_state_dict(state["model"])
+    except (KeyError, RuntimeError) as err:
+        raise ValueError(f"resume: the saved weights do not fit the model ({first_line(err)})") from None
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and state.get("scaler") is not None:
+        scaler.load_state_dict(state["scaler"])
+    if state.get("rng") is not None:
+        torch.set_rng_state(state["rng"])
+    return done
 
 
 @torch.no_grad()

@@ -22,7 +22,7 @@ from hwsplit.data import (
     make_loaders,
 )
 
-REAL_CIFAR = Path("/work/shared/data/cifar10")
+REAL_CIFAR = Path("../shared/data/cifar10")
 
 
 

@@ -150,3 +150,20 @@ def test_resume_of_something_that_is_not_a_run(tmp_path):
     assert result.exit_code == 2 and "config.json" in result.output, result.output
     result = CliRunner().invoke(main, ["grow", "--resume", str(tmp_path / "missing")])
     assert result.exit_code == 2 and "not a run directory" in result.output, result.output
+
+
+def test_a_stage_killed_after_an_epoch_resumes_from_that_epoch(tmp_path):
+    """A 3-epoch stage killed after its 2nd epoch keeps partial-1.pt and resumes from it: the weights are the
+    uninterrupted run's, bit for bit, and the partial file is gone once the stage is durable."""
+    args = ["--stages", "1", "--epochs", "3", "--seed-epochs", "1", "--limit", "300", "--batch-size", "32"]
+    reference, killed = tmp_path / "ref", tmp_path / "killed"
+    _cli("grow", *args, "--out", str(reference))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", KILL_AT_ENV: "stage-1:epoch-1"}
+    proc = subprocess.run([sys.executable, "cli.py", "grow", *args, "--out", str(killed)], cwd=ROOT, env=env,
+                          capture_output=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    state = torch.load(killed / "partial-1.pt", weights_only=True)
+    assert state["epochs_done"] == 2 and len(state["epochs"]) == 2
+    _cli("grow", "--resume", str(killed))
+    assert_same_run(killed, reference)
+    assert not list(killed.glob("partial-*.pt"))

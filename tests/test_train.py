@@ -55,7 +55,7 @@ def test_tiny_model_learns_digits(digits):
         return iterable
 
     result = train(model, train_loader, config=TrainConfig(epochs=3, lr=0.1), progress=progress)
-    assert set(result) == {"loss", "top1", "epochs", "seconds"}
+    assert set(result) == {"loss", "top1", "epochs", "seconds", "resumed_epochs"}
     assert len(result["epochs"]) == 3 and result["seconds"] > 0
     assert result["epochs"][-1]["loss"] < result["epochs"][0]["loss"]
     assert calls == [(f"train {e}", len(train_loader)) for e in range(3)]
@@ -223,3 +223,63 @@ def test_custom_loss_fn_and_label_smoothing(digits):
 
     train(model, loader, config=TrainConfig(epochs=1), loss_fn=loss_fn)
     assert seen and seen[0] == (32, 10)
+
+
+def _state_copy(state):
+    return {k: v.clone() for k, v in state.items()}
+
+
+def test_training_resumed_from_an_epoch_state_equals_an_uninterrupted_one(digits):
+    """``on_epoch`` hands out the state after each epoch; ``resume`` continues from it to the same weights."""
+    config = TrainConfig(epochs=3, lr=0.1)
+    seed_everything(0)
+    model = _digits_model()
+    init = _state_copy(model.state_dict())
+    loader, _ = make_loaders(digits, batch_size=64, seed=0)
+    saved = {}
+
+    def keep(stats, state):
+        if stats["epoch"] == 0:
+            saved.update(state())
+
+    full = train(model, loader, config=config, on_epoch=keep)
+    assert saved["epochs_done"] == 1
+    again = _digits_model()
+    again.load_state_dict(init)  # any weights: the state replaces them
+    loader2, _ = make_loaders(digits, batch_size=64, seed=0)
+    loader2.set_epoch(1)  # the loader continues where the state left off
+    resumed = train(again, loader2, config=config, resume=saved)
+    assert resumed["resumed_epochs"] == 1 and len(resumed["epochs"]) == 3
+    assert resumed["epochs"][0] == full["epochs"][0]  # the first epoch's stats come from the state
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, again.state_dict()[k]), k
+
+
+def test_resume_state_that_does_not_fit_is_a_value_error(digits):
+    config = TrainConfig(epochs=2, lr=0.1)
+    loader, _ = make_loaders(digits, batch_size=64, seed=0)
+    with pytest.raises(ValueError, match="epochs_done"):
+        train(_digits_model(), loader, config=config, resume={"epochs_done": 5})
+    other = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    state = {"epochs_done": 1, "model": other.state_dict()}
+    with pytest.raises(ValueError, match="do not fit"):
+        train(_digits_model(), loader, config=config, resume=state)
+
+
+def test_cpu_training_uses_channels_last_for_conv_nets_and_restores_the_format(digits):
+    """Channels-last is the CPU default for networks with Conv2d (faster there, BENCHMARKS.md issue 25); the
+    weights come back in the contiguous format, and the accuracy matches a channels-first training."""
+    loader, test_loader = make_loaders(digits, batch_size=64, seed=0)
+    results = {}
+    for flag in (None, False):
+        seed_everything(0)
+        model = _digits_model()
+        seen = []
+        conv = [m for m in model if isinstance(m, nn.Conv2d)][-1]  # 16 -> 32 channels: the formats differ
+        conv.register_forward_pre_hook(lambda m, a, seen=seen: seen.append(not m.weight.is_contiguous()))
+        train(model, loader, config=TrainConfig(epochs=4, lr=0.1, channels_last=flag))
+        assert all(p.is_contiguous() for p in model.parameters())
+        assert seen and all(seen) == (flag is None)
+        results[flag] = evaluate(model, test_loader)["top1"]
+    # same seed, same data order: only the kernels' summation order differs
+    assert abs(results[None] - results[False]) <= 0.03, results
