@@ -458,6 +458,9 @@ def baseline_width(multipliers: str, like: str | None, model: str, model_config:
 @click.option("--slimming-l1", type=click.FloatRange(min=0), default=None,
               help="L1 coefficient on the BatchNorm scales while the wide network trains (slimming only; "
                    "default 1e-4).")
+@click.option("--max-pruning-ratio", type=click.FloatRange(min=0, max=1, min_open=True), default=None,
+              help="Largest share of a layer's channels (in the wide network) pruning may remove (default 1: "
+                   "every layer keeps at least one channel, or the channel multiple).")
 @click.option("--from-scratch", is_flag=True,
               help="Also retrain every pruned architecture from a fresh initialisation (into OUT/retrain/).")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
@@ -465,11 +468,12 @@ def baseline_width(multipliers: str, like: str | None, model: str, model_config:
 @click.option("--overwrite", is_flag=True, help="Replace another pruning run already in --out.")
 @_library_errors
 def baseline_prune(like: str, method: str, width_mult: float | None, train_epochs: int | None,
-                   finetune_epochs: int | None, targets: str | None, slimming_l1: float | None, from_scratch: bool,
+                   finetune_epochs: int | None, targets: str | None, slimming_l1: float | None,
+                   max_pruning_ratio: float | None, from_scratch: bool,
                    out: str | None, overwrite: bool) -> None:
     """Train a wide network of RUN's family, prune it to each target cost (Torch-Pruning), fine-tune it."""
     from hwsplit.config import load_config
-    from hwsplit.prune import DEFAULT_SLIMMING_L1, parse_targets, prune_baseline
+    from hwsplit.prune import DEFAULT_SLIMMING_L1, MAX_PRUNING_RATIO, parse_targets, prune_baseline
     from hwsplit.rundir import stage_table
 
     if slimming_l1 is not None and method != "slimming":
@@ -483,6 +487,7 @@ def baseline_prune(like: str, method: str, width_mult: float | None, train_epoch
     records = prune_baseline(like, method=method, out=out, width_mult=width_mult, train_epochs=train_epochs,
                              finetune_epochs=finetune_epochs, targets=parsed, from_scratch=from_scratch,
                              slimming_l1=DEFAULT_SLIMMING_L1 if slimming_l1 is None else slimming_l1,
+                             max_pruning_ratio=MAX_PRUNING_RATIO if max_pruning_ratio is None else max_pruning_ratio,
                              overwrite=overwrite, progress=_progress, on_stage=_print_stage)
     dest = out or str(Path(like) / f"prune-{method}")
     click.echo(_table(stage_table(records)))

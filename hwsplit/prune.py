@@ -98,6 +98,12 @@ DEFAULT_SLIMMING_L1 = 1e-4
 TOLERANCE = 0.02
 #: Share of the prunable channels left that one pruning step removes (importance re-estimated after each).
 STEP_RATIO = 0.1
+#: Largest share of a layer's channels (of the wide network) pruning may remove (Torch-Pruning's
+#: ``max_pruning_ratio`` and its default, 1: a layer keeps at least one channel, or the channel multiple).
+#: At large reductions global ranking then leaves layers of one or two channels, bottlenecks that
+#: fine-tuning may not recover from (l1 and Taylor on digits at 19x fewer MACs, BENCHMARKS.md): a smaller
+#: ratio keeps every layer at (1 - ratio) of its wide width.
+MAX_PRUNING_RATIO = 1.0
 #: Training batches whose gradients the Taylor importance averages at each step.
 TAYLOR_BATCHES = 8
 _BISECTIONS = 24
@@ -151,13 +157,13 @@ def wide_width_mult(session: Session, config: GrowConfig, records: Sequence[dict
     raise ConfigError(f"width_mult: no multiplier up to {mult:g} makes the seed as wide as every stage of the run")
 
 
-def minimum_widths_model(model: nn.Module, minimum: int) -> nn.Module:
-    """``model``'s architecture with every prunable layer at ``minimum`` channels (or its own width if
-    narrower): the smallest network pruning can reach."""
+def minimum_widths_model(model: nn.Module, max_pruning_ratio: float, unit: int) -> nn.Module:
+    """``model``'s architecture with every prunable layer at its :func:`layer_floor`: the smallest network
+    pruning can reach."""
     arch = architecture(model)
     if "stem_width" in arch:
-        arch["stem_width"] = min(arch["stem_width"], minimum)
-    arch["widths"] = [min(w, minimum) for w in arch["widths"]]
+        arch["stem_width"] = layer_floor(arch["stem_width"], max_pruning_ratio, unit)
+    arch["widths"] = [layer_floor(w, max_pruning_ratio, unit) for w in arch["widths"]]
     return model_from_architecture(arch)
 
 
@@ -207,17 +213,43 @@ def _rebuilt(pruned: nn.Module, device: torch.device) -> nn.Module:
     return model_from_architecture(architecture(pruned), pruned.state_dict()).to(device)
 
 
+def layer_floor(width: int, max_pruning_ratio: float, unit: int) -> int:
+    """The fewest channels pruning leaves a layer of ``width`` (in the wide network): (1 − ratio) · width
+    rounded up to a multiple of ``unit`` (the channel multiple, or 1), at least ``unit``, at most ``width``."""
+    return min(width, max(unit, math.ceil((1 - max_pruning_ratio) * width / unit) * unit))
+
+
+def _floors(model: nn.Module, max_pruning_ratio: float, unit: int) -> dict[str, int]:
+    names = {m: n for n, m in model.named_modules()}
+    return {names[m]: layer_floor(m.out_channels if isinstance(m, nn.Conv2d) else m.out_features, max_pruning_ratio,
+                                  unit) for m, _, _ in _prunable_layers(model)}
+
+
 def _prune_step(model: nn.Module, ratio: float, *, method: str, example: torch.Tensor, round_to: int | None,
-                grads: dict[str, torch.Tensor] | None) -> nn.Module:
-    """A copy of ``model`` with ``ratio`` of its prunable channels removed by one global Torch-Pruning step."""
+                grads: dict[str, torch.Tensor] | None, floors: dict[str, int] | None = None) -> nn.Module:
+    """A copy of ``model`` with ``ratio`` of its prunable channels removed by one global Torch-Pruning step,
+    no layer below its ``floors`` (by module name; the least important channels of a layer go first)."""
     import torch_pruning as tp
 
     pruned = _copy_with_grads(model, grads)
+    names = {m: n for n, m in pruned.named_modules()}
     classifier = getattr(pruned, "classifier", None)
-    pruner = tp.pruner.MetaPruner(pruned, example, importance=_TieBreak(_importance(method)), global_pruning=True,
+    score = _TieBreak(_importance(method))
+    pruner = tp.pruner.MetaPruner(pruned, example, importance=score, global_pruning=True,
                                   pruning_ratio=float(ratio), round_to=round_to,
                                   ignored_layers=[classifier] if classifier is not None else [])
-    pruner.step()
+    for group in pruner.step(interactive=True):
+        dep, idxs = group[0]
+        module, fn = dep.target.module, dep.handler
+        width = pruner.DG.get_out_channels(module)
+        most = width - (floors or {}).get(names.get(module, ""), 1)
+        if len(idxs) > most:
+            if most <= 0:
+                continue
+            imp = score(pruner.DG.get_pruning_group(module, fn, list(range(width))))
+            idxs = sorted(idxs, key=lambda i: float(imp[i]))[:most]
+            group = pruner.DG.get_pruning_group(module, fn, idxs)
+        group.prune()
     return _rebuilt(pruned, example.device)
 
 
@@ -233,7 +265,7 @@ def _prunable_layers(model: nn.Module) -> list[tuple[nn.Module, str, int | None]
 
 def _fit_greedily(model: nn.Module, target: float, cost: Callable[[nn.Module], float], *, method: str,
                   example: torch.Tensor, round_to: int | None, grads: dict[str, torch.Tensor] | None,
-                  tolerance: float) -> nn.Module | None:
+                  tolerance: float, floors: dict[str, int] | None = None) -> nn.Module | None:
     """The last fit when the global ranking cannot land close enough (one channel of a layer on a large map
     can cost more than the tolerance): from ``model`` (just above ``target``), remove the least important
     channels first (the method's importance, normalised per group as the global ranking is; ``round_to``
@@ -243,10 +275,12 @@ def _fit_greedily(model: nn.Module, target: float, cost: Callable[[nn.Module], f
     import torch_pruning as tp
 
     base = _copy_with_grads(model, grads)
+    names = {m: n for n, m in base.named_modules()}
     graph = tp.DependencyGraph().build_dependency(base, example_inputs=example)
     score = _TieBreak(_importance(method))
     arch = architecture(base)
     unit = round_to or 1
+    floor = [max(unit, (floors or {}).get(names[m], 1)) for m, _, _ in _prunable_layers(base)]
     layers = []  # (module, pruning function, architecture key, index, channels least important first, importance)
     for module, key, index in _prunable_layers(base):
         fn = tp.prune_conv_out_channels if isinstance(module, nn.Conv2d) else tp.prune_linear_out_channels
@@ -264,7 +298,7 @@ def _fit_greedily(model: nn.Module, target: float, cost: Callable[[nn.Module], f
         return sum(chunk) / len(chunk)
 
     while current > target and open_:
-        candidates = [i for i in open_ if len(layers[i][4]) - removed[i] - unit >= unit]  # keep >= unit channels
+        candidates = [i for i in open_ if len(layers[i][4]) - removed[i] - unit >= floor[i]]
         if not candidates:
             break
         i = min(candidates, key=next_unit)
@@ -291,7 +325,8 @@ def _fit_greedily(model: nn.Module, target: float, cost: Callable[[nn.Module], f
 def prune_to_cost(model: nn.Module, target: float, cost: Callable[[nn.Module], float], *, method: str,
                   example: torch.Tensor, round_to: int | None = None,
                   batches: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
-                  tolerance: float = TOLERANCE, step_ratio: float = STEP_RATIO) -> tuple[nn.Module, dict[str, Any]]:
+                  tolerance: float = TOLERANCE, step_ratio: float = STEP_RATIO,
+                  max_pruning_ratio: float = MAX_PRUNING_RATIO) -> tuple[nn.Module, dict[str, Any]]:
     """Prune ``model`` (not modified) with Torch-Pruning until ``cost(model)`` ≤ ``target``; the pruned model
     and ``{"cost", "steps", "gradient_samples", "within_tolerance"}``.
 
@@ -302,9 +337,11 @@ def prune_to_cost(model: nn.Module, target: float, cost: Callable[[nn.Module], f
     the least important channels are removed one by one from the closest network above the target,
     skipping layers whose channels cost too much for what is left (:func:`_fit_greedily`), if that
     lands within it. ``ConfigError`` (naming
-    ``targets``) when no step removes anything while the cost is still above the target.
+    ``targets``) when no step removes anything while the cost is still above the target. No layer loses
+    more than ``max_pruning_ratio`` of its channels in ``model`` (:func:`layer_floor`).
     """
     device = example.device
+    floors = _floors(model, max_pruning_ratio, round_to or 1)
     current, steps, samples = model, 0, 0
     while True:
         before = cost(current)
@@ -316,7 +353,8 @@ def prune_to_cost(model: nn.Module, target: float, cost: Callable[[nn.Module], f
             samples += sum(len(y) for _, y in batches)
         ratio = step_ratio
         for _ in range(8):  # a step that would empty a whole layer skips it: smaller steps then
-            step = _prune_step(current, ratio, method=method, example=example, round_to=round_to, grads=grads)
+            step = _prune_step(current, ratio, method=method, example=example, round_to=round_to, grads=grads,
+                               floors=floors)
             after = cost(step)
             if after < before:
                 break
@@ -334,7 +372,8 @@ def prune_to_cost(model: nn.Module, target: float, cost: Callable[[nn.Module], f
             if best_cost >= (1 - tolerance / 4) * target or hi - lo < 1e-5:
                 break
             mid = (lo + hi) / 2
-            candidate = _prune_step(current, mid, method=method, example=example, round_to=round_to, grads=grads)
+            candidate = _prune_step(current, mid, method=method, example=example, round_to=round_to, grads=grads,
+                                    floors=floors)
             c = cost(candidate)
             if c <= target:
                 hi, best, best_cost = mid, candidate, c
@@ -345,7 +384,7 @@ def prune_to_cost(model: nn.Module, target: float, cost: Callable[[nn.Module], f
                 grads = _taylor_gradients(above, batches, device)
                 samples += sum(len(y) for _, y in batches)
             fitted = _fit_greedily(above, target, cost, method=method, example=example, round_to=round_to,
-                                   grads=grads, tolerance=tolerance)
+                                   grads=grads, tolerance=tolerance, floors=floors)
             if fitted is not None:
                 best = fitted
         current = best
@@ -378,7 +417,8 @@ def parse_targets(text: str | Sequence[float], unit: str) -> list[float]:
 def prune_baseline(run: str | Path, *, method: str, out: str | Path | None = None, width_mult: float | None = None,
                    train_epochs: int | None = None, finetune_epochs: int | None = None,
                    targets: Sequence[float] | None = None, from_scratch: bool = False,
-                   slimming_l1: float = DEFAULT_SLIMMING_L1, overwrite: bool = False, progress: Callable | None = None,
+                   slimming_l1: float = DEFAULT_SLIMMING_L1, max_pruning_ratio: float = MAX_PRUNING_RATIO,
+                   overwrite: bool = False, progress: Callable | None = None,
                    on_stage: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
     """Train a wide network of the grow run ``run``'s family, prune it to each target, fine-tune; see the module.
 
@@ -396,6 +436,8 @@ def prune_baseline(run: str | Path, *, method: str, out: str | Path | None = Non
             raise ConfigError(f"{name}: expected a positive integer, got {value!r}")
     if width_mult is not None and not (isinstance(width_mult, (int, float)) and width_mult > 0):
         raise ConfigError(f"width_mult: expected a positive number, got {width_mult!r}")
+    if not (isinstance(max_pruning_ratio, (int, float)) and 0 < max_pruning_ratio <= 1):
+        raise ConfigError(f"max_pruning_ratio: expected a number in (0, 1], got {max_pruning_ratio!r}")
     if not (isinstance(slimming_l1, (int, float)) and math.isfinite(slimming_l1) and slimming_l1 >= 0):
         raise ConfigError(f"slimming_l1: expected a finite number >= 0, got {slimming_l1!r}")
     src = RunDir(run)
@@ -418,12 +460,14 @@ def prune_baseline(run: str | Path, *, method: str, out: str | Path | None = Non
         raise ConfigError(f"targets: {bad[0]:.6g} {unit} is not below the wide network's cost ({wide_cost:.6g} "
                           f"{unit} at width ×{mult:g}); give a larger --width-mult")
     try:
-        floor = session.cost_model.total(minimum_widths_model(wide, round_to or 1), session.input_shape)
+        floor = session.cost_model.total(minimum_widths_model(wide, max_pruning_ratio, round_to or 1),
+                                         session.input_shape)
     except CostOutOfRange:  # a table that cannot price the smallest network: the search says it if needed
         floor = None
     if floor is not None and min(targets) < floor:
         raise ConfigError(f"targets: {min(targets):.6g} {unit} is below what pruning can reach ({floor:.6g} {unit}: "
-                          f"every layer at its minimum width of {round_to or 1} channel(s))")
+                          f"every layer at {100 * (1 - max_pruning_ratio):g} % of the wide network's width, at least "
+                          f"{round_to or 1} channel(s); see --max-pruning-ratio)")
     epochs_wide = train_epochs if train_epochs is not None else grow_epochs(config)
     epochs_ft = finetune_epochs if finetune_epochs is not None else config.epochs
     dest = RunDir(out if out is not None else src.path / f"prune-{method}")
@@ -434,6 +478,7 @@ def prune_baseline(run: str | Path, *, method: str, out: str | Path | None = Non
                       "targets_from": "given" if given else "stages of the source run",
                       "source_stages": None if given else [r["stage"] for r in source_records],
                       "slimming_l1": slimming_l1 if method == "slimming" else None, "round_to": round_to,
+                      "max_pruning_ratio": max_pruning_ratio,
                       "tolerance": TOLERANCE, "step_ratio": STEP_RATIO, "torch_pruning": _torch_pruning_version()},
             RUN_INFO_PREPROCESSING: session.preprocessing}
     with dest.lock("prune"):
@@ -490,7 +535,7 @@ def _stages(dest: RunDir, config: GrowConfig, session: Session, records: list[di
             batches = _taylor_batches(session, index) if method == "taylor" else []
             pruned, found = prune_to_cost(wide, target, lambda m: session.cost_model.total(m, session.input_shape),
                                           method=method, example=example, round_to=prune["round_to"],
-                                          batches=batches)
+                                          batches=batches, max_pruning_ratio=prune["max_pruning_ratio"])
             before = evaluate(pruned, session.test_loader, device=session.device)
             val = (evaluate(pruned, session.val_loader, device=session.device)
                    if session.val_loader is not None else None)
@@ -530,6 +575,6 @@ def _taylor_batches(session: Session, index: int) -> list[tuple[torch.Tensor, to
     return out
 
 
-__all__ = ["DEFAULT_SLIMMING_L1", "METHODS", "PRUNABLE_FAMILIES", "PRUNE_BASELINE", "STEP_RATIO", "TOLERANCE",
-           "minimum_widths_model", "parse_targets", "prune_baseline", "prune_to_cost", "slimming_loss",
-           "wide_width_mult"]
+__all__ = ["DEFAULT_SLIMMING_L1", "MAX_PRUNING_RATIO", "METHODS", "PRUNABLE_FAMILIES", "PRUNE_BASELINE", "STEP_RATIO",
+           "TOLERANCE", "layer_floor", "minimum_widths_model", "parse_targets", "prune_baseline", "prune_to_cost",
+           "slimming_loss", "wide_width_mult"]

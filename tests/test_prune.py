@@ -243,3 +243,17 @@ def test_a_locked_output_is_refused(grown, tmp_path):
                                            "--out", str(out)])
     assert result.exit_code == 2 and "in use" in result.output, result.output
     assert not (out / "config.json").exists()
+
+
+def test_max_pruning_ratio_keeps_every_layer_above_its_floor(trained_cifar):
+    from hwsplit.prune import layer_floor
+
+    model, _ = trained_cifar
+    flops = cost_models.get_cost_model("flops")
+    cost = lambda m: flops.total(m, SHAPE)  # noqa: E731
+    target = 0.3 * cost(model)
+    pruned, _ = prune_to_cost(model, target, cost, method="l1", example=torch.zeros(SHAPE), max_pruning_ratio=0.7)
+    wide, got = architecture(model), architecture(pruned)
+    assert cost(pruned) <= target
+    for w, g in zip([wide["stem_width"], *wide["widths"]], [got["stem_width"], *got["widths"]]):
+        assert g >= layer_floor(w, 0.7, 1) >= 0.3 * w, (w, g)
