@@ -235,9 +235,12 @@ def _prune_step(model: nn.Module, ratio: float, *, method: str, example: torch.T
     names = {m: n for n, m in pruned.named_modules()}
     classifier = getattr(pruned, "classifier", None)
     score = _TieBreak(_importance(method))
+    # a layer at its floor leaves the ranking, or its channels would hold the global threshold down
+    full = [m for m, _, _ in _prunable_layers(pruned)
+            if (m.out_channels if isinstance(m, nn.Conv2d) else m.out_features) <= (floors or {}).get(names[m], 1)]
     pruner = tp.pruner.MetaPruner(pruned, example, importance=score, global_pruning=True,
                                   pruning_ratio=float(ratio), round_to=round_to,
-                                  ignored_layers=[classifier] if classifier is not None else [])
+                                  ignored_layers=full + ([classifier] if classifier is not None else []))
     for group in pruner.step(interactive=True):
         dep, idxs = group[0]
         module, fn = dep.target.module, dep.handler
