@@ -1,4 +1,4 @@
-"""hwsplit command line: grow, baseline, finetune, report, export, summary, profile, fit.
+"""hwsplit command line: grow, baseline (width, prune), finetune, report, export, summary, profile, fit.
 
 Parses, calls the library, prints.
 
@@ -215,6 +215,11 @@ def _print_stage(record: dict[str, Any]) -> None:
     if not _main_rank():  # under torchrun rank 0 alone reports
         return
     what = f"width ×{record['width_mult']:g}" if "width_mult" in record else f"stage {record['stage']}"
+    if "target_cost" in record:
+        what = (f"pruned ({record['method']}) to {record['target_cost']:.4g}, before fine-tuning "
+                f"{record['pruned_top1_before_finetune']:.4f}, fine-tuned")
+    elif "wide_width_mult" in record:
+        what = f"wide network ×{record['wide_width_mult']:g}"
     if "source_stage" in record:
         what = f"{'retrained' if record.get('from_scratch') else 'fine-tuned'} stage {record['source_stage']}"
     cost = record["cost"]
@@ -476,6 +481,68 @@ def baseline_width(multipliers: str, like: str | None, model: str, model_config:
     if _main_rank():
         click.echo(_table(stage_table(records)))
         click.echo(f"\nrun directory: {out}")
+
+
+@baseline.command("prune")
+@click.option("--like", type=click.Path(file_okay=False, exists=True), required=True, metavar="RUN",
+              help="The grow run to compare with: its family, data, cost model, schedule and (by default) targets.")
+@click.option("--method", type=click.Choice(["l1", "slimming", "taylor"]), required=True,
+              help="Channel importance: l1 (L1 norm of the weights), slimming (BatchNorm scales, trained with "
+                   "an L1 penalty on them), taylor (first-order Taylor |w * dL/dw|).")
+@click.option("--width-mult", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Width multiplier of RUN's seed for the wide network (default: the smallest multiple of 0.5 "
+                   "as wide as every grown stage in every layer).")
+@click.option("--train-epochs", type=click.IntRange(min=1), default=None,
+              help="Training epochs of the wide network (default: what RUN spends on its final network, "
+                   "seed epochs + stages x stage epochs).")
+@click.option("--finetune-epochs", type=click.IntRange(min=1), default=None,
+              help="Fine-tuning epochs of each pruned network (default: RUN's epochs per stage).")
+@click.option("--targets", default=None, metavar="COST,...",
+              help="Target costs with their unit in RUN's cost model, e.g. 20k,35k (MACs) or 0.2ms "
+                   "(default: the cost of each stage of RUN).")
+@click.option("--slimming-l1", type=click.FloatRange(min=0), default=None,
+              help="L1 coefficient on the BatchNorm scales while the wide network trains (slimming only; "
+                   "default 1e-4).")
+@click.option("--max-pruning-ratio", type=click.FloatRange(min=0, max=1, min_open=True), default=None,
+              help="Largest share of a layer's channels (in the wide network) pruning may remove (default 1: "
+                   "every layer keeps at least one channel, or the channel multiple).")
+@click.option("--from-scratch", is_flag=True,
+              help="Also retrain every pruned architecture from a fresh initialisation (into OUT/retrain/).")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Run directory (default RUN/prune-METHOD; the same command again continues it).")
+@click.option("--overwrite", is_flag=True, help="Replace another pruning run already in --out.")
+@_library_errors
+def baseline_prune(like: str, method: str, width_mult: float | None, train_epochs: int | None,
+                   finetune_epochs: int | None, targets: str | None, slimming_l1: float | None,
+                   max_pruning_ratio: float | None, from_scratch: bool,
+                   out: str | None, overwrite: bool) -> None:
+    """Train a wide network of RUN's family, prune it to each target cost (Torch-Pruning), fine-tune it."""
+    from hwsplit.config import load_config
+    from hwsplit.prune import DEFAULT_SLIMMING_L1, MAX_PRUNING_RATIO, parse_targets, prune_baseline
+    from hwsplit.rundir import stage_table
+
+    if slimming_l1 is not None and method != "slimming":
+        raise click.UsageError("--slimming-l1 is the L1 penalty of --method slimming only")
+    parsed = None
+    if targets is not None:
+        import cost_models
+
+        config = load_config(like, purpose="like")
+        parsed = parse_targets(targets, cost_models.get_cost_model(config.cost, **config.cost_options).unit)
+    records = prune_baseline(like, method=method, out=out, width_mult=width_mult, train_epochs=train_epochs,
+                             finetune_epochs=finetune_epochs, targets=parsed, from_scratch=from_scratch,
+                             slimming_l1=DEFAULT_SLIMMING_L1 if slimming_l1 is None else slimming_l1,
+                             max_pruning_ratio=MAX_PRUNING_RATIO if max_pruning_ratio is None else max_pruning_ratio,
+                             overwrite=overwrite, progress=_progress, on_stage=_print_stage)
+    dest = out or str(Path(like) / f"prune-{method}")
+    click.echo(_table(stage_table(records)))
+    rows = [["stage", "target", "cost", "top-1 pruned", "top-1 fine-tuned", "epochs in all"]]
+    for r in records[1:]:
+        rows.append([str(r["stage"]), f"{r['target_cost']:.4g}", f"{r['cost']['value']:.4g}",
+                     f"{r['pruned_top1_before_finetune']:.4f}", f"{r['test_top1']:.4f}", str(r["epochs_in_all"])])
+    click.echo("")
+    click.echo(_table(rows))
+    click.echo(f"\nrun directory: {dest}" + (f" (retrained: {Path(dest) / 'retrain'})" if from_scratch else ""))
 
 
 # --------------------------------------------------------------------------------------------

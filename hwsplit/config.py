@@ -322,13 +322,23 @@ def read_config(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_config(out: str | Path, *, purpose: str = "resume") -> GrowConfig:
-    """The :class:`GrowConfig` of a grow run directory's config.json (``purpose`` prefixes messages)."""
+#: Fields a pruning baseline's config.json adds to a grow config (hwsplit.prune).
+PRUNE_FIELDS = ("baseline", "prune")
+
+
+def load_config(out: str | Path, *, purpose: str = "resume", accept: tuple[str, ...] = ()) -> GrowConfig:
+    """The :class:`GrowConfig` of a grow run directory's config.json (``purpose`` prefixes messages).
+
+    ``accept`` names baselines taken too (``("prune",)``: a pruning baseline's settings are its source
+    run's, which ``finetune`` reuses); any other baseline is a ``ConfigError``.
+    """
     data = read_config(out)
-    if data.get("baseline"):
+    if data.get("baseline") and data.get("baseline") not in accept:
         raise ConfigError(f"{purpose}: {out} is a {data['baseline']} baseline, not a grow run")
-    data = {**LEGACY_FIELDS,
-            **{k: v for k, v in data.items() if k not in (RUN_INFO_WORLD_SIZE, RUN_INFO_PREPROCESSING)}}
+    extra = (RUN_INFO_WORLD_SIZE, RUN_INFO_PREPROCESSING)
+    if data.get("baseline") == "prune":
+        extra += PRUNE_FIELDS
+    data = {**LEGACY_FIELDS, **{k: v for k, v in data.items() if k not in extra}}
     return GrowConfig.from_dict(data, source=f"{purpose}: {Path(out) / 'config.json'}")
 
 
@@ -348,6 +358,6 @@ def config_like(run: str | Path | None, overrides: Mapping[str, Any]) -> GrowCon
     return GrowConfig.from_dict(fields)
 
 
-__all__ = ["COSTS", "LEGACY_FIELDS", "MAX_CHANNEL_MULTIPLE", "PROFILED_COSTS", "RECIPES", "RUN_INFO_PREPROCESSING",
-           "RUN_INFO_WORLD_SIZE", "GrowConfig", "config_like", "load_config", "parse_budget", "read_config",
-           "recipe_settings", "resolve_channel_multiple"]
+__all__ = ["COSTS", "LEGACY_FIELDS", "MAX_CHANNEL_MULTIPLE", "PROFILED_COSTS", "PRUNE_FIELDS", "RECIPES",
+           "RUN_INFO_PREPROCESSING", "RUN_INFO_WORLD_SIZE", "GrowConfig", "config_like", "load_config", "parse_budget",
+           "read_config", "recipe_settings", "resolve_channel_multiple"]

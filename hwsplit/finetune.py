@@ -85,9 +85,10 @@ def finetune(run: str | Path, *, epochs: int, stages: Sequence[int] | None = Non
     src = RunDir(run)
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ConfigError(f"epochs: expected a positive integer, got {epochs!r}")
-    if read_config(src.path).get("finetune"):
+    source_info = read_config(src.path)
+    if source_info.get("finetune"):
         raise ConfigError(f"finetune: {src.path} is itself a fine-tuning; give the grow run it came from")
-    config = load_config(src.path, purpose="finetune")
+    config = load_config(src.path, purpose="finetune", accept=("prune",))
     bad = sorted(set(overrides or {}) - set(OVERRIDABLE))
     if bad:
         raise ConfigError(f"finetune: {', '.join(bad)} cannot change from the grow run (only {', '.join(OVERRIDABLE)})")
@@ -113,6 +114,9 @@ def finetune(run: str | Path, *, epochs: int, stages: Sequence[int] | None = Non
                                              "from_scratch": bool(from_scratch), "kind": kind,
                                              "schedule": f"{config.schedule} over {epochs} epochs",
                                              **({"chosen_by": chosen_by} if chosen_by else {}),
+                                             # a pruning baseline's stages (hwsplit.prune), not grown ones
+                                             **({"source_baseline": source_info["baseline"]}
+                                                if source_info.get("baseline") else {}),
                                              "source_architectures": [done[k].get("architecture") for k in chosen],
                                              "source_sha256": digests,
                                              "source_in_parent": dest.path.resolve().parent == src.path.resolve()},
@@ -120,19 +124,22 @@ def finetune(run: str | Path, *, epochs: int, stages: Sequence[int] | None = Non
     # under torchrun every rank trains (train_and_record is data-parallel) and rank 0 alone writes dest
     # (write_stage, write_summary and the start below); the source run is read by every rank
     with dest.lock(kind) if is_main() else contextlib.nullcontext():
-        kept = on_main(_start, dest, info, overwrite=overwrite, share=True)
+        kept = on_main(continue_or_start, dest, info, overwrite=overwrite, share=True)
         return _train_all(dest, src, config, session, chosen, done, kept, epochs=epochs, from_scratch=from_scratch,
                           kind=kind, progress=progress, on_stage=on_stage, digests=digests)
 
 
-def _start(dest: RunDir, info: dict[str, Any], *, overwrite: bool) -> list[dict[str, Any]]:
+def continue_or_start(dest: RunDir, info: dict[str, Any], *, overwrite: bool) -> list[dict[str, Any]]:
+    """Make the locked ``dest`` ready for the job ``info`` (its config.json) and write that config.json: the
+    records to continue after when ``dest`` holds the same job (a kill left it), none for a fresh start. A
+    different job there is replaced only with ``overwrite`` (``ConfigError`` otherwise)."""
     kept = _prepare(dest, info, overwrite=overwrite)
     atomic_write_json(dest.config, info)
     return kept
 
 
 def _prepare(dest: RunDir, info: dict[str, Any], *, overwrite: bool) -> list[dict[str, Any]]:
-    """The records to keep in ``dest``: those of the same fine-tuning whose checkpoint exists."""
+    """The records to keep in ``dest``: those of the same job (fine-tuning, pruning) whose checkpoint exists."""
     if dest.config.exists():
         try:
             old = read_config(dest.path)
@@ -157,7 +164,7 @@ def _prepare(dest: RunDir, info: dict[str, Any], *, overwrite: bool) -> list[dic
                 log.info("continuing %s after %d completed record(s)", dest.path, len(kept))
             return kept
         if not overwrite:
-            raise ConfigError(f"out: {dest.path} holds another fine-tuning (its config.json differs); replace it "
+            raise ConfigError(f"out: {dest.path} holds another job (its config.json differs); replace it "
                               "with --overwrite or choose --out")
     start_fresh(dest, overwrite=overwrite)
     return []
@@ -184,8 +191,12 @@ def _train_all(dest: RunDir, src: RunDir, config: GrowConfig, session: Session, 
             else:
                 model = load_model(src.checkpoint(k)).to(session.device)
             source = done[k]
+            # what found the source network counts too: a pruned one's wide network ("search_epochs")
+            search = source.get("search_epochs", 0)
+            had = source.get("epochs_in_all", stage_epochs_in_all(config, k))
             extra = {"source_stage": k, "from_scratch": bool(from_scratch), "epochs": epochs,
-                     "epochs_in_all": epochs if from_scratch else stage_epochs_in_all(config, k) + epochs,
+                     "epochs_in_all": search + epochs if from_scratch else had + epochs,
+                     **_samples_in_all(source, session, epochs, from_scratch),
                      "source_test_top1": source.get("test_top1"), "source_val_top1": source.get("val_top1"),
                      "split": {}, "neurons_split": source.get("neurons_split", 0),
                      **({"source_sha256": digests[str(k)]} if digests else {})}
@@ -201,6 +212,15 @@ def _train_all(dest: RunDir, src: RunDir, config: GrowConfig, session: Session, 
                 on_stage(record)
     write_summary(dest, config, records, status="done", title=title)
     return records
+
+
+def _samples_in_all(source: dict[str, Any], session: Session, epochs: int, from_scratch: bool) -> dict[str, Any]:
+    """``train_samples_in_all`` of a record whose source has one (a pruned network): the source's (only
+    its ``search_train_samples`` when retrained from scratch) plus this training's sample passes."""
+    if "train_samples_in_all" not in source:
+        return {}
+    before = source.get("search_train_samples", 0) if from_scratch else source["train_samples_in_all"]
+    return {"train_samples_in_all": before + epochs * len(session.bundle.train)}
 
 
 def ship_stage(config: GrowConfig, records: Sequence[dict[str, Any]]) -> tuple[int, str]:
@@ -225,5 +245,5 @@ def final_network(run: str | Path, config: GrowConfig, session: Session, records
     return out[-1]
 
 
-__all__ = ["FINAL_DIR", "FINETUNE_DIR", "OVERRIDABLE", "RETRAIN_DIR", "final_network", "finetune", "grow_epochs",
-           "ship_stage", "stage_epochs_in_all"]
+__all__ = ["FINAL_DIR", "FINETUNE_DIR", "OVERRIDABLE", "RETRAIN_DIR", "continue_or_start", "final_network", "finetune",
+           "grow_epochs", "ship_stage", "stage_epochs_in_all"]

@@ -60,8 +60,13 @@ class Run:
         ft = c.get("finetune")
         if isinstance(ft, dict):
             what = "retrained from scratch" if ft.get("from_scratch") else "fine-tuned"
-            return (f"{ft.get('kind', 'finetune')}: grown stages {what}, {ft.get('epochs')} epochs, "
+            stages = "pruned" if ft.get("source_baseline") == "prune" else "grown"
+            return (f"{ft.get('kind', 'finetune')}: {stages} stages {what}, {ft.get('epochs')} epochs, "
                     f"{c.get('model')}, cost {c.get('cost')}")
+        prune = c.get("prune")
+        if isinstance(prune, dict):
+            return (f"prune baseline: {prune.get('method')} from {c.get('model')} ×{prune.get('wide_width_mult'):g}, "
+                    f"fine-tuned {prune.get('finetune_epochs')} epochs, cost {c.get('cost')}")
         if self.is_baseline:
             mults = ", ".join(f"{m:g}" for m in c.get("multipliers", []))
             return f"{c.get('baseline')} baseline: {c.get('model')} × {mults}"
@@ -73,7 +78,9 @@ class Run:
 
     def point_label(self, record: dict[str, Any]) -> str:
         """How a stage is named on plots: ``0``, ``1``, … for growth (a fine-tuning: its grown stage),
-        ``×0.5`` for a width baseline."""
+        ``×0.5`` for a width baseline, ``wide`` for a pruning baseline's wide network."""
+        if "wide_width_mult" in record and "target_cost" not in record:
+            return "wide"
         return f"×{record['width_mult']:g}" if "width_mult" in record else str(shown_stage(record))
 
     def epochs_in_all(self, record: dict[str, Any]) -> int | None:

@@ -248,7 +248,8 @@ def train_and_record(session: Session, model: nn.Module, stage: int, *, epochs: 
                      timings: dict[str, float], extra: dict[str, Any], progress: Progress | None = None,
                      groups: list[NeuronGroup] | None = None,
                      train_config: TrainConfig | None = None, partial: Path | None = None,
-                     on_epoch: Callable[..., None] | None = None) -> dict[str, Any]:
+                     on_epoch: Callable[..., None] | None = None,
+                     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> dict[str, Any]:
     """Train ``model`` for ``epochs`` (data order from ``loader_epoch`` on), evaluate, describe: the record.
 
     ``partial``: where the training state is kept after every epoch (a run's ``partial-K.pt``); when it
@@ -258,8 +259,10 @@ def train_and_record(session: Session, model: nn.Module, stage: int, *, epochs: 
     ``groups`` are ``model``'s neuron groups if already traced (training does not change them).
     ``train_config`` replaces the run's one cosine schedule of ``epochs`` (e.g. a post-split policy's,
     :mod:`hwsplit.schedule`); its peak ``lr``, warm-up and horizon go into the record's ``"schedule"``.
-    With a validation split the record has ``val_loss``/``val_top1``; ``test_samples`` (and
-    ``val_samples``) count the images the accuracies are over, for standard errors.
+    ``loss_fn`` replaces the training loss (e.g. network slimming's penalty, :mod:`hwsplit.prune`);
+    the record's ``train_loss`` is then that loss. With a validation split the record has
+    ``val_loss``/``val_top1``; ``test_samples`` (and ``val_samples``) count the images the accuracies
+    are over, for standard errors.
     """
     config, device = session.config, session.device
     t0 = time.perf_counter()
@@ -277,7 +280,7 @@ def train_and_record(session: Session, model: nn.Module, stage: int, *, epochs: 
             saver(stats, state)
 
     fit = train(model, session.train_loader, config=tc, device=device, progress=progress, on_epoch=hook,
-                resume=resume)
+                resume=resume, loss_fn=loss_fn)
     timings["train_s"] = time.perf_counter() - t0
     test = evaluate(model, session.test_loader, device=device, progress=progress)
     val = (evaluate(model, session.val_loader, device=device, progress=progress)

@@ -25,8 +25,8 @@ LAYERS = {
         "cost_models.measure", "cost_models.calibration", "cost_models.lut", "cost_models.predictor",
         "cost_models.profiler", "cost_models.context", "cost_models.blocks", "cost_models"],
     3: ["hwsplit.config", "hwsplit.rundir", "hwsplit.stages", "hwsplit.grower", "hwsplit.tblog", "hwsplit.grow",
-        "hwsplit.baselines",
-        "hwsplit.finetune", "hwsplit.report", "hwsplit.export", "hwsplit.summary", "hwsplit.parallel"],
+        "hwsplit.baselines", "hwsplit.finetune", "hwsplit.prune", "hwsplit.report", "hwsplit.export",
+        "hwsplit.summary", "hwsplit.parallel"],
     4: ["cli"],
 }
 RUN_LAYER = 3
