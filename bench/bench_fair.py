@@ -598,7 +598,7 @@ def _verdict_line(name: str, agg: dict) -> str:
 def _command(args: argparse.Namespace) -> str:
     parts = []
     for k, v in vars(args).items():
-        if k in ("fragment_only", "steps") or v is None or v is False:
+        if k in ("fragment_only", "steps", "jobs") or v is None or v is False:
             continue
         parts.append(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}"))
     return "`python bench/bench_fair.py " + " ".join(parts) + "`"
@@ -611,8 +611,10 @@ def _images(limit: int | None, split: str) -> str:
 def fragment(result: dict, args: argparse.Namespace) -> str:
     arms = ("flops (LP) and lut (LP, the latency table of "
             f"`{args.profile}`), every network in multiples of {channel_multiple(args)} channels"
-            if args.claim4 else "flops (LP), vanilla (cost none), random (selection random, MACs budget)")
-    lines = [f"## Fair protocol (issue 12): {'claim 4' if args.claim4 else 'claims 2 and 3'}", "",
+            if args.claim4 else "flops (LP), vanilla (cost none), random (selection random, MACs budget), authors "
+            "(`--recipe authors`: √ΔMACs price, group budgets, at most doubling, their width ceilings, β ≥ 0.99)")
+    scale = "full scale (issue 25)" if args.preset == "full" else "issue 12"
+    lines = [f"## Fair protocol, {scale}: {'claim 4' if args.claim4 else 'claims 2 and 3'}", "",
              f"- command: {_command(args)}" + (" (steps flops,lut,width,retrain-flops,retrain-lut; then `--steps "
                                                "measure` on a quiet core)" if args.claim4 else ""),
              f"- machine: {common.machine_line(common.machine())}",
@@ -677,7 +679,8 @@ def fragment(result: dict, args: argparse.Namespace) -> str:
     for seed, s in result["seeds"].items():
         rows = [["network", "test top-1 (%)", "val top-1 (%)", "MACs"]]
         for r in s["width"]:
-            rows.append([f"width × {r['width_mult']:g} ({r['epochs']} ep.)", f"{100 * r['test_top1']:.2f}", "-",
+            rows.append([f"width × {r['width_mult']:g} ({r['epochs']} ep.)", f"{100 * r['test_top1']:.2f}",
+                         f"{100 * r['val_top1']:.2f}" if r.get("val_top1") is not None else "-",
                          common.fmt_num(r["macs"])])
         for arm in ARMS:
             for r in s[arm]["grown"]:
