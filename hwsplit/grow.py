@@ -44,8 +44,8 @@ from hwsplit.fsio import atomic_write_json, check_writable_name
 from hwsplit.models import model_from_architecture
 from hwsplit.parallel import on_main
 from hwsplit.rundir import RunDir, StageFailed, WriteFailed, stage_table, start_fresh, write_summary
-from hwsplit.score import splitting_indices
-from hwsplit.select import select_by_name
+from hwsplit.score import SplitScore, decided, splitting_indices
+from hwsplit.select import knapsack_cut, select_by_name
 from hwsplit.stages import (
     Progress,
     Session,
@@ -216,32 +216,45 @@ def _stages(run: RunDir, config: GrowConfig, session: Session, records: list[dic
             seed_everything(stage_seed(config, stage))
             kill_point(f"stage-{stage}:start")
             timings: dict[str, float] = {}
-            t0 = time.perf_counter()
-            if hasattr(train_loader, "set_epoch"):
-                train_loader.set_epoch(stage * 10_000 - 1)
-            scores = splitting_indices(model, train_loader, method=config.split_method, epochs=config.split_epochs,
-                                       lr=config.split_lr, ritz_vectors=config.split_vectors,
-                                       ritz_allocation=config.split_allocation, seed=config.seed + stage, groups=groups,
-                                       progress=progress)
-            timings["score_s"] = time.perf_counter() - t0
-
+            # the prices first: adaptive scoring stops by the knapsack's cut, which needs them
             t0 = time.perf_counter()
             total = cost_model.total(model, input_shape)
             marginal = cost_model.marginal(model, input_shape, groups=groups)
             budget = config.growth_ratio * total
             if config.budget is not None:
                 budget = min(budget, config.budget - total)
+            caps = config.max_layer_growth
+            price_s = time.perf_counter() - t0
+
+            def cut(eigenvalues: dict[str, torch.Tensor], budget: float = budget, marginal: dict = marginal,
+                    caps: float | None = caps) -> dict[str, Any]:
+                return knapsack_cut(eigenvalues, {k: marginal[k] for k in eigenvalues}, max(budget, 0.0), caps=caps)
+
+            t0 = time.perf_counter()
+            if hasattr(train_loader, "set_epoch"):
+                train_loader.set_epoch(stage * 10_000 - 1)
+            scores = splitting_indices(model, train_loader, method=config.split_method, epochs=config.split_epochs,
+                                       lr=config.split_lr, ritz_vectors=config.split_vectors,
+                                       ritz_allocation=config.split_allocation, seed=config.seed + stage, groups=groups,
+                                       progress=progress, adaptive=config.adaptive_scoring(cut))
+            timings["score_s"] = time.perf_counter() - t0
+
+            t0 = time.perf_counter()
             eig = torch.cat([s.eigenvalues for s in scores.values()]) if scores else torch.zeros(0)
             if not bool(torch.isfinite(eig).all()):
                 raise FloatingPointError("scoring: some splitting indices are not finite")
             n_negative = int((eig < 0).sum())
-            if n_negative == 0 and config.selection != "random":
+            scoring = scoring_record(config, scores, cut)
+            raw_scores, n_candidates = scores, n_negative
+            if config.split_candidates == "significant":  # λ not below 0 beyond its error bar: not a candidate
+                scores = significant_scores(scores, config.scoring_z)
+                n_candidates = scoring["significant_negative"]
+            if n_candidates == 0 and config.selection != "random":
                 stop_reason = STOP_NO_NEGATIVE
                 break
             if budget <= 0:
                 stop_reason = STOP_BUDGET
                 break
-            caps = config.max_layer_growth
             costs = {k: marginal[k] for k in scores}
             # the random baseline drops neurons from an over-budget plan in random order too
             rank = _random_rank([config.seed, stage, 1]) if config.selection == "random" else None
@@ -259,9 +272,9 @@ def _stages(run: RunDir, config: GrowConfig, session: Session, records: list[dic
                 if plan:
                     plan = fit_plan_to_budget(plan, scores, marginal, increase, budget, rank=rank)
             plan = _agreed_plan(plan)
-            timings["select_s"] = time.perf_counter() - t0
+            timings["select_s"] = time.perf_counter() - t0 + price_s
             if not plan:
-                stop_reason = STOP_BUDGET if n_negative or config.selection == "random" else STOP_NO_NEGATIVE
+                stop_reason = STOP_BUDGET if n_candidates or config.selection == "random" else STOP_NO_NEGATIVE
                 break
 
             t0 = time.perf_counter()
@@ -288,9 +301,12 @@ def _stages(run: RunDir, config: GrowConfig, session: Session, records: list[dic
                 "eigenvalues": {
                     "min": float(eig.min()), "median": float(eig.median()), "negative": n_negative,
                     "count": int(eig.numel()),
-                    "per_layer_min": {k: float(s.eigenvalues.min()) for k, s in scores.items()},
+                    "per_layer_min": {k: float(s.eigenvalues.min()) for k, s in raw_scores.items()},
                     "chosen_sum": float(chosen.sum()),
                 },
+                "scoring_images": scoring["images"],
+                "scoring_decided": scoring["decided"],
+                "scoring": scoring,
                 "loss_before_split": before,
                 "loss_after_split": after,
                 "predicted_loss_change": 0.5 * config.split_step ** 2 * float(chosen.sum()),
@@ -307,6 +323,35 @@ def _stages(run: RunDir, config: GrowConfig, session: Session, records: list[dic
 
         final_network(run.path, config, session, records, progress=progress)
     return records
+
+
+def scoring_record(config: GrowConfig, scores: dict[str, SplitScore],
+                   cut: Callable[[dict[str, torch.Tensor]], dict[str, Any]]) -> dict[str, Any]:
+    """What a stage's record says about its scoring call: the mode, the images it read, why it stopped,
+    and, where λ has error bars, how many neurons' side of the knapsack's cut (``cut``) is decided at
+    ``scoring_z`` standard errors (|λ − t| > z·SE), how many are not, how many λ are below zero beyond
+    their error bar (``significant_negative``) and the largest SE (units of loss)."""
+    first = next(iter(scores.values()), None)
+    out: dict[str, Any] = {"mode": config.scoring, "images": first.images if first else 0,
+                           "stopped": first.stopped if first else None, "z": config.scoring_z,
+                           "decided": None, "undecided": None, "significant_negative": None, "stderr_max": None}
+    if not scores or any(s.stderr is None for s in scores.values()):
+        return out
+    thresholds = cut({k: s.eigenvalues for k, s in scores.items()})
+    yes = sum(int(decided(s.eigenvalues, s.stderr, torch.as_tensor(thresholds[k], dtype=s.eigenvalues.dtype),
+                          config.scoring_z).sum()) for k, s in scores.items())
+    count = sum(len(s) for s in scores.values())
+    significant = sum(int((s.eigenvalues + config.scoring_z * s.stderr < 0).sum()) for s in scores.values())
+    out.update(decided=yes, undecided=count - yes, significant_negative=significant,
+               stderr_max=float(max(float(s.stderr.max()) for s in scores.values())))
+    return out
+
+
+def significant_scores(scores: dict[str, SplitScore], z: float) -> dict[str, SplitScore]:
+    """``scores`` with λ set to 0 (not a candidate) where λ + z·SE ≥ 0; eigenvectors unchanged."""
+    return {k: dataclasses.replace(s, eigenvalues=torch.where(s.eigenvalues + z * s.stderr < 0, s.eigenvalues,
+                                                                torch.zeros_like(s.eigenvalues)))
+            for k, s in scores.items()}
 
 
 def _agreed_plan(plan: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
