@@ -154,26 +154,31 @@ def _measure(name: str, path: Path, config, session, args: argparse.Namespace) -
     full_record, full = call("full", SCORE_EPOCH, seed=0)
     entry["neurons"] = sum(len(s) for s in full.values())
     entry["calls"].append(full_record)
-    rule = AdaptiveScoring(tolerance=args.tolerance, z=args.z, min_fraction=args.min_fraction,
-                           max_fraction=args.cap, cut=cut)
-    entry["adaptive"] = {"tolerance": rule.tolerance, "z": rule.z, "min_fraction": rule.min_fraction,
-                         "max_fraction": rule.max_fraction, "check_every": rule.check_every}
-    for seed in args.seeds:
-        record, scores = call(f"adaptive seed {seed}", SCORE_EPOCH + 1 + seed, seed=seed, adaptive=rule)
-        record["agreement"] = _agreement(full, scores, costs, budget, args.z)
-        entry["calls"].append(record)
-        a = record["agreement"]
-        print(f"  overlap {a['overlap_all']:.3f} (significant only {a.get('overlap_significant', float('nan')):.3f})"
-              f", Spearman pooled {a['spearman_pooled']:.3f} worst layer {a['spearman_min_layer']:.3f}, "
-              f"negatives {a['negative_found']}/{a['negative_full']}", flush=True)
+    base = dict(tolerance=args.tolerance, z=args.z, min_fraction=args.min_fraction, max_fraction=args.cap)
+    for variant in args.variants:
+        rule = AdaptiveScoring(**{**base, **variant}, cut=cut)
+        settings = {"tolerance": rule.tolerance, "z": rule.z, "min_fraction": rule.min_fraction,
+                    "max_fraction": rule.max_fraction, "check_every": rule.check_every}
+        tag = "adaptive" + "".join(f" {k}={v}" for k, v in variant.items())
+        for seed in args.seeds:
+            record, scores = call(f"{tag} seed {seed}", SCORE_EPOCH + 1 + seed, seed=seed, adaptive=rule)
+            record["adaptive"] = settings
+            record["agreement"] = _agreement(full, scores, costs, budget, args.z)
+            entry["calls"].append(record)
+            _print_agreement(record)
     for r in range(1, args.full_repeats):
         record, scores = call(f"full repeat {r}", SCORE_EPOCH + 9 + r, seed=r)
         record["agreement"] = _agreement(full, scores, costs, budget, args.z)
         entry["calls"].append(record)
-        a = record["agreement"]
-        print(f"  overlap {a['overlap_all']:.3f}, Spearman pooled {a['spearman_pooled']:.3f} worst layer "
-              f"{a['spearman_min_layer']:.3f}, negatives {a['negative_found']}/{a['negative_full']}", flush=True)
+        _print_agreement(record)
     return entry
+
+
+def _print_agreement(record: dict) -> None:
+    a = record["agreement"]
+    print(f"  overlap {a['overlap_all']:.3f} (significant only {a.get('overlap_significant', float('nan')):.3f})"
+          f", Spearman pooled {a['spearman_pooled']:.3f} worst layer {a['spearman_min_layer']:.3f}, "
+          f"negatives {a['negative_found']}/{a['negative_full']}", flush=True)
 
 
 def table(report: dict) -> str:
@@ -208,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--z", type=float, default=2.0)
     parser.add_argument("--min-fraction", type=float, default=0.05)
     parser.add_argument("--cap", type=float, default=0.25)
+    parser.add_argument("--variants", type=json.loads, default=[{}],
+                        help='JSON list of AdaptiveScoring overrides, each for every seed: [{}, {"min_fraction": 0.1}]')
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--networks", default="seed,grown", help="seed and/or grown")
     parser.add_argument("--out", default="")
