@@ -255,6 +255,20 @@ def _print_stage(record: dict[str, Any]) -> None:
 @click.option("--split-allocation", type=click.Choice(["cost", "uniform"]), default="cost", show_default=True,
               help="cost: more Rayleigh-Ritz vectors in layers where one is cheap (small maps); "
                    "uniform: --split-vectors everywhere.")
+@click.option("--scoring", type=click.Choice(["full", "adaptive"]), default="full", show_default=True,
+              help="full: score on every training image each stage; adaptive: on a subsample that stops when the "
+                   "knapsack's choice is decided within the error bars of the indices (BENCHMARKS.md, issue 31).")
+@click.option("--scoring-tolerance", type=click.FloatRange(min=0), default=0.05, show_default=True,
+              help="adaptive: undecided neurons allowed, as a share of the neurons the knapsack's cut takes.")
+@click.option("--scoring-z", type=click.FloatRange(min=0, min_open=True), default=2.0, show_default=True,
+              help="Error bar of an index in standard errors (adaptive stopping rule, --split-candidates).")
+@click.option("--scoring-min", type=click.FloatRange(min=0, max=1, min_open=True), default=0.05, show_default=True,
+              help="adaptive: share of an epoch read before the first check.")
+@click.option("--scoring-cap", type=click.FloatRange(min=0, max=1, min_open=True), default=0.25, show_default=True,
+              help="adaptive: share of an epoch read at most.")
+@click.option("--split-candidates", type=click.Choice(["all", "significant"]), default="all", show_default=True,
+              help="all: every negative index is a candidate; significant: only those below zero by more than "
+                   "--scoring-z standard errors.")
 @click.option("--split-step", type=click.FloatRange(min=0), default=1e-2, show_default=True,
               help="Offspring step epsilon (weight units).")
 @click.option("--selection", type=click.Choice(["lp", "milp", "greedy", "random"]), default="lp", show_default=True,
@@ -308,7 +322,8 @@ def grow(model: str, model_config: str | None, width_mult: float | None, activat
          profile_path: str | None, metric: str | None, growth_ratio: float, stages: int, budget: str | None,
          epochs: int,
          seed_epochs: int | None, split_epochs: int, split_method: str, split_vectors: int, split_allocation: str,
-         split_step: float,
+         scoring: str, scoring_tolerance: float, scoring_z: float, scoring_min: float, scoring_cap: float,
+         split_candidates: str, split_step: float,
          selection: str,
          max_layer_growth: float | None, price: str | None, group_budgets: str | None, max_widths: str | None,
          lp_threshold: float | None, recipe: str | None, channel_multiple: str | None, val_fraction: float,
@@ -367,6 +382,8 @@ def grow(model: str, model_config: str | None, width_mult: float | None, activat
         growth_ratio=growth_ratio, stages=stages,
         budget=budget_value, epochs=epochs, seed_epochs=seed_epochs, split_epochs=split_epochs,
         split_method=split_method, split_vectors=split_vectors, split_allocation=split_allocation,
+        scoring=scoring, scoring_tolerance=scoring_tolerance, scoring_z=scoring_z, scoring_min=scoring_min,
+        scoring_cap=scoring_cap, split_candidates=split_candidates,
         split_step=split_step, selection=selection,
         **recipe_settings(recipe, given, selection=selection),
         channel_multiple=_channel_multiple(channel_multiple),

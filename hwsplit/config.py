@@ -21,7 +21,7 @@ from hwsplit.errors import ConfigError
 from hwsplit.families import CEILINGS, FAMILIES, supports_channel_multiple
 from hwsplit.recipe import GROUP_BUDGETS
 from hwsplit.schedule import POLICIES, stage_train_config
-from hwsplit.score import RITZ_ALLOCATIONS
+from hwsplit.score import RITZ_ALLOCATIONS, SCORINGS, SPLIT_CANDIDATES
 from hwsplit.select import PRICES, SELECTIONS
 from hwsplit.train import TrainConfig
 
@@ -116,6 +116,17 @@ class GrowConfig:
     split_vectors: int = 6
     # "cost": more vectors where one is cheap (small maps), "uniform": split_vectors everywhere (before 13g)
     split_allocation: str = "cost"
+    # "full": every training image once per stage; "adaptive": a subsample sized by the error bars of the
+    # indices (hwsplit.score.AdaptiveScoring; issue 31): stop when at most scoring_tolerance × the neurons the
+    # knapsack's cut takes are within scoring_z standard errors of it, between scoring_min and scoring_cap
+    # (shares of an epoch)
+    scoring: str = "full"
+    scoring_tolerance: float = 0.05
+    scoring_z: float = 2.0
+    scoring_min: float = 0.05
+    scoring_cap: float = 0.25
+    # "all": every λ < 0 is a candidate; "significant": only λ + scoring_z·SE < 0
+    split_candidates: str = "all"
     selection: str = "lp"
     max_layer_growth: float | None = None  # cap per layer and stage, as a fraction of its width
     batch_size: int = 64
@@ -160,6 +171,10 @@ class GrowConfig:
             "split_step": _number(self.split_step) and self.split_step >= 0,
             "split_lr": _number(self.split_lr) and self.split_lr > 0,
             "split_vectors": _non_negative_int(self.split_vectors),
+            "scoring_tolerance": _number(self.scoring_tolerance) and self.scoring_tolerance >= 0,
+            "scoring_z": _number(self.scoring_z) and self.scoring_z > 0,
+            "scoring_min": _number(self.scoring_min) and 0 < self.scoring_min <= 1,
+            "scoring_cap": _number(self.scoring_cap) and 0 < self.scoring_cap <= 1,
             "batch_size": _positive_int(self.batch_size),
             "budget": self.budget is None or (_number(self.budget) and self.budget > 0),
             "seed_epochs": self.seed_epochs is None or _positive_int(self.seed_epochs),
@@ -192,6 +207,20 @@ class GrowConfig:
         if self.split_allocation not in RITZ_ALLOCATIONS:
             raise ConfigError(f"split_allocation: expected one of {', '.join(RITZ_ALLOCATIONS)}, "
                               f"got {self.split_allocation!r}")
+        if self.scoring not in SCORINGS:
+            raise ConfigError(f"scoring: expected one of {', '.join(SCORINGS)}, got {self.scoring!r}")
+        if self.split_candidates not in SPLIT_CANDIDATES:
+            raise ConfigError(f"split_candidates: expected one of {', '.join(SPLIT_CANDIDATES)}, "
+                              f"got {self.split_candidates!r}")
+        has_errors = self.split_method == "rayleigh" and self.split_vectors > 0
+        if self.scoring == "adaptive" and not (has_errors and self.split_epochs == 1):
+            raise ConfigError("scoring: adaptive needs split_method rayleigh with split_vectors >= 1 and "
+                              "split_epochs 1 (its error bars come from the Rayleigh-Ritz estimate)")
+        if self.scoring == "adaptive" and self.scoring_min > self.scoring_cap:
+            raise ConfigError(f"scoring_min: {self.scoring_min} is above scoring_cap {self.scoring_cap}")
+        if self.split_candidates == "significant" and not has_errors:
+            raise ConfigError("split_candidates: significant needs error bars: split_method rayleigh with "
+                              "split_vectors >= 1")
         if self.cost not in COSTS:
             raise ConfigError(f"cost: expected one of {', '.join(COSTS)}, got {self.cost!r}")
         if self.cost in PROFILED_COSTS and not self.profile:

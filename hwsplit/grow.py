@@ -1,10 +1,11 @@
 """The stage loop (docs/design.md §5):
 
     stage 0: train the seed
-    stage k: splitting indices → marginal costs on the current architecture → budget
-             → selection (by name, hwsplit.select.SELECTIONS) → fit the plan to the budget → split → train
+    stage k: marginal costs on the current architecture → budget → splitting indices (every image, or
+             an adaptive subsample that stops on the knapsack's cut) → selection (by name,
+             hwsplit.select.SELECTIONS) → fit the plan to the budget → split → train
 
-The score → price → select → split part of a stage is :meth:`hwsplit.grower.Grower.grow_step`, the
+The price → score → select → split part of a stage is :meth:`hwsplit.grower.Grower.grow_step`, the
 same step a user's own training loop calls (``Grower.step``); this module adds the run directory,
 seeding, training, records, resume and TensorBoard (:mod:`hwsplit.tblog`).
 
@@ -202,7 +203,10 @@ def make_grower(config: GrowConfig, session: Session, model: nn.Module, *, first
                   growth_ratio=config.growth_ratio, budget=config.budget, selection=config.selection,
                   split_step=config.split_step, device=session.device, split_method=config.split_method,
                   split_epochs=config.split_epochs, split_lr=config.split_lr, split_vectors=config.split_vectors,
-                  split_allocation=config.split_allocation, max_layer_growth=config.max_layer_growth,
+                  split_allocation=config.split_allocation, scoring=config.scoring,
+                  scoring_tolerance=config.scoring_tolerance, scoring_z=config.scoring_z,
+                  scoring_min=config.scoring_min, scoring_cap=config.scoring_cap,
+                  split_candidates=config.split_candidates, max_layer_growth=config.max_layer_growth,
                   channel_multiple=resolve_channel_multiple(config), seed=config.seed, first_step=first_step,
                   price=config.price, group_budgets=config.group_budgets, max_widths=config.max_widths,
                   lp_threshold=config.lp_threshold, family=config.model, progress=progress)
@@ -210,7 +214,8 @@ def make_grower(config: GrowConfig, session: Session, model: nn.Module, *, first
 
 #: The keys of a growth step's record (hwsplit.grower) that a stage record keeps, in this order.
 STEP_KEYS = ("split", "neurons_split", "selection", "channel_multiple", "price", "group_budgets", "budget",
-             "eigenvalues", "loss_before_split", "loss_after_split", "predicted_loss_change")
+             "eigenvalues", "scoring_images", "scoring_decided", "scoring", "loss_before_split", "loss_after_split",
+             "predicted_loss_change")
 
 
 def _stages(run: RunDir, config: GrowConfig, session: Session, records: list[dict[str, Any]], *,

@@ -9,9 +9,11 @@
             break
 
 :meth:`Grower.step` is the stage of ``grow`` (docs/design.md §5, steps 2–5) without the run
-directory: splitting indices on the caller's loader (:func:`hwsplit.score.splitting_indices`), the
-cost model's total and marginal costs on the current architecture, the budget
-B = min(growth_ratio × C, budget − C), the selection (:meth:`Grower._select`, the one place that
+directory: the cost model's total and marginal costs on the current architecture and the budget
+B = min(growth_ratio × C, budget − C) (priced first: adaptive scoring stops on the knapsack's cut,
+:func:`hwsplit.select.knapsack_cut`), splitting indices on the caller's loader
+(:func:`hwsplit.score.splitting_indices`; every batch, or with ``scoring="adaptive"`` a subsample),
+the selection (:meth:`Grower._select`, the one place that
 decides the plan), and the function-preserving split (:func:`hwsplit.surgery.apply_split`).
 :func:`hwsplit.grow.grow` runs its stages through :meth:`Grower.grow_step`, so the command line and
 a user's loop grow a network the same way.
@@ -33,8 +35,17 @@ import cost_models
 from hwsplit.distributed import all_ranks_true, broadcast_object, world_size
 from hwsplit.graph import NeuronGroup, find_neuron_groups
 from hwsplit.recipe import GROUP_BUDGETS, select_stage
-from hwsplit.score import RITZ_ALLOCATIONS, SplitScore, splitting_indices
-from hwsplit.select import PRICES, SELECTIONS
+from hwsplit.score import (
+    RITZ_ALLOCATIONS,
+    SCORINGS,
+    SPLIT_CANDIDATES,
+    AdaptiveScoring,
+    SplitScore,
+    scoring_record,
+    significant_scores,
+    splitting_indices,
+)
+from hwsplit.select import PRICES, SELECTIONS, knapsack_cut
 from hwsplit.surgery import apply_split, split_sources
 
 log = logging.getLogger(__name__)
@@ -52,9 +63,11 @@ OFFSPRING_STATE = ("fresh", "parent")
 class GrowthStep:
     """What one :meth:`Grower.grow_step` did. ``model`` is the grown model (the input model when
     nothing was split: ``plan`` empty and ``stop_reason`` set); ``groups`` its neuron groups;
-    ``scores`` the splitting indices the plan was chosen on; ``record`` the step's record (also
-    appended to :attr:`Grower.records`; None when nothing was split); ``sources`` the split's
-    index maps (:func:`hwsplit.surgery.split_sources`)."""
+    ``scores`` the splitting indices as scored (with ``split_candidates="significant"`` the plan was
+    chosen on them with λ set to 0 where it is not below 0 beyond its error bar,
+    :func:`hwsplit.score.significant_scores`); ``record`` the step's record (also appended to
+    :attr:`Grower.records`; None when nothing was split); ``sources`` the split's index maps
+    (:func:`hwsplit.surgery.split_sources`)."""
 
     model: nn.Module
     groups: list[NeuronGroup]
@@ -84,6 +97,12 @@ class Grower:
     ``split_step``: the offspring step ε in weight units. ``device``: where the grown model goes
     (default: where ``model``'s parameters are). ``split_method``, ``split_epochs``, ``split_lr``,
     ``split_vectors``, ``split_allocation``: the scoring options of ``grow`` (README, CLI reference).
+    ``scoring``: ``"full"`` (every batch of the loader, the default) or ``"adaptive"`` (a subsample that
+    stops when the knapsack's cut is decided within the indices' error bars, issue 31:
+    :class:`hwsplit.score.AdaptiveScoring` with ``scoring_tolerance``, ``scoring_z``, ``scoring_min`` and
+    ``scoring_cap``; needs ``split_method="rayleigh"``, ``split_vectors`` >= 1, ``split_epochs`` 1 and a
+    loader with a ``len()``). ``split_candidates``: ``"all"`` (every negative index, the default) or
+    ``"significant"`` (only λ + scoring_z·SE < 0; needs the Rayleigh–Ritz error bars).
     ``max_layer_growth``: cap per layer and step (fraction of its width). ``channel_multiple``: grow
     every layer by multiples of N channels (docs/design.md §3). ``seed``: scoring and random
     selection are seeded by ``seed`` and the step number. ``first_step``: the number of the first
@@ -97,7 +116,9 @@ class Grower:
                  growth_ratio: float = 0.5, budget: float | None = None, selection: str = "lp",
                  split_step: float = 1e-2, device: str | torch.device | None = None, split_method: str = "rayleigh",
                  split_epochs: int = 1, split_lr: float = 0.05, split_vectors: int = 6,
-                 split_allocation: str = "cost", max_layer_growth: float | None = None,
+                 split_allocation: str = "cost", scoring: str = "full", scoring_tolerance: float = 0.05,
+                 scoring_z: float = 2.0, scoring_min: float = 0.05, scoring_cap: float = 0.25,
+                 split_candidates: str = "all", max_layer_growth: float | None = None,
                  channel_multiple: int | None = None, seed: int = 0, first_step: int = 1,
                  price: str = "linear", group_budgets: str = "none", max_widths: str | list[int] | None = None,
                  lp_threshold: float | None = None, family: str | None = None,
@@ -120,6 +141,10 @@ class Grower:
             "split_epochs": _int(split_epochs) and split_epochs >= 1,
             "split_lr": _number(split_lr) and split_lr > 0,
             "split_vectors": _int(split_vectors) and split_vectors >= 0,
+            "scoring_tolerance": _number(scoring_tolerance) and scoring_tolerance >= 0,
+            "scoring_z": _number(scoring_z) and scoring_z > 0,
+            "scoring_min": _number(scoring_min) and 0 < scoring_min <= 1,
+            "scoring_cap": _number(scoring_cap) and 0 < scoring_cap <= 1,
             "max_layer_growth": max_layer_growth is None or (_number(max_layer_growth) and 0 < max_layer_growth <= 1),
             "channel_multiple": channel_multiple is None or (_int(channel_multiple) and channel_multiple >= 1),
             "seed": _int(seed),
@@ -135,6 +160,20 @@ class Grower:
         if split_allocation not in RITZ_ALLOCATIONS:
             raise ValueError(f"split_allocation: expected one of {', '.join(RITZ_ALLOCATIONS)}, "
                              f"got {split_allocation!r}")
+        if scoring not in SCORINGS:
+            raise ValueError(f"scoring: expected one of {', '.join(SCORINGS)}, got {scoring!r}")
+        if split_candidates not in SPLIT_CANDIDATES:
+            raise ValueError(f"split_candidates: expected one of {', '.join(SPLIT_CANDIDATES)}, "
+                             f"got {split_candidates!r}")
+        has_errors = split_method == "rayleigh" and split_vectors > 0
+        if scoring == "adaptive" and not (has_errors and split_epochs == 1):
+            raise ValueError("scoring: adaptive needs split_method rayleigh with split_vectors >= 1 and "
+                             "split_epochs 1 (its error bars come from the Rayleigh-Ritz estimate)")
+        if scoring == "adaptive" and scoring_min > scoring_cap:
+            raise ValueError(f"scoring_min: {scoring_min} is above scoring_cap {scoring_cap}")
+        if split_candidates == "significant" and not has_errors:
+            raise ValueError("split_candidates: significant needs error bars: split_method rayleigh with "
+                             "split_vectors >= 1")
         if price not in PRICES:
             raise ValueError(f"price: expected one of {', '.join(PRICES)}, got {price!r}")
         if group_budgets not in GROUP_BUDGETS:
@@ -156,6 +195,9 @@ class Grower:
         self.split_step = float(split_step)
         self.split_method, self.split_epochs, self.split_lr = split_method, split_epochs, split_lr
         self.split_vectors, self.split_allocation = split_vectors, split_allocation
+        self.scoring, self.scoring_tolerance, self.scoring_z = scoring, float(scoring_tolerance), float(scoring_z)
+        self.scoring_min, self.scoring_cap = float(scoring_min), float(scoring_cap)
+        self.split_candidates = split_candidates
         self.max_layer_growth = max_layer_growth
         self.channel_multiple = channel_multiple
         self.price, self.group_budgets, self.max_widths = price, group_budgets, max_widths
@@ -226,47 +268,62 @@ class Grower:
         cost_model, shape = self.cost_model, self.input_shape
         groups = self.trace(model) if groups is None else groups
         timings: dict[str, float] = {}
-        t0 = time.perf_counter()
-        scores = splitting_indices(model, loader, method=self.split_method, epochs=self.split_epochs,
-                                   lr=self.split_lr, ritz_vectors=self.split_vectors,
-                                   ritz_allocation=self.split_allocation, seed=self.seed + stage, groups=groups,
-                                   loss_fn=loss_fn, progress=self.progress)
-        timings["score_s"] = time.perf_counter() - t0
-
+        # the prices first: adaptive scoring stops by the knapsack's cut, which needs them
         t0 = time.perf_counter()
         total = cost_model.total(model, shape)
         marginal = cost_model.marginal(model, shape, groups=groups)
         budget = self.growth_ratio * total
         if self.budget is not None:
             budget = min(budget, self.budget - total)
+        caps = self.max_layer_growth
+        price_s = time.perf_counter() - t0
+
+        def cut(eigenvalues: dict[str, torch.Tensor]) -> dict[str, Any]:
+            # the fractional knapsack on the marginal costs, the budget and the per-layer caps (issue 31):
+            # not the price transforms, group budgets or width ceilings of select_stage
+            return knapsack_cut(eigenvalues, {k: marginal[k] for k in eigenvalues}, max(budget, 0.0), caps=caps)
+
+        t0 = time.perf_counter()
+        scores = splitting_indices(model, loader, method=self.split_method, epochs=self.split_epochs,
+                                   lr=self.split_lr, ritz_vectors=self.split_vectors,
+                                   ritz_allocation=self.split_allocation, seed=self.seed + stage, groups=groups,
+                                   loss_fn=loss_fn, progress=self.progress, adaptive=self.adaptive_scoring(cut))
+        timings["score_s"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
         eig = torch.cat([s.eigenvalues for s in scores.values()]) if scores else torch.zeros(0)
         if not bool(torch.isfinite(eig).all()):
             raise FloatingPointError("scoring: some splitting indices are not finite")
         n_negative = int((eig < 0).sum())
+        scoring = scoring_record(scores, cut, mode=self.scoring, z=self.scoring_z)
+        candidates, n_candidates = scores, n_negative
+        if self.split_candidates == "significant":  # λ not below 0 beyond its error bar: not a candidate
+            candidates = significant_scores(scores, self.scoring_z)
+            n_candidates = scoring["significant_negative"]
         unchanged = GrowthStep(model=model, groups=groups, scores=scores)
-        if n_negative == 0 and self.selection != "random":
+        if n_candidates == 0 and self.selection != "random":
             return self._stop(unchanged, STOP_NO_NEGATIVE)
         if budget <= 0:
             return self._stop(unchanged, STOP_BUDGET)
-        plan, chosen_by = self._select(model, scores, groups, marginal, total=total, budget=budget, stage=stage)
+        plan, chosen_by = self._select(model, candidates, groups, marginal, total=total, budget=budget, stage=stage)
         blocks: dict[str, Any] = chosen_by.get("blocks", {})
         plan = _agreed_plan(plan)
-        timings["select_s"] = time.perf_counter() - t0
+        timings["select_s"] = time.perf_counter() - t0 + price_s
         if not plan:
-            return self._stop(unchanged, STOP_BUDGET if n_negative or self.selection == "random"
+            return self._stop(unchanged, STOP_BUDGET if n_candidates or self.selection == "random"
                               else STOP_NO_NEGATIVE)
 
         t0 = time.perf_counter()
         before = evaluate(model) if evaluate is not None else None
-        grown = apply_split(model, plan, scores, step=self.split_step).to(self.device)
-        sources = split_sources(model, plan, scores)
+        grown = apply_split(model, plan, candidates, step=self.split_step).to(self.device)
+        sources = split_sources(model, plan, candidates)
         new_groups = self.trace(grown)
         # what the split really cost (the cost model's total after minus before), not Σ marginals,
         # which over- or under-states it when costs are not additive (docs/design.md §4)
         after_total = cost_model.total(grown, shape)
         after = evaluate(grown) if evaluate is not None else None
         timings["split_s"] = time.perf_counter() - t0
-        chosen = torch.cat([scores[k].eigenvalues[v] for k, v in plan.items()])
+        chosen = torch.cat([candidates[k].eigenvalues[v] for k, v in plan.items()])
         record = {
             "step": stage,
             "widths_before": {g.name: g.width for g in groups if g.splittable},
@@ -289,6 +346,9 @@ class Grower:
                 "per_layer_min": {k: float(s.eigenvalues.min()) for k, s in scores.items()},
                 "chosen_sum": float(chosen.sum()),
             },
+            "scoring_images": scoring["images"],
+            "scoring_decided": scoring["decided"],
+            "scoring": scoring,
             **({"loss_before_split": before, "loss_after_split": after} if evaluate is not None else {}),
             "predicted_loss_change": 0.5 * self.split_step ** 2 * float(chosen.sum()),
             "seconds": timings,
@@ -303,6 +363,14 @@ class Grower:
             result.stop_reason = STOP_BUDGET
         self.last_step = result
         return result
+
+    def adaptive_scoring(self, cut: Callable[[dict[str, torch.Tensor]], dict[str, Any]] | None = None,
+                         ) -> AdaptiveScoring | None:
+        """The :class:`~hwsplit.score.AdaptiveScoring` of ``scoring="adaptive"`` with the step's ``cut``, else None."""
+        if self.scoring != "adaptive":
+            return None
+        return AdaptiveScoring(tolerance=self.scoring_tolerance, z=self.scoring_z, min_fraction=self.scoring_min,
+                               max_fraction=self.scoring_cap, cut=cut)
 
     def _select(self, model: nn.Module, scores: Mapping[str, SplitScore], groups: list[NeuronGroup],
                 marginal: Mapping[str, float], *, total: float, budget: float,

@@ -33,6 +33,8 @@ gradients and train/eval modes are exactly as before afterwards.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import itertools
 import logging
 import math
 import operator
@@ -60,6 +62,11 @@ RITZ_ELEMENT_MACS = 20  # not tuned for GPUs (there the split only shifts vector
 RITZ_MAX_FACTOR = 4  # the cost allocation gives no group more than this many times ritz_vectors
 RITZ_ALLOCATIONS = ("cost", "uniform")
 METHODS = ("rayleigh", "exact")
+#: How a growth step scores: every training image once, or an adaptive subsample (:class:`AdaptiveScoring`).
+SCORINGS = ("full", "adaptive")
+#: Which negative indices are split candidates: all, or those below 0 beyond their error bar
+#: (:func:`significant_scores`).
+SPLIT_CANDIDATES = ("all", "significant")
 
 
 @dataclass
@@ -74,9 +81,168 @@ class SplitScore:
     eigenvectors: torch.Tensor
     method: str = "rayleigh"
     group: NeuronGroup | None = None  # the coupling the score was computed for; surgery follows it
+    # standard error of each eigenvalue (units of loss), from the batch-to-batch spread of the Rayleigh
+    # quotient along its Ritz vector (:func:`ritz_estimate`); None where the method gives none
+    stderr: torch.Tensor | None = None
+    images: int | None = None  # samples the call read from the loader, over all ranks
+    stopped: str | None = None  # adaptive scoring: "tolerance" (the stopping rule) or "cap"; None: every batch
 
     def __len__(self) -> int:
         return int(self.eigenvalues.numel())
+
+
+@dataclass(frozen=True)
+class AdaptiveScoring:
+    """Score on a subsample of the loader's batches whose size the estimate chooses (docs/design.md §2).
+
+    The batches are read in the loader's (shuffled) order: the Rayleigh descent runs on the first
+    ``ritz_from`` share of the minimum subsample, then the Rayleigh–Ritz sum grows batch by batch. From
+    ``min_fraction`` of an epoch on, every ``check_every`` batches, each neuron's λ gets a standard error SE
+    (:func:`ritz_estimate`) and a threshold t from ``cut`` (λ ↦ t per neuron, e.g. the knapsack's cut,
+    :func:`hwsplit.select.knapsack_cut`; None: t = 0, the sign); a neuron is *decided* when
+    |λ − t| > z·SE. The call stops when the undecided neurons are at most ``tolerance`` × the neurons
+    with λ < t (at least 1), or at ``max_fraction`` of an epoch.
+    """
+
+    tolerance: float = 0.05  # undecided neurons allowed, as a share of those below the cut
+    z: float = 2.0  # half-width of the error bar, in standard errors
+    min_fraction: float = 0.05  # of the loader's batches: read at least this many before the first check
+    max_fraction: float = 0.25  # the cap, of the loader's batches
+    check_every: int = 4  # batches between checks
+    cut: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
+
+    def __post_init__(self) -> None:
+        checks = {"tolerance": self.tolerance >= 0, "z": self.z > 0,
+                  "min_fraction": 0 < self.min_fraction <= 1, "max_fraction": 0 < self.max_fraction <= 1,
+                  "check_every": isinstance(self.check_every, int) and self.check_every >= 1}
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"adaptive.{name}: invalid value {getattr(self, name)!r}")
+        if self.min_fraction > self.max_fraction:
+            raise ValueError(f"adaptive.min_fraction: {self.min_fraction} is above max_fraction {self.max_fraction}")
+
+
+def decided(eigenvalues: torch.Tensor, stderr: torch.Tensor, threshold: torch.Tensor | float,
+            z: float) -> torch.Tensor:
+    """Per neuron, whether its side of ``threshold`` is decided: |λ − t| > z·SE (a boolean tensor)."""
+    return (eigenvalues - threshold).abs() > z * stderr
+
+
+def scoring_record(scores: dict[str, SplitScore], cut: Callable[[dict[str, torch.Tensor]], dict[str, Any]], *,
+                   mode: str, z: float) -> dict[str, Any]:
+    """What a growth step's record says about its scoring call: the ``mode`` (:data:`SCORINGS`), the images
+    it read, why it stopped, and, where λ has error bars, how many neurons' side of the knapsack's cut
+    (``cut``: λ ↦ t per neuron) is decided at ``z`` standard errors (|λ − t| > z·SE), how many are not, how
+    many λ are below zero beyond their error bar (``significant_negative``) and the largest SE (units of
+    loss)."""
+    first = next(iter(scores.values()), None)
+    out: dict[str, Any] = {"mode": mode, "images": first.images if first else 0,
+                           "stopped": first.stopped if first else None, "z": z,
+                           "decided": None, "undecided": None, "significant_negative": None, "stderr_max": None}
+    if not scores or any(s.stderr is None for s in scores.values()):
+        return out
+    thresholds = cut({k: s.eigenvalues for k, s in scores.items()})
+    yes = sum(int(decided(s.eigenvalues, s.stderr, torch.as_tensor(thresholds[k], dtype=s.eigenvalues.dtype),
+                          z).sum()) for k, s in scores.items())
+    count = sum(len(s) for s in scores.values())
+    significant = sum(int((s.eigenvalues + z * s.stderr < 0).sum()) for s in scores.values())
+    out.update(decided=yes, undecided=count - yes, significant_negative=significant,
+               stderr_max=float(max(float(s.stderr.max()) for s in scores.values())))
+    return out
+
+
+def significant_scores(scores: dict[str, SplitScore], z: float) -> dict[str, SplitScore]:
+    """``scores`` with λ set to 0 (not a candidate) where λ + z·SE ≥ 0; eigenvectors unchanged.
+    ``ValueError`` for a score without error bars (``stderr`` None)."""
+    missing = [k for k, s in scores.items() if s.stderr is None]
+    if missing:
+        raise ValueError(f"scores: {', '.join(missing)} have no error bars (split_candidates significant needs "
+                         "split_method rayleigh with split_vectors >= 1)")
+    return {k: dataclasses.replace(s, eigenvalues=torch.where(s.eigenvalues + z * s.stderr < 0, s.eigenvalues,
+                                                                torch.zeros_like(s.eigenvalues)))
+            for k, s in scores.items()}
+
+
+def ritz_estimate(grams: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """λ, Ritz vector and standard error of λ from per-batch Rayleigh–Ritz matrices (one process).
+
+    ``grams``: (B, n, b, b), batch (or group of batches) k's mean Vᵀ S_k V per channel; ``weights``: (B,)
+    their shares (samples). λ = λ_min(T), T = Σ_k w_k G_k / Σ_k w_k, y its unit eigenvector. The error bar
+    is that of the quotient along y, q_k = yᵀ G_k y: λ = Σ_k w_k q_k / Σ_k w_k exactly, and to first order
+    in the noise of T an eigenvalue moves by yᵀ δT y (its derivative along a symmetric perturbation), so
+    the spread of q_k over batches — independent samples of the shuffled data — is λ's:
+
+        SE² = B/(B − 1) · Σ_k w_k² (q_k − λ)² / (Σ_k w_k)²
+
+    Not the spread of per-batch λ_min(G_k): the minimum of a noisy matrix is biased low, more so on a small
+    batch. Near a double eigenvalue of T the first order fails and SE understates. Returns (n,), (n, b), (n,).
+    :meth:`_BatchMeans.estimate` computes the same across ranks.
+    """
+    w = weights.to(grams.dtype)
+    t = torch.einsum("k,knij->nij", w, grams) / w.sum()
+    evals, evecs = torch.linalg.eigh(0.5 * (t + t.transpose(1, 2)))
+    y = evecs[:, :, 0]
+    q = torch.einsum("ni,knij,nj->kn", y, grams, y)
+    lam = evals[:, 0]
+    count = grams.shape[0]
+    var = (w[:, None] ** 2 * (q - lam) ** 2).sum(0) / w.sum() ** 2 * (count / max(count - 1, 1))
+    return lam, y, var.sqrt()
+
+
+class _BatchMeans:
+    """Σ w_k G_k over consecutive groups of batches (at most 2·``groups`` of them: pairs are merged and the
+    group size doubled when there are more), for the error bar of :func:`ritz_estimate`: group means of
+    consecutive batches of shuffled data are independent, so the method of batch means applies, and the
+    memory stays 2·groups·n·b² per neuron group whatever the number of batches."""
+
+    def __init__(self, groups: int = 32) -> None:
+        self.limit, self.size = 2 * groups, 1
+        self.sums: list[dict[str, torch.Tensor]] = []
+        self.weights: list[float] = []
+        self.counts: list[int] = []
+
+    def add(self, grams: dict[str, torch.Tensor], weight: float) -> None:
+        if self.sums and self.counts[-1] < self.size:
+            for name, g in grams.items():
+                self.sums[-1][name].add_(g, alpha=weight)
+            self.weights[-1] += weight
+            self.counts[-1] += 1
+            return
+        self.sums.append({name: g * weight for name, g in grams.items()})
+        self.weights.append(weight)
+        self.counts.append(1)
+        if len(self.sums) > self.limit:  # merge pairs of full groups; the newest (one batch) stays on its own
+            pairs = range(0, len(self.sums) - 1, 2)
+            merged = [{n: self.sums[i][n].add_(self.sums[i + 1][n]) for n in self.sums[i]} for i in pairs]
+            self.sums = merged + self.sums[len(pairs) * 2:]
+            self.weights = [self.weights[i] + self.weights[i + 1] for i in pairs] + self.weights[len(pairs) * 2:]
+            self.counts = [self.counts[i] + self.counts[i + 1] for i in pairs] + self.counts[len(pairs) * 2:]
+            self.size *= 2
+
+    def estimate(self, names: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per group: λ, Ritz vector y (n, b) and SE over every rank's batches (:func:`ritz_estimate`; the
+        sums it needs are reduced across ranks, so every rank gets the same)."""
+        out = {}
+        for name in names:
+            grams = torch.stack([s[name] for s in self.sums])  # Σ w_k G_k of each group
+            device, dtype = grams.device, grams.dtype
+            w = torch.tensor(self.weights, dtype=torch.float64, device=device)
+            total = sum_across_ranks(grams.sum(0))
+            w_all = sum_across_ranks(torch.stack([w.sum(), torch.tensor(float(len(self.weights)), dtype=w.dtype,
+                                                                             device=device)]))
+            t = total / w_all[0].to(dtype)
+            evals, evecs = torch.linalg.eigh(0.5 * (t + t.transpose(1, 2)))
+            y, lam = evecs[:, :, 0], evals[:, 0]
+            q = torch.einsum("ni,knij,nj->kn", y, grams, y) / w.to(dtype)[:, None]  # each group's mean quotient
+            w2 = (w.to(dtype) ** 2)[:, None]
+            sums = sum_across_ranks(torch.stack([(w2 * q * q).sum(0), (w2 * q).sum(0),
+                                                 w2.sum(0).expand_as(lam)]).to(torch.float64))
+            count = float(w_all[1])
+            lam64 = lam.to(torch.float64)
+            spread = (sums[0] - 2 * lam64 * sums[1] + lam64 * lam64 * sums[2]).clamp_min(0.0)
+            var = spread / float(w_all[0]) ** 2 * (count / max(count - 1.0, 1.0))
+            out[name] = (lam, y, var.sqrt().to(dtype))
+        return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -482,6 +648,7 @@ class _Batch:
     intermediates: dict[str, dict[str, torch.Tensor]]
     # per group: LocalChain.prepare's result, where a batch is scored more than once (descent, then replay)
     contexts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    samples: int = 0  # images in the batch
 
     def prepare(self, chain: LocalChain, *, keep: bool = False) -> dict[str, Any]:
         """``chain.prepare`` of this batch; with ``keep`` the result is kept for later calls (and
@@ -552,8 +719,10 @@ def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
 
 
 def _batches(model: nn.Module, gm: fx.GraphModule, groups: list[NeuronGroup], loader: Iterable,
-             loss_fn: Callable, total_samples: int, max_batches: int | None) -> Iterable[_Batch]:
-    """One forward and one backward of the network per batch (only down to the chain ends)."""
+             loss_fn: Callable, total_samples: int, max_batches: int | None,
+             stop: Callable[[], bool] | None = None) -> Iterable[_Batch]:
+    """One forward and one backward of the network per batch (only down to the chain ends); no more
+    batches are read once ``stop()`` is true (checked before each)."""
     device, dtype = _model_device_dtype(model)
     # ∂L/∂s equals g_s only if the depthwise conv is s's one consumer (else other paths add to it)
     users = {node.name: len(node.users) for node in gm.graph.nodes}
@@ -565,8 +734,12 @@ def _batches(model: nn.Module, gm: fx.GraphModule, groups: list[NeuronGroup], lo
     # the first non-finite loss and its batch, as tensors: checked once after the pass (no host sync per batch)
     first_bad: torch.Tensor | None = None
     bad_loss: torch.Tensor | None = None
-    for i, batch in enumerate(loader):
-        if max_batches is not None and i >= max_batches:
+    batches = iter(loader)
+    for i in itertools.count():
+        if (max_batches is not None and i >= max_batches) or (stop is not None and stop()):
+            break
+        batch = next(batches, None)
+        if batch is None:
             break
         x, y = batch[0], batch[1]
         x = x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype)
@@ -591,6 +764,7 @@ def _batches(model: nn.Module, gm: fx.GraphModule, groups: list[NeuronGroup], lo
                    for n, gr in zip(grad_nodes, grads[len(ends):])}
         yield _Batch(
             weight=x.shape[0] / total_samples,
+            samples=int(x.shape[0]),
             inputs={g.name: values[g.input_node].detach() for g in groups},
             intermediates={g.name: {**{k: values[n].detach() for k, n in _intermediate_names(g).items()},
                                     **{k: by_node[n] for k, n in reused[g.name].items()}}
@@ -650,6 +824,7 @@ def splitting_indices(
     ritz_allocation: str = "cost",
     max_batches: int | None = None,
     progress: Callable[[Iterable, str, int], Iterable] | None = None,
+    adaptive: AdaptiveScoring | None = None,
 ) -> dict[str, SplitScore]:
     """Splitting index λ_min(S_j) and direction v_j of every channel of every splittable group.
 
@@ -684,6 +859,12 @@ def splitting_indices(
     ``method="exact"`` makes one pass. ``max_batches`` caps each pass. ``device`` moves the model
     there for the call (default: where its parameters are). Returns ``{producer name: SplitScore}``
     with tensors on the CPU.
+
+    With the Rayleigh–Ritz finish every λ has a standard error (``SplitScore.stderr``, units of loss, from
+    the batch-to-batch spread of the quotient along its Ritz vector: :func:`ritz_estimate`).
+    ``adaptive`` (:class:`AdaptiveScoring`; one pass, Rayleigh–Ritz) reads only as many of the loader's
+    batches as the stopping rule needs, between its minimum and its cap; ``SplitScore.images`` is the
+    number of images read, ``SplitScore.stopped`` why it stopped.
     """
     if method not in METHODS:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
@@ -705,6 +886,12 @@ def splitting_indices(
         raise ValueError(f"average_last: expected a share in (0, 1], got {average_last!r}")
     if not surrogate_beta > 0:
         raise ValueError(f"surrogate_beta: expected a positive number, got {surrogate_beta!r}")
+    if adaptive is not None:
+        if method != "rayleigh" or ritz_vectors < 1 or eigenvalue_pass or epochs != 1:
+            raise ValueError("adaptive: needs method='rayleigh' with a Rayleigh–Ritz finish (ritz_vectors >= 1, "
+                             "no eigenvalue pass) and epochs=1")
+        if not hasattr(loader, "__len__"):
+            raise ValueError("adaptive: the loader must have a len() (its cap and minimum are shares of an epoch)")
     loss_fn = loss_fn or F.cross_entropy
     progress = progress or (lambda it, desc, total: it)
 
@@ -742,8 +929,8 @@ def splitting_indices(
         if total == 0:
             raise ValueError("loader: yielded no samples")
 
-        def passes(desc: str) -> Iterable[_Batch]:
-            return progress(_batches(model, gm, groups, loader, loss_fn, total, max_batches), desc, n_batches)
+        def passes(desc: str, stop: Callable[[], bool] | None = None) -> Iterable[_Batch]:
+            return progress(_batches(model, gm, groups, loader, loss_fn, total, max_batches, stop), desc, n_batches)
 
         start = time.perf_counter()
         if method == "exact":
@@ -753,9 +940,11 @@ def splitting_indices(
                                eigenvalue_pass=eigenvalue_pass, average_last=average_last, schedule=schedule,
                                steps_per_batch=steps_per_batch, average_vectors=average_vectors,
                                ritz_vectors=ritz_vectors, ritz_from=ritz_from, ritz_replay=ritz_replay,
-                               ritz_allocation=ritz_allocation, n_batches=n_batches)
-        log.info("scored %d neurons in %d groups (%s) in %.2f s", sum(len(s) for s in scores.values()),
-                 len(scores), method, time.perf_counter() - start)
+                               ritz_allocation=ritz_allocation, n_batches=n_batches, adaptive=adaptive)
+        images = next(iter(scores.values())).images
+        log.info("scored %d neurons in %d groups (%s) on %s images in %.2f s", sum(len(s) for s in scores.values()),
+                 len(scores), method, images, time.perf_counter() - start)
+        linear = {name: dataclasses.replace(score, images=images) for name, score in linear.items()}
         return {**scores, **linear}
     finally:
         for m, mode in modes.items():
@@ -768,13 +957,16 @@ def _zero_score(model: nn.Module, group: NeuronGroup, method: str) -> SplitScore
     w = model.get_submodule(group.producer).weight.detach()
     v = torch.zeros_like(w).flatten(1)
     v[:, 0] = 1.0
-    return SplitScore(torch.zeros(w.shape[0], dtype=w.dtype).cpu(), v.reshape(w.shape).cpu(), method, group)
+    zeros = torch.zeros(w.shape[0], dtype=w.dtype).cpu()
+    return SplitScore(zeros, v.reshape(w.shape).cpu(), method, group, stderr=zeros.clone())
 
 
 def _exact(chains: dict[str, LocalChain], passes: Callable[[str], Iterable[_Batch]]) -> dict[str, SplitScore]:
     """Every S_j, column by column: column k of all S_j is S·V with V = e_k in every row."""
     acc: dict[str, torch.Tensor] = {}
+    images = 0
     for batch in passes("exact splitting matrices"):
+        images += batch.samples
         for name, chain in chains.items():
             w = chain.weight
             n, d = w.shape[0], w[0].numel()
@@ -786,13 +978,14 @@ def _exact(chains: dict[str, LocalChain], passes: Callable[[str], Iterable[_Batc
                 tangent = eye[k].expand(n, d).reshape(w.shape)
                 acc[name][:, :, k] += batch.weight * chain.hvp_prepared(ctx, tangent).reshape(n, d)
     scores = {}
+    images = _images_across_ranks(images, next(iter(acc.values())).device) if acc else 0
     for name, s in acc.items():
         s = sum_across_ranks(s)
         s = 0.5 * (s + s.transpose(1, 2))
         evals, evecs = torch.linalg.eigh(s)
         shape = chains[name].weight.shape
         scores[name] = SplitScore(evals[:, 0].cpu(), evecs[:, :, 0].reshape(shape).cpu(), "exact",
-                                  chains[name].group)
+                                  chains[name].group, images=images)
     return scores
 
 
@@ -801,7 +994,7 @@ def _rayleigh(chains: dict[str, LocalChain], passes: Callable[[str], Iterable[_B
               schedule: str = "cosine", steps_per_batch: int = 1, average_vectors: bool = True,
               ritz_vectors: int = 0, ritz_from: float = 0.35, ritz_replay: bool = True,
               ritz_allocation: str = "cost", n_batches: int | None = None,
-              eps: float = 1e-8) -> dict[str, SplitScore]:
+              adaptive: AdaptiveScoring | None = None, eps: float = 1e-8) -> dict[str, SplitScore]:
     """Stochastic Rayleigh-quotient descent (Wang et al. 2019, §4, Algorithm 1), all groups at once.
 
     With ``ritz_vectors = b > 0`` (and no eigenvalue pass) the descent runs over the first ``ritz_from`` share
@@ -829,6 +1022,11 @@ def _rayleigh(chains: dict[str, LocalChain], passes: Callable[[str], Iterable[_B
       (biased upward while v still moves); the direction is the last iterate.
 
     With ``eigenvalue_pass=True`` one more pass with the last iterate fixed estimates λ instead.
+
+    ``adaptive`` (one pass, Rayleigh–Ritz): the descent runs over the first ``ritz_from`` share of the
+    minimum subsample (``adaptive.min_fraction`` of the ``n_batches``), the Rayleigh–Ritz sum over every
+    batch from there on (the descent's replayed), and reading stops when :func:`_adaptive_check` says the
+    rule holds or at ``adaptive.max_fraction`` of the batches.
     """
     gen = torch.Generator().manual_seed(seed)
     vs: dict[str, torch.Tensor] = {}
@@ -848,6 +1046,13 @@ def _rayleigh(chains: dict[str, LocalChain], passes: Callable[[str], Iterable[_B
     # in passes: the descent's share of all of them, and at least every pass but the last (whose batches
     # then all count in the Rayleigh–Ritz sum, once each)
     ritz_start = max(ritz_from * epochs, epochs - 1.0)
+    stop: dict[str, Any] = {"now": False, "why": None}
+    if adaptive is not None:
+        cap_batches = max(1, math.ceil(adaptive.max_fraction * n_batches - 1e-9))
+        min_batches = min(cap_batches, max(2, math.ceil(adaptive.min_fraction * n_batches - 1e-9)))
+        ritz_start = min(min_batches - 1, round(ritz_from * min_batches)) / n_batches
+    means = _BatchMeans() if ritz else None  # the Rayleigh–Ritz matrices by groups of batches: the error bars
+    images = 0
     residuals: dict[str, list[torch.Tensor]] = {name: [] for name in chains}  # the last b_g − 1 gradients, oldest first
     vectors: dict[str, int] | None = None  # b_g per group, from the first batch's shapes
     basis: dict[str, torch.Tensor] | None = None  # per group (n, d, b'), frozen at the switch
@@ -858,7 +1063,9 @@ def _rayleigh(chains: dict[str, LocalChain], passes: Callable[[str], Iterable[_B
         # share of this pass done after the current batch: by batch count where the loader has a length
         # (the ranks of a sharded loader run in lockstep), else by this process's batch weights
         seen, seen_batches = 0.0, 0
-        for batch in passes(f"rayleigh epoch {epoch + 1}/{epochs}"):
+        for batch in passes(f"rayleigh epoch {epoch + 1}/{epochs}",
+                            (lambda: stop["now"]) if adaptive is not None else None):
+            images += batch.samples
             if ritz and vectors is None:
                 vectors = allocate_ritz_vectors(_ritz_costs(chains, batch),
                                                 {name: chain.weight[0].numel() for name, chain in chains.items()},
@@ -877,10 +1084,16 @@ def _rayleigh(chains: dict[str, LocalChain], passes: Callable[[str], Iterable[_B
                             for name, q in basis.items()}
                     for b in kept:
                         weight_sum += b.weight
-                        _add_ritz_gram(gram, chains, basis, b)
+                        _add_ritz_gram(gram, chains, basis, b, means)
                     kept = []
                 weight_sum += batch.weight
-                _add_ritz_gram(gram, chains, basis, batch)
+                _add_ritz_gram(gram, chains, basis, batch, means)
+                if adaptive is not None:
+                    if seen_batches >= cap_batches:
+                        stop.update(now=True, why="cap")
+                    elif seen_batches >= min_batches and (seen_batches - min_batches) % adaptive.check_every == 0:
+                        if _adaptive_check(means, list(chains), adaptive):
+                            stop.update(now=True, why="tolerance")
                 continue
             if ritz and ritz_replay and epoch == epochs - 1:
                 # the descent's batches of the last pass count in the estimate too, once the basis is frozen:
@@ -920,17 +1133,23 @@ def _rayleigh(chains: dict[str, LocalChain], passes: Callable[[str], Iterable[_B
             raise ValueError("loader: yielded fewer batches than its len() says; no batch was left for λ")
         device = next(iter(gram.values())).device
         weight_sum = float(sum_across_ranks(torch.tensor(weight_sum, dtype=torch.float64, device=device)))
+        images = _images_across_ranks(images, device)
+        errors = means.estimate(list(chains))
         out = {}
         for name, chain in chains.items():
             t = sum_across_ranks(gram[name]) / weight_sum
             evals, evecs = torch.linalg.eigh(0.5 * (t + t.transpose(1, 2)))
             v = (basis[name] @ evecs[:, :, :1]).squeeze(2).reshape(chain.weight.shape)
-            out[name] = SplitScore(evals[:, 0].cpu(), _normalise(v).cpu(), "rayleigh", chain.group)
+            out[name] = SplitScore(evals[:, 0].cpu(), _normalise(v).cpu(), "rayleigh", chain.group,
+                                   stderr=errors[name][2].cpu(), images=images, stopped=stop["why"])
+        if adaptive is not None:
+            log.info("adaptive scoring: %d images (%s)", images, stop["why"] or "the loader ended")
         return out
     if eigenvalue_pass:
         # λ with v fixed, over one more pass (the batch weights make it an expectation over samples).
         weight_sum = 0.0
         for batch in passes("rayleigh eigenvalues"):
+            images += batch.samples
             weight_sum += batch.weight
             for name, chain in chains.items():
                 sv = chain.hvp_prepared(batch.prepare(chain), vs[name])
@@ -940,26 +1159,53 @@ def _rayleigh(chains: dict[str, LocalChain], passes: Callable[[str], Iterable[_B
         weight_sum = float(sum_across_ranks(torch.tensor(weight_sum, dtype=torch.float64, device=device)))
     elif weight_sum == 0:
         raise ValueError("loader: yielded fewer batches than its len() says; no batch was averaged for λ")
-    elif average_vectors:
+    images = _images_across_ranks(images, next(iter(vs.values())).device)
+    if not eigenvalue_pass and average_vectors:
         # S_b v_b is the ranks' weighted mean already, the same on every rank; the weights cancel
         out = {}
         for name, chain in chains.items():
             u = u_sum[name]
             lam = (_rowdot(u, su_sum[name]) / _rowdot(u, u).clamp_min(1e-30)).flatten()
-            out[name] = SplitScore(lam.cpu(), _normalise(u).cpu(), "rayleigh", chain.group)
+            out[name] = SplitScore(lam.cpu(), _normalise(u).cpu(), "rayleigh", chain.group, images=images)
         return out
     # In the mean quotient each vᵀS_b v is of the ranks' mean S_b v; divide by the weights averaged.
-    return {name: SplitScore((lam_sum[name] / weight_sum).cpu(), vs[name].cpu(), "rayleigh", chain.group)
+    return {name: SplitScore((lam_sum[name] / weight_sum).cpu(), vs[name].cpu(), "rayleigh", chain.group,
+                             images=images)
             for name, chain in chains.items()}
 
 
 def _add_ritz_gram(gram: dict[str, torch.Tensor], chains: dict[str, LocalChain], basis: dict[str, torch.Tensor],
-                   batch: _Batch) -> None:
-    """gram += w_b Vᵀ S_b V for every group (basis V per group: (n, d, b))."""
+                   batch: _Batch, means: _BatchMeans | None = None) -> None:
+    """gram += w_b Vᵀ S_b V for every group (basis V per group: (n, d, b)); the batch's Vᵀ S_b V also goes
+    to ``means`` (for the error bars)."""
+    grams = {}
     for name, chain in chains.items():
         q = basis[name]
         block = q.permute(2, 0, 1).reshape(q.shape[2], *chain.weight.shape)
-        gram[name].add_(batch.ritz(chain, block), alpha=batch.weight)
+        grams[name] = batch.ritz(chain, block)
+        gram[name].add_(grams[name], alpha=batch.weight)
+    if means is not None:
+        means.add(grams, batch.weight)
+
+
+def _adaptive_check(means: _BatchMeans, names: list[str], adaptive: AdaptiveScoring) -> bool:
+    """The stopping rule of :class:`AdaptiveScoring` on the batches so far: every λ with its SE
+    (:meth:`_BatchMeans.estimate`, the same on every rank), the cut's thresholds t, and whether the neurons
+    with |λ − t| ≤ z·SE number at most ``tolerance`` × those with λ < t (at least 1)."""
+    est = means.estimate(names)
+    lam = {name: e[0].cpu() for name, e in est.items()}
+    cut = adaptive.cut(lam) if adaptive.cut is not None else None
+    undecided = below = 0
+    for name, (_, _, se) in est.items():
+        t = torch.as_tensor(cut[name], dtype=lam[name].dtype) if cut is not None else torch.zeros_like(lam[name])
+        undecided += int((~decided(lam[name], se.cpu(), t, adaptive.z)).sum())
+        below += int((lam[name] < t).sum())
+    log.debug("adaptive scoring: %d undecided, %d below the cut", undecided, below)
+    return undecided <= adaptive.tolerance * max(below, 1)
+
+
+def _images_across_ranks(images: int, device: torch.device) -> int:
+    return int(sum_across_ranks(torch.tensor(float(images), dtype=torch.float64, device=device)))
 
 
 def _ritz_costs(chains: dict[str, LocalChain], batch: _Batch) -> dict[str, float]:
@@ -1073,5 +1319,6 @@ def predicted_loss_change(eigenvalue: float, step: float) -> float:
     return 0.5 * step * step * eigenvalue
 
 
-__all__ = ["LocalChain", "SplitScore", "activation_fn", "allocate_ritz_vectors", "predicted_loss_change",
+__all__ = ["SCORINGS", "SPLIT_CANDIDATES", "AdaptiveScoring", "LocalChain", "SplitScore", "activation_fn",
+           "allocate_ritz_vectors", "decided", "predicted_loss_change", "scoring_record", "significant_scores",
            "splitting_indices"]

@@ -427,6 +427,52 @@ def cap_value(where: str, cap: Any, width: int) -> float:
     raise ValueError(bad)
 
 
+def knapsack_cut(
+    scores: Mapping[str, Any],
+    costs: Mapping[str, float | Sequence[float]],
+    budget: float,
+    *,
+    caps: float | Mapping[str, float | None] | None = None,
+) -> dict[str, np.ndarray]:
+    """Per neuron, the splitting index t_i below which the knapsack's LP relaxation takes it (units of λ).
+
+    With one budget row the relaxation is the fractional knapsack: it takes the candidates (λ < 0, cost
+    within the budget) in order of λ_i/c_i, most negative first, until the budget runs out; the item it
+    takes in part has ratio r*, the budget's price (r* = 0 when every candidate fits). A layer cap that
+    binds adds its own price r_l, the midpoint of the ratios of the layer's last taken and first left
+    candidate. Neuron i is taken iff λ_i < t_i = c_i · min(r*, r_l) (≤ 0). The rounding of ``lp`` and
+    ``milp``'s exact answer differ from this only near t, which is why adaptive scoring decides each
+    neuron's side of t by its error bar (hwsplit.score.AdaptiveScoring).
+    """
+    names = list(scores)
+    vals = {name: _eigenvalues(name, scores[name]) for name in names}
+    cost = {name: _group_costs(name, costs[name], vals[name].shape[0]) for name in names}
+    limit = budget_limit(float(budget))
+    layer_price: dict[str, float] = {}
+    taken: list[tuple[float, float]] = []  # (ratio, cost) of the candidates within their layer's cap
+    for name in names:
+        ev, c = vals[name], cost[name]
+        if isinstance(caps, Mapping):
+            cap = cap_value(f"[{name!r}]", caps.get(name), ev.shape[0])
+        else:
+            cap = cap_value("", caps, ev.shape[0])
+        cand = np.flatnonzero((ev < 0) & (c <= limit))
+        ratio = np.sort(ev[cand] / c[cand])
+        keep = int(min(cap, ratio.size))
+        if keep < ratio.size:  # the cap binds: its price lies between the last kept and the first left
+            layer_price[name] = 0.5 * (ratio[keep - 1] + ratio[keep]) if keep else -math.inf
+        order = np.argsort(ev[cand] / c[cand], kind="stable")[:keep]
+        taken.extend(zip((ev[cand] / c[cand])[order].tolist(), c[cand][order].tolist()))
+    price = 0.0
+    used = 0.0
+    for ratio_i, cost_i in sorted(taken):
+        used += cost_i
+        if used > limit:
+            price = ratio_i
+            break
+    return {name: cost[name] * min(price, layer_price.get(name, 0.0)) for name in names}
+
+
 def select_neurons_report(
     scores: Mapping[str, Any],
     costs: Mapping[str, float | Sequence[float]],
