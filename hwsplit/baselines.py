@@ -16,12 +16,11 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from hwsplit.config import RUN_INFO_PREPROCESSING, RUN_INFO_WORLD_SIZE, GrowConfig, read_config
+from hwsplit.config import RUN_INFO_PREPROCESSING, RUN_INFO_WORLD_SIZE, GrowConfig
 from hwsplit.distributed import is_main, world_size
-from hwsplit.errors import ConfigError
-from hwsplit.fsio import atomic_write_json, check_writable_name
+from hwsplit.fsio import check_writable_name
 from hwsplit.parallel import on_main
-from hwsplit.rundir import RunDir, start_fresh, write_summary
+from hwsplit.rundir import RunDir, continue_or_start, write_summary
 from hwsplit.stages import build_seed, guarded_records, open_session, stage_seed, train_and_record, write_stage
 from hwsplit.tblog import board_closed, open_board
 from hwsplit.train import seed_everything
@@ -91,46 +90,8 @@ def width_baseline(config: GrowConfig, multipliers: Sequence[float], out: str | 
     info = {**config.to_dict(), "baseline": WIDTH_BASELINE, "multipliers": multipliers, "total_epochs": total,
             RUN_INFO_WORLD_SIZE: world_size(), RUN_INFO_PREPROCESSING: session.preprocessing}
     with run.lock("write") if is_main() else contextlib.nullcontext():  # rank 0 alone writes the run
-        kept = on_main(_start, run, info, overwrite=overwrite, share=True)
+        kept = on_main(continue_or_start, run, info, overwrite=overwrite, share=True)
         return _train_all(run, config, session, multipliers, total, kept, progress=progress, on_stage=on_stage)
-
-
-def _start(run: RunDir, info: dict[str, Any], *, overwrite: bool) -> list[dict[str, Any]]:
-    """The records to keep: those of the same baseline (same config.json) whose checkpoint exists; another
-    run in ``run`` is replaced only with ``overwrite``."""
-    kept = _completed(run, info)
-    if kept is None:
-        start_fresh(run, overwrite=overwrite)
-        kept = []
-    atomic_write_json(run.config, info)
-    return kept
-
-
-def _completed(run: RunDir, info: dict[str, Any]) -> list[dict[str, Any]] | None:
-    """``None`` unless ``run`` holds this same baseline; then its completed records, the rest removed."""
-    try:
-        same = run.config.exists() and read_config(run.path) == info
-    except ConfigError:
-        same = False
-    if not same:
-        return None
-    for tmp in run.temporaries():
-        tmp.unlink()
-    kept: list[dict[str, Any]] = []
-    for i, r in enumerate(run.records()):
-        if r.get("stage") != i or not run.checkpoint(i).exists():
-            break
-        kept.append(r)
-    for k, p in run.checkpoints().items():
-        if k >= len(kept):
-            p.unlink()
-    for p in run.partials():  # the next network's training state resumes from its last epoch
-        if p != run.partial(len(kept)):
-            p.unlink()
-    run.write_records(kept)
-    if kept:
-        log.info("continuing %s after %d completed network(s)", run.path, len(kept))
-    return kept
 
 
 def _train_all(run: RunDir, config: GrowConfig, session: Any, multipliers: list[float], total: int,

@@ -35,10 +35,10 @@ from hwsplit.checkpoint import load_checkpoint, load_model
 from hwsplit.config import RUN_INFO_PREPROCESSING, GrowConfig, load_config, read_config
 from hwsplit.distributed import is_main
 from hwsplit.errors import ConfigError
-from hwsplit.fsio import atomic_write_json, check_writable_name
+from hwsplit.fsio import check_writable_name
 from hwsplit.models import model_from_architecture
 from hwsplit.parallel import on_main
-from hwsplit.rundir import RunDir, file_sha256, start_fresh, write_summary
+from hwsplit.rundir import RunDir, continue_or_start, file_sha256, write_summary
 from hwsplit.stages import (
     Session,
     guarded_records,
@@ -129,47 +129,6 @@ def finetune(run: str | Path, *, epochs: int, stages: Sequence[int] | None = Non
                           kind=kind, progress=progress, on_stage=on_stage, digests=digests)
 
 
-def continue_or_start(dest: RunDir, info: dict[str, Any], *, overwrite: bool) -> list[dict[str, Any]]:
-    """Make the locked ``dest`` ready for the job ``info`` (its config.json) and write that config.json: the
-    records to continue after when ``dest`` holds the same job (a kill left it), none for a fresh start. A
-    different job there is replaced only with ``overwrite`` (``ConfigError`` otherwise)."""
-    kept = _prepare(dest, info, overwrite=overwrite)
-    atomic_write_json(dest.config, info)
-    return kept
-
-
-def _prepare(dest: RunDir, info: dict[str, Any], *, overwrite: bool) -> list[dict[str, Any]]:
-    """The records to keep in ``dest``: those of the same job (fine-tuning, pruning) whose checkpoint exists."""
-    if dest.config.exists():
-        try:
-            old = read_config(dest.path)
-        except ConfigError:
-            old = None
-        if old == info:
-            for tmp in dest.temporaries():
-                tmp.unlink()
-            kept = []
-            for i, r in enumerate(dest.records()):
-                if r.get("stage") != i or not dest.checkpoint(i).exists():
-                    break
-                kept.append(r)
-            for k, p in dest.checkpoints().items():
-                if k >= len(kept):
-                    p.unlink()
-            for p in dest.partials():  # the next record's training state resumes from its last epoch
-                if p != dest.partial(len(kept)):
-                    p.unlink()
-            dest.write_records(kept)
-            if kept:
-                log.info("continuing %s after %d completed record(s)", dest.path, len(kept))
-            return kept
-        if not overwrite:
-            raise ConfigError(f"out: {dest.path} holds another job (its config.json differs); replace it "
-                              "with --overwrite or choose --out")
-    start_fresh(dest, overwrite=overwrite)
-    return []
-
-
 def _train_all(dest: RunDir, src: RunDir, config: GrowConfig, session: Session, chosen: list[int],
                done: dict[int, dict[str, Any]], records: list[dict[str, Any]], *, epochs: int, from_scratch: bool,
                kind: str, progress: Callable | None,
@@ -245,5 +204,5 @@ def final_network(run: str | Path, config: GrowConfig, session: Session, records
     return out[-1]
 
 
-__all__ = ["FINAL_DIR", "FINETUNE_DIR", "OVERRIDABLE", "RETRAIN_DIR", "continue_or_start", "final_network", "finetune",
+__all__ = ["FINAL_DIR", "FINETUNE_DIR", "OVERRIDABLE", "RETRAIN_DIR", "final_network", "finetune",
            "grow_epochs", "ship_stage", "stage_epochs_in_all"]

@@ -70,10 +70,10 @@ from hwsplit.config import (
     resolve_channel_multiple,
 )
 from hwsplit.errors import ConfigError, CostOutOfRange
-from hwsplit.finetune import RETRAIN_DIR, continue_or_start, finetune
+from hwsplit.finetune import RETRAIN_DIR, finetune
 from hwsplit.fsio import check_writable_name
 from hwsplit.models import architecture, model_from_architecture
-from hwsplit.rundir import RunDir, write_summary
+from hwsplit.rundir import RunDir, continue_or_start, write_summary
 from hwsplit.stages import (
     Session,
     build_seed,

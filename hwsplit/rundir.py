@@ -404,6 +404,55 @@ def start_fresh(run: RunDir, *, overwrite: bool = True) -> None:
                           "a directory (choose a new or empty one)")
 
 
+def continue_or_start(dest: RunDir, info: dict[str, Any], *, overwrite: bool) -> list[dict[str, Any]]:
+    """Make the locked ``dest`` ready for the job ``info`` (its config.json) and write that config.json: the
+    records to continue after when ``dest`` holds the same job (a kill left it), none for a fresh start. A
+    different job there is replaced only with ``overwrite`` (``ConfigError`` otherwise). Fine-tuning, pruning
+    and the width baseline continue this way; ``grow --resume`` has its own rules (hwsplit.grow)."""
+    kept = _prepare(dest, info, overwrite=overwrite)
+    atomic_write_json(dest.config, info)
+    return kept
+
+
+def _same_job(dest: RunDir, info: dict[str, Any]) -> bool | None:
+    """Whether ``dest``'s config.json is ``info``; ``None`` when it has none."""
+    if not dest.config.exists():
+        return None
+    try:
+        return json.loads(dest.config.read_text(encoding="utf-8")) == info
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return False
+
+
+def _prepare(dest: RunDir, info: dict[str, Any], *, overwrite: bool) -> list[dict[str, Any]]:
+    """The records to keep in ``dest``: those of the same job whose checkpoint exists; later checkpoints and
+    every training state but the next record's (``partial-K.pt``, resumed from its last epoch) removed."""
+    same = _same_job(dest, info)
+    if same:
+        for tmp in dest.temporaries():
+            tmp.unlink()
+        kept = []
+        for i, r in enumerate(dest.records()):
+            if r.get("stage") != i or not dest.checkpoint(i).exists():
+                break
+            kept.append(r)
+        for k, p in dest.checkpoints().items():
+            if k >= len(kept):
+                p.unlink()
+        for p in dest.partials():
+            if p != dest.partial(len(kept)):
+                p.unlink()
+        dest.write_records(kept)
+        if kept:
+            log.info("continuing %s after %d completed record(s)", dest.path, len(kept))
+        return kept
+    if same is False and not overwrite:
+        raise ConfigError(f"out: {dest.path} holds another job (its config.json differs); replace it "
+                          "with --overwrite or choose --out")
+    start_fresh(dest, overwrite=overwrite)
+    return []
+
+
 def record_widths(record: dict[str, Any]) -> list[int]:
     """The per-layer widths a table shows: every splittable layer in graph order (the stem included, as in
     ``widths.png``); for a record without them, the family's width list (and its stem width first)."""
@@ -471,6 +520,6 @@ def write_summary(run: RunDir, config: Any, records: list[dict[str, Any]], *, st
 
 
 __all__ = ["DERIVED", "EXPORTS", "RECORD_KEYS", "RunDir", "StageFailed", "StageRecord", "WriteFailed",
-           "check_source", "derived_runs", "file_sha256", "lock_holder", "mark_interrupted", "record_export",
-           "record_widths", "remove_run_files", "resume_hint", "run_status", "shown_stage", "stage_table",
-           "start_fresh", "write_summary"]
+           "check_source", "continue_or_start", "derived_runs", "file_sha256", "lock_holder", "mark_interrupted",
+           "record_export", "record_widths", "remove_run_files", "resume_hint", "run_status", "shown_stage",
+           "stage_table", "start_fresh", "write_summary"]
