@@ -114,8 +114,8 @@ MUTANTS = [
            ("tests/test_score.py",), "the recording forward runs F.relu(..., inplace=True) in place"),
     # -- hwsplit/splitting/surgery.py ------------------------------------------------------------------------------
     Mutant("surgery-children-same-side", "hwsplit/splitting/surgery.py",
-           "layer.weight = _param(torch.cat([kept, w[idx] - delta]), layer.weight)",
-           "layer.weight = _param(torch.cat([kept, w[idx] + delta]), layer.weight)",
+           "layer.weight = parameter_like(torch.cat([kept, w[idx] - delta]), layer.weight)",
+           "layer.weight = parameter_like(torch.cat([kept, w[idx] + delta]), layer.weight)",
            ("tests/test_surgery.py", "tests/test_score.py"), "both children move by +εv (not ±εv)"),
     Mutant("surgery-consumer-not-halved", "hwsplit/splitting/surgery.py",
            "w[:, cols] *= 0.5",
