@@ -4,7 +4,8 @@ Everything the run layer, the CLI and the profiler need to know about a family l
 nowhere else): how to size its seed for a data set (input channels, resolution, classes), what
 input a summary traces it with, and the range of widths its layers take while it grows (from the
 seed to the standard widths), which the profiler's grid covers. Builders are in
-:mod:`hwsplit.network.models`. See docs/design.md §5.
+:mod:`hwsplit.network.models`; :func:`make_divisible` is the one rounding of a width to a channel multiple
+(seeds, the width baseline, the profiler's grid). See docs/design.md §5.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ below N, or whose cap (``max_layer_growth``) is below N does not grow in that st
 split at most once per stage, so a layer of width w takes at most ⌊w/N⌋ blocks.
 
 Pure numpy/scipy plus torch for the model copies; no cost model is imported (costs come from a
-callable), so this stays in layer 1.
+callable), so this stays in the splitting layer (docs/design.md §1).
 """
 
 from __future__ import annotations
