@@ -21,8 +21,8 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from hwsplit.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, HwsplitError, first_line
-from hwsplit.units import fmt_si
+from hwsplit.infra.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, HwsplitError, first_line
+from hwsplit.infra.units import fmt_si
 
 
 class CliError(click.ClickException):
@@ -45,25 +45,25 @@ click.UsageError.show = _show_usage_error  # every usage error of these commands
 def _progress(it: Iterable, desc: str, total: int | None) -> Iterable:
     from tqdm.auto import tqdm
 
-    from hwsplit.distributed import is_main
+    from hwsplit.infra.distributed import is_main
 
     return tqdm(it, desc=desc, total=total, leave=False, dynamic_ncols=True, disable=None if is_main() else True)
 
 
 def _main_rank() -> bool:
     """Whether this process prints results (rank 0 of a torchrun launch; always with one process)."""
-    from hwsplit.distributed import is_main
+    from hwsplit.infra.distributed import is_main
 
     return is_main()
 
 
 def _on_all_ranks(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Run the command on every process torchrun started (:func:`hwsplit.parallel.entry_point`)."""
+    """Run the command on every process torchrun started (:func:`hwsplit.infra.parallel.entry_point`)."""
     import functools
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from hwsplit.parallel import entry_point
+        from hwsplit.infra.parallel import entry_point
 
         return entry_point(fn)(*args, **kwargs)
 
@@ -72,7 +72,7 @@ def _on_all_ranks(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def _library_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn the library's errors into one-line messages: the exit status of an :class:`HwsplitError`
-    comes from its class (hwsplit.errors); other bad inputs (``ValueError``, missing files) exit 2."""
+    comes from its class (hwsplit.infra.errors); other bad inputs (``ValueError``, missing files) exit 2."""
     import functools
 
     @functools.wraps(fn)
@@ -332,11 +332,11 @@ def grow(model: str, model_config: str | None, width_mult: float | None, activat
          resume: str | None) -> None:
     """Grow a network stage by stage: train, score, price, select, split."""
     import cost_models
-    from hwsplit.config import GrowConfig, load_config, parse_budget, recipe_settings
-    from hwsplit.devices import check_device
-    from hwsplit.grow import grow as run_grow
-    from hwsplit.parallel import on_main
-    from hwsplit.rundir import stage_table
+    from hwsplit.infra.devices import check_device
+    from hwsplit.infra.parallel import on_main
+    from hwsplit.run.config import GrowConfig, load_config, parse_budget, recipe_settings
+    from hwsplit.run.grow import grow as run_grow
+    from hwsplit.run.rundir import stage_table
 
     if resume is not None:
         ctx = click.get_current_context()
@@ -400,14 +400,14 @@ def grow(model: str, model_config: str | None, width_mult: float | None, activat
 
 def _run_status(run: str) -> str:
     """The run's status line (``stopped: budget reached``, …) as its summary.md says it."""
-    from hwsplit.rundir import RunDir, run_status
+    from hwsplit.run.rundir import RunDir, run_status
 
     return run_status(RunDir(run))
 
 
 def _print_final(config: Any, out: str, records: list[dict[str, Any]]) -> None:
     """With --final-epochs: the shipped network's accuracy next to the seed's."""
-    from hwsplit.rundir import RunDir
+    from hwsplit.run.rundir import RunDir
 
     final = RunDir(Path(out) / "final").records() if config.final_epochs else []
     if not final or not records:
@@ -462,10 +462,10 @@ def baseline_width(multipliers: str, like: str | None, model: str, model_config:
                    lr: float, weight_decay: float, device: str, threads: int | None, seed: int, out: str,
                    overwrite: bool) -> None:
     """Train the family uniformly scaled by width multipliers, from scratch, on grow's schedule."""
-    from hwsplit.baselines import grow_epochs, parse_multipliers, width_baseline
-    from hwsplit.config import config_like
-    from hwsplit.devices import check_device
-    from hwsplit.rundir import stage_table
+    from hwsplit.infra.devices import check_device
+    from hwsplit.run.baselines import grow_epochs, parse_multipliers, width_baseline
+    from hwsplit.run.config import config_like
+    from hwsplit.run.rundir import stage_table
 
     mults = parse_multipliers(multipliers)
     use = (lambda name: like is None or _given(name))
@@ -534,9 +534,9 @@ def baseline_prune(like: str, method: str, width_mult: float | None, train_epoch
                    max_pruning_ratio: float | None, from_scratch: bool,
                    out: str | None, overwrite: bool) -> None:
     """Train a wide network of RUN's family, prune it to each target cost (Torch-Pruning), fine-tune it."""
-    from hwsplit.config import load_config
-    from hwsplit.prune import DEFAULT_SLIMMING_L1, MAX_PRUNING_RATIO, parse_targets, prune_baseline
-    from hwsplit.rundir import stage_table
+    from hwsplit.run.config import load_config
+    from hwsplit.run.prune import DEFAULT_SLIMMING_L1, MAX_PRUNING_RATIO, parse_targets, prune_baseline
+    from hwsplit.run.rundir import stage_table
 
     if slimming_l1 is not None and method != "slimming":
         raise click.UsageError("--slimming-l1 is the L1 penalty of --method slimming only")
@@ -590,9 +590,9 @@ def finetune(run: str, stages: tuple[int, ...], all_stages: bool, epochs: int, f
              lr: float | None, batch_size: int | None, weight_decay: float | None, device: str | None,
              threads: int | None, out: str | None, overwrite: bool, no_tensorboard: bool) -> None:
     """Fine-tune (or retrain from scratch) grown stages of RUN for the same schedule; resumable."""
-    from hwsplit.devices import check_device
-    from hwsplit.finetune import finetune as run_finetune
-    from hwsplit.rundir import stage_table
+    from hwsplit.infra.devices import check_device
+    from hwsplit.run.finetune import finetune as run_finetune
+    from hwsplit.run.rundir import stage_table
 
     if all_stages and stages:
         raise click.UsageError("--all and --stage exclude each other")
@@ -621,7 +621,7 @@ def finetune(run: str, stages: tuple[int, ...], all_stages: bool, epochs: int, f
 @_library_errors
 def report(runs: tuple[str, ...], out: str) -> None:
     """Compare runs stage by stage: table.md, accuracy_vs_macs.png, accuracy_vs_cost.png, widths.png."""
-    from hwsplit.report import write_report
+    from hwsplit.run.report import write_report
 
     result = write_report(list(runs), out)
     click.echo(_table(result["rows"]))
@@ -646,7 +646,7 @@ def report(runs: tuple[str, ...], out: str) -> None:
 @_library_errors
 def export(run: str, stage: int | None, onnx_path: str, atol: float, with_preprocessing: bool) -> None:
     """Export a stage of a run (or a stage-K.pt) to ONNX, checked against PyTorch with onnxruntime."""
-    from hwsplit.export import export_run
+    from hwsplit.run.export import export_run
 
     info = export_run(run, onnx_path, stage=stage, atol=atol, with_preprocessing=with_preprocessing)
     checkpoint = info["checkpoint"]
@@ -682,7 +682,7 @@ def _test_limit(text: str) -> int | str | None:
 def summary(model_or_checkpoint: str, resolution: int | None, in_channels: int | None) -> None:
     """A run directory's stages and status, or the per-layer widths, MACs and params of a stage checkpoint
     (stage-K.pt) or a model name."""
-    from hwsplit.summary import model_summary, run_summary
+    from hwsplit.run.summary import model_summary, run_summary
 
     if Path(model_or_checkpoint).is_dir():
         info = run_summary(model_or_checkpoint)
@@ -726,7 +726,7 @@ def profile(device: str, backend: str, meter: str, family: str, resolution: int,
             context_networks: int | None = None) -> None:
     """Measure every layer the family can take while it grows into a device cost table."""
     from cost_models.profiler import profile_family
-    from hwsplit.devices import check_device
+    from hwsplit.infra.devices import check_device
 
     check_device(device, field="--device")
     Path(out).parent.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 from hwsplit import Grower
-from hwsplit.grower import carry_optimizer
+from hwsplit.run.grower import carry_optimizer
 
 OPTIMIZERS = {"sgd": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
               "adam": lambda p: torch.optim.Adam(p, lr=3e-3)}

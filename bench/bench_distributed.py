@@ -43,10 +43,10 @@ def _worker(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(1)
-    from hwsplit.config import GrowConfig
-    from hwsplit.distributed import barrier, is_main, rank, sum_across_ranks, world_size
-    from hwsplit.grow import grow
-    from hwsplit.parallel import entry_point
+    from hwsplit.infra.distributed import barrier, is_main, rank, sum_across_ranks, world_size
+    from hwsplit.infra.parallel import entry_point
+    from hwsplit.run.config import GrowConfig
+    from hwsplit.run.grow import grow
 
     @entry_point
     def run() -> dict:

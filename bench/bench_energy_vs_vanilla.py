@@ -16,7 +16,7 @@ stride-1 block; then global average pooling and the classifier; all widths 8 (Si
 Each is grown with ``cost="flops"`` (energy-aware: a neuron costs the MACs it adds) and ``cost="none"``
 (vanilla: every neuron costs 1, the 2019 method), from the same trained seed (see bench/common.py), same
 growth ratio and stages. Writes run directories ``<out>/k{3,6}/{energy,vanilla}`` (checkpoints deleted),
-``<out>/tradeoff.png`` (test accuracy against log10 MACs and log10 parameters; hwsplit.report has no
+``<out>/tradeoff.png`` (test accuracy against log10 MACs and log10 parameters; hwsplit.run.report has no
 parameter axis, so the script plots it), ``<out>/widths.png`` (the seed's and the final per-layer widths) and
 the fragment ``<out>.md``.
 """

@@ -19,8 +19,8 @@ stage's checkpoint stands for its retrained copy.
 
 The architecture is what is compared, not the schedule it grew under (Wang et al. 2019, code
 ``main_finetune.py``): every compared network is **retrained from scratch on the same schedule**
-(``--retrain-epochs`` of one cosine, ``hwsplit.finetune.finetune(from_scratch=True)`` for grown stages,
-``hwsplit.baselines.width_baseline`` for width multipliers), and the **fine-tuned** final grown network
+(``--retrain-epochs`` of one cosine, ``hwsplit.run.finetune.finetune(from_scratch=True)`` for grown stages,
+``hwsplit.run.baselines.width_baseline`` for width multipliers), and the **fine-tuned** final grown network
 (its growth epochs + ``--retrain-epochs`` more) is compared with width multipliers trained from scratch
 for the same total number of epochs. Per seed:
 
@@ -119,7 +119,7 @@ PRESETS = {"full": {"limit": None, "val_fraction": 0.1, "test_limit": None, "bat
 
 def channel_multiple(args: argparse.Namespace) -> int | None:
     """``--channel-multiple`` as a number (``auto``: the profile's channel block), the same for every arm."""
-    from hwsplit.config import GrowConfig, resolve_channel_multiple
+    from hwsplit.run.config import GrowConfig, resolve_channel_multiple
 
     if args.channel_multiple is None:
         return None
@@ -130,7 +130,7 @@ def channel_multiple(args: argparse.Namespace) -> int | None:
 
 
 def base_config(args: argparse.Namespace, seed: int):
-    from hwsplit.config import GrowConfig
+    from hwsplit.run.config import GrowConfig
 
     return GrowConfig(model="mobilenet_v1_cifar", dataset="npz", data_dir=args.data_dir, data_limit=args.limit,
                       test_limit=args.test_limit, val_fraction=args.val_fraction, post_split=args.post_split,
@@ -140,7 +140,7 @@ def base_config(args: argparse.Namespace, seed: int):
 
 
 def _authors() -> dict:
-    from hwsplit.config import recipe_settings
+    from hwsplit.run.config import recipe_settings
 
     return recipe_settings("authors", {})
 
@@ -166,9 +166,9 @@ def _mark(path: Path, t0: float) -> None:
 
 
 def run_seed(args: argparse.Namespace, out: Path, seed: int, steps: list[str], *, summarise_after: bool = True) -> None:
-    from hwsplit.baselines import parse_multipliers, width_baseline
-    from hwsplit.finetune import finetune, stage_epochs_in_all
-    from hwsplit.grow import grow
+    from hwsplit.run.baselines import parse_multipliers, width_baseline
+    from hwsplit.run.finetune import finetune, stage_epochs_in_all
+    from hwsplit.run.grow import grow
 
     root = out / f"s{seed}"
     base = base_config(args, seed)
@@ -188,7 +188,7 @@ def run_seed(args: argparse.Namespace, out: Path, seed: int, steps: list[str], *
         (d / "DONE").write_text(json.dumps({"wall_s": time.perf_counter() - t0, "at": common.now()}) + "\n")
 
     def widths(tag: str, epochs: int, chosen: list[float]) -> None:
-        from hwsplit.errors import RunLocked
+        from hwsplit.infra.errors import RunLocked
 
         for m in chosen:
             d = root / f"{tag}-x{m:g}"
@@ -206,7 +206,7 @@ def run_seed(args: argparse.Namespace, out: Path, seed: int, steps: list[str], *
     def retrain(arm: str, from_scratch: bool = True, stages: list[int] | None = None) -> None:
         """Each stage into its own ``grow-<arm>/retrain-<k>/`` (or ``finetune-<k>``), so that processes can share
         the work (``--steps retrain-flops:2``); a stage another process holds is skipped."""
-        from hwsplit.errors import RunLocked
+        from hwsplit.infra.errors import RunLocked
 
         src = root / f"grow-{arm}"
         sub = "retrain" if from_scratch else "finetune"
@@ -329,7 +329,7 @@ def measure_latency(out: Path, root: Path, args: argparse.Namespace) -> None:
 
     import cost_models
     from cost_models.measure import measure_model
-    from hwsplit.models import model_from_architecture
+    from hwsplit.network.models import model_from_architecture
 
     path = out / "latency.json"
     table = json.loads(path.read_text()) if path.exists() else {"networks": {}, "sessions": []}
@@ -716,7 +716,7 @@ def _grow_done(root: Path, arm: str) -> bool:
 
 def _expand(args: argparse.Namespace, root: Path, step: str) -> list[str] | None:
     """The jobs (single-network steps) of ``step`` for one seed; ``None`` while what it needs is not done."""
-    from hwsplit.baselines import parse_multipliers
+    from hwsplit.run.baselines import parse_multipliers
 
     if step in GROW_STEPS:
         return [step] if step == "flops" or _grow_done(root, "flops") else None

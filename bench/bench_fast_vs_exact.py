@@ -53,8 +53,8 @@ def timing(args: argparse.Namespace, out: Path) -> list[dict]:
     from scipy.stats import spearmanr
 
     from hwsplit import build_model, splitting_indices
-    from hwsplit.data import load_dataset, make_loaders
-    from hwsplit.train import TrainConfig, train
+    from hwsplit.training.data import load_dataset, make_loaders
+    from hwsplit.training.train import TrainConfig, train
 
     device = torch.device(args.device)
     bundle = load_dataset("npz", data_dir=common.resolve(args.data_dir), limit=args.timing_batches * args.batch_size,

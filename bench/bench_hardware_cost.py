@@ -68,7 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def channel_multiple(args: argparse.Namespace) -> int | None:
     """``--channel-multiple`` as a number: ``auto`` reads the lut arm's profile, and the flops arm (which has
     no profile) grows by the same N, so both arms move in the same blocks."""
-    from hwsplit.config import GrowConfig, resolve_channel_multiple
+    from hwsplit.run.config import GrowConfig, resolve_channel_multiple
 
     text = args.channel_multiple
     if text is None:
@@ -88,7 +88,7 @@ def arms(args: argparse.Namespace) -> dict:
 
 def networks(out: Path) -> dict[str, Path]:
     """The checkpoints present, by network name: ``seed`` (the shared stage 0) and ``<arm> <stage>``."""
-    from hwsplit.rundir import RunDir
+    from hwsplit.run.rundir import RunDir
 
     nets = {}
     seed = out / "lut" / "stage-0.pt"
@@ -117,7 +117,7 @@ def measure(out: Path, args: argparse.Namespace) -> dict:
     """One measuring session of every kept network, interleaved rounds, load average next to each."""
     import cost_models
     from cost_models.measure import measure_model
-    from hwsplit.checkpoint import load_model
+    from hwsplit.network.checkpoint import load_model
 
     nets = networks(out)
     if not nets:

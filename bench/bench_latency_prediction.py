@@ -41,7 +41,7 @@ from cost_models import get_cost_model  # noqa: E402
 from cost_models.grid import make_divisible  # noqa: E402
 from cost_models.measure import measure_model  # noqa: E402
 from cost_models.profile_io import channel_block, load_profile  # noqa: E402
-from hwsplit.models import MOBILENET_V1_CIFAR_SEED, MOBILENET_V1_STANDARD, build_model  # noqa: E402
+from hwsplit.network.models import MOBILENET_V1_CIFAR_SEED, MOBILENET_V1_STANDARD, build_model  # noqa: E402
 
 PREDICTORS = ("lut", "lut_isolated", "predictor")
 

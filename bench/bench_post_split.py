@@ -1,4 +1,4 @@
-"""Which post-split training policy (hwsplit.schedule: restart, warm, continue) to make the default,
+"""Which post-split training policy (hwsplit.training.schedule: restart, warm, continue) to make the default,
 decided on VALIDATION accuracy (a split carved from the training images), never on test.
 
     python bench/bench_post_split.py --dataset digits --seeds 0,1,2
@@ -47,7 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def config_for(args: argparse.Namespace, policy: str, seed: int):
-    from hwsplit.config import GrowConfig
+    from hwsplit.run.config import GrowConfig
 
     if args.dataset == "digits":
         return GrowConfig(val_fraction=args.val_fraction, post_split=policy, seed=seed, stages=args.stages,
@@ -104,7 +104,7 @@ def summarise(out: Path, args: argparse.Namespace, seeds: list[int], policies: l
 def main(argv=None) -> None:
     args = parse_args(argv)
     common.prepare_process(1, 0)
-    from hwsplit.grow import grow
+    from hwsplit.run.grow import grow
 
     out = common.resolve(args.out or f"bench/results/post_split_{args.dataset}")
     out.mkdir(parents=True, exist_ok=True)

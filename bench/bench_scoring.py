@@ -7,7 +7,7 @@ For every k in ``--widths`` the script builds ``mobilenet_v1_cifar`` with stem 8
 k × (8, 8, 8, 16, 16, 24, 24, 24, 24, 24, 24, 32, 32), trains it for ``--pretrain-epochs`` epochs on the
 first ``--images`` CIFAR-10 training images (so that the gradients scoring reads are realistic), then
 
-(a) times one more training epoch (``hwsplit.train.train_epoch``, SGD, batch ``--batch-size``);
+(a) times one more training epoch (``hwsplit.training.train.train_epoch``, SGD, batch ``--batch-size``);
 (b) times the default ``splitting_indices`` call (``--score-kwargs`` to change it) over the same loader,
     and, with ``--before PATH``, the default call of another score.py (e.g. main's, from ``git show``)
     loaded beside this tree's, alternated in the same loop; the ratio is the whole call
@@ -174,7 +174,7 @@ def measure_in_subprocess(k: int, method: str, weights: Path, batches: Path, thr
 
 def auxiliary_groups(model: torch.nn.Module, groups: list) -> list:
     """Each group with a depthwise chain, cut after its first activation (g read at that activation)."""
-    from hwsplit.graph import trace
+    from hwsplit.network.graph import trace
 
     gm = trace(model)
     node_of = {n.target: n.name for n in gm.graph.nodes if n.op == "call_module"}
@@ -222,7 +222,7 @@ def compare_auxiliary(model: torch.nn.Module, batches: list, example: torch.Tens
 # ------------------------------------------------------------------------------------------------
 
 def _load(args: argparse.Namespace):
-    from hwsplit.data import load_dataset, make_loaders
+    from hwsplit.training.data import load_dataset, make_loaders
 
     bundle = load_dataset("npz", data_dir=args.data_dir, limit=args.images, seed=args.seed)
     train_loader, _ = make_loaders(bundle, batch_size=args.batch_size, seed=args.seed)
@@ -274,8 +274,8 @@ def quality_figures(exact: dict, fast: dict) -> dict:
 
 
 def _load_before(path: str):
-    """main's hwsplit/score.py (or any other) as a module beside this tree's, importing this tree's
-    hwsplit.graph and hwsplit.distributed (unchanged by issue 13)."""
+    """main's hwsplit/splitting/score.py (or any other) as a module beside this tree's, importing this tree's
+    hwsplit.network.graph and hwsplit.infra.distributed (unchanged by issue 13)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("score_before", path)
@@ -307,7 +307,7 @@ def _on_score_epoch(loader, call, epoch: int = SCORE_EPOCH):
 def run(args: argparse.Namespace) -> dict:
     from cost_models import get_cost_model
     from hwsplit import splitting_indices
-    from hwsplit.train import TrainConfig, make_optimizer, seed_everything, train_epoch
+    from hwsplit.training.train import TrainConfig, make_optimizer, seed_everything, train_epoch
 
     score_kwargs = json.loads(args.score_kwargs)
     before = _load_before(args.before) if args.before else None
@@ -507,7 +507,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--score-kwargs", default="{}",
                         help="JSON of splitting_indices keyword arguments for the timed call (default: the defaults)")
     parser.add_argument("--before", default="",
-                        help="a score.py to time beside this tree's (e.g. ../main/hwsplit/score.py), its defaults")
+                        help="a score.py to time beside this tree's (e.g. ../main/hwsplit/splitting/score.py), "
+                             "its defaults")
     parser.add_argument("--quality", action="store_true", help="rank quality of the timed call against exact")
     parser.add_argument("--quality-subset-from", type=int, default=8,
                         help="from this k on, exact is computed for every --quality-every-th group only")

@@ -35,7 +35,7 @@ FIGURES = ("seconds", "spearman_min", "top10_overlap_min", "negative_found_share
 
 def run(args: argparse.Namespace) -> dict:
     from hwsplit import splitting_indices
-    from hwsplit.train import TrainConfig, make_optimizer, seed_everything, train_epoch
+    from hwsplit.training.train import TrainConfig, make_optimizer, seed_everything, train_epoch
 
     torch.set_num_threads(args.threads)
     configs = json.loads(args.configs) if args.configs else DEFAULT_CONFIGS

@@ -10,7 +10,7 @@
    stage) under ``--run`` (checkpoints are not in git). An existing run there is reused.
 2. For each of the two networks, in one process: one training epoch of a copy (SGD as the run trains,
    timed), the full-pass scorer (``scoring="full"``: every batch of the loader's epoch ``SCORE_EPOCH``), then
-   the adaptive scorer (:class:`hwsplit.score.AdaptiveScoring`, the knapsack's cut for the stage's MACs
+   the adaptive scorer (:class:`hwsplit.splitting.score.AdaptiveScoring`, the knapsack's cut for the stage's MACs
    budget) for each of ``--seeds``: seed s reads the loader's epoch ``SCORE_EPOCH + 1 + s`` (another
    shuffle: another subsample, other augmentations) with descent seed s, and with ``--full-repeats 2``
    a second full pass on epoch ``SCORE_EPOCH + 10`` (how well two full passes agree: the ceiling).
@@ -45,8 +45,8 @@ SCORE_EPOCH = 100_000
 
 
 def _grow(args: argparse.Namespace):
-    from hwsplit.config import GrowConfig
-    from hwsplit.grow import grow
+    from hwsplit.run.config import GrowConfig
+    from hwsplit.run.grow import grow
 
     config = GrowConfig(model="mobilenet_v1_cifar", dataset="npz", data_dir=str(resolve(args.data_dir)),
                         val_fraction=0.1, test_limit=args.test_limit, batch_size=args.batch_size,
@@ -66,8 +66,8 @@ def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _selected(scores, costs, budget, significant: bool, z: float) -> set[tuple[str, int]]:
-    from hwsplit.score import significant_scores
-    from hwsplit.select import select_by_name
+    from hwsplit.splitting.score import significant_scores
+    from hwsplit.splitting.select import select_by_name
 
     if significant:
         scores = significant_scores(scores, z)
@@ -98,11 +98,11 @@ def _agreement(full, other, costs, budget, z: float) -> dict:
 
 
 def _measure(name: str, path: Path, config, session, args: argparse.Namespace) -> dict:
-    from hwsplit.checkpoint import load_checkpoint
-    from hwsplit.models import model_from_architecture
-    from hwsplit.score import AdaptiveScoring, decided, splitting_indices
-    from hwsplit.select import knapsack_cut
-    from hwsplit.train import make_optimizer, train_epoch
+    from hwsplit.network.checkpoint import load_checkpoint
+    from hwsplit.network.models import model_from_architecture
+    from hwsplit.splitting.score import AdaptiveScoring, decided, splitting_indices
+    from hwsplit.splitting.select import knapsack_cut
+    from hwsplit.training.train import make_optimizer, train_epoch
 
     payload = load_checkpoint(path)
     model = model_from_architecture(payload["architecture"], payload["state_dict"]).eval()
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from hwsplit.stages import open_session
+    from hwsplit.run.stages import open_session
 
     t0 = time.perf_counter()
     report: dict = {"command": command_line(), "date": now(), "machine": machine(), "args": vars(args),

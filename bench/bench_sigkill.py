@@ -68,7 +68,7 @@ def compare(run: Path, reference: Path) -> list[str]:
     """What differs between two run directories (empty: identical minus timings)."""
     import torch
 
-    from hwsplit.checkpoint import load_checkpoint
+    from hwsplit.network.checkpoint import load_checkpoint
 
     problems = []
     got, want = _records(run), _records(reference)

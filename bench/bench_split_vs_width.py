@@ -7,7 +7,7 @@ for their MACs than the same family scaled uniformly by a width multiplier and t
 
 Grows the paper's CIFAR-10 seed MobileNetV1 (``cost="flops"``, growth ratio 0.5 per stage), and trains
 ``build_model("mobilenet_v1_cifar", width_mult=m)`` for each ``--multipliers`` m from scratch with
-``hwsplit.baselines.width_baseline`` (same optimizer, one cosine schedule of as many epochs as the grown
+``hwsplit.run.baselines.width_baseline`` (same optimizer, one cosine schedule of as many epochs as the grown
 network has had in all: seed epochs + stages × epochs). ``width_mult`` scales the seed's widths, so MACs
 grow about as m²; the grown network's MACs grow by at most 1.5× per stage, i.e. ≤ 1.5^S × the seed after S
 stages (3.4× for 3): the default multipliers 1, 1.5, 2, 2.5 (1×, 1.75×, 2.66×, 3.74× the seed's MACs; the stem
@@ -47,8 +47,8 @@ def merge_width_parts(parts: list[Path], dest: Path, config) -> list[dict]:
     """One baseline run directory from single-multiplier ones: records sorted by multiplier, renumbered."""
     import json
 
-    from hwsplit.fsio import atomic_write_json
-    from hwsplit.rundir import RunDir, start_fresh, write_summary
+    from hwsplit.infra.fsio import atomic_write_json
+    from hwsplit.run.rundir import RunDir, start_fresh, write_summary
 
     recs = sorted((r for p in parts for r in common.records(p)), key=lambda r: r["width_mult"])
     for i, r in enumerate(recs):
@@ -71,7 +71,7 @@ def main(argv=None) -> None:
     if started is None:
         return
     out, info, t_start = started
-    from hwsplit.baselines import grow_epochs, parse_multipliers
+    from hwsplit.run.baselines import grow_epochs, parse_multipliers
 
     config = common.grow_config(args, cost="flops")
     multipliers = sorted(parse_multipliers(args.multipliers), reverse=True)  # longest first
@@ -97,13 +97,13 @@ def write_fragment(out: Path, args: argparse.Namespace, run_info: dict) -> None:
     total = run_info["total_epochs"]
     report_note = ""
     try:
-        from hwsplit.report import write_report
+        from hwsplit.run.report import write_report
 
         write_report([out / "grow", out / "width"], out / "report")
         (out / "report" / "widths.png").unlink(missing_ok=True)  # 130 kB; the grown widths are in the table
         report_note = f"![accuracy vs MACs]({common.rel(out)}/report/accuracy_vs_macs.png)"
     except ImportError:
-        log.warning("hwsplit.report is not available: no plots")
+        log.warning("hwsplit.run.report is not available: no plots")
 
     table = [["network", "epochs in all", "test top-1 (%)", "MACs", "log10 MACs", "params", "widths (stem, blocks)"]]
     for r in grow:
@@ -121,7 +121,7 @@ def write_fragment(out: Path, args: argparse.Namespace, run_info: dict) -> None:
          f"growth ratio {args.growth_ratio}, {args.stages} stages. Baseline: `build_model(\"mobilenet_v1_cifar\", "
          f"width_mult=m)` for m in {', '.join(f'{m:g}' for m in sorted(multipliers))}, each trained from scratch "
          f"for {total} epochs (what the final grown network has had in all: {args.seed_epochs} + {args.stages} × "
-         f"{args.epochs}), one cosine schedule, same SGD settings, with `hwsplit.baselines.width_baseline`. Grown "
+         f"{args.epochs}), one cosine schedule, same SGD settings, with `hwsplit.run.baselines.width_baseline`. Grown "
          f"stage k has had {args.seed_epochs} + k × {args.epochs} epochs."),
         ("Results", common.md_table(table) + "\n\n" + report_note),
         ("Verdict", verdict(grow, width, args)),

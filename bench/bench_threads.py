@@ -6,7 +6,7 @@ CPU-bound process: the measurement behind hwsplit's thread default (``--threads`
 For each network (the digits seed of the README's main job and a 4× wider one, the CIFAR seed at widths 1 and
 2.5) and each thread count (``--threads``, default 1 and all cores), it times ``--steps`` training steps
 (forward, backward, SGD; batch ``--batch-size`` of random inputs, channels-last as hwsplit trains) and one
-scoring call (``hwsplit.score.splitting_indices`` over ``--score-batches`` batches), first alone, then with a
+scoring call (``hwsplit.splitting.score.splitting_indices`` over ``--score-batches`` batches), first alone, then with a
 competing process (one thread of float32 matrix products, the stand-in for "another job on the machine").
 Printed and saved: milliseconds per training step and seconds per scoring call, and each thread count's time
 ÷ one thread's.
@@ -51,8 +51,8 @@ def _time(name: str, shape, width: float, batch: int, threads: int, steps: int, 
     import torch
     import torch.nn.functional as F
 
-    from hwsplit.families import build_seed
-    from hwsplit.score import splitting_indices
+    from hwsplit.network.families import build_seed
+    from hwsplit.splitting.score import splitting_indices
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

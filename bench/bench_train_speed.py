@@ -9,8 +9,8 @@ times one epoch of
 
 * **bare**: a plain loop written here — the uint8 images held as one tensor, a whole batch padded, cropped and
   flipped with tensor ops, normalised, forward, cross entropy, backward, SGD (nesterov, weight decay);
-* **hwsplit**: ``hwsplit.train.train`` over ``hwsplit.data.make_loaders``' training loader (the code path every
-  grow stage, fine-tune and baseline uses), with ``TrainConfig(channels_last=...)``;
+* **hwsplit**: ``hwsplit.training.train.train`` over ``hwsplit.training.data.make_loaders``' training loader (the code
+  path every grow stage, fine-tune and baseline uses), with ``TrainConfig(channels_last=...)``;
 
 same initial weights, same batch size (``--batch-size``, 128), one intra-op thread. The two are interleaved
 (bare, hwsplit, bare, hwsplit for ``--repeats``) and each figure is the minimum over repeats. Printed and saved:
@@ -83,8 +83,8 @@ def bare_epoch(model, images, labels, mean, std, *, batch_size: int, channels_la
 
 
 def hwsplit_epoch(model, bundle, *, batch_size: int, channels_last: bool, seed: int) -> float:
-    from hwsplit.data import make_loaders
-    from hwsplit.train import TrainConfig, train
+    from hwsplit.training.data import make_loaders
+    from hwsplit.training.train import TrainConfig, train
 
     loader, _ = make_loaders(bundle, batch_size=batch_size, seed=seed)
     t0 = time.perf_counter()
@@ -104,7 +104,7 @@ def format_steps(threads: int) -> list[dict]:
     import torch
     import torch.nn.functional as F
 
-    from hwsplit.families import build_seed
+    from hwsplit.network.families import build_seed
 
     torch.set_num_threads(threads)
     rows = []
@@ -152,8 +152,8 @@ def main(argv=None) -> None:
                                                     "command": common.command_line(), "threads": args.threads,
                                                     "torch": torch.__version__, "format_steps": rows})
         return
-    from hwsplit.data import load_dataset
-    from hwsplit.families import build_seed
+    from hwsplit.network.families import build_seed
+    from hwsplit.training.data import load_dataset
 
     bundle = load_dataset("npz", data_dir=common.resolve(args.data_dir), limit=args.images, test_limit=100)
     images, labels = bundle.train.images, bundle.train.labels

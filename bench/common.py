@@ -8,14 +8,14 @@ needs them (``--keep-checkpoints``), so that what is committed is JSON, Markdown
 
 Two choices every benchmark makes here, and says so in its fragment:
 
-* **Full test set.** ``hwsplit.data.load_dataset(limit=N)`` also cuts the *test* set to ``N // 5``
+* **Full test set.** ``hwsplit.training.data.load_dataset(limit=N)`` also cuts the *test* set to ``N // 5``
   images. The benchmarks limit only the training images (``--limit``) and evaluate on the full
   CIFAR-10 test set (10,000 images) through ``GrowConfig(test_limit=None)`` (``--test-limit -1``
   restores the library's default, ``--test-limit N`` sets another number).
 * **Shared seed.** Two arms of a comparison that differ only from stage 1 on (cost model, scoring
   method) start from the *same* trained seed: stage 0 is trained once, copied into the other arm's
   run directory (its record re-priced by that arm's cost model) and both arms continue with
-  ``hwsplit.grow.grow(..., resume=True)``. The stage loop re-seeds every stage from the stage number,
+  ``hwsplit.run.grow.grow(..., resume=True)``. The stage loop re-seeds every stage from the stage number,
   so the result is what two uninterrupted runs would give, at the cost of one seed instead of two.
 """
 
@@ -42,7 +42,7 @@ RESULTS = ROOT / "bench" / "results"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-# The paper's CIFAR-10 seed MobileNetV1 (arXiv:1910.03103 §5), as hwsplit.models ships it.
+# The paper's CIFAR-10 seed MobileNetV1 (arXiv:1910.03103 §5), as hwsplit.network.models ships it.
 SEED_STEM = 8
 SEED_WIDTHS = [8, 8, 8, 16, 16, 24, 24, 24, 24, 24, 24, 32, 32]
 
@@ -106,7 +106,7 @@ def data_limit(args: argparse.Namespace) -> int | None:
 
 def grow_config(args: argparse.Namespace, **overrides: Any):
     """A GrowConfig for CIFAR-10 (npz) from the common flags; ``overrides`` win."""
-    from hwsplit.config import GrowConfig
+    from hwsplit.run.config import GrowConfig
 
     fields = dict(
         # absolute, as grow stores it (a relative one would not match config.json when an arm resumes)
@@ -138,15 +138,15 @@ def prepare_process(threads: int, test_limit: int, tag: str = "") -> None:
 def _arm(task: dict[str, Any]) -> dict[str, Any]:
     """Run one task in this process: ``{"kind": "grow"|"width", "config": {...}, "out": ..., ...}``."""
     prepare_process(task["threads"], task["test_limit"], task.get("tag", ""))
-    from hwsplit.config import GrowConfig
-    from hwsplit.grow import grow
+    from hwsplit.run.config import GrowConfig
+    from hwsplit.run.grow import grow
 
     config = GrowConfig(**task["config"])
     t0 = time.perf_counter()
     if task["kind"] == "grow":
         records = grow(config, task["out"], resume=task.get("resume", False))
     elif task["kind"] == "width":
-        from hwsplit.baselines import width_baseline
+        from hwsplit.run.baselines import width_baseline
 
         records = width_baseline(config, task["multipliers"], task["out"], epochs=task.get("epochs"))
     else:
@@ -207,9 +207,9 @@ def grow_groups_shared_seed(groups: dict[str, dict[str, Any]], root: Path,
 def copy_seed(src: Path, dst: Path, config) -> None:
     """Make ``dst`` a run of ``config`` whose stage 0 is ``src``'s (re-priced by ``config``'s cost model)."""
     import cost_models
-    from hwsplit.checkpoint import load_checkpoint, load_model
-    from hwsplit.fsio import atomic_write_json
-    from hwsplit.rundir import RunDir, start_fresh
+    from hwsplit.infra.fsio import atomic_write_json
+    from hwsplit.network.checkpoint import load_checkpoint, load_model
+    from hwsplit.run.rundir import RunDir, start_fresh
 
     s, d = RunDir(src), RunDir(dst)
     start_fresh(d)
@@ -282,7 +282,7 @@ def delete_checkpoints(root: Path, keep: Callable[[Path], bool] = lambda p: Fals
 
 
 def last_checkpoint(run: Path) -> Path | None:
-    from hwsplit.rundir import RunDir
+    from hwsplit.run.rundir import RunDir
 
     cps = RunDir(run).checkpoints()
     return cps[max(cps)] if cps else None
@@ -322,7 +322,7 @@ def write_fragment(path: Path, title: str, sections: Sequence[tuple[str, str]]) 
 
 
 def records(run: Path) -> list[dict[str, Any]]:
-    from hwsplit.rundir import RunDir
+    from hwsplit.run.rundir import RunDir
 
     return RunDir(run).records()
 

@@ -1,7 +1,7 @@
 """The CostModel protocol, the generic total/marginal arithmetic and the registry.
 
-A :class:`~hwsplit.specs.LayerSpec` describes one layer as the hardware sees it (docs/design.md §4). A cost model
-only has to price a single LayerSpec (``layer_cost``); :class:`LayerCostModel` turns that into the
+A :class:`~hwsplit.network.specs.LayerSpec` describes one layer as the hardware sees it (docs/design.md §4). A cost
+model only has to price a single LayerSpec (``layer_cost``); :class:`LayerCostModel` turns that into the
 cost of a whole model (``total``) and the cost of one more channel in each neuron group
 (``marginal``), re-evaluated on the model's current architecture at every call.
 """
@@ -17,13 +17,13 @@ if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
 from cost_models.calibration import Calibration
-from hwsplit.errors import CostOutOfRange
-from hwsplit.graph import find_neuron_groups, layer_specs
-from hwsplit.specs import LAYER_KINDS, LayerSpec, widened_specs
+from hwsplit.infra.errors import CostOutOfRange
+from hwsplit.network.graph import find_neuron_groups, layer_specs
+from hwsplit.network.specs import LAYER_KINDS, LayerSpec, widened_specs
 
 log = logging.getLogger(__name__)
 
-# LayerSpec, LAYER_KINDS and widened_specs live with the graph (hwsplit.specs); re-exported here
+# LayerSpec, LAYER_KINDS and widened_specs live with the graph (hwsplit.network.specs); re-exported here
 __all__ = ["LAYER_KINDS", "CostModel", "LayerCostModel", "LayerSpec", "available_cost_models", "get_cost_model",
            "register_cost_model", "widened_specs"]
 
@@ -74,7 +74,7 @@ class LayerCostModel:
 
     def total(self, model: nn.Module, input_shape: tuple[int, ...]) -> float:
         """``scale · layer_sum + offset`` in ``unit``. A network priced <= 0 (or not finite) is a
-        :class:`~hwsplit.errors.CostOutOfRange` naming the profile; one whose layer sum lies outside
+        :class:`~hwsplit.infra.errors.CostOutOfRange` naming the profile; one whose layer sum lies outside
         the whole networks the calibration was fitted on is logged once per direction."""
         cal = self.calibration
         raw = self.layer_sum(model, input_shape)

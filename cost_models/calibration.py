@@ -46,7 +46,7 @@ class Calibration:
 
 def fit_calibration(cost_model: Any, networks: list[dict[str, Any]], metric: str) -> Calibration:
     """Fit scale and offset of ``cost_model`` (uncalibrated) on the profile's measured networks."""
-    from hwsplit.models import model_from_architecture
+    from hwsplit.network.models import model_from_architecture
 
     raw, measured = [], []
     for net in networks:

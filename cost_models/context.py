@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cost_models.blocks import padded
-from hwsplit.specs import LayerSpec
+from hwsplit.network.specs import LayerSpec
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn

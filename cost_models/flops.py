@@ -7,7 +7,7 @@ Only convolutions and linear layers are counted, one MAC per weight per output p
 from __future__ import annotations
 
 from cost_models.base import LayerCostModel, register_cost_model
-from hwsplit.specs import LayerSpec
+from hwsplit.network.specs import LayerSpec
 
 
 @register_cost_model("flops")

@@ -1,6 +1,6 @@
 """The family's layer grid and its random networks (docs/design.md §6).
 
-:func:`family_grid` lists every layer (a :class:`~hwsplit.specs.LayerSpec`) the family can take while
+:func:`family_grid` lists every layer (a :class:`~hwsplit.network.specs.LayerSpec`) the family can take while
 it grows, from the CIFAR seed's widths to the standard MobileNetV1 widths, over a geometric channel
 ladder; :func:`calibration_architectures` draws whole random networks of the family between the same
 bounds (the profiler measures them end to end).
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from hwsplit.blocks import make_divisible  # one rounding rule for seeds, baselines and the bench
-from hwsplit.specs import LayerSpec
+from hwsplit.network.families import make_divisible  # one rounding rule for seeds, baselines and the bench
+from hwsplit.network.specs import LayerSpec
 
 __all__ = ["CHANNEL_LADDER", "FAMILIES", "aligned_architecture", "calibration_architectures", "family_grid",
            "make_divisible"]
@@ -38,7 +38,7 @@ def _family_positions(family: str, resolution: int, num_classes: int) -> list[di
     from the CIFAR seed's widths to the standard MobileNetV1 widths at the same position."""
     if family not in FAMILIES:
         raise ValueError(f"family: expected one of {FAMILIES}, got {family!r}")
-    from hwsplit.models import MOBILENET_V1_CIFAR_SEED, MOBILENET_V1_STANDARD
+    from hwsplit.network.models import MOBILENET_V1_CIFAR_SEED, MOBILENET_V1_STANDARD
 
     seed, full = MOBILENET_V1_CIFAR_SEED, MOBILENET_V1_STANDARD
     if [s for _, s in seed["blocks"]] != [s for _, s in full["blocks"]]:  # pragma: no cover - data invariant
@@ -99,7 +99,7 @@ def calibration_architectures(family: str, resolution: int, n: int, *, num_class
 
     import numpy as np
 
-    from hwsplit.models import MOBILENET_V1_CIFAR_SEED, MOBILENET_V1_STANDARD
+    from hwsplit.network.models import MOBILENET_V1_CIFAR_SEED, MOBILENET_V1_STANDARD
 
     if family not in FAMILIES:
         raise ValueError(f"family: expected one of {FAMILIES}, got {family!r}")

@@ -47,7 +47,7 @@ from cost_models.profile_io import (
     resolve_profile,
     runtime_overhead,
 )
-from hwsplit.specs import LayerSpec
+from hwsplit.network.specs import LayerSpec
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn

@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from hwsplit.errors import DeviceUnavailableError
+from hwsplit.infra.errors import DeviceUnavailableError
 
 log = logging.getLogger(__name__)
 

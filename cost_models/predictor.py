@@ -43,7 +43,7 @@ from cost_models.profile_io import (
     resolve_profile,
     runtime_overhead,
 )
-from hwsplit.specs import LAYER_KINDS, LayerSpec
+from hwsplit.network.specs import LAYER_KINDS, LayerSpec
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn

@@ -28,9 +28,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from hwsplit.errors import ConfigError
-from hwsplit.fsio import atomic_write
-from hwsplit.specs import LayerSpec
+from hwsplit.infra.errors import ConfigError
+from hwsplit.infra.fsio import atomic_write
+from hwsplit.network.specs import LayerSpec
 
 SCHEMA = "hwsplit.profile/1"
 METRICS = ("latency_ms", "energy_mj")
@@ -190,7 +190,7 @@ def resolve_profile(profile: str | os.PathLike[str] | dict[str, Any]) -> tuple[d
 
 
 def save_profile(profile: dict[str, Any], path: str | os.PathLike[str]) -> None:
-    """Write ``profile`` atomically (:func:`hwsplit.fsio.atomic_write`), creating its directory."""
+    """Write ``profile`` atomically (:func:`hwsplit.infra.fsio.atomic_write`), creating its directory."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda fh: (json.dump(profile, fh, indent=1), fh.write("\n")))

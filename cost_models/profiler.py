@@ -38,7 +38,7 @@ from cost_models.runner import (
     measure_module,
     overhead_module,
 )
-from hwsplit.specs import LayerSpec
+from hwsplit.network.specs import LayerSpec
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ def profile_family(*, family: str = "mobilenet_v1", resolution: int = 32, device
         raise ValueError(f"max_rows: expected a non-negative integer, got {max_rows!r}")
     if not isinstance(save_every, int) or save_every < 1:
         raise ValueError(f"save_every: expected a positive integer, got {save_every!r}")
-    from hwsplit.models import ACTIVATIONS
+    from hwsplit.network.models import ACTIVATIONS
 
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation: expected one of {sorted(ACTIVATIONS)}, got {activation!r}")
@@ -264,7 +264,7 @@ def _seeded_model(arch: dict[str, Any]) -> Any:
     weights; the seed keeps a resumed profile's exports identical)."""
     import torch
 
-    from hwsplit.models import model_from_architecture
+    from hwsplit.network.models import model_from_architecture
 
     torch.manual_seed(0)
     return model_from_architecture(arch).eval()
@@ -316,7 +316,7 @@ def _measure_in_context(profile: dict[str, Any], family: str, resolution: int, n
                         progress: ProgressFn | None) -> None:
     import torch
 
-    from hwsplit.graph import layer_specs
+    from hwsplit.network.graph import layer_specs
 
     if "channel_block" not in profile:
         blocks = detect_channel_block(threads=threads)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from cost_models.machine import parse_device
 from cost_models.meters import LatencyMeter, Measurement, NoGpuError, NvmlEnergyMeter, nvidia_gpu_available
 from cost_models.profile_io import METERS
-from hwsplit.specs import LayerSpec
+from hwsplit.network.specs import LayerSpec
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
@@ -173,7 +173,7 @@ def layer_module(spec: LayerSpec, activation: str = "silu") -> tuple[nn.Module, 
     import torch
     from torch import nn
 
-    from hwsplit.models import ACTIVATIONS
+    from hwsplit.network.models import ACTIVATIONS
 
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation: expected one of {sorted(ACTIVATIONS)}, got {activation!r}")

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from cost_models.base import register_cost_model
-from hwsplit.graph import find_neuron_groups
-from hwsplit.specs import LayerSpec
+from hwsplit.network.graph import find_neuron_groups
+from hwsplit.network.specs import LayerSpec
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchvision import datasets, transforms
 
 from hwsplit import Grower
-from hwsplit.tblog import write_step
+from hwsplit.run.tblog import write_step
 
 
 def make_loaders(args: argparse.Namespace) -> tuple[DataLoader, DataLoader, int]:

@@ -1,7 +1,8 @@
 """hwsplit: grow neural networks by splitting neurons under a hardware cost budget.
 
 Public names (docs/design.md §5) are imported lazily so that ``import hwsplit`` stays cheap and the
-pure parts (``hwsplit.select``) never pull in model code.
+pure parts (``hwsplit.splitting.select``) never pull in model code. The modules live in layer folders
+(docs/design.md §1): ``infra`` → ``network`` → ``splitting`` and ``training`` → ``run``.
 """
 
 from __future__ import annotations
@@ -12,18 +13,18 @@ from typing import Any
 __version__ = "0.1.0"
 
 _PUBLIC = {
-    "find_neuron_groups": "hwsplit.graph",
-    "layer_specs": "hwsplit.graph",
-    "NeuronGroup": "hwsplit.graph",
-    "splitting_indices": "hwsplit.score",
-    "SplitScore": "hwsplit.score",
-    "select_neurons": "hwsplit.select",
-    "apply_split": "hwsplit.surgery",
-    "build_model": "hwsplit.models",
-    "architecture": "hwsplit.models",
-    "model_from_architecture": "hwsplit.models",
-    "Grower": "hwsplit.grower",
-    "carry_optimizer": "hwsplit.grower",
+    "find_neuron_groups": "hwsplit.network.graph",
+    "layer_specs": "hwsplit.network.graph",
+    "NeuronGroup": "hwsplit.network.graph",
+    "splitting_indices": "hwsplit.splitting.score",
+    "SplitScore": "hwsplit.splitting.score",
+    "select_neurons": "hwsplit.splitting.select",
+    "apply_split": "hwsplit.splitting.surgery",
+    "build_model": "hwsplit.network.models",
+    "architecture": "hwsplit.network.models",
+    "model_from_architecture": "hwsplit.network.models",
+    "Grower": "hwsplit.run.grower",
+    "carry_optimizer": "hwsplit.run.grower",
 }
 
 __all__ = sorted(_PUBLIC)

@@ -19,7 +19,7 @@ torch.set_num_threads(1)
 
 from conftest import synthetic_data, tiny_mobilenet  # noqa: E402
 
-from hwsplit.data import TensorBatchLoader, TensorImageDataset  # noqa: E402
+from hwsplit.training.data import TensorBatchLoader, TensorImageDataset  # noqa: E402
 
 
 class Float64Loader:
@@ -50,7 +50,7 @@ def scores_to_json(scores) -> dict:
 
 
 def scenario_scores(rank: int, world: int) -> dict:
-    from hwsplit.score import splitting_indices
+    from hwsplit.splitting.score import splitting_indices
 
     model, loader = scoring_setup(rank, world, batch_size=16)
     return {method: scores_to_json(splitting_indices(model, loader, method=method, epochs=2, seed=5))
@@ -58,10 +58,10 @@ def scenario_scores(rank: int, world: int) -> dict:
 
 
 def scenario_grow(rank: int, world: int, out: Path) -> dict:
-    import hwsplit.grow as grow_module
-    import hwsplit.grower as grower_module  # a stage's selection and split are Grower.grow_step's
-    from hwsplit.config import GrowConfig
-    from hwsplit.distributed import checksum
+    import hwsplit.run.grow as grow_module
+    import hwsplit.run.grower as grower_module  # a stage's selection and split are Grower.grow_step's
+    from hwsplit.infra.distributed import checksum
+    from hwsplit.run.config import GrowConfig
 
     selected, applied, sums = [], [], []
     select, apply, record = grower_module.select_stage, grower_module.apply_split, grow_module.train_and_record
@@ -93,9 +93,9 @@ def scenario_grow(rank: int, world: int, out: Path) -> dict:
 
 def scenario_width(rank: int, world: int, out: Path) -> dict:
     """The width baseline on every rank; rank 1's run directory must stay unwritten."""
-    import hwsplit.baselines as baselines
-    from hwsplit.config import GrowConfig
-    from hwsplit.distributed import checksum
+    import hwsplit.run.baselines as baselines
+    from hwsplit.infra.distributed import checksum
+    from hwsplit.run.config import GrowConfig
 
     sums = []
     record = baselines.train_and_record
@@ -113,8 +113,8 @@ def scenario_width(rank: int, world: int, out: Path) -> dict:
 
 def scenario_fail(rank: int, world: int) -> dict:
     """Rank 1 raises while rank 0 waits at a barrier: both must end with the same one-line error."""
-    from hwsplit.distributed import barrier
-    from hwsplit.parallel import RankFailed, entry_point
+    from hwsplit.infra.distributed import barrier
+    from hwsplit.infra.parallel import RankFailed, entry_point
 
     @entry_point
     def command() -> None:
@@ -131,7 +131,7 @@ def scenario_fail(rank: int, world: int) -> dict:
 
 def main() -> None:
     scenario, out = sys.argv[1], Path(sys.argv[2])
-    from hwsplit.parallel import init_from_env, shutdown
+    from hwsplit.infra.parallel import init_from_env, shutdown
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     result = {}

@@ -11,17 +11,16 @@ from test_surgery import randomise_bn
 
 import cost_models
 from hwsplit import apply_split, find_neuron_groups
-from hwsplit.blocks import (
+from hwsplit.infra.errors import ConfigError
+from hwsplit.network.families import build_seed, make_divisible
+from hwsplit.run.config import GrowConfig, resolve_channel_multiple
+from hwsplit.splitting.blocks import (
     block_options,
     brute_force_grouped,
-    make_divisible,
     select_blocks,
     solve_grouped_knapsack,
 )
-from hwsplit.config import GrowConfig, resolve_channel_multiple
-from hwsplit.errors import ConfigError
-from hwsplit.families import build_seed
-from hwsplit.score import SplitScore
+from hwsplit.splitting.score import SplitScore
 
 
 def _instance(rng: np.random.Generator) -> tuple[list[np.ndarray], list[np.ndarray], float]:
@@ -166,7 +165,7 @@ def test_growth_in_multiples_preserves_the_function_and_divisibility(method):
 
 
 def test_grow_run_with_a_channel_multiple_keeps_widths_divisible(tmp_path):
-    from hwsplit.grow import grow
+    from hwsplit.run.grow import grow
 
     config = GrowConfig(data_limit=300, test_limit=60, stages=2, epochs=1, seed_epochs=1, channel_multiple=4,
                         selection="milp")
@@ -222,7 +221,7 @@ def test_cli_rejects_a_bad_channel_multiple(tmp_path):
 
 
 def test_width_baseline_rounds_widths_to_the_channel_multiple(tmp_path):
-    from hwsplit.baselines import width_baseline
+    from hwsplit.run.baselines import width_baseline
 
     config = GrowConfig(data_limit=200, test_limit=40, epochs=1, seed_epochs=1, channel_multiple=8)
     records = width_baseline(config, [1.0, 1.5], tmp_path / "width", epochs=1)

@@ -1,7 +1,10 @@
-"""The layers point one way (docs/design.md §1): no import cycle, cost models never import the run layer.
+"""The layers point one way (docs/design.md §1), and the folders are the layers.
 
-Every import is read from the source (including those inside functions), so a lazy import that
-hides a two-way dependency still counts.
+``hwsplit/infra`` → ``hwsplit/network`` → ``hwsplit/splitting`` and ``hwsplit/training`` (side by side, neither
+importing the other) → ``cost_models`` → ``hwsplit/run`` → ``cli.py``. No module imports a folder above its own
+or a sibling folder, there is no import cycle, the cost models never import the run layer, and ``hwsplit/infra``
+imports nothing else of the project. Every import is read from the source (including those inside
+functions), so a lazy import that hides a two-way dependency still counts.
 """
 
 from __future__ import annotations
@@ -13,41 +16,42 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-#: Layer of every module, bottom (0) to top. A module may import its own layer or lower ones.
-LAYERS = {
-    0: ["hwsplit.units", "hwsplit.errors", "hwsplit.fsio", "hwsplit.specs", "hwsplit.graph",
-        "hwsplit.distributed", "hwsplit.devices"],
-    1: ["hwsplit.models", "hwsplit.score", "hwsplit.surgery", "hwsplit.select", "hwsplit.blocks", "hwsplit.families",
-        "hwsplit.recipe",
-        "hwsplit.data", "hwsplit.train", "hwsplit.checkpoint", "hwsplit.schedule"],
-    2: ["cost_models.base", "cost_models.flops", "cost_models.uniform", "cost_models.profile_io",
-        "cost_models.meters", "cost_models.machine", "cost_models.grid", "cost_models.runner",
-        "cost_models.measure", "cost_models.calibration", "cost_models.lut", "cost_models.predictor",
-        "cost_models.profiler", "cost_models.context", "cost_models.blocks", "cost_models"],
-    3: ["hwsplit.config", "hwsplit.rundir", "hwsplit.stages", "hwsplit.grower", "hwsplit.tblog", "hwsplit.grow",
-        "hwsplit.baselines", "hwsplit.finetune", "hwsplit.prune", "hwsplit.report", "hwsplit.export",
-        "hwsplit.summary", "hwsplit.parallel"],
-    4: ["cli"],
+#: Rank of every layer folder, bottom (0) to top. A module may import its own folder or a folder of lower rank;
+#: folders of the same rank (splitting, training) do not import each other.
+FOLDERS = {
+    "hwsplit.infra": 0,
+    "hwsplit.network": 1,
+    "hwsplit.splitting": 2,
+    "hwsplit.training": 2,
+    "cost_models": 3,
+    "hwsplit.run": 4,
+    "cli": 5,
 }
-RUN_LAYER = 3
+RUN = "hwsplit.run"
+INFRA = "hwsplit.infra"
 
 
 def _modules() -> dict[str, Path]:
     out = {"cli": ROOT / "cli.py"}
     for package in ("hwsplit", "cost_models"):
-        for path in sorted((ROOT / package).glob("*.py")):
-            name = package if path.stem == "__init__" else f"{package}.{path.stem}"
-            out[name] = path
+        for path in sorted((ROOT / package).rglob("*.py")):
+            parts = list(path.relative_to(ROOT).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            out[".".join(parts)] = path
     return out
 
 
+def _folder(module: str) -> str:
+    for folder in sorted(FOLDERS, key=len, reverse=True):
+        if module == folder or module.startswith(folder + "."):
+            return folder
+    raise AssertionError(f"{module} is in no layer folder: move it into one of {sorted(FOLDERS)} "
+                         "(and describe it in docs/design.md §1)")
+
+
 def _layer(module: str) -> int:
-    for layer, names in LAYERS.items():
-        for name in names:
-            if module == name or module.startswith(name + "."):
-                return layer
-    raise AssertionError(f"{module} has no layer: add it to LAYERS in tests/test_architecture.py "
-                         "(and to docs/design.md §1)")
+    return FOLDERS[_folder(module)]
 
 
 def _imports(path: Path, known: set[str]) -> set[str]:
@@ -74,22 +78,37 @@ def _graph() -> dict[str, set[str]]:
     return {m: {i for i in _imports(p, known) if i != m and i not in ("hwsplit",)} for m, p in modules.items()}
 
 
-def test_every_module_has_a_layer():
+def test_every_module_is_in_a_layer_folder():
+    flat = [p.name for p in (ROOT / "hwsplit").glob("*.py") if p.name != "__init__.py"]
+    assert not flat, f"hwsplit/ holds only layer folders; move {flat} into one"
     for module in _modules():
         if module != "hwsplit":
-            _layer(module)
+            _folder(module)
 
 
 def test_imports_point_down_the_layers():
-    bad = [f"{m} (layer {_layer(m)}) imports {i} (layer {_layer(i)})"
-           for m, deps in _graph().items() if m != "hwsplit" for i in deps if _layer(i) > _layer(m)]
+    bad = [f"{m} ({_folder(m)}) imports {i} ({_folder(i)})"
+           for m, deps in _graph().items() if m != "hwsplit" for i in deps
+           if _layer(i) > _layer(m) or (_layer(i) == _layer(m) and _folder(i) != _folder(m))]
     assert not bad, "\n".join(bad)
 
 
 def test_cost_models_never_import_the_run_layer():
     bad = [f"{m} imports {i}" for m, deps in _graph().items() if m.startswith("cost_models")
-           for i in deps if _layer(i) >= RUN_LAYER]
+           for i in deps if _layer(i) >= FOLDERS[RUN]]
     assert not bad, "\n".join(bad)
+
+
+def test_infra_imports_nothing_else_of_the_project():
+    bad = [f"{m} imports {i}" for m, deps in _graph().items() if m != "hwsplit" and _folder(m) == INFRA
+           for i in deps if _folder(i) != INFRA]
+    assert not bad, "\n".join(bad)
+
+
+def test_every_module_says_what_it_is():
+    missing = [m for m, p in _modules().items()
+               if not (ast.get_docstring(ast.parse(p.read_text(encoding="utf-8"))) or "").strip()]
+    assert not missing, f"no module docstring: {missing}"
 
 
 def test_no_import_cycle():
@@ -116,8 +135,9 @@ def test_no_import_cycle():
 
 def test_the_walker_sees_lazy_imports(tmp_path):
     src = tmp_path / "m.py"
-    src.write_text("def f():\n    from hwsplit.grow import grow\n    import cost_models.lut\n")
-    assert _imports(src, {"hwsplit.grow", "cost_models.lut", "cost_models"}) == {"hwsplit.grow", "cost_models.lut"}
+    src.write_text("def f():\n    from hwsplit.run.grow import grow\n    import cost_models.lut\n")
+    known = {"hwsplit.run.grow", "cost_models.lut", "cost_models"}
+    assert _imports(src, known) == {"hwsplit.run.grow", "cost_models.lut"}
 
 
 def test_docstrings_cite_the_design_document_in_the_repository():

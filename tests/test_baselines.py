@@ -10,10 +10,10 @@ import torch
 from click.testing import CliRunner
 
 from cli import main
-from hwsplit.baselines import grow_epochs, parse_multipliers
-from hwsplit.checkpoint import load_model
-from hwsplit.config import GrowConfig
-from hwsplit.select import random_selection
+from hwsplit.network.checkpoint import load_model
+from hwsplit.run.baselines import grow_epochs, parse_multipliers
+from hwsplit.run.config import GrowConfig
+from hwsplit.splitting.select import random_selection
 
 TINY = ["--epochs", "1", "--limit", "300", "--batch-size", "32"]
 

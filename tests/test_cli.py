@@ -10,8 +10,8 @@ import torch
 from click.testing import CliRunner
 
 from cli import main
-from hwsplit.checkpoint import load_checkpoint, load_model
-from hwsplit.data import load_dataset, make_loaders
+from hwsplit.network.checkpoint import load_checkpoint, load_model
+from hwsplit.training.data import load_dataset, make_loaders
 
 TINY = ["--stages", "2", "--epochs", "1", "--limit", "300", "--batch-size", "32"]
 
@@ -55,7 +55,7 @@ def test_checkpoint_rebuilds_the_model_in_memory(tiny_run):
     records = [json.loads(line) for line in (tiny_run / "stages.jsonl").read_text().splitlines()]
     assert model.spec.to_dict() == records[2]["architecture"]
     # the same weights give the same outputs as a model built from the architecture and state dict
-    from hwsplit.models import model_from_architecture
+    from hwsplit.network.models import model_from_architecture
 
     again = model_from_architecture(payload["architecture"], payload["state_dict"]).eval()
     with torch.no_grad():
@@ -126,8 +126,8 @@ def test_test_limit_option(tmp_path):
 def test_split_vectors_reach_the_scorer(tmp_path, monkeypatch):
     """--split-vectors is the scoring cost/quality dial: it is the Rayleigh–Ritz subspace size of every
     stage's splitting_indices call, and a bad value in a config names its field."""
-    import hwsplit.grower as grow_module  # a stage's scoring is Grower.grow_step's
-    from hwsplit.config import ConfigError, GrowConfig
+    import hwsplit.run.grower as grow_module  # a stage's scoring is Grower.grow_step's
+    from hwsplit.run.config import ConfigError, GrowConfig
 
     seen = []
     real = grow_module.splitting_indices

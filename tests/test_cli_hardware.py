@@ -68,7 +68,7 @@ def test_grow_with_the_lookup_table_of_the_shipped_profile(tmp_path, cifar_like)
 
 def test_grow_against_an_absolute_latency_budget_stops_at_it(tmp_path, cifar_like):
     from cost_models import get_cost_model
-    from hwsplit.models import build_model
+    from hwsplit.network.models import build_model
 
     seed_ms = get_cost_model("lut", profile=SHIPPED).total(build_model("mobilenet_v1_cifar"), (1, 3, 32, 32))
     budget = seed_ms * 1.2

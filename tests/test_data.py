@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from hwsplit.data import (
+from hwsplit.training.data import (
     DataBundle,
     DataError,
     TensorBatchLoader,

@@ -15,7 +15,7 @@ from cost_models.measure import measure_rounds, repeatability
 from cost_models.meters import Measurement, Stats
 from cost_models.predictor import TERMS, LayerRegressor
 from cost_models.profile_io import ProfileError, channel_block, validate_profile
-from hwsplit.specs import LayerSpec
+from hwsplit.network.specs import LayerSpec
 
 # -- the channel block, from a real onnxruntime session ---------------------------------------------
 

@@ -72,7 +72,7 @@ def _close(a: dict, b: dict, rel: float) -> None:
 
 
 def test_two_ranks_score_as_one_process(two_ranks) -> None:
-    from hwsplit.score import splitting_indices
+    from hwsplit.splitting.score import splitting_indices
 
     ranks = [r["scores"] for r in two_ranks[0]]
     # one process over the same 96 samples: batches of 32 = the union of the two ranks' batches of 16
@@ -147,8 +147,8 @@ def test_torchrun_grow_resumes_after_one_rank_is_killed(tmp_path: Path) -> None:
 def test_one_process_reductions_are_identities() -> None:
     import torch
 
-    from hwsplit import distributed
-    from hwsplit.parallel import entry_point, on_main
+    from hwsplit.infra import distributed
+    from hwsplit.infra.parallel import entry_point, on_main
 
     t = torch.arange(6.0).reshape(2, 3)
     assert distributed.weighted_mean_across_ranks(t, 0.25) is t

@@ -12,8 +12,8 @@ import torch
 from click.testing import CliRunner
 
 from cli import main
-from hwsplit.checkpoint import load_model
-from hwsplit.export import ExportMismatchError, export_onnx, resolve_checkpoint
+from hwsplit.network.checkpoint import load_model
+from hwsplit.run.export import ExportMismatchError, export_onnx, resolve_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,7 @@ def _pre_everywhere(run: Path) -> dict:
     """The preprocessing config.json records, checked to be the checkpoints' too."""
     import json
 
-    from hwsplit.checkpoint import load_checkpoint
+    from hwsplit.network.checkpoint import load_checkpoint
 
     pre = json.loads((run / "config.json").read_text())["preprocessing"]
     for ckpt in run.glob("stage-*.pt"):
@@ -88,9 +88,9 @@ def _pre_everywhere(run: Path) -> dict:
 def test_onnx_metadata_round_trips_the_preprocessing(tmp_path, run):
     import json
 
-    from hwsplit.data import load_dataset
-    from hwsplit.export import read_metadata
-    from hwsplit.rundir import file_sha256
+    from hwsplit.run.export import read_metadata
+    from hwsplit.run.rundir import file_sha256
+    from hwsplit.training.data import load_dataset
 
     pre = _pre_everywhere(run)
     bundle = load_dataset("digits", limit=300)
@@ -109,8 +109,8 @@ def test_onnx_metadata_round_trips_the_preprocessing(tmp_path, run):
 
 
 def test_baked_in_preprocessing_matches_pytorch_on_raw_float_images(tmp_path, run):
-    from hwsplit.data import load_dataset, make_loaders
-    from hwsplit.export import read_metadata
+    from hwsplit.run.export import read_metadata
+    from hwsplit.training.data import load_dataset, make_loaders
 
     onnx_path = tmp_path / "raw.onnx"
     result = CliRunner().invoke(main, ["export", str(run), "--with-preprocessing", "--onnx", str(onnx_path)])
@@ -129,8 +129,8 @@ def test_baked_in_preprocessing_matches_pytorch_on_raw_float_images(tmp_path, ru
 
 
 def test_baked_in_preprocessing_takes_uint8_images(tmp_path):
-    from hwsplit.data import load_dataset, make_loaders
-    from hwsplit.export import read_metadata
+    from hwsplit.run.export import read_metadata
+    from hwsplit.training.data import load_dataset, make_loaders
 
     data = tmp_path / "npz"
     data.mkdir()
@@ -164,7 +164,7 @@ def test_baked_in_preprocessing_takes_uint8_images(tmp_path):
 
 
 def test_with_preprocessing_needs_a_checkpoint_that_records_it(tmp_path, run):
-    from hwsplit.checkpoint import load_checkpoint, save_checkpoint
+    from hwsplit.network.checkpoint import load_checkpoint, save_checkpoint
 
     payload = load_checkpoint(resolve_checkpoint(run))
     old = tmp_path / "old.pt"

@@ -15,14 +15,14 @@ import torch
 from click.testing import CliRunner
 
 from cli import main
-from hwsplit.checkpoint import load_checkpoint
-from hwsplit.config import GrowConfig
-from hwsplit.data import load_dataset, split_validation
-from hwsplit.errors import ConfigError
-from hwsplit.finetune import ship_stage
-from hwsplit.schedule import WARM_LR_FACTOR, WARMUP_FRACTION, stage_train_config
-from hwsplit.stages import KILL_AT_ENV
-from hwsplit.train import TrainConfig, make_optimizer, make_scheduler
+from hwsplit.infra.errors import ConfigError
+from hwsplit.network.checkpoint import load_checkpoint
+from hwsplit.run.config import GrowConfig
+from hwsplit.run.finetune import ship_stage
+from hwsplit.run.stages import KILL_AT_ENV
+from hwsplit.training.data import load_dataset, split_validation
+from hwsplit.training.schedule import WARM_LR_FACTOR, WARMUP_FRACTION, stage_train_config
+from hwsplit.training.train import TrainConfig, make_optimizer, make_scheduler
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--stages", "2", "--epochs", "1", "--limit", "300", "--batch-size", "32"]
@@ -201,7 +201,7 @@ def rgb32(tmp_path_factory) -> Path:
 def test_finetune_and_retrain_a_torchvision_mobilenet_v2(tmp_path, rgb32):
     import torchvision
 
-    from hwsplit.checkpoint import load_model
+    from hwsplit.network.checkpoint import load_model
 
     out = tmp_path / "tv"
     _cli("grow", "--model", "torchvision:mobilenet_v2", "--width-mult", "0.25", "--dataset", "npz", "--data-dir",
@@ -230,7 +230,7 @@ def test_ship_stage_chooses_on_validation_within_the_budget():
 
 
 def test_grow_final_epochs_and_report_with_derived_runs(tmp_path):
-    from hwsplit.report import write_report
+    from hwsplit.run.report import write_report
 
     out = tmp_path / "g"
     text = _cli("grow", "--stages", "1", "--epochs", "1", "--limit", "200", "--final-epochs", "2", "--out", str(out))

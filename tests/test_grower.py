@@ -19,13 +19,13 @@ from torch import nn
 
 from cli import main
 from hwsplit import Grower, apply_split, splitting_indices
-from hwsplit.checkpoint import load_checkpoint, load_model
-from hwsplit.config import load_config
-from hwsplit.grower import STOP_BUDGET, STOP_NO_NEGATIVE
-from hwsplit.stages import open_session, stage_seed
-from hwsplit.surgery import split_sources
-from hwsplit.tblog import RunBoard
-from hwsplit.train import seed_everything, train
+from hwsplit.network.checkpoint import load_checkpoint, load_model
+from hwsplit.run.config import load_config
+from hwsplit.run.grower import STOP_BUDGET, STOP_NO_NEGATIVE
+from hwsplit.run.stages import open_session, stage_seed
+from hwsplit.run.tblog import RunBoard
+from hwsplit.splitting.surgery import split_sources
+from hwsplit.training.train import seed_everything, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--stages", "2", "--epochs", "1", "--limit", "300", "--batch-size", "32"]
@@ -356,7 +356,7 @@ def test_an_unwritable_tb_never_fails_a_run(tmp_path, caplog):
     out = tmp_path / "run"
     out.mkdir()
     (out / "tb").write_text("a file where the directory should be")
-    with caplog.at_level(logging.WARNING, logger="hwsplit.tblog"):
+    with caplog.at_level(logging.WARNING, logger="hwsplit.run.tblog"):
         _invoke("grow", "--stages", "1", "--epochs", "1", "--limit", "200", "--batch-size", "32", "--out", out)
     assert [r["stage"] for r in _records(out)] == [0, 1]
     assert any("TensorBoard: cannot write event files" in r.getMessage() for r in caplog.records)
@@ -396,7 +396,7 @@ def test_a_stage_killed_mid_training_and_resumed_shows_every_epoch_once(tmp_path
     import subprocess
     import sys
 
-    from hwsplit.stages import KILL_AT_ENV
+    from hwsplit.run.stages import KILL_AT_ENV
 
     out = tmp_path / "run"
     args = [sys.executable, "cli.py", "grow", "--stages", "2", "--epochs", "3", "--seed-epochs", "2", "--limit", "300",

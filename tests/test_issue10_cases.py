@@ -20,12 +20,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import hwsplit.rundir
+import hwsplit.run.rundir
 from cli import main
 from cost_models import get_cost_model
-from hwsplit.errors import CostOutOfRange
-from hwsplit.models import build_model
-from hwsplit.rundir import RunDir
+from hwsplit.infra.errors import CostOutOfRange
+from hwsplit.network.models import build_model
+from hwsplit.run.rundir import RunDir
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "malformed"
 TINY = ["--model", "mlp", "--stages", "1", "--epochs", "1", "--limit", "200"]
@@ -297,7 +297,7 @@ def test_permission_errors_name_the_run_not_a_hidden_file(run, monkeypatch):
             raise PermissionError(errno.EACCES, "Permission denied", str(path))
         return real_open(path, *args, **kwargs)
 
-    monkeypatch.setattr(hwsplit.rundir.os, "open", refuse)
+    monkeypatch.setattr(hwsplit.run.rundir.os, "open", refuse)
     line = _assert_one_line(_invoke("grow", "--resume", run, "--stages", "2"), 2,
                             f"run: cannot grow {run} (Permission denied)")
     assert ".lock" not in line and ".tmp" not in line

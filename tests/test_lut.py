@@ -11,14 +11,14 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-import hwsplit.graph
+import hwsplit.network.graph
 from cost_models import get_cost_model
 from cost_models.lut import LookupTableCostModel, LutExtrapolationWarning
 from cost_models.profile_io import SCHEMA, load_profile, save_profile
 from cost_models.profiler import family_grid, profile_family
-from hwsplit.graph import layer_specs
-from hwsplit.models import build_model
-from hwsplit.specs import LayerSpec
+from hwsplit.network.graph import layer_specs
+from hwsplit.network.models import build_model
+from hwsplit.network.specs import LayerSpec
 
 SHAPE = (1, 3, 32, 32)
 PROFILES = sorted((Path(__file__).resolve().parents[1] / "profiles").glob("*.json"))
@@ -57,7 +57,7 @@ def curved_cost(s: LayerSpec) -> float:
 
 
 def fake_find_neuron_groups(model, example):
-    """Neuron groups of a MobileNetV1 (stem and every pointwise conv), shaped like hwsplit.graph's."""
+    """Neuron groups of a MobileNetV1 (stem and every pointwise conv), shaped like hwsplit.network.graph's."""
     groups, prev = [], "stem.conv"
     for i in range(len(model.blocks)):
         groups.append(SimpleNamespace(name=prev, producer=prev, splittable=True, depthwise=[f"blocks.{i}.dw.conv"],
@@ -70,7 +70,7 @@ def fake_find_neuron_groups(model, example):
 
 @pytest.fixture
 def fake_groups(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(hwsplit.graph, "find_neuron_groups", fake_find_neuron_groups, raising=False)
+    monkeypatch.setattr(hwsplit.network.graph, "find_neuron_groups", fake_find_neuron_groups, raising=False)
 
 
 @pytest.fixture(scope="module")

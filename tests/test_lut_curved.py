@@ -3,7 +3,7 @@
 With an affine cost every edge slope of the table is the same, so a slope taken from the wrong end of the
 grid, or a wrong interpolation weight, goes unseen. Here the expected values are computed by hand from the
 cost at the grid points: bilinear inside a cell, the slope of the LAST measured cell beyond the maximum and
-of the FIRST beyond the minimum. Marginals come from the real hwsplit.graph.find_neuron_groups and are
+of the FIRST beyond the minimum. Marginals come from the real hwsplit.network.graph.find_neuron_groups and are
 checked against finite differences of ``total`` on the network one channel wider.
 """
 
@@ -17,8 +17,8 @@ import pytest
 from cost_models import get_cost_model
 from cost_models.lut import LutExtrapolationWarning
 from cost_models.profiler import family_grid
-from hwsplit.models import build_model, model_from_architecture
-from hwsplit.specs import LayerSpec
+from hwsplit.network.models import build_model, model_from_architecture
+from hwsplit.network.specs import LayerSpec
 
 SHAPE = (1, 3, 32, 32)
 

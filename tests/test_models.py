@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from hwsplit import architecture, build_model, model_from_architecture
-from hwsplit.models import MLPSpec, MobileNetV1Spec, available_models
+from hwsplit.network.models import MLPSpec, MobileNetV1Spec, available_models
 
 
 def _blocks(model):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from sklearn.base import clone
 
-import hwsplit.graph
+import hwsplit.network.graph
 from cost_models import get_cost_model
 from cost_models.predictor import (
     FEATURE_NAMES,
@@ -23,9 +23,9 @@ from cost_models.predictor import (
 )
 from cost_models.profile_io import SCHEMA, load_profile, save_profile
 from cost_models.profiler import family_grid
-from hwsplit.graph import layer_specs
-from hwsplit.models import build_model
-from hwsplit.specs import LAYER_KINDS, LayerSpec
+from hwsplit.network.graph import layer_specs
+from hwsplit.network.models import build_model
+from hwsplit.network.specs import LAYER_KINDS, LayerSpec
 
 SHAPE = (1, 3, 32, 32)
 PROFILES = sorted((Path(__file__).resolve().parents[1] / "profiles").glob("*.json"))
@@ -63,7 +63,7 @@ from test_lut import fake_find_neuron_groups  # noqa: E402  (the same fake Mobil
 
 @pytest.fixture
 def fake_groups(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(hwsplit.graph, "find_neuron_groups", fake_find_neuron_groups, raising=False)
+    monkeypatch.setattr(hwsplit.network.graph, "find_neuron_groups", fake_find_neuron_groups, raising=False)
 
 
 @pytest.fixture(scope="module")

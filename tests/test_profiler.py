@@ -19,8 +19,8 @@ from cost_models.profiler import (
     measure_model,
     profile_family,
 )
-from hwsplit.models import MOBILENET_V1_STANDARD, build_model
-from hwsplit.specs import LayerSpec
+from hwsplit.network.models import MOBILENET_V1_STANDARD, build_model
+from hwsplit.network.specs import LayerSpec
 
 FAST = {"time_budget_s": 0.005, "warmup": 1}
 
@@ -88,7 +88,7 @@ def test_grid_only_holds_what_the_family_can_produce() -> None:
     # every seed width and every standard width is a grid point of its position
     seed = build_model("mobilenet_v1", config="cifar_seed", resolution=32, num_classes=10)
     standard = build_model("mobilenet_v1", config="standard", resolution=32, num_classes=10)
-    from hwsplit.graph import layer_specs
+    from hwsplit.network.graph import layer_specs
 
     keys = {s.key() for s in full}
     for model in (seed, standard):

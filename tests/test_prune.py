@@ -1,4 +1,4 @@
-"""The pruning baseline (hwsplit.prune, `baseline prune`): targets hit, models hwsplit understands, resume."""
+"""The pruning baseline (hwsplit.run.prune, `baseline prune`): targets hit, models hwsplit understands, resume."""
 
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ from conftest import batches, synthetic_data, train_briefly
 
 import cost_models
 from cli import main
-from hwsplit.checkpoint import load_checkpoint, load_model
-from hwsplit.errors import ConfigError
-from hwsplit.models import architecture, build_model, model_from_architecture
-from hwsplit.prune import TOLERANCE, prune_to_cost, slimming_loss
-from hwsplit.stages import KILL_AT_ENV
+from hwsplit.infra.errors import ConfigError
+from hwsplit.network.checkpoint import load_checkpoint, load_model
+from hwsplit.network.models import architecture, build_model, model_from_architecture
+from hwsplit.run.prune import TOLERANCE, prune_to_cost, slimming_loss
+from hwsplit.run.stages import KILL_AT_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--stages", "2", "--epochs", "1", "--limit", "300", "--batch-size", "32"]
@@ -235,7 +235,7 @@ def test_prune_resumes_after_a_kill(grown, reference, tmp_path, kill_at):
 
 
 def test_a_locked_output_is_refused(grown, tmp_path):
-    from hwsplit.rundir import RunDir
+    from hwsplit.run.rundir import RunDir
 
     out = tmp_path / "locked"
     with RunDir(out).lock("test"):
@@ -246,7 +246,7 @@ def test_a_locked_output_is_refused(grown, tmp_path):
 
 
 def test_max_pruning_ratio_keeps_every_layer_above_its_floor(trained_cifar):
-    from hwsplit.prune import layer_floor
+    from hwsplit.run.prune import layer_floor
 
     model, _ = trained_cifar
     flops = cost_models.get_cost_model("flops")

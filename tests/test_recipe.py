@@ -14,13 +14,13 @@ from click.testing import CliRunner
 import cost_models
 from cli import main
 from hwsplit import apply_split, find_neuron_groups
-from hwsplit.config import RECIPES, GrowConfig, load_config, recipe_settings
-from hwsplit.errors import ConfigError
-from hwsplit.families import MOBILENET_V1_AUTHORS_MAX_WIDTHS, build_seed, width_ceilings
-from hwsplit.grow import fit_plan_to_budget
-from hwsplit.recipe import budget_groups, group_shares, layer_caps, output_sides, select_stage
-from hwsplit.score import SplitScore
-from hwsplit.select import price_transform, search_price_budget, solve_knapsack
+from hwsplit.infra.errors import ConfigError
+from hwsplit.network.families import MOBILENET_V1_AUTHORS_MAX_WIDTHS, build_seed, width_ceilings
+from hwsplit.run.config import RECIPES, GrowConfig, load_config, recipe_settings
+from hwsplit.run.grow import fit_plan_to_budget
+from hwsplit.splitting.recipe import budget_groups, group_shares, layer_caps, output_sides, select_stage
+from hwsplit.splitting.score import SplitScore
+from hwsplit.splitting.select import price_transform, search_price_budget, solve_knapsack
 
 TINY = ["--stages", "1", "--epochs", "1", "--limit", "300", "--batch-size", "32"]
 
@@ -373,7 +373,7 @@ def test_cli_rejects_bad_recipe_options_in_one_line(tmp_path, args, message):
 
 @pytest.mark.parametrize("method", ["lp", "milp", "greedy", "random"])
 def test_the_defaults_select_what_the_stage_loop_selected_before(method):
-    from hwsplit.select import select_by_name
+    from hwsplit.splitting.select import select_by_name
 
     shape = (1, 3, 32, 32)
     model = build_seed("mobilenet_v1_cifar", {}, shape[1:], 10).eval()

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from matplotlib.image import imread
 
 from cli import main
-from hwsplit.report import load_run, write_report
+from hwsplit.run.report import load_run, write_report
 
 TINY = ["--epochs", "1", "--limit", "300", "--batch-size", "32"]
 

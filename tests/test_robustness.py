@@ -13,10 +13,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import hwsplit.grow
+import hwsplit.run.grow
 from cli import main
-from hwsplit.checkpoint import load_checkpoint, save_checkpoint
-from hwsplit.models import architecture, build_model
+from hwsplit.network.checkpoint import load_checkpoint, save_checkpoint
+from hwsplit.network.models import architecture, build_model
 
 TINY = ["--stages", "2", "--epochs", "1", "--limit", "300", "--batch-size", "32"]
 
@@ -57,8 +57,8 @@ def _fail_on_call(monkeypatch, target: str, n: int, error: BaseException) -> Non
 # -- non-finite losses ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("target, n, message", [
-    ("hwsplit.stages:train", 2, "training loss is nan at epoch 0, batch 3"),
-    ("hwsplit.grower:splitting_indices", 1, "scoring: the loss is inf at batch 0"),  # Grower.grow_step scores
+    ("hwsplit.run.stages:train", 2, "training loss is nan at epoch 0, batch 3"),
+    ("hwsplit.run.grower:splitting_indices", 1, "scoring: the loss is inf at batch 0"),  # Grower.grow_step scores
 ])
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_stage(tmp_path, monkeypatch, target, n, message):
     _fail_on_call(monkeypatch, target, n, FloatingPointError(message))
@@ -118,20 +118,20 @@ def test_a_refused_rename_keeps_the_previous_file(tmp_path, monkeypatch):
 
 
 def test_records_file_write_failure_stops_the_run(tmp_path, monkeypatch):
-    real = hwsplit.rundir.RunDir.write_records
+    real = hwsplit.run.rundir.RunDir.write_records
 
     def write_records(self, records):
         if len(records) == 2:
             raise OSError(errno.EROFS, "Read-only file system")
         return real(self, records)
 
-    monkeypatch.setattr(hwsplit.rundir.RunDir, "write_records", write_records)
+    monkeypatch.setattr(hwsplit.run.rundir.RunDir, "write_records", write_records)
     out = tmp_path / "run"
     result = _grow(out)
     assert result.exit_code == 1 and "Read-only file system" in result.output, result.output
     assert [r["stage"] for r in _records(out)] == [0]
     # the orphan checkpoint of stage 1 is redone on resume: the run completes
-    monkeypatch.setattr(hwsplit.rundir.RunDir, "write_records", real)
+    monkeypatch.setattr(hwsplit.run.rundir.RunDir, "write_records", real)
     result = CliRunner().invoke(main, ["grow", "--resume", str(out)])
     assert result.exit_code == 0, result.output
     assert [r["stage"] for r in _records(out)] == [0, 1, 2]
@@ -161,7 +161,7 @@ def test_ctrl_c_while_writing_a_checkpoint_leaves_nothing_half_written(tmp_path,
 
 
 def test_ctrl_c_during_training(tmp_path, monkeypatch):
-    _fail_on_call(monkeypatch, "hwsplit.stages:train", 2, KeyboardInterrupt())
+    _fail_on_call(monkeypatch, "hwsplit.run.stages:train", 2, KeyboardInterrupt())
     out = tmp_path / "run"
     result = _grow(out)
     assert result.exit_code == 130, result.output
@@ -190,7 +190,7 @@ def test_a_crafted_checkpoint_runs_no_code(tmp_path, command):
             "resume": ["grow", "--resume", str(run)],
             "summary": ["summary", str(run / "stage-0.pt")]}[command]
     if command == "resume":
-        (run / "config.json").write_text(json.dumps(hwsplit.config.GrowConfig(stages=1).to_dict()))
+        (run / "config.json").write_text(json.dumps(hwsplit.run.config.GrowConfig(stages=1).to_dict()))
     result = CliRunner().invoke(main, argv)
     assert result.exit_code == 2, result.output
     assert "not a loadable hwsplit checkpoint" in result.output

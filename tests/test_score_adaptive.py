@@ -12,8 +12,8 @@ from conftest import batches, synthetic_data, tiny_mobilenet, train_briefly
 
 from cli import main
 from hwsplit import Grower, splitting_indices
-from hwsplit.config import ConfigError, GrowConfig
-from hwsplit.score import (
+from hwsplit.run.config import ConfigError, GrowConfig
+from hwsplit.splitting.score import (
     AdaptiveScoring,
     SplitScore,
     _BatchMeans,
@@ -22,7 +22,7 @@ from hwsplit.score import (
     scoring_record,
     significant_scores,
 )
-from hwsplit.select import knapsack_cut, select_neurons
+from hwsplit.splitting.select import knapsack_cut, select_neurons
 
 
 def _noisy_grams(count: int, n: int, sigma: torch.Tensor, gen: torch.Generator,
@@ -243,7 +243,7 @@ def test_grower_prices_first_stops_on_the_knapsacks_cut_and_records_the_scoring(
     """An adaptive Grower step: the cut it scores against is knapsack_cut on the step's marginal costs, budget
     and caps (priced before scoring); the record says what scoring read and decided; with significant
     candidates every neuron split is below 0 beyond its error bar."""
-    import hwsplit.grower as grower_module
+    import hwsplit.run.grower as grower_module
 
     model, data = many_batches
     x = data[0][0]
@@ -302,7 +302,7 @@ def test_make_grower_passes_the_scoring_fields_and_stage_records_keep_them():
     from types import SimpleNamespace
 
     import cost_models
-    from hwsplit.grow import STEP_KEYS, make_grower
+    from hwsplit.run.grow import STEP_KEYS, make_grower
 
     model, _ = _mlp()
     config = GrowConfig(model="mlp", scoring="adaptive", scoring_tolerance=0.2, scoring_z=1.5, scoring_min=0.1,

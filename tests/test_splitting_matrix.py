@@ -2,7 +2,7 @@
 
 The brute force takes ∂L/∂a from hooks on the real network (the real ReLU6/Hardswish), then builds each
 neuron's chain a_j(θ_j; x) from plain tensor ops and the surrogate formulas written out here, and
-differentiates it twice with torch.func, sample by sample: nothing of hwsplit.score's closed forms,
+differentiates it twice with torch.func, sample by sample: nothing of hwsplit.splitting.score's closed forms,
 transposed convolutions or batching is reused. Covered: a linear producer (MLP with BatchNorm1d) and
 depthwise chains with ReLU6 and Hardswish, the activations MobileNetV2/V3 use.
 """

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from hwsplit.data import TensorBatchLoader, TensorImageDataset, load_dataset, make_loaders
-from hwsplit.train import (
+from hwsplit.training.data import TensorBatchLoader, TensorImageDataset, load_dataset, make_loaders
+from hwsplit.training.train import (
     TrainConfig,
     evaluate,
     make_optimizer,
