@@ -88,6 +88,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--measure-time", type=float, default=1.0, help="seconds per latency measurement (step measure)")
     p.add_argument("--measure-passes", type=int, default=3,
                    help="measurements per network (step measure), in interleaved passes; the latency is their median")
+    p.add_argument("--prune-width-mult", type=float, default=None,
+                   help="width multiplier of the network the prune arms prune (default: the smallest multiple of 0.5 "
+                        "wider than every grown stage in every layer)")
     p.add_argument("--fragment-only", action="store_true")
     p.add_argument("--jobs", type=int, default=1,
                    help="worker processes of one thread each; steps are split into jobs (one network each) and run "
@@ -114,7 +117,7 @@ PRESETS = {"full": {"limit": None, "val_fraction": 0.1, "test_limit": None, "bat
                     "epochs": 5, "stages": 4, "retrain_epochs": 30, "multipliers": "1,1.25,1.5,1.75,2,2.5",
                     "seeds": "0,1,2",
                     "steps": "flops,authors,width,retrain-flops,retrain-authors;random,retrain-random;"
-                             "finetune,width-total"}}
+                             "finetune,width-total;prune-slimming,prune-l1"}}
 
 
 def channel_multiple(args: argparse.Namespace) -> int | None:
@@ -226,6 +229,20 @@ def run_seed(args: argparse.Namespace, out: Path, seed: int, steps: list[str], *
                 continue
             _mark(d, t0)
 
+    def prune_arm(method: str) -> None:
+        """The wide network (the library's width rule: wider than every grown stage), pruned to each flops stage's
+        cost, fine-tuned and retrained from scratch for ``--retrain-epochs`` each (one job: one wide network)."""
+        from hwsplit.run.prune import prune_baseline
+
+        d = root / f"prune-{method}"
+        if _done(d):
+            return
+        t0 = time.perf_counter()
+        prune_baseline(root / "grow-flops", method=method, out=d, train_epochs=args.retrain_epochs,
+                       finetune_epochs=args.retrain_epochs, width_mult=args.prune_width_mult, from_scratch=True,
+                       overwrite=True)
+        (d / "DONE").write_text(json.dumps({"wall_s": time.perf_counter() - t0, "at": common.now()}) + "\n")
+
     for step in steps:
         t0 = time.perf_counter()
         if step == "flops":
@@ -240,6 +257,8 @@ def run_seed(args: argparse.Namespace, out: Path, seed: int, steps: list[str], *
             retrain(arm, stages=[int(k)] if k else None)
         elif step in ("random", "vanilla", "lut", "authors"):
             grow_arm(step)
+        elif step.startswith("prune-"):  # issue 27: Torch-Pruning of a wide network to each flops stage's MACs
+            prune_arm(step.split("-", 1)[1])
         elif step == "measure":
             measure_latency(out, root, args)
         elif step == "finetune":
@@ -399,6 +418,27 @@ def summarise(out: Path, args: argparse.Namespace) -> dict:
         seed_rt = [r for r in width if r["width_mult"] == 1.0]  # the seed architecture retrained = width × 1
         if rt_f and rt_v:
             s["flops_vs_vanilla"] = _compare(rt_f, sorted(seed_rt + rt_v, key=lambda r: r["macs"]), n_test)
+        for method in PRUNE_METHODS:  # issue 27: pruned (fine-tuned; retrained from scratch) vs retrained flops
+            d = root / f"prune-{method}"
+            if not _done(d):
+                continue
+            pruned = [r for r in _recs(d) if r["stage"] >= 1]
+            retrained = _recs(d / "retrain") if (d / "retrain" / "stages.jsonl").exists() else []
+            target = {r["stage"]: r.get("target_stage", r["stage"]) for r in pruned}
+            s[f"prune-{method}"] = {
+                "wide": [{"macs": r["macs"], "test_top1": r["test_top1"], "width_mult": r.get("wide_width_mult")}
+                         for r in _recs(d) if r["stage"] == 0],
+                "finetuned": [{"stage": r.get("target_stage", r["stage"]), "macs": r["macs"],
+                               "test_top1": r["test_top1"], "val_top1": r.get("val_top1"),
+                               "epochs_in_all": r.get("epochs_in_all")} for r in pruned],
+                # a retrained record's source_stage is the pruning run's stage; name it by the grown stage it targets
+                "retrained": [{"stage": target.get(r.get("source_stage"), r.get("source_stage")), "macs": r["macs"],
+                               "test_top1": r["test_top1"], "val_top1": r.get("val_top1")} for r in retrained]}
+            if rt_f:
+                s[f"flops_vs_prune_{method}"] = _compare(rt_f, sorted(pruned, key=lambda r: r["macs"]), n_test)
+                if retrained:
+                    s[f"flops_vs_prune_{method}_retrained"] = _compare(
+                        rt_f, sorted(retrained, key=lambda r: r["macs"]), n_test)
         rt_a = _derived(root / "grow-authors", "retrain")
         if rt_f and rt_a:  # issue 26: the authors' recipe against today's default, on validation (it chooses)
             n_val = round((args.limit or 50_000) * args.val_fraction)
@@ -445,7 +485,8 @@ def summarise(out: Path, args: argparse.Namespace) -> dict:
         agg[f"{key}_retrained_vs_width"] = _aggregate([s[key]["retrained_vs_width"] for s in result["seeds"].values()
                                                        if key in s])
     for key in ("flops_vs_vanilla", "flops_vs_random", "authors_vs_flops_val", "flops_vs_authors_val",
-                "authors_vs_flops"):
+                "authors_vs_flops", *(f"flops_vs_prune_{m}{suffix}" for m in PRUNE_METHODS
+                                      for suffix in ("", "_retrained"))):
         agg[key] = _aggregate([s[key] for s in result["seeds"].values() if key in s])
     agg["finetuned_vs_width"] = _aggregate([s["finetuned"]["vs_width"] for s in result["seeds"].values()
                                             if "finetuned" in s])
@@ -514,6 +555,11 @@ def curves(result: dict) -> dict:
         for arm in ARMS:
             for r in s.get(arm, {}).get("retrained", []):
                 by.setdefault(f"{arm} stages, retrained", {}).setdefault(r["stage"], []).append(r)
+        for method in PRUNE_METHODS:
+            for kind in ("finetuned", "retrained"):
+                for r in s.get(f"prune-{method}", {}).get(kind, []):
+                    by.setdefault(f"{method} pruning, {'fine-tuned' if kind == 'finetuned' else 'retrained'}",
+                                  {}).setdefault(r["stage"], []).append(r)
         if "finetuned" in s:
             f = s["finetuned"]
             by.setdefault("flops last stage, fine-tuned", {}).setdefault(0, []).append(f)
@@ -674,7 +720,9 @@ def fragment(result: dict, args: argparse.Namespace) -> str:
                                 agg["flops_vs_authors_val"]),
                   _verdict_line("retrained authors' recipe − width (test)", agg["authors_retrained_vs_width"]),
                   _verdict_line("retrained authors' recipe − retrained flops (test; read once the choice is made)",
-                                agg["authors_vs_flops"]), ""]
+                                agg["authors_vs_flops"]),
+                  *(_verdict_line(f"retrained flops − {m} pruning, {how}", agg[f"flops_vs_prune_{m}{suffix}"])
+                    for m in PRUNE_METHODS for suffix, how in (("", "fine-tuned"), ("_retrained", "retrained"))), ""]
     lines += ["### Per seed", ""]
     for seed, s in result["seeds"].items():
         rows = [["network", "test top-1 (%)", "val top-1 (%)", "MACs"]]
@@ -692,6 +740,18 @@ def fragment(result: dict, args: argparse.Namespace) -> str:
                              f"{100 * r['test_top1']:.2f}",
                              f"{100 * r['val_top1']:.2f}" if r.get("val_top1") is not None else "-",
                              common.fmt_num(r["macs"])])
+        for method in PRUNE_METHODS:
+            p = s.get(f"prune-{method}")
+            if not p:
+                continue
+            for r in p["wide"]:
+                rows.append([f"{method}: wide network × {r['width_mult']:g}", f"{100 * r['test_top1']:.2f}", "-",
+                             common.fmt_num(r["macs"])])
+            for kind in ("finetuned", "retrained"):
+                for r in p[kind]:
+                    rows.append([f"{method} pruned to stage {r['stage']}'s cost, {kind}", f"{100 * r['test_top1']:.2f}",
+                                 f"{100 * r['val_top1']:.2f}" if r.get("val_top1") is not None else "-",
+                                 common.fmt_num(r["macs"])])
         if "finetuned" in s:
             f = s["finetuned"]
             rows.append([f"flops last stage fine-tuned ({f['epochs_in_all']} ep. in all)",
@@ -708,6 +768,8 @@ def fragment(result: dict, args: argparse.Namespace) -> str:
 # ------------------------------------------------------------------------------------------------
 
 GROW_STEPS = ("flops", "random", "vanilla", "lut", "authors")
+#: The pruning arms (issue 27), steps ``prune-<method>``.
+PRUNE_METHODS = ("slimming", "l1")
 
 
 def _grow_done(root: Path, arm: str) -> bool:
@@ -727,7 +789,7 @@ def _expand(args: argparse.Namespace, root: Path, step: str) -> list[str] | None
         if not _grow_done(root, arm):
             return None
         return [f"{step}:{r['stage']}" for r in common.records(root / f"grow-{arm}")[1:]]
-    if step == "finetune":
+    if step == "finetune" or step.startswith("prune-"):
         return [step] if _grow_done(root, "flops") else None
     if step == "width-total":  # needs the fine-tuned network and every width multiplier's MACs
         last = common.records(root / "grow-flops")[-1]["stage"] if _grow_done(root, "flops") else None
