@@ -305,6 +305,9 @@ def _print_stage(record: dict[str, Any]) -> None:
 @click.option("--final-epochs", type=click.IntRange(min=1), default=None,
               help="End the run with a trained network: fine-tune the last stage (with --budget and "
                    "--val-fraction: the best on validation) this many epochs into RUN/final/.")
+@click.option("--final-init", type=click.Choice(["grown", "fresh"]), default="grown", show_default=True,
+              help="What --final-epochs trains: the grown weights, or the grown architecture from a fresh "
+                   "initialisation.")
 @_NO_TENSORBOARD
 @_SGD_OPTIONS
 @click.option("--out", type=click.Path(file_okay=False), default="runs/grow", show_default=True,
@@ -327,7 +330,8 @@ def grow(model: str, model_config: str | None, width_mult: float | None, activat
          selection: str,
          max_layer_growth: float | None, price: str | None, group_budgets: str | None, max_widths: str | None,
          lp_threshold: float | None, recipe: str | None, channel_multiple: str | None, val_fraction: float,
-         post_split: str, final_epochs: int | None, no_tensorboard: bool, batch_size: int, lr: float,
+         post_split: str, final_epochs: int | None, final_init: str, no_tensorboard: bool, batch_size: int,
+         lr: float,
          weight_decay: float, device: str, threads: int | None, seed: int, out: str, overwrite: bool,
          resume: str | None) -> None:
     """Grow a network stage by stage: train, score, price, select, split."""
@@ -388,7 +392,7 @@ def grow(model: str, model_config: str | None, width_mult: float | None, activat
         **recipe_settings(recipe, given, selection=selection),
         channel_multiple=_channel_multiple(channel_multiple),
         batch_size=batch_size, lr=lr, weight_decay=weight_decay, device=device, threads=threads, seed=seed,
-        val_fraction=val_fraction, post_split=post_split, final_epochs=final_epochs,
+        val_fraction=val_fraction, post_split=post_split, final_epochs=final_epochs, final_init=final_init,
         tensorboard=not no_tensorboard,
     )
     records = run_grow(config, out, overwrite=overwrite, progress=_progress, on_stage=_print_stage)
@@ -413,7 +417,8 @@ def _print_final(config: Any, out: str, records: list[dict[str, Any]]) -> None:
     if not final or not records:
         return
     f, seed = final[-1], records[0]
-    click.echo(f"\nfinal network (stage {f['source_stage']} fine-tuned {f['epochs']} epochs, "
+    how = "retrained from a fresh initialisation" if f.get("from_scratch") else "fine-tuned"
+    click.echo(f"\nfinal network (stage {f['source_stage']} {how} {f['epochs']} epochs, "
                f"{f['epochs_in_all']} in all): test top-1 {f['test_top1']:.4f} at {f['macs'] / 1e3:.4g}k MACs; "
                f"seed: {seed['test_top1']:.4f} at {seed['macs'] / 1e3:.4g}k MACs  -> {Path(out) / 'final'}")
 

@@ -248,3 +248,21 @@ def test_grow_final_epochs_and_report_with_derived_runs(tmp_path):
     assert final_row[header.index("± 2 SE")] == f"{200 * math.sqrt(p * (1 - p) / n):.2f}"
     assert final_row[header.index("epochs in all")] == "4"
     assert (tmp_path / "report" / "accuracy_vs_macs.png").stat().st_size > 1000
+
+
+def test_grow_final_init_fresh_retrains_the_shipped_architecture(tmp_path):
+    """--final-init fresh: the shipped network is the grown architecture re-initialised and trained --final-epochs."""
+    out = tmp_path / "g"
+    text = _cli("grow", "--stages", "1", "--epochs", "1", "--limit", "200", "--final-epochs", "2", "--final-init",
+                "fresh", "--out", str(out))
+    (final,) = _records(out / "final")
+    grown = _records(out)[1]
+    assert final["from_scratch"] is True and final["epochs_in_all"] == 2 and final["source_stage"] == 1
+    assert final["architecture"] == grown["architecture"]
+    assert "retrained from a fresh initialisation 2 epochs" in text
+    assert json.loads((out / "config.json").read_text())["final_init"] == "fresh"
+    a = load_checkpoint(out / "final" / "stage-0.pt")["state_dict"]
+    b = load_checkpoint(out / "stage-1.pt")["state_dict"]
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ConfigError, match="final_init"):
+        GrowConfig(final_init="warm")

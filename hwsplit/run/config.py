@@ -25,6 +25,8 @@ from hwsplit.splitting.select import PRICES, SELECTIONS
 from hwsplit.training.schedule import POLICIES, stage_train_config
 from hwsplit.training.train import TrainConfig
 
+#: How ``--final-epochs`` starts the network it ships: the grown weights, or the grown architecture re-initialised.
+FINAL_INITS = ("grown", "fresh")
 #: Cost models that price from a device profile (and need one).
 PROFILED_COSTS = ("lut", "energy")
 COSTS = ("flops", "none", *PROFILED_COSTS)
@@ -145,6 +147,9 @@ class GrowConfig:
     val_fraction: float = 0.0  # share of the training images carved out (seeded) for validation
     post_split: str = "restart"  # training policy after a split: hwsplit.training.schedule.POLICIES
     final_epochs: int | None = None  # fine-tune the shipped stage this many epochs at the end (RUN/final/)
+    # the shipped network starts from the grown weights ("grown") or from a fresh initialisation of the grown
+    # architecture ("fresh"); see FINAL_INITS
+    final_init: str = "grown"
     # the selection recipe (hwsplit/splitting/recipe.py, docs/design.md §3): the transform of each neuron's marginal
     # cost the knapsack chooses with (the budget still limits the real cost): hwsplit.splitting.select.PRICES
     price: str = "linear"
@@ -189,6 +194,7 @@ class GrowConfig:
             "measure_time_s": _number(self.measure_time_s) and self.measure_time_s > 0,
             "val_fraction": _number(self.val_fraction) and 0 <= self.val_fraction < 1,
             "final_epochs": self.final_epochs is None or _positive_int(self.final_epochs),
+            "final_init": self.final_init in FINAL_INITS,
             "threads": self.threads is None or _positive_int(self.threads),
             "tensorboard": isinstance(self.tensorboard, bool),
             "device": isinstance(self.device, str) and re.fullmatch(r"cpu|cuda(:\d+)?", self.device) is not None,
@@ -387,6 +393,6 @@ def config_like(run: str | Path | None, overrides: Mapping[str, Any]) -> GrowCon
     return GrowConfig.from_dict(fields)
 
 
-__all__ = ["COSTS", "LEGACY_FIELDS", "MAX_CHANNEL_MULTIPLE", "PROFILED_COSTS", "PRUNE_FIELDS", "RECIPES",
+__all__ = ["COSTS", "FINAL_INITS", "LEGACY_FIELDS", "MAX_CHANNEL_MULTIPLE", "PROFILED_COSTS", "PRUNE_FIELDS", "RECIPES",
            "RUN_INFO_PREPROCESSING", "RUN_INFO_WORLD_SIZE", "GrowConfig", "config_like", "load_config", "parse_budget",
            "read_config", "recipe_settings", "resolve_channel_multiple"]

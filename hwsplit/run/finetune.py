@@ -195,12 +195,15 @@ def ship_stage(config: GrowConfig, records: Sequence[dict[str, Any]]) -> tuple[i
 
 def final_network(run: str | Path, config: GrowConfig, session: Session, records: Sequence[dict[str, Any]], *,
                   progress: Callable | None = None) -> dict[str, Any]:
-    """``grow --final-epochs``: fine-tune the stage to ship into ``RUN/final/``; its record."""
+    """``grow --final-epochs``: train the stage to ship into ``RUN/final/`` — its grown weights fine-tuned, or
+    with ``config.final_init == "fresh"`` its architecture retrained from a fresh initialisation; its record."""
     assert config.final_epochs is not None
     stage, why = ship_stage(config, records)
-    log.info("final network: stage %d (%s), fine-tuned %d epochs", stage, why, config.final_epochs)
-    out = finetune(run, epochs=config.final_epochs, stages=[stage], kind=FINAL_DIR, session=session,
-                   progress=progress, chosen_by=why, overwrite=True)
+    fresh = config.final_init == "fresh"
+    log.info("final network: stage %d (%s), %s %d epochs", stage, why,
+             "retrained from a fresh initialisation" if fresh else "fine-tuned", config.final_epochs)
+    out = finetune(run, epochs=config.final_epochs, stages=[stage], from_scratch=fresh, kind=FINAL_DIR,
+                   session=session, progress=progress, chosen_by=why, overwrite=True)
     return out[-1]
 
 
