@@ -167,3 +167,21 @@ def test_a_stage_killed_after_an_epoch_resumes_from_that_epoch(tmp_path):
     _cli("grow", "--resume", str(killed))
     assert_same_run(killed, reference)
     assert not list(killed.glob("partial-*.pt"))
+
+
+def test_a_run_made_before_the_layout_move_still_loads_and_resumes(tmp_path):
+    """tests/fixtures/run_6f3b5be: a 1-stage MLP run written by main 6f3b5be (before the folder move and the
+    selection, scoring and TensorBoard settings). Run directories store no module paths: it resumes to 2 stages
+    with its records kept, and summary and report read it."""
+    run = tmp_path / "old"
+    shutil.copytree(ROOT / "tests" / "fixtures" / "run_6f3b5be", run)
+    before = _records(run)
+    _cli("grow", "--resume", str(run), "--stages", "2")
+    after = _records(run)
+    assert [r["stage"] for r in after] == [0, 1, 2]
+    assert after[:2] == before
+    assert json.loads((run / "config.json").read_text())["stages"] == 2
+    x = load_checkpoint(run / "stage-1.pt")
+    assert x["architecture"] == before[1]["architecture"]
+    _cli("summary", str(run))
+    _cli("report", str(run), "--out", str(tmp_path / "report"))
