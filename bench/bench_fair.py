@@ -114,7 +114,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 #: The full-scale protocol (issue 25): every image, a schedule long enough to converge, 3 seeds.
 PRESETS = {"full": {"limit": None, "val_fraction": 0.1, "test_limit": None, "batch_size": 128, "seed_epochs": 15,
-                    "epochs": 5, "stages": 4, "retrain_epochs": 30, "multipliers": "1,1.25,1.5,1.75,2,2.5",
+                    "epochs": 5, "stages": 4, "retrain_epochs": 30, "multipliers": "1,1.25,1.5,1.75,2,2.5,3",
                     "seeds": "0,1,2",
                     "steps": "flops,authors,width,retrain-flops,retrain-authors;random,retrain-random;"
                              "finetune,width-total;prune-slimming,prune-l1"}}
