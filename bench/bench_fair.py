@@ -816,7 +816,8 @@ def run_jobs(args: argparse.Namespace, out: Path) -> None:
     """Every phase's steps for every seed, split into single-network jobs, on ``args.jobs`` workers.
 
     A job starts when what it needs is done (a grow arm after the flops arm's seed, a stage's retraining after its
-    grow run); ready jobs start in the order of the phases, then the seeds, then the steps. Finished work is
+    grow run); ready jobs start in the order of the phases, then the seeds, then the steps (a step whose
+    prerequisite finished late still goes before the later steps' jobs). Finished work is
     skipped (``DONE`` markers), and an interrupted training continues from its last epoch (the run directories'
     ``partial-K.pt``), so the same command continues after a kill.
     """
@@ -825,6 +826,7 @@ def run_jobs(args: argparse.Namespace, out: Path) -> None:
 
     seeds = [int(x) for x in args.seeds.split(",")]
     pending = [(seed, step) for phase in args.steps.split(";") for seed in seeds for step in phase.split(",")]
+    order = {job: i for i, job in enumerate(pending)}  # a job expanded later still starts in its step's place
     expanded: list[tuple[int, str]] = []
     running: dict[cf.Future, tuple[int, str]] = {}
     started: set[tuple[int, str]] = set()
@@ -836,8 +838,11 @@ def run_jobs(args: argparse.Namespace, out: Path) -> None:
                 if jobs is None:
                     still.append((seed, step))
                 else:
+                    for j in jobs:
+                        order.setdefault((seed, j), order[(seed, step)])
                     expanded += [(seed, j) for j in jobs]
             pending = still
+            expanded.sort(key=lambda job: order[job])  # stable: a step's jobs keep their own order
             for job in list(expanded):
                 if len(running) >= args.jobs:
                     break
