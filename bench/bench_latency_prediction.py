@@ -12,8 +12,14 @@ layers with the old calibration (``lut_isolated``), the regressor (``energy`` co
 ``metric="latency_ms"``) and MACs (a ranking only). Reported per set: share within ±10 % of the
 mean of the two measurements, Spearman ρ (and MACs'), MAPE, median signed error.
 
-    taskset -c 1 nice -n -5 python bench/bench_latency_prediction.py \\
-        --profile profiles/cpu-amd-epyc-1t-onnxruntime.json
+    python bench/bench_latency_prediction.py --profile profiles/cpu-amd-epyc-1t-onnxruntime.json
+
+Any CPU can check its own table: ``--make-profile`` first profiles the machine it runs on into
+``--profile`` with the README's defaults (``cli.py profile``; resumable, ~12 min on a 2-core CPU),
+then checks it. ``--node-times`` also records every bench network's per-layer in-context times
+(onnxruntime's per-node profile), so a miss can be traced to a layer kind; ``--repredict
+RESULT.json`` re-prices the networks of an earlier run with the current code and the given profile
+without measuring anything again (for changing the model, not the machine). Time on a quiet machine.
 """
 
 from __future__ import annotations
@@ -41,7 +47,9 @@ from cost_models import get_cost_model  # noqa: E402
 from cost_models.grid import make_divisible  # noqa: E402
 from cost_models.measure import measure_model  # noqa: E402
 from cost_models.profile_io import channel_block, load_profile  # noqa: E402
+from hwsplit.network.graph import layer_specs  # noqa: E402
 from hwsplit.network.models import MOBILENET_V1_CIFAR_SEED, MOBILENET_V1_STANDARD, build_model  # noqa: E402
+from hwsplit.network.specs import LayerSpec  # noqa: E402
 
 PREDICTORS = ("lut", "lut_isolated", "predictor")
 
@@ -72,9 +80,18 @@ def main() -> None:
     ap.add_argument("--time-budget", type=float, default=1.0, help="seconds of timed runs per measurement")
     ap.add_argument("--threads", type=int, default=None, help="default: the profile's")
     ap.add_argument("--out", default="bench/results/latency_prediction.json")
+    ap.add_argument("--make-profile", action="store_true",
+                    help="profile this machine into --profile first (resumes a partial file)")
+    ap.add_argument("--node-times", action="store_true", help="also record per-layer in-context times")
+    ap.add_argument("--repredict", default=None, metavar="RESULT.json",
+                    help="re-price the networks of an earlier result; measure nothing")
     args = ap.parse_args()
     torch.set_num_threads(1)
 
+    if args.make_profile:
+        from cost_models.profiler import profile_family
+
+        profile_family(out=args.profile)
     profile = load_profile(args.profile)
     threads = args.threads or profile["device"].get("threads")
     block = channel_block(profile)
@@ -102,7 +119,13 @@ def main() -> None:
             for name, cm in models.items():
                 row[f"{name}_ms"] = cm.total(model, shape)
         nets.append((model, row))
-    for p in ("a", "b"):  # two interleaved passes: the re-measurement
+    earlier = json.loads(Path(args.repredict).read_text())["networks"] if args.repredict else None
+    if earlier is not None:
+        if [(r["stem"], r["widths"]) for r in earlier] != [(r["stem"], r["widths"]) for _, r in nets]:
+            raise SystemExit(f"{args.repredict}: its networks are not this seed's and block's")
+        for (_, row), old in zip(nets, earlier):
+            row.update({k: v for k, v in old.items() if k.startswith(("measured_", "rounds_", "layers"))})
+    for p in ("a", "b") if earlier is None else ():  # two interleaved passes: the re-measurement
         for i, (model, row) in enumerate(nets):
             m = measure_model(model, shape, backend=profile["backend"], meter="latency", threads=threads,
                               time_budget_s=args.time_budget)
@@ -111,6 +134,21 @@ def main() -> None:
             print(f"pass {p} {i:2d} {row['set']:9s} {row['macs'] / 1e6:7.2f}M MACs  measured "
                   f"{row[f'measured_{p}_ms']:.3f} ms  lut {row['lut_ms']:.3f}  predictor {row['predictor_ms']:.3f}",
                   flush=True)
+    if args.node_times and earlier is None:
+        from cost_models.node_trace import attribute_nodes, node_times
+
+        example = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+        for model, row in nets:
+            specs = layer_specs(model, shape)
+            nodes = node_times(model, example, threads=threads or 1, runs=100)
+            per = attribute_nodes(nodes, [s.name for s in specs], [s.name for s in specs if s.kind == "linear"])
+            row["layers"] = [{"layer": s.to_dict(), "latency_ms": per[s.name]["ms"], "nodes": per[s.name]["nodes"]}
+                             for s in specs]
+    if "layers" in nets[0][1] and models["lut"].context is not None:
+        fit = models["lut"].context
+        for _model, row in nets:
+            for x in row["layers"]:
+                x["predicted_ms"] = fit.predict(LayerSpec.from_dict(x["layer"]))
     rows = [r for _, r in nets]
     result: dict = {
         "profile": args.profile, "profile_rows": len(profile["rows"]), "channel_block": block,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -68,9 +68,16 @@ class LayerCostModel:
     def _price(self, spec: LayerSpec) -> float:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def network_term(self, specs: Sequence[LayerSpec]) -> float:
+        """What the network costs beyond its layers one by one, given all its LayerSpecs (in ``unit``;
+        e.g. weights that spill out of the cache, :mod:`cost_models.context`). 0 here."""
+        return 0.0
+
     def layer_sum(self, model: nn.Module, input_shape: tuple[int, ...]) -> float:
-        """``overhead`` + Σ ``layer_cost`` over the model's LayerSpecs, before any calibration."""
-        return self.overhead + sum(self.layer_cost(s) for s in layer_specs(model, input_shape))
+        """``overhead`` + Σ ``layer_cost`` + ``network_term`` over the model's LayerSpecs, before any
+        calibration."""
+        specs = layer_specs(model, input_shape)
+        return self.overhead + sum(self.layer_cost(s) for s in specs) + self.network_term(specs)
 
     def total(self, model: nn.Module, input_shape: tuple[int, ...]) -> float:
         """``scale · layer_sum + offset`` in ``unit``. A network priced <= 0 (or not finite) is a
@@ -117,6 +124,8 @@ class LayerCostModel:
         dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
         if groups is None:
             groups = find_neuron_groups(model, torch.zeros(input_shape, device=device, dtype=dtype))
+        whole = type(self).network_term is not LayerCostModel.network_term
+        term = self.network_term(specs) if whole else 0.0
         out: dict[str, float] = {}
         for g in groups:
             if not g.splittable:
@@ -125,9 +134,13 @@ class LayerCostModel:
             touched += [(name, "depthwise", 1) for name in g.depthwise]
             touched += [(c.name, "consumer", c.columns) for c in g.consumers]
             delta = 0.0
+            wider: dict[int, LayerSpec] = {}
             for name, role, columns in touched:
                 for spec in by_name.get(name, []):
-                    delta += self.layer_cost(widened_specs(spec, role, columns)) - self.layer_cost(spec)
+                    wider[id(spec)] = widened_specs(spec, role, columns)
+                    delta += self.layer_cost(wider[id(spec)]) - self.layer_cost(spec)
+            if whole:
+                delta += self.network_term([wider.get(id(s), s) for s in specs]) - term
             out[g.name] = self.calibration.scale * delta
         return out
 

@@ -1,43 +1,45 @@
-"""Layers timed in context: per-node onnxruntime profiles of whole networks (docs/design.md §6).
+"""Layers priced in context: a per-layer model fitted to whole networks (docs/design.md §6).
 
 A layer exported and timed alone pays reorders and runs cache-hot; inside a network it does
-neither. :func:`node_times` runs a whole network with onnxruntime's per-node profiling
-(``SessionOptions.enable_profiling``; the JSON trace has one ``"cat": "Node"`` event per node and
-run, with its duration in µs), :func:`attribute_nodes` maps every node back to a layer of the
-network (a conv's fused activation to its conv, a ``Reorder*`` node to the layer before it,
-pooling and the last reorder to the classifier), and :class:`ContextFit` fits
+neither. The profile's ``context`` section holds random networks of the family, each timed end to
+end (the clean figure) and node by node (:mod:`cost_models.node_trace`; the profiler lengthens
+every node by a few µs, which swamps the small layers of an aligned network). :class:`ContextFit`
+uses each for what it measures well, in two steps:
 
-    end to end  =  Σ_layers s_g(layer) · t(layer)  +  o_net,   t ≈ Σ its nodes + o_node · its node count
+1. *shape* from the node traces: per *geometry* (kind, kernel, stride, input size) a non-negative
+   least-squares fit of the traced layer times on the terms the device responds to
+   (:data:`SLOPE_TERMS`, from :func:`device_terms`: MACs over channels padded to the backend's
+   block where the kernel is blocked, unpadded MACs where it falls back, output elements, the
+   reorder a layer causes, input elements) plus a free intercept per blocked/plain kernel. Only
+   the slopes are kept (``base(layer)``); the intercepts absorb the profiler's per-node cost.
+2. *level* from the end-to-end times: per layer group g (kind × blocked kernel or not) a scale
+   s_g and a constant κ_g (ms per layer), one cost per weight element beyond a threshold W₀ (the
+   weights that no longer stay in the cache stream from memory at every inference) and a
+   per-network constant o_net, by non-negative least squares in relative error:
 
-in three steps: o_node (ms per node; the median over networks of (end to end − Σ nodes) / nodes,
-negative where the profiler's own cost per node dominates); t per *geometry* (kind, kernel,
-stride, input size) by non-negative least squares (relative errors) on terms the device responds
-to (:func:`device_terms`): MACs over channels padded to the backend's block where the kernel is
-blocked, unpadded MACs where it falls back, output elements, and the reorder a layer causes; then
-one scale s_g per (kind, blocked or not) and o_net (ms per network) by bounded least squares in
-relative error on the networks' end-to-end times (the per-kind residual fit).
+       end to end (ms)  =  Σ_layers [ s_g · base(layer) + κ_g ]  +  λ · max(0, Σ weights − W₀)  +  o_net
+
+   W₀ is chosen among :data:`MEMORY_THRESHOLDS` (or no memory term) by leave-one-network-out error
+   on the context networks: nothing about the CPU's caches is hard-coded.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import tempfile
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from cost_models.blocks import padded
 from hwsplit.network.specs import LayerSpec
 
-if TYPE_CHECKING:  # pragma: no cover
-    from torch import nn
-
 log = logging.getLogger(__name__)
 
-__all__ = ["DEVICE_TERMS", "ContextFit", "attribute_nodes", "device_terms", "geometry", "node_times"]
+__all__ = ["DEVICE_TERMS", "GROUPS", "MEMORY_THRESHOLDS", "SLOPE_TERMS", "ContextFit", "NetworkFit", "device_terms",
+           "fit_network", "geometry", "weight_elems"]
 
 #: Layer groups with a scale of their own in the end-to-end fit: kind × blocked kernel or not.
 GROUPS = ("conv/blocked", "conv/plain", "dwconv/blocked", "dwconv/plain", "pwconv/blocked", "pwconv/plain",
@@ -45,6 +47,10 @@ GROUPS = ("conv/blocked", "conv/plain", "dwconv/blocked", "dwconv/plain", "pwcon
 #: Names of :func:`device_terms`' columns.
 DEVICE_TERMS = ("blocked", "unblocked", "padded_macs", "unblocked_macs", "padded_out_elems", "unblocked_out_elems",
                 "reorder_elems", "in_elems")
+#: The columns of :func:`device_terms` a layer's traced time is fitted on per geometry (step 1).
+SLOPE_TERMS = ("padded_macs", "unblocked_macs", "padded_out_elems", "unblocked_out_elems", "reorder_elems", "in_elems")
+#: Candidate thresholds W₀ (weight elements) of the memory term (step 2): 16k to 4M, ×√2 apart.
+MEMORY_THRESHOLDS = tuple(int(round(2 ** (k / 2))) for k in range(28, 45))
 
 
 def _blocked_input(spec: LayerSpec, block: int, dw_multiple: int) -> bool:
@@ -90,198 +96,212 @@ def geometry(spec: LayerSpec) -> tuple:
     return (spec.kind, spec.kernel, spec.stride, spec.height, spec.width, spec.batch)
 
 
-# --------------------------------------------------------------------------------------------
-# Measuring
-# --------------------------------------------------------------------------------------------
-
-def node_times(module: nn.Module, example: Any, *, threads: int = 1, runs: int = 200, warmup: int = 20) -> list[dict]:
-    """Mean duration (ms) of every node onnxruntime runs for ``module`` on ``example``, in execution
-    order: ``[{"name", "op", "ms"}]``, from the per-node profile of ``runs`` inferences."""
-    import onnxruntime as ort
-
-    from cost_models.runner import export_layer_onnx, session_options
-
-    with tempfile.TemporaryDirectory() as tmp:
-        opts = session_options(threads)
-        opts.enable_profiling = True
-        opts.profile_file_prefix = os.path.join(tmp, "trace")
-        session = ort.InferenceSession(export_layer_onnx(module, example), opts, providers=["CPUExecutionProvider"])
-        feeds = {"x": example.detach().cpu().numpy()}
-        for _ in range(warmup + runs):
-            session.run(None, feeds)
-        with open(session.end_profiling(), encoding="utf-8") as fh:
-            events = json.load(fh)
-    per_run = sum(_is_node(e) for e in events) // (warmup + runs)
-    return parse_trace(events, skip=per_run * warmup, runs=runs)
-
-
-def _is_node(e: dict) -> bool:
-    return e.get("cat") == "Node" and str(e.get("name", "")).endswith("_kernel_time")
-
-
-def parse_trace(events: Sequence[dict], *, skip: int = 0, runs: int | None = None) -> list[dict]:
-    """Per-node mean durations (ms) from an onnxruntime profile trace (``"cat": "Node"`` events
-    named ``<node>_kernel_time``), in first-execution order. The first ``skip`` node events (warm-up)
-    are dropped; ``runs`` (default: the count of the most frequent node) divides the sums."""
-    nodes = [e for e in events if _is_node(e)][skip:]
-    order: list[str] = []
-    total: dict[str, float] = {}
-    count: dict[str, int] = {}
-    op: dict[str, str] = {}
-    for e in nodes:
-        name = e["name"][: -len("_kernel_time")]
-        if name not in total:
-            order.append(name)
-            total[name], count[name] = 0.0, 0
-            op[name] = str(e.get("args", {}).get("op_name", ""))
-        total[name] += float(e["dur"]) / 1e3
-        count[name] += 1
-    n = runs or max(count.values(), default=1)
-    return [{"name": k, "op": op[k], "ms": total[k] / max(n, 1)} for k in order]
-
-
-def _dotted(node_name: str) -> str:
-    """``/blocks/blocks.1/dw/conv/Conv_output_0_nchwc`` → ``blocks.1.dw.conv.Conv_output_0_nchwc``."""
-    parts = [p for p in node_name.strip("/").split("/") if p]
-    out: list[str] = []
-    for p in parts:
-        if out and p.startswith(out[-1] + "."):
-            out[-1] = p
-        else:
-            out.append(p)
-    return ".".join(out)
-
-
-def attribute_nodes(nodes: Sequence[dict], layer_names: Sequence[str],
-                    linear_names: Sequence[str] = ()) -> dict[str, dict[str, float]]:
-    """Sum node times per layer: ``{layer: {"ms", "nodes"}}`` (layers in ``layer_names``).
-
-    A node named under a layer's module (its conv/Gemm) or under the layer's parent module (its
-    activation) is that layer's; a ``Reorder*`` node belongs to the layer before it, unless only
-    ``linear_names`` layers follow (then to the next one, the classifier it feeds), and any other
-    node (pooling, flatten) to the next layer. Nodes before any layer go to the first one.
-    """
-    layers = list(layer_names)
-    parents = {name: name.rpartition(".")[0] for name in layers}
-    owner: list[str | None] = []
-    for node in nodes:
-        dotted = _dotted(node["name"])
-        exact = [n for n in layers if dotted == n or dotted.startswith(n + ".")]
-        by_parent = [n for n in layers if parents[n] and dotted.startswith(parents[n] + ".")]
-        pick = max(exact, key=len) if exact else (max(by_parent, key=lambda n: len(parents[n])) if by_parent else None)
-        owner.append(pick)
-    out = {name: {"ms": 0.0, "nodes": 0} for name in layers}
-    for i, node in enumerate(nodes):
-        name = owner[i]
-        if name is None:
-            before = next((owner[j] for j in range(i - 1, -1, -1) if owner[j] is not None), None)
-            after = next((owner[j] for j in range(i + 1, len(nodes)) if owner[j] is not None), None)
-            later_convs = any(owner[j] is not None and owner[j] not in linear_names for j in range(i + 1, len(nodes)))
-            if node["op"].startswith("Reorder") and before is not None and (later_convs or after is None):
-                name = before
-            else:
-                name = after or before
-        if name is None:
-            continue
-        out[name]["ms"] += float(node["ms"])
-        out[name]["nodes"] += 1
-    return out
+def weight_elems(spec: LayerSpec, block: int = 1, dw_multiple: int = 0) -> float:
+    """Weight elements the kernel reads per inference: channels padded to ``block`` where it runs
+    blocked (as onnxruntime stores them), the layer's own where it falls back."""
+    k2 = spec.kernel * spec.kernel
+    if spec.kind == "linear":
+        return float(spec.in_channels * spec.out_channels)
+    if not _blocked_input(spec, block, dw_multiple):
+        return float(spec.in_channels // max(spec.groups, 1) * spec.out_channels * k2)
+    if spec.kind == "dwconv":
+        return float(padded(spec.in_channels, block) * k2)
+    ci = spec.in_channels if spec.in_channels <= 3 else padded(spec.in_channels, block)
+    return float(ci // max(spec.groups, 1) * padded(spec.out_channels, block) * k2)
 
 
 # --------------------------------------------------------------------------------------------
 # Fitting
 # --------------------------------------------------------------------------------------------
 
-def _nnls_relative(T: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Non-negative least squares of ``T @ c ≈ y`` in relative error (rows weighted by 1/y)."""
+def _slope_row(spec: LayerSpec, block: int, dw_multiple: int) -> list[float]:
+    terms = dict(zip(DEVICE_TERMS, device_terms(spec, block, dw_multiple)))
+    return [terms[t] for t in SLOPE_TERMS]
+
+
+def _fit_slopes(rows: Sequence[tuple[LayerSpec, float]], block: int, dw_multiple: int) -> list[float]:
+    """Step 1 for one geometry: non-negative slopes on :data:`SLOPE_TERMS` of traced times (ms),
+    with a free-sign intercept per blocked/plain kernel that is fitted and dropped."""
     from scipy.optimize import nnls
 
-    scale = np.max(np.abs(T), axis=0)
+    x, y = [], []
+    for spec, ms in rows:
+        b = 1.0 if _blocked_input(spec, block, dw_multiple) else 0.0
+        x.append(_slope_row(spec, block, dw_multiple) + [b, 1.0 - b, -b, b - 1.0])
+        y.append(ms)
+    a = np.asarray(x, dtype=float)
+    scale = np.max(np.abs(a), axis=0)
     scale = np.where(scale > 0, scale, 1.0)
+    coef, _ = nnls(a / scale, np.asarray(y, dtype=float))
+    return (coef / scale)[: len(SLOPE_TERMS)].tolist()
+
+
+@dataclass
+class NetworkFit:
+    """Step 2: how layers' base costs add up to a network's end-to-end time (module docstring).
+
+    ``scale`` and ``constant_ms`` per :data:`GROUPS` (s_g, κ_g), ``per_weight_ms`` (λ, ms per
+    weight element beyond ``threshold_elems`` W₀; 0 without a memory term) and
+    ``overhead_network_ms`` (o_net). ``loo_mape``: the leave-one-network-out mean absolute relative
+    error that chose W₀ (None when too few networks to fit, then the identity).
+    """
+
+    scale: dict[str, float] = field(default_factory=lambda: {g: 1.0 for g in GROUPS})
+    constant_ms: dict[str, float] = field(default_factory=lambda: {g: 0.0 for g in GROUPS})
+    per_weight_ms: float = 0.0
+    threshold_elems: float = math.inf
+    overhead_network_ms: float = 0.0
+    loo_mape: float | None = None
+
+    def layer_ms(self, group: str, base_ms: float) -> float:
+        """s_g · base + κ_g (ms)."""
+        return self.scale.get(group, 1.0) * base_ms + self.constant_ms.get(group, 0.0)
+
+    def memory_ms(self, weights: float) -> float:
+        """λ · max(0, weights − W₀) (ms): the cost of the weights that spill out of the cache."""
+        return self.per_weight_ms * max(0.0, weights - self.threshold_elems) if self.per_weight_ms else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"scale": dict(self.scale), "constant_ms": dict(self.constant_ms), "per_weight_ms": self.per_weight_ms,
+                "threshold_elems": None if math.isinf(self.threshold_elems) else self.threshold_elems,
+                "overhead_network_ms": self.overhead_network_ms, "loo_mape": self.loo_mape}
+
+
+def _design(layers: Sequence[Sequence[tuple[str, float, float]]], threshold: float) -> np.ndarray:
+    """Columns: Σ base and layer count per group, memory excess, 1 (one row per network)."""
+    a = np.zeros((len(layers), 2 * len(GROUPS) + 2))
+    for i, net in enumerate(layers):
+        for group, base, _ in net:
+            j = GROUPS.index(group)
+            a[i, j] += base
+            a[i, len(GROUPS) + j] += 1.0
+        if math.isfinite(threshold):
+            a[i, -2] = max(0.0, sum(w for _, _, w in net) - threshold)
+        a[i, -1] = 1.0
+    return a
+
+
+def _solve(a: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Non-negative least squares of ``a @ c ≈ y`` in relative error (rows weighted by 1/y)."""
+    from scipy.optimize import nnls
+
     w = 1.0 / np.maximum(y, 1e-12)
-    coef, _ = nnls((T / scale) * w[:, None], y * w)
+    scale = np.max(np.abs(a), axis=0)
+    scale = np.where(scale > 0, scale, 1.0)
+    coef, _ = nnls((a / scale) * w[:, None], y * w)
     return coef / scale
 
 
+def fit_network(layers: Sequence[Sequence[tuple[str, float, float]]], y_ms: Sequence[float], *,
+                thresholds: Sequence[float] = MEMORY_THRESHOLDS) -> NetworkFit:
+    """Step 2 on networks given as ``[(group, base_ms, weight_elems) per layer]`` with end-to-end
+    times ``y_ms``: W₀ (or no memory term) by leave-one-network-out MAPE, then all networks.
+    Fewer networks than twice the fitted columns: the identity (scales 1, no constants)."""
+    y = np.asarray(y_ms, dtype=float)
+    candidates = [math.inf, *sorted(float(t) for t in thresholds)]
+    used = np.any(_design(layers, math.inf)[:, : 2 * len(GROUPS)] > 0, axis=0)
+    if len(y) < 2 * (int(used.sum()) + 2):
+        return NetworkFit()
+    best: tuple[float, float] | None = None
+    for threshold in candidates:
+        a = _design(layers, threshold)
+        errors = []
+        for i in range(len(y)):
+            keep = np.arange(len(y)) != i
+            errors.append(abs(float(a[i] @ _solve(a[keep], y[keep])) / y[i] - 1.0))
+        mape = float(np.mean(errors))
+        if best is None or mape < best[0] - 1e-9:
+            best = (mape, threshold)
+    assert best is not None
+    mape, threshold = best
+    coef = _solve(_design(layers, threshold), y)
+    n = len(GROUPS)
+    return NetworkFit(scale={g: float(coef[j]) if used[j] else 1.0 for j, g in enumerate(GROUPS)},
+                      constant_ms={g: float(coef[n + j]) for j, g in enumerate(GROUPS)},
+                      per_weight_ms=float(coef[-2]) if math.isfinite(threshold) else 0.0,
+                      threshold_elems=threshold, overhead_network_ms=float(coef[-1]), loo_mape=mape)
+
+
 class ContextFit:
-    """Per-geometry in-context layer times plus per-node / per-network overhead (module docstring).
+    """The in-context layer model of a profile (module docstring): :meth:`predict` prices a layer,
+    :meth:`memory_ms` the network's weights beyond the cache, ``overhead_network_ms`` the rest.
 
     ``networks``: the profile's ``context["networks"]`` entries (``latency_ms`` end to end,
-    ``layers`` with per-layer ``latency_ms`` and ``nodes``); ``block``, ``dw_multiple``: the
+    ``layers`` with per-layer traced ``latency_ms`` and ``nodes``); ``block``, ``dw_multiple``: the
     backend's channel block and depthwise granularity (:mod:`cost_models.blocks`). Plain numbers
     only (``to_dict``), so a profile never holds a pickle.
     """
 
     def __init__(self, networks: Sequence[dict[str, Any]], *, block: int = 1, dw_multiple: int = 0) -> None:
         self.block, self.dw_multiple = int(block), int(dw_multiple)
-        nets = [n for n in networks if n.get("layers")]
-        if not nets:
+        self.nets = [n for n in networks if n.get("layers")]
+        if not self.nets:
             raise ValueError("context: no network with per-layer times to fit")
-        # 1. per-node overhead: what the networks' end-to-end time does not explain by their node sums
-        #    (negative here: per-node profiling lengthens every node it times)
-        y = np.array([float(n["latency_ms"]["median"]) for n in nets])
-        sums = np.array([sum(float(x["latency_ms"]) for x in n["layers"]) for n in nets])
-        counts = np.array([sum(int(x["nodes"]) for x in n["layers"]) for n in nets], dtype=float)
+        # what the end-to-end times do not explain by the traced node sums, per node (negative where the
+        # profiler's own cost per node dominates): the per-layer targets of a regressor fitted on the traces
+        y = np.array([float(n["latency_ms"]["median"]) for n in self.nets])
+        sums = np.array([sum(float(x["latency_ms"]) for x in n["layers"]) for n in self.nets])
+        counts = np.array([sum(int(x["nodes"]) for x in n["layers"]) for n in self.nets], dtype=float)
         self.overhead_node_ms = float(np.median((y - sums) / counts))
-        samples: dict[tuple, list[tuple[list[float], float]]] = {}
-        kinds: dict[str, list[tuple[list[float], float]]] = {}
-        for n in nets:
+        # 1. shape: slopes per geometry (and per kind, for geometries with too few layers)
+        samples: dict[tuple, list[tuple[LayerSpec, float]]] = {}
+        kinds: dict[str, list[tuple[LayerSpec, float]]] = {}
+        for n in self.nets:
             for x in n["layers"]:
                 spec = LayerSpec.from_dict(x["layer"])
-                t = float(x["latency_ms"]) + self.overhead_node_ms * int(x["nodes"])
-                row = (device_terms(spec, self.block, self.dw_multiple), max(t, 1e-4))
-                samples.setdefault(geometry(spec), []).append(row)
-                kinds.setdefault(spec.kind, []).append(row)
-        self.coef = {g: _nnls_relative(np.array([r for r, _ in rows]), np.array([y for _, y in rows])).tolist()
-                     for g, rows in samples.items() if len(rows) >= 2 * len(DEVICE_TERMS)}
-        self.kind_coef = {k: _nnls_relative(np.array([r for r, _ in rows]), np.array([y for _, y in rows])).tolist()
-                          for k, rows in kinds.items()}
-        # 3. per-(kind, blocked) scale and per-network overhead on the end-to-end times
-        self.group_scale, self.overhead_network_ms = self.fit_scales(nets, self._base)
-        self.networks = len(nets)
-        log.info("in-context fit on %d networks: %d geometries, %+.5f ms per node, %+.4f ms per network, "
-                 "scales %s", len(nets), len(self.coef), self.overhead_node_ms, self.overhead_network_ms,
-                 {g: round(v, 3) for g, v in self.group_scale.items()})
+                samples.setdefault(geometry(spec), []).append((spec, float(x["latency_ms"])))
+                kinds.setdefault(spec.kind, []).append((spec, float(x["latency_ms"])))
+        minimum = 2 * (len(SLOPE_TERMS) + 4)
+        self.coef = {g: _fit_slopes(rows, self.block, self.dw_multiple)
+                     for g, rows in samples.items() if len(rows) >= minimum}
+        self.kind_coef = {k: _fit_slopes(rows, self.block, self.dw_multiple) for k, rows in kinds.items()}
+        # 2. level: scales, constants, memory term and o_net on the end-to-end times
+        self.network = self.fit_network(self.nets, self._base)
+        self.networks = len(self.nets)
+        log.info("in-context fit on %d networks: %d geometries, %+.4f ms per network, weights beyond %s elements "
+                 "at %.3g ms each, scales %s (leave-one-out error %s)", len(self.nets), len(self.coef),
+                 self.network.overhead_network_ms, self.network.threshold_elems, self.network.per_weight_ms,
+                 {g: round(v, 3) for g, v in self.network.scale.items()},
+                 f"{100 * self.network.loo_mape:.1f} %" if self.network.loo_mape is not None else "n/a")
+
+    @property
+    def overhead_network_ms(self) -> float:
+        return self.network.overhead_network_ms
+
+    @property
+    def group_scale(self) -> dict[str, float]:
+        return self.network.scale
 
     def has(self, spec: LayerSpec) -> bool:
         return geometry(spec) in self.coef or spec.kind in self.kind_coef
 
-    def fit_scales(self, nets: Sequence[dict[str, Any]], base: Any) -> tuple[dict[str, float], float]:
-        """Scales s_g per :data:`GROUPS` (bounded to [0.25, 4]: no layer kind is free or 4× off) and
-        o_net (ms) with end to end = Σ_g s_g · Σ_{layers in g} base(layer) + o_net, least squares in
-        relative error over ``nets``. Too few networks: scales 1, o_net 0."""
-        from scipy.optimize import lsq_linear
-
-        scales, o_net = {g: 1.0 for g in GROUPS}, 0.0
-        if len(nets) < 2 * (len(GROUPS) + 1):
-            return scales, o_net
-        y = np.array([float(n["latency_ms"]["median"]) for n in nets])
-        a = np.zeros((len(nets), len(GROUPS) + 1))
-        for i, n in enumerate(nets):
-            for x in n["layers"]:
-                spec = LayerSpec.from_dict(x["layer"])
-                a[i, GROUPS.index(self.group(spec))] += base(spec)
-            a[i, -1] = 1.0
-        used = np.any(a[:, :-1] > 0, axis=0)
-        lower = np.append(np.where(used, 0.25, 1.0 - 1e-9), -np.inf)
-        upper = np.append(np.where(used, 4.0, 1.0 + 1e-9), np.inf)
-        res = lsq_linear(a / y[:, None], np.ones_like(y), bounds=(lower, upper))
-        return {g: float(v) for g, v in zip(GROUPS, res.x[:-1])}, float(res.x[-1])
-
     def group(self, spec: LayerSpec) -> str:
         return f"{spec.kind}/{'blocked' if _blocked_input(spec, self.block, self.dw_multiple) else 'plain'}"
 
+    def weights(self, spec: LayerSpec) -> float:
+        return weight_elems(spec, self.block, self.dw_multiple)
+
+    def fit_network(self, nets: Sequence[dict[str, Any]], base: Callable[[LayerSpec], float]) -> NetworkFit:
+        """Step 2 for any per-layer ``base`` (ms; the table's slopes or a regressor) on ``nets``."""
+        layers = []
+        for n in nets:
+            specs = [LayerSpec.from_dict(x["layer"]) for x in n["layers"]]
+            layers.append([(self.group(s), base(s), self.weights(s)) for s in specs])
+        return fit_network(layers, [float(n["latency_ms"]["median"]) for n in nets])
+
     def _base(self, spec: LayerSpec) -> float:
         coef = self.coef.get(geometry(spec)) or self.kind_coef[spec.kind]
-        return float(np.dot(coef, device_terms(spec, self.block, self.dw_multiple)))
+        return float(np.dot(coef, _slope_row(spec, self.block, self.dw_multiple)))
 
     def predict(self, spec: LayerSpec) -> float:
-        """In-context time of ``spec`` (ms): the geometry's fit times its (kind, blocked) scale."""
-        return self.group_scale.get(self.group(spec), 1.0) * self._base(spec)
+        """In-context time of ``spec`` (ms): s_g · base(spec) + κ_g."""
+        return self.network.layer_ms(self.group(spec), self._base(spec))
+
+    def memory_ms(self, specs: Sequence[LayerSpec]) -> float:
+        """The network's memory term (ms) for its layers ``specs``."""
+        return self.network.memory_ms(sum(self.weights(s) for s in specs))
 
     def to_dict(self) -> dict[str, Any]:
         return {"block": self.block, "dw_multiple": self.dw_multiple, "networks": self.networks,
-                "group_scale": dict(self.group_scale),
-                "overhead_network_ms": self.overhead_network_ms, "overhead_node_ms": self.overhead_node_ms,
-                "geometries": len(self.coef), "terms": list(DEVICE_TERMS)}
-
+                "geometries": len(self.coef), "terms": list(SLOPE_TERMS), "overhead_node_ms": self.overhead_node_ms,
+                **self.network.to_dict()}

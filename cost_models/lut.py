@@ -30,6 +30,7 @@ import logging
 import math
 import os
 import warnings
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -197,9 +198,9 @@ class LookupTableCostModel(LayerCostModel):
     and ``marginal`` are scaled to them (:mod:`cost_models.calibration`); ``layer_cost`` never is.
     ``in_context``: when the profile timed layers inside whole networks (``context``, latency only),
     layers are priced by the in-context fit (:class:`cost_models.context.ContextFit`: channels padded
-    to the profile's ``channel_block``, per-node overhead included) and ``total`` adds the fitted
-    per-network overhead instead of a calibration; the isolated rows remain the fallback for kinds
-    the context never saw and the cost-per-MAC prior of the marginals.
+    to the profile's ``channel_block``, fitted to whole networks' end-to-end times) and ``total``
+    adds its memory term and per-network overhead instead of a calibration; the isolated rows remain
+    the fallback for kinds the context never saw and the cost-per-MAC prior of the marginals.
     """
 
     name = "lut"
@@ -253,6 +254,10 @@ class LookupTableCostModel(LayerCostModel):
             self._warned.add(key)
             warnings.warn(f"{message}; extrapolating from the edge of the measured grid (profile {self.source})",
                           LutExtrapolationWarning, stacklevel=4)
+
+    def network_term(self, specs: Sequence[LayerSpec]) -> float:
+        """The in-context fit's memory term (weights beyond the cache, ms); 0 without a context."""
+        return self.context.memory_ms(specs) if self.context is not None else 0.0
 
     def _price(self, spec: LayerSpec) -> float:
         if self.context is not None and self.context.has(spec):

@@ -31,7 +31,7 @@ from sklearn.base import BaseEstimator, RegressorMixin
 
 from cost_models.base import LayerCostModel
 from cost_models.calibration import fit_calibration
-from cost_models.context import DEVICE_TERMS, ContextFit, device_terms
+from cost_models.context import DEVICE_TERMS, ContextFit, NetworkFit, device_terms
 from cost_models.lut import NET_FLOOR, positive_marginals
 from cost_models.profile_io import (
     METRICS,
@@ -316,8 +316,8 @@ class EnergyPredictorCostModel(LayerCostModel):
         with fitting(self.source, "the layer-cost regressor"):
             self.regressor = LayerRegressor(**regressor_options).fit(specs, y)
         self._cache: dict[tuple, float] = {}
-        self.group_scale: dict[str, float] = {}
-        if self.context is not None:  # the same per-(kind, blocked) end-to-end fit as the table's
+        self.network_fit: NetworkFit | None = None
+        if self.context is not None:  # the same end-to-end fit as the table's, on the regressor's layer times
             raw: dict[tuple, float] = {}
 
             def base(spec: LayerSpec) -> float:
@@ -325,14 +325,23 @@ class EnergyPredictorCostModel(LayerCostModel):
                     raw[spec.key()] = float(self.regressor.predict([spec])[0])
                 return raw[spec.key()]
 
-            self.group_scale, self.overhead = self.context.fit_scales(context_nets, base)
+            self.network_fit = self.context.fit_network(context_nets, base)
+            self.overhead = self.network_fit.overhead_network_ms
         if self.context is None and calibrate and self.profile.get("networks"):
             with fitting(self.source, "the whole-network calibration"):
                 self.calibration = fit_calibration(self, self.profile["networks"], metric)
 
     def _price(self, spec: LayerSpec) -> float:
-        scale = self.group_scale.get(self.context.group(spec), 1.0) if self.context is not None else 1.0
-        return scale * float(self.regressor.predict([spec])[0])
+        raw = float(self.regressor.predict([spec])[0])
+        if self.context is None or self.network_fit is None:
+            return raw
+        return self.network_fit.layer_ms(self.context.group(spec), raw)
+
+    def network_term(self, specs: Sequence[LayerSpec]) -> float:
+        """The end-to-end fit's memory term (weights beyond the cache, ms); 0 without a context."""
+        if self.context is None or self.network_fit is None:
+            return 0.0
+        return self.network_fit.memory_ms(sum(self.context.weights(s) for s in specs))
 
     def slope(self, spec: LayerSpec) -> float:
         return self.regressor.slope(spec)

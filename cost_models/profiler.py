@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from cost_models.blocks import detect_channel_block
-from cost_models.context import attribute_nodes, node_times
 from cost_models.grid import CHANNEL_LADDER, FAMILIES, aligned_architecture, calibration_architectures, family_grid
 from cost_models.machine import default_threads, device_info, parse_device
 from cost_models.measure import measure_model, measure_rounds, repeatability
 from cost_models.meters import Measurement, NvmlEnergyMeter
+from cost_models.node_trace import attribute_nodes, node_times
 from cost_models.profile_io import BACKENDS, METERS, SCHEMA, load_profile, save_profile
 from cost_models.runner import (
     DEFAULT_WARMUP,
@@ -126,7 +126,7 @@ def profile_family(*, family: str = "mobilenet_v1", resolution: int = 32, device
     (and ``blocks``, the evidence; :func:`cost_models.blocks.detect_channel_block`),
     ``repeatability`` (:func:`cost_models.measure.repeatability`: a noise floor worse than ±5 % is
     flagged and warned about) and ``context``: ``context_networks`` random networks of the family
-    (default 48, 6 with ``quick``; half of them with widths divisible by the block) measured end to
+    (default 64, 6 with ``quick``; half of them with widths divisible by the block) measured end to
     end and node by node (:mod:`cost_models.context`), from which the table is fitted in context.
     ``threads`` defaults to 1 on a machine with at most 2 cores (:func:`default_profile_threads`).
     """
@@ -236,7 +236,7 @@ def profile_family(*, family: str = "mobilenet_v1", resolution: int = 32, device
                                   threads=threads, time_budget_s=max(time_budget_s, 2 * time_budget_s if quick
                                                                      else 2.0), warmup=warmup, save=save,
                                   progress=progress)
-            n_context = context_networks if context_networks is not None else (6 if quick else 48)
+            n_context = context_networks if context_networks is not None else (6 if quick else 64)
             if layers is None and backend == "onnxruntime" and kind == "cpu" and meter == "latency" and n_context > 0:
                 _measure_in_context(profile, family, resolution, n_context, num_classes=num_classes,
                                     activation=activation, meter=meter_obj, threads=threads,

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from cost_models.blocks import NCHWC_DOMAIN, detect_channel_block, optimized_graph, padded, probe_net
-from cost_models.context import ContextFit, attribute_nodes, device_terms, parse_trace
+from cost_models.context import ContextFit, device_terms, weight_elems
 from cost_models.grid import aligned_architecture, make_divisible
 from cost_models.measure import measure_rounds, repeatability
 from cost_models.meters import Measurement, Stats
+from cost_models.node_trace import attribute_nodes, parse_trace
 from cost_models.predictor import TERMS, LayerRegressor
 from cost_models.profile_io import ProfileError, channel_block, validate_profile
 from hwsplit.network.specs import LayerSpec
@@ -116,35 +117,83 @@ def _spec(kind: str, ci: int, co: int, h: int = 8) -> LayerSpec:
     return LayerSpec(kind=kind, in_channels=ci, out_channels=co, kernel=1, stride=1, height=h, width=h)
 
 
+# -- a synthetic device whose true costs are known -------------------------------------------------
+#
+# Kernels: a blocked kernel costs per padded MAC, a kernel that falls back costs more per (unpadded)
+# MAC; a layer whose output changes layout pays a reorder per element; every node pays a real
+# dispatch cost; weights beyond W0 stream from memory at every inference; each run pays a fixed
+# overhead. The node trace lengthens every node by a profiler cost larger than small layers' work.
+SYNTH = {"blocked_per_mac": 2e-8, "plain_per_mac": 6e-8, "dw_blocked_per_mac": 4e-8, "dw_plain_per_mac": 3e-7,
+         "reorder_per_elem": 2e-7, "node_ms": 0.0008, "profiler_node_ms": 0.004, "per_weight_ms": 4e-7,
+         "w0": 131072, "net_ms": 0.03}
+
+
+def _synthetic_specs(rng: np.random.Generator, aligned: bool) -> list[LayerSpec]:
+    """A MobileNetV1-CIFAR-like chain: stem, 13 depthwise/pointwise pairs, the classifier."""
+    level = rng.uniform(0, 1)
+    widths = [int(round(np.exp(np.log(lo) + np.clip(level + rng.normal(0, 0.15), 0, 1) * np.log(hi / lo))))
+              for lo, hi in zip([8, 8, 16, 16, 32, 32] + [64] * 8, [32, 64, 128, 128, 256, 256] + [512] * 7 + [1024])]
+    if aligned:
+        widths = [make_divisible(w, 16) for w in widths]
+    strides = [1, 2, 1, 2, 1, 2, 1, 1, 1, 1, 1, 2, 1]
+    specs, h = [LayerSpec(kind="conv", in_channels=3, out_channels=widths[0], kernel=3, stride=1, height=32,
+                          width=32)], 32
+    for c_in, c_out, s in zip(widths[:-1], widths[1:], strides):
+        specs.append(LayerSpec(kind="dwconv", in_channels=c_in, out_channels=c_in, kernel=3, stride=s, groups=c_in,
+                               height=h, width=h))
+        h = (h - 1) // s + 1
+        specs.append(LayerSpec(kind="pwconv", in_channels=c_in, out_channels=c_out, kernel=1, stride=1, height=h,
+                               width=h))
+    specs.append(LayerSpec(kind="linear", in_channels=widths[-1], out_channels=10, kernel=1, stride=1, height=1,
+                           width=1))
+    return specs
+
+
+def _synthetic_layer_ms(spec: LayerSpec) -> float:
+    """The synthetic device's true in-context time of one layer (ms), its nodes' dispatch included."""
+    t = dict(zip(("blocked", "unblocked", "padded_macs", "unblocked_macs", "padded_out_elems", "unblocked_out_elems",
+                  "reorder_elems", "in_elems"), device_terms(spec, 16, 4)))
+    dw = spec.kind == "dwconv"
+    work = (t["padded_macs"] * SYNTH["dw_blocked_per_mac" if dw else "blocked_per_mac"]
+            + t["unblocked_macs"] * SYNTH["dw_plain_per_mac" if dw else "plain_per_mac"])
+    return work + t["reorder_elems"] * SYNTH["reorder_per_elem"] + SYNTH["node_ms"] * _synthetic_nodes(spec)
+
+
+def _synthetic_nodes(spec: LayerSpec) -> int:
+    return 2 + (device_terms(spec, 16, 4)[6] > 0)
+
+
+def _synthetic_network(rng: np.random.Generator, aligned: bool) -> dict:
+    specs = _synthetic_specs(rng, aligned)
+    weights = sum(weight_elems(s, 16, 4) for s in specs)
+    total = (sum(_synthetic_layer_ms(s) for s in specs) + SYNTH["net_ms"]
+             + SYNTH["per_weight_ms"] * max(0.0, weights - SYNTH["w0"]))
+    layers = [{"layer": s.to_dict(), "nodes": _synthetic_nodes(s),
+               "latency_ms": _synthetic_layer_ms(s) + SYNTH["profiler_node_ms"] * _synthetic_nodes(s)}
+              for s in specs]
+    return {"latency_ms": {"median": total, "p25": total, "p75": total, "n": 1}, "layers": layers, "specs": specs}
+
+
 def test_in_context_fit_recovers_a_synthetic_device() -> None:
-    """Per-layer times that follow the device's terms plus per-node and per-network overhead: the
-    fit predicts held-out networks (and recovers the overheads)."""
+    """Blocked and fallback kernels, reorders, per-node and per-network overhead, weights that spill
+    out of the cache, and a profiler that lengthens every traced node by more than a small layer's
+    work: fitted on 48 simulated context networks (half aligned), the model prices held-out aligned
+    and arbitrary networks within 3 %, finds the cache threshold, and sees where padding makes a
+    channel free and where crossing a block costs."""
     rng = np.random.default_rng(0)
-    truth = {"pwconv": np.array([2e-3, 4e-3, 1e-7, 3e-7, 1e-6, 2e-6, 4e-6, 0.0]),
-             "dwconv": np.array([1e-3, 5e-3, 2e-6, 8e-6, 0.0, 0.0, 0.0, 1e-7])}
-    o_net, o_node = 0.05, 0.002
-
-    def network() -> dict:
-        layers, total = [], o_net
-        for _ in range(4):
-            c_in, c_out = int(rng.integers(8, 200)), int(rng.integers(8, 200))
-            for spec in (_spec("dwconv", c_in, c_in), _spec("pwconv", c_in, c_out)):
-                t = float(np.dot(truth[spec.kind], device_terms(spec, 16, 4)))
-                nodes = int(rng.integers(1, 4))
-                layers.append({"layer": spec.to_dict(), "latency_ms": t, "nodes": nodes})
-                total += t + o_node * nodes
-        return {"latency_ms": {"median": total, "p25": total, "p75": total, "n": 1}, "layers": layers}
-
-    fit = ContextFit([network() for _ in range(40)], block=16, dw_multiple=4)
-    # the per-node overhead estimate lies between o_node and o_node + o_net / nodes (the per-network
-    # part is shared out until the end-to-end fit takes it back)
-    assert o_node <= fit.overhead_node_ms <= o_node + o_net / 8
-    assert all(0.25 <= v <= 4.0 for v in fit.group_scale.values())
-    for _ in range(5):
-        net = network()
-        pred = fit.overhead_network_ms + sum(fit.predict(LayerSpec.from_dict(x["layer"])) for x in net["layers"])
-        # the held-out network's node counts differ from the fit's per-layer average: within 5 %
-        assert pred == pytest.approx(net["latency_ms"]["median"], rel=0.05)
+    fit = ContextFit([_synthetic_network(rng, aligned=i % 2 == 0) for i in range(48)], block=16, dw_multiple=4)
+    assert fit.network.threshold_elems == pytest.approx(SYNTH["w0"], rel=0.42)  # one √2 step of the grid
+    assert fit.network.per_weight_ms == pytest.approx(SYNTH["per_weight_ms"], rel=0.25)
+    for aligned in (True, False):
+        for _ in range(10):
+            net = _synthetic_network(rng, aligned)
+            pred = fit.overhead_network_ms + fit.memory_ms(net["specs"]) + sum(fit.predict(s) for s in net["specs"])
+            assert pred == pytest.approx(net["latency_ms"]["median"], rel=0.03), aligned
+    # marginals: inside a block the padded kernel does the same work; across a boundary it steps
+    a, b, c = (fit.predict(_spec("pwconv", 32, co)) for co in (20, 32, 33))
+    assert b - a == pytest.approx(0.0, abs=1e-6) and c - b > 0.2 * b
+    # the fallback depthwise kernel (18 channels) costs more than the blocked one with 20
+    assert fit.predict(_spec("dwconv", 18, 18, h=16)) > fit.predict(_spec("dwconv", 20, 20, h=16))
 
 
 def test_device_terms_see_padding_fallback_and_reorders() -> None:

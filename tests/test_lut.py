@@ -249,7 +249,7 @@ def test_shipped_profile(path: Path) -> None:
     profile = load_profile(path)
     lut = get_cost_model("lut", profile=path)
     seed = build_model("mobilenet_v1", config="cifar_seed", resolution=32, num_classes=10)
-    assert lut.total(seed, SHAPE) > lut.overhead > 0
+    assert lut.total(seed, SHAPE) > lut.overhead >= 0
     assert all(v > 0 for v in lut.marginal(seed, SHAPE).values())
     if any("energy_mj" in r for r in profile["rows"]):
         assert get_cost_model("lut", profile=path, metric="energy_mj").total(seed, SHAPE) > 0

@@ -201,5 +201,6 @@ def test_shipped_profile_predictor(path: Path) -> None:
     metrics = [m for m in ("latency_ms", "energy_mj") if any(m in r for r in data["rows"])]
     for metric in metrics:
         report = fit_report(path, metric)
-        assert report["r2"] > 0.8, report
-        assert report["within_10pct"] > 0.5, report
+        # a sanity floor for any shipped profile (isolated rows; BENCHMARKS.md, issue 28, has each one's figures)
+        assert report["r2"] > 0.75, report
+        assert report["within_10pct"] > 0.3, report
