@@ -13,18 +13,23 @@ uses each for what it measures well, in two steps:
    reorder a layer causes, input elements) plus a free intercept per blocked/plain kernel. Only
    the slopes are kept (``base(layer)``); the intercepts absorb the profiler's per-node cost.
 2. *level* from the end-to-end times: per layer group g (kind × blocked kernel or not) a scale
-   s_g and a constant κ_g (ms per layer), one cost per weight element beyond a threshold W₀ (the
-   weights that no longer stay in the cache stream from memory at every inference) and a
-   per-network constant o_net, by non-negative least squares in relative error:
+   s_g and a constant κ_g (ms per layer), one cost per output element beyond A₀ in a layer (feature
+   maps that leave the cache), one cost per weight element beyond W₀ in the network (the weights
+   that no longer stay in the cache stream from memory at every inference) and a per-network
+   constant o_net, by non-negative least squares in relative error:
 
-       end to end (ms)  =  Σ_layers [ s_g · base(layer) + κ_g ]  +  λ · max(0, Σ weights − W₀)  +  o_net
+       end to end (ms)  =  Σ_layers [ s_g · base + κ_g + μ · max(0, out − A₀) ]
+                           + λ · max(0, Σ weights − W₀)  +  o_net
 
-   W₀ is chosen among :data:`MEMORY_THRESHOLDS` (or no memory term) by leave-one-network-out error
-   on the context networks: nothing about the CPU's caches is hard-coded.
+   W₀ and A₀ are chosen among :data:`MEMORY_THRESHOLDS` and :data:`ACTIVATION_THRESHOLDS` (or
+   without the term) by leave-one-network-out error on the context networks (W₀, then A₀, then W₀
+   again): nothing about the CPU's caches is hard-coded.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -38,8 +43,8 @@ from hwsplit.network.specs import LayerSpec
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEVICE_TERMS", "GROUPS", "MEMORY_THRESHOLDS", "SLOPE_TERMS", "ContextFit", "NetworkFit", "device_terms",
-           "fit_network", "geometry", "weight_elems"]
+__all__ = ["ACTIVATION_THRESHOLDS", "DEVICE_TERMS", "GROUPS", "MEMORY_THRESHOLDS", "SLOPE_TERMS", "ContextFit",
+           "Layer", "NetworkFit", "device_terms", "fit_network", "geometry", "weight_elems"]
 
 #: Layer groups with a scale of their own in the end-to-end fit: kind × blocked kernel or not.
 GROUPS = ("conv/blocked", "conv/plain", "dwconv/blocked", "dwconv/plain", "pwconv/blocked", "pwconv/plain",
@@ -51,6 +56,8 @@ DEVICE_TERMS = ("blocked", "unblocked", "padded_macs", "unblocked_macs", "padded
 SLOPE_TERMS = ("padded_macs", "unblocked_macs", "padded_out_elems", "unblocked_out_elems", "reorder_elems", "in_elems")
 #: Candidate thresholds W₀ (weight elements) of the memory term (step 2): 16k to 4M, ×√2 apart.
 MEMORY_THRESHOLDS = tuple(int(round(2 ** (k / 2))) for k in range(28, 45))
+#: Candidate thresholds A₀ (output elements of one layer) of the activation term (step 2): 0, 1k to 64k.
+ACTIVATION_THRESHOLDS = (0, *(2 ** k for k in range(10, 17)))
 
 
 def _blocked_input(spec: LayerSpec, block: int, dw_multiple: int) -> bool:
@@ -140,22 +147,26 @@ def _fit_slopes(rows: Sequence[tuple[LayerSpec, float]], block: int, dw_multiple
 class NetworkFit:
     """Step 2: how layers' base costs add up to a network's end-to-end time (module docstring).
 
-    ``scale`` and ``constant_ms`` per :data:`GROUPS` (s_g, κ_g), ``per_weight_ms`` (λ, ms per
-    weight element beyond ``threshold_elems`` W₀; 0 without a memory term) and
+    ``scale`` and ``constant_ms`` per :data:`GROUPS` (s_g, κ_g), ``per_output_ms`` (μ, ms per output
+    element of a layer beyond ``output_threshold_elems`` A₀), ``per_weight_ms`` (λ, ms per weight
+    element of the network beyond ``threshold_elems`` W₀; each 0 without its term) and
     ``overhead_network_ms`` (o_net). ``loo_mape``: the leave-one-network-out mean absolute relative
-    error that chose W₀ (None when too few networks to fit, then the identity).
+    error that chose W₀ and A₀ (None when too few networks to fit, then the identity).
     """
 
     scale: dict[str, float] = field(default_factory=lambda: {g: 1.0 for g in GROUPS})
     constant_ms: dict[str, float] = field(default_factory=lambda: {g: 0.0 for g in GROUPS})
     per_weight_ms: float = 0.0
     threshold_elems: float = math.inf
+    per_output_ms: float = 0.0
+    output_threshold_elems: float = math.inf
     overhead_network_ms: float = 0.0
     loo_mape: float | None = None
 
-    def layer_ms(self, group: str, base_ms: float) -> float:
-        """s_g · base + κ_g (ms)."""
-        return self.scale.get(group, 1.0) * base_ms + self.constant_ms.get(group, 0.0)
+    def layer_ms(self, group: str, base_ms: float, out_elems: float = 0.0) -> float:
+        """s_g · base + κ_g + μ · max(0, out_elems − A₀) (ms)."""
+        spill = self.per_output_ms * max(0.0, out_elems - self.output_threshold_elems) if self.per_output_ms else 0.0
+        return self.scale.get(group, 1.0) * base_ms + self.constant_ms.get(group, 0.0) + spill
 
     def memory_ms(self, weights: float) -> float:
         """λ · max(0, weights − W₀) (ms): the cost of the weights that spill out of the cache."""
@@ -164,19 +175,29 @@ class NetworkFit:
     def to_dict(self) -> dict[str, Any]:
         return {"scale": dict(self.scale), "constant_ms": dict(self.constant_ms), "per_weight_ms": self.per_weight_ms,
                 "threshold_elems": None if math.isinf(self.threshold_elems) else self.threshold_elems,
+                "per_output_ms": self.per_output_ms,
+                "output_threshold_elems": (None if math.isinf(self.output_threshold_elems)
+                                           else self.output_threshold_elems),
                 "overhead_network_ms": self.overhead_network_ms, "loo_mape": self.loo_mape}
 
 
-def _design(layers: Sequence[Sequence[tuple[str, float, float]]], threshold: float) -> np.ndarray:
-    """Columns: Σ base and layer count per group, memory excess, 1 (one row per network)."""
-    a = np.zeros((len(layers), 2 * len(GROUPS) + 2))
+Layer = tuple[str, float, float, float]
+"""One layer in step 2: (group, base ms, weight elements, output elements)."""
+
+
+def _design(layers: Sequence[Sequence[Layer]], w0: float, a0: float) -> np.ndarray:
+    """Columns: Σ base and layer count per group, output spill, weight spill, 1 (one row per network)."""
+    n = len(GROUPS)
+    a = np.zeros((len(layers), 2 * n + 3))
     for i, net in enumerate(layers):
-        for group, base, _ in net:
+        for group, base, _, out in net:
             j = GROUPS.index(group)
             a[i, j] += base
-            a[i, len(GROUPS) + j] += 1.0
-        if math.isfinite(threshold):
-            a[i, -2] = max(0.0, sum(w for _, _, w in net) - threshold)
+            a[i, n + j] += 1.0
+            if math.isfinite(a0):
+                a[i, -3] += max(0.0, out - a0)
+        if math.isfinite(w0):
+            a[i, -2] = max(0.0, sum(w for _, _, w, _ in net) - w0)
         a[i, -1] = 1.0
     return a
 
@@ -192,34 +213,44 @@ def _solve(a: np.ndarray, y: np.ndarray) -> np.ndarray:
     return coef / scale
 
 
-def fit_network(layers: Sequence[Sequence[tuple[str, float, float]]], y_ms: Sequence[float], *,
-                thresholds: Sequence[float] = MEMORY_THRESHOLDS) -> NetworkFit:
-    """Step 2 on networks given as ``[(group, base_ms, weight_elems) per layer]`` with end-to-end
-    times ``y_ms``: W₀ (or no memory term) by leave-one-network-out MAPE, then all networks.
-    Fewer networks than twice the fitted columns: the identity (scales 1, no constants)."""
+def _loo_mape(a: np.ndarray, y: np.ndarray) -> float:
+    errors = []
+    for i in range(len(y)):
+        keep = np.arange(len(y)) != i
+        errors.append(abs(float(a[i] @ _solve(a[keep], y[keep])) / y[i] - 1.0))
+    return float(np.mean(errors))
+
+
+def fit_network(layers: Sequence[Sequence[Layer]], y_ms: Sequence[float], *,
+                thresholds: Sequence[float] = MEMORY_THRESHOLDS,
+                output_thresholds: Sequence[float] = ACTIVATION_THRESHOLDS) -> NetworkFit:
+    """Step 2 on networks given as ``[(group, base_ms, weight_elems, out_elems) per layer]`` with
+    end-to-end times ``y_ms``: W₀, then A₀, then W₀ again (each possibly without its term) by
+    leave-one-network-out MAPE, then the coefficients on all networks. Fewer networks than twice
+    the fitted columns: the identity (scales 1, no constants)."""
     y = np.asarray(y_ms, dtype=float)
-    candidates = [math.inf, *sorted(float(t) for t in thresholds)]
-    used = np.any(_design(layers, math.inf)[:, : 2 * len(GROUPS)] > 0, axis=0)
-    if len(y) < 2 * (int(used.sum()) + 2):
+    used = np.any(_design(layers, math.inf, math.inf)[:, : 2 * len(GROUPS)] > 0, axis=0)
+    if len(y) < 2 * (int(used.sum()) + 3):
         return NetworkFit()
-    best: tuple[float, float] | None = None
-    for threshold in candidates:
-        a = _design(layers, threshold)
-        errors = []
-        for i in range(len(y)):
-            keep = np.arange(len(y)) != i
-            errors.append(abs(float(a[i] @ _solve(a[keep], y[keep])) / y[i] - 1.0))
-        mape = float(np.mean(errors))
-        if best is None or mape < best[0] - 1e-9:
-            best = (mape, threshold)
-    assert best is not None
-    mape, threshold = best
-    coef = _solve(_design(layers, threshold), y)
+    w_grid = [math.inf, *sorted(float(t) for t in thresholds)]
+    a_grid = [math.inf, *sorted(float(t) for t in output_thresholds)]
+    w0, a0, mape = math.inf, math.inf, math.inf
+    for axis in ("w", "a", "w"):
+        for candidate in (w_grid if axis == "w" else a_grid):
+            trial = (candidate, a0) if axis == "w" else (w0, candidate)
+            m = _loo_mape(_design(layers, *trial), y)
+            if m < mape - 1e-9:
+                mape, (w0, a0) = m, trial
+    coef = _solve(_design(layers, w0, a0), y)
     n = len(GROUPS)
     return NetworkFit(scale={g: float(coef[j]) if used[j] else 1.0 for j, g in enumerate(GROUPS)},
                       constant_ms={g: float(coef[n + j]) for j, g in enumerate(GROUPS)},
-                      per_weight_ms=float(coef[-2]) if math.isfinite(threshold) else 0.0,
-                      threshold_elems=threshold, overhead_network_ms=float(coef[-1]), loo_mape=mape)
+                      per_output_ms=float(coef[-3]) if math.isfinite(a0) else 0.0, output_threshold_elems=a0,
+                      per_weight_ms=float(coef[-2]) if math.isfinite(w0) else 0.0, threshold_elems=w0,
+                      overhead_network_ms=float(coef[-1]), loo_mape=mape)
+
+
+_FITS: dict[tuple, ContextFit] = {}
 
 
 class ContextFit:
@@ -259,10 +290,20 @@ class ContextFit:
         self.network = self.fit_network(self.nets, self._base)
         self.networks = len(self.nets)
         log.info("in-context fit on %d networks: %d geometries, %+.4f ms per network, weights beyond %s elements "
-                 "at %.3g ms each, scales %s (leave-one-out error %s)", len(self.nets), len(self.coef),
-                 self.network.overhead_network_ms, self.network.threshold_elems, self.network.per_weight_ms,
+                 "at %.3g ms each, outputs beyond %s elements at %.3g ms each, scales %s (leave-one-out error %s)",
+                 len(self.nets), len(self.coef), self.network.overhead_network_ms, self.network.threshold_elems,
+                 self.network.per_weight_ms, self.network.output_threshold_elems, self.network.per_output_ms,
                  {g: round(v, 3) for g, v in self.network.scale.items()},
                  f"{100 * self.network.loo_mape:.1f} %" if self.network.loo_mape is not None else "n/a")
+
+    @classmethod
+    def of(cls, networks: Sequence[dict[str, Any]], *, block: int = 1, dw_multiple: int = 0) -> ContextFit:
+        """The fit of ``networks``, memoised on their content (a profile's fit is the same every time it is
+        loaded; the leave-one-out choice of W₀ and A₀ costs about a second)."""
+        key = (hashlib.sha1(json.dumps(networks, sort_keys=True).encode()).hexdigest(), int(block), int(dw_multiple))
+        if key not in _FITS:
+            _FITS[key] = cls(networks, block=block, dw_multiple=dw_multiple)
+        return _FITS[key]
 
     @property
     def overhead_network_ms(self) -> float:
@@ -281,12 +322,19 @@ class ContextFit:
     def weights(self, spec: LayerSpec) -> float:
         return weight_elems(spec, self.block, self.dw_multiple)
 
+    @staticmethod
+    def outputs(spec: LayerSpec) -> float:
+        """Output elements of a convolution (the activation term's variable); 0 for the classifier."""
+        if spec.kind == "linear":
+            return 0.0
+        return float(spec.batch * spec.out_channels * spec.out_height * spec.out_width)
+
     def fit_network(self, nets: Sequence[dict[str, Any]], base: Callable[[LayerSpec], float]) -> NetworkFit:
         """Step 2 for any per-layer ``base`` (ms; the table's slopes or a regressor) on ``nets``."""
         layers = []
         for n in nets:
             specs = [LayerSpec.from_dict(x["layer"]) for x in n["layers"]]
-            layers.append([(self.group(s), base(s), self.weights(s)) for s in specs])
+            layers.append([(self.group(s), base(s), self.weights(s), self.outputs(s)) for s in specs])
         return fit_network(layers, [float(n["latency_ms"]["median"]) for n in nets])
 
     def _base(self, spec: LayerSpec) -> float:
@@ -294,8 +342,8 @@ class ContextFit:
         return float(np.dot(coef, _slope_row(spec, self.block, self.dw_multiple)))
 
     def predict(self, spec: LayerSpec) -> float:
-        """In-context time of ``spec`` (ms): s_g · base(spec) + κ_g."""
-        return self.network.layer_ms(self.group(spec), self._base(spec))
+        """In-context time of ``spec`` (ms): s_g · base(spec) + κ_g + μ · max(0, out − A₀)."""
+        return self.network.layer_ms(self.group(spec), self._base(spec), self.outputs(spec))
 
     def memory_ms(self, specs: Sequence[LayerSpec]) -> float:
         """The network's memory term (ms) for its layers ``specs``."""

@@ -239,8 +239,8 @@ class LookupTableCostModel(LayerCostModel):
         self.context: ContextFit | None = None
         context_nets = (self.profile.get("context") or {}).get("networks") or []
         if in_context and metric == "latency_ms" and context_nets:
-            self.context = ContextFit(context_nets, block=channel_block(self.profile),
-                                      dw_multiple=depthwise_multiple(self.profile))
+            self.context = ContextFit.of(context_nets, block=channel_block(self.profile),
+                                         dw_multiple=depthwise_multiple(self.profile))
             self.overhead = self.context.overhead_network_ms
         elif calibrate and self.profile.get("networks"):
             with fitting(self.source, "the whole-network calibration"):

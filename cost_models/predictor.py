@@ -305,8 +305,8 @@ class EnergyPredictorCostModel(LayerCostModel):
         self.context: ContextFit | None = None
         if metric == "latency_ms" and context_nets and in_context:
             # in-context per-layer targets (per-node overhead included), the device's block in the terms
-            self.context = ContextFit(context_nets, block=channel_block(self.profile),
-                                      dw_multiple=depthwise_multiple(self.profile))
+            self.context = ContextFit.of(context_nets, block=channel_block(self.profile),
+                                         dw_multiple=depthwise_multiple(self.profile))
             specs, y = context_targets(context_nets, self.context.overhead_node_ms)
             self.overhead = self.context.overhead_network_ms
             regressor_options = {"channel_block": self.context.block, "depthwise_multiple": self.context.dw_multiple,
@@ -335,7 +335,7 @@ class EnergyPredictorCostModel(LayerCostModel):
         raw = float(self.regressor.predict([spec])[0])
         if self.context is None or self.network_fit is None:
             return raw
-        return self.network_fit.layer_ms(self.context.group(spec), raw)
+        return self.network_fit.layer_ms(self.context.group(spec), raw, self.context.outputs(spec))
 
     def network_term(self, specs: Sequence[LayerSpec]) -> float:
         """The end-to-end fit's memory term (weights beyond the cache, ms); 0 without a context."""
