@@ -135,3 +135,27 @@ def test_marginals_are_scaled_by_the_calibration():
     for name in ("stem.conv", "blocks.3.pw.conv"):
         fd = lut.total(_one_wider(model, name), SHAPE) - base
         assert marginal[name] == pytest.approx(fd, rel=1e-9)
+
+
+@pytest.mark.filterwarnings("ignore::cost_models.lut.LutExtrapolationWarning")
+def test_in_context_marginals_include_the_network_terms():
+    """With a shipped in-context profile, a marginal is the finite difference of ``total`` — the weight
+    memory term (a whole-network term) included — wherever that difference is positive (inside a
+    channel block it is 0 and the MACs prior prices it instead)."""
+    from pathlib import Path
+
+    from hwsplit.network.graph import layer_specs
+
+    path = Path(__file__).resolve().parents[1] / "profiles" / "cpu-intel-xeon-1t-onnxruntime.json"
+    lut = get_cost_model("lut", profile=path)
+    model = build_model("mobilenet_v1", config="standard", resolution=32, num_classes=10).eval()
+    assert lut.network_term(layer_specs(model, SHAPE)) > 0  # its weights spill out of the cache
+    marginal = lut.marginal(model, SHAPE)
+    base = lut.total(model, SHAPE)
+    checked = 0
+    for name, value in marginal.items():
+        fd = lut.total(_one_wider(model, name), SHAPE) - base
+        if fd > 1e-9:
+            assert value == pytest.approx(fd, rel=1e-9), name
+            checked += 1
+    assert checked >= 1
