@@ -730,7 +730,7 @@ def profile(device: str, backend: str, meter: str, family: str, resolution: int,
             threads: int | None, time_budget_s: float | None, quick: bool, networks: int | None, out: str,
             context_networks: int | None = None) -> None:
     """Measure every layer the family can take while it grows into a device cost table."""
-    from cost_models.profiler import profile_family
+    from cost_models.profiling.profiler import profile_family
     from hwsplit.infra.devices import check_device
 
     check_device(device, field="--device")

@@ -11,7 +11,7 @@
 Claim 4 (``--claim4``: steps ``flops,lut,width,retrain-flops,retrain-lut``): the same protocol with the ``lut``
 arm (cost ``lut`` of ``--profile``) beside ``flops``, every network (seed, both arms, width multipliers) rounded
 to ``--channel-multiple``; step ``measure`` times every compared architecture end to end
-(``cost_models.measure.measure_model``, onnxruntime, 1 thread, ``--measure-time`` s per measurement,
+(``cost_models.profiling.measure.measure_model``, onnxruntime, 1 thread, ``--measure-time`` s per measurement,
 ``--measure-passes`` interleaved passes, their median; the spread is reported)
 into ``<out>/latency.json``; the comparisons are at matched
 *measured* latency (interpolated on log10 ms). The latency of a network is its architecture's, so the grown
@@ -347,7 +347,7 @@ def measure_latency(out: Path, root: Path, args: argparse.Namespace) -> None:
     import torch
 
     import cost_models
-    from cost_models.measure import measure_model
+    from cost_models.profiling.measure import measure_model
     from hwsplit.network.models import model_from_architecture
 
     path = out / "latency.json"

@@ -10,7 +10,7 @@ trade-off on it than pricing them by MACs (``cost="flops"``); both arms grow the
 
 Both arms grow the paper's CIFAR-10 seed MobileNetV1 from the same trained seed (see bench/common.py),
 growth ratio 0.5 of the arm's own cost per stage. Every stage's network is then measured end to end with
-``cost_models.measure.measure_model(model, (1, 3, 32, 32), backend="onnxruntime", threads=1,
+``cost_models.profiling.measure.measure_model(model, (1, 3, 32, 32), backend="onnxruntime", threads=1,
 time_budget_s=2)``, in ``--rounds`` interleaved rounds (seed, lut, flops, seed, lut, flops, ...), the 1-minute
 load average recorded before and after every measurement: a latency on a shared 2-core machine is only
 as good as the load next to it. The LUT's *predicted* latency of every network is given too.
@@ -116,7 +116,7 @@ def kept_networks(out: Path) -> set[Path]:
 def measure(out: Path, args: argparse.Namespace) -> dict:
     """One measuring session of every kept network, interleaved rounds, load average next to each."""
     import cost_models
-    from cost_models.measure import measure_model
+    from cost_models.profiling.measure import measure_model
     from hwsplit.network.checkpoint import load_model
 
     nets = networks(out)

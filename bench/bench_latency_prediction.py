@@ -5,7 +5,7 @@ networks use other seeds, so none of these was used for fitting): ``--networks``
 divisible by the profile's ``channel_block`` ("aligned") and as many with arbitrary widths, each
 width drawn log-uniformly between the CIFAR seed's and the standard MobileNetV1's. Every network is
 measured end to end twice, in two interleaved passes over all networks (the protocol of
-``cost_models.measure.measure_model``: median of round medians, 1 intra-op thread by default), so
+``cost_models.profiling.measure.measure_model``: median of round medians, 1 intra-op thread by default), so
 each figure comes with the machine's re-measurement agreement. Predictions: the lookup table
 (``lut``; in context when the profile has a ``context`` section), the same table from isolated
 layers with the old calibration (``lut_isolated``), the regressor (``energy`` cost model with
@@ -44,9 +44,9 @@ from scipy.stats import spearmanr  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cost_models import get_cost_model  # noqa: E402
-from cost_models.grid import make_divisible  # noqa: E402
-from cost_models.measure import measure_model  # noqa: E402
 from cost_models.profile_io import channel_block, load_profile  # noqa: E402
+from cost_models.profiling.grid import make_divisible  # noqa: E402
+from cost_models.profiling.measure import measure_model  # noqa: E402
 from hwsplit.network.graph import layer_specs  # noqa: E402
 from hwsplit.network.models import MOBILENET_V1_CIFAR_SEED, MOBILENET_V1_STANDARD, build_model  # noqa: E402
 from hwsplit.network.specs import LayerSpec  # noqa: E402
@@ -89,7 +89,7 @@ def main() -> None:
     torch.set_num_threads(1)
 
     if args.make_profile:
-        from cost_models.profiler import profile_family
+        from cost_models.profiling.profiler import profile_family
 
         profile_family(out=args.profile)
     profile = load_profile(args.profile)
@@ -135,7 +135,7 @@ def main() -> None:
                   f"{row[f'measured_{p}_ms']:.3f} ms  lut {row['lut_ms']:.3f}  predictor {row['predictor_ms']:.3f}",
                   flush=True)
     if args.node_times and earlier is None:
-        from cost_models.node_trace import attribute_nodes, node_times
+        from cost_models.profiling.node_trace import attribute_nodes, node_times
 
         example = torch.randn(shape, generator=torch.Generator().manual_seed(0))
         for model, row in nets:

@@ -182,8 +182,8 @@ MUTANTS = [
            "            freed += marginal[k]",
            "            freed += 2 * marginal[k]",
            ("tests/test_budget_fit.py",), "counts each dropped neuron's marginal twice"),
-    # -- cost_models/meters.py ---------------------------------------------------------------------------
-    Mutant("meters-idle-reset-accepted", "cost_models/meters.py",
+    # -- cost_models/profiling/meters.py ---------------------------------------------------------------------------
+    Mutant("meters-idle-reset-accepted", "cost_models/profiling/meters.py",
            "if e1 > e0 and t1 > t0:",
            "if t1 > t0:",
            ("tests/test_meters_idle.py", "tests/test_meters.py"), "a counter reset in the idle window gives its power"),

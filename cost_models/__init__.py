@@ -12,7 +12,7 @@ from cost_models.base import (
     get_cost_model,
     register_cost_model,
 )
-from cost_models.meters import NoGpuError
+from cost_models.profiling.meters import NoGpuError
 
 
 @register_cost_model("energy")

@@ -2,7 +2,7 @@
 
 A layer exported and timed alone pays reorders and runs cache-hot; inside a network it does
 neither. The profile's ``context`` section holds random networks of the family, each timed end to
-end (the clean figure) and node by node (:mod:`cost_models.node_trace`; the profiler lengthens
+end (the clean figure) and node by node (:mod:`cost_models.profiling.node_trace`; the profiler lengthens
 every node by a few µs, which swamps the small layers of an aligned network). :class:`ContextFit`
 uses each for what it measures well, in two steps:
 
@@ -38,13 +38,12 @@ from typing import Any
 
 import numpy as np
 
-from cost_models.blocks import padded
 from hwsplit.network.specs import LayerSpec
 
 log = logging.getLogger(__name__)
 
 __all__ = ["ACTIVATION_THRESHOLDS", "DEVICE_TERMS", "GROUPS", "MEMORY_THRESHOLDS", "SLOPE_TERMS", "ContextFit",
-           "Layer", "NetworkFit", "device_terms", "fit_network", "geometry", "weight_elems"]
+           "Layer", "NetworkFit", "device_terms", "fit_network", "geometry", "padded", "weight_elems"]
 
 #: Layer groups with a scale of their own in the end-to-end fit: kind × blocked kernel or not.
 GROUPS = ("conv/blocked", "conv/plain", "dwconv/blocked", "dwconv/plain", "pwconv/blocked", "pwconv/plain",
@@ -58,6 +57,11 @@ SLOPE_TERMS = ("padded_macs", "unblocked_macs", "padded_out_elems", "unblocked_o
 MEMORY_THRESHOLDS = tuple(int(round(2 ** (k / 2))) for k in range(28, 45))
 #: Candidate thresholds A₀ (output elements of one layer) of the activation term (step 2): 0, 1k to 64k.
 ACTIVATION_THRESHOLDS = (0, *(2 ** k for k in range(10, 17)))
+
+
+def padded(channels: int, block: int) -> int:
+    """``channels`` rounded up to a multiple of ``block`` (what a blocked kernel computes)."""
+    return int(math.ceil(channels / block) * block) if block > 1 else int(channels)
 
 
 def _blocked_input(spec: LayerSpec, block: int, dw_multiple: int) -> bool:
@@ -259,7 +263,7 @@ class ContextFit:
 
     ``networks``: the profile's ``context["networks"]`` entries (``latency_ms`` end to end,
     ``layers`` with per-layer traced ``latency_ms`` and ``nodes``); ``block``, ``dw_multiple``: the
-    backend's channel block and depthwise granularity (:mod:`cost_models.blocks`). Plain numbers
+    backend's channel block and depthwise granularity (:mod:`cost_models.profiling.channel_block`). Plain numbers
     only (``to_dict``), so a profile never holds a pickle.
     """
 

@@ -137,7 +137,7 @@ def validate_profile(data: Any, source: str = "<profile>") -> dict[str, Any]:
 
 def channel_block(profile: dict[str, Any]) -> int:
     """The backend's channel block recorded in ``profile`` (top-level ``"channel_block"``, detected
-    by :func:`cost_models.blocks.detect_channel_block`); 1 (no block) for a profile without one."""
+    by :func:`cost_models.profiling.channel_block.detect_channel_block`); 1 (no block) for a profile without one."""
     return int(profile.get("channel_block", 1))
 
 

@@ -99,6 +99,15 @@ def test_cost_models_never_import_the_run_layer():
     assert not bad, "\n".join(bad)
 
 
+def test_pricing_never_imports_profiling():
+    """``cost_models``' pricing modules read profiles; only ``cost_models.profiling`` runs hardware. The
+    package itself may re-export a profiling name (``NoGpuError``)."""
+    pricing = [m for m in _graph() if m.startswith("cost_models.") and not m.startswith("cost_models.profiling")]
+    assert pricing and "cost_models.profiling.profiler" in _graph()
+    bad = [f"{m} imports {i}" for m in pricing for i in _graph()[m] if i.startswith("cost_models.profiling")]
+    assert not bad, "\n".join(bad)
+
+
 def test_infra_imports_nothing_else_of_the_project():
     bad = [f"{m} imports {i}" for m, deps in _graph().items() if m != "hwsplit" and _folder(m) == INFRA
            for i in deps if _folder(i) != INFRA]

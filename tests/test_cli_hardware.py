@@ -127,7 +127,7 @@ def test_energy_cost_with_a_latency_only_profile_says_how_to_measure_energy():
 
 
 def test_nvml_meter_without_an_nvidia_gpu(tmp_path):
-    from cost_models.meters import nvidia_gpu_available
+    from cost_models.profiling.meters import nvidia_gpu_available
 
     if nvidia_gpu_available():
         pytest.skip("this machine has an NVIDIA GPU")

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from cost_models.blocks import NCHWC_DOMAIN, detect_channel_block, optimized_graph, padded, probe_net
-from cost_models.context import ContextFit, device_terms, weight_elems
-from cost_models.grid import aligned_architecture, make_divisible
-from cost_models.measure import measure_rounds, repeatability
-from cost_models.meters import Measurement, Stats
-from cost_models.node_trace import attribute_nodes, parse_trace
+from cost_models.context import ContextFit, device_terms, padded, weight_elems
 from cost_models.predictor import TERMS, LayerRegressor
 from cost_models.profile_io import ProfileError, channel_block, validate_profile
+from cost_models.profiling.channel_block import NCHWC_DOMAIN, detect_channel_block, optimized_graph, probe_net
+from cost_models.profiling.grid import aligned_architecture, make_divisible
+from cost_models.profiling.measure import measure_rounds, repeatability
+from cost_models.profiling.meters import Measurement, Stats
+from cost_models.profiling.node_trace import attribute_nodes, parse_trace
 from hwsplit.network.specs import LayerSpec
 
 # -- the channel block, from a real onnxruntime session ---------------------------------------------

@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import pytest
 
-from cost_models.meters import (
+from cost_models.profiling.meters import (
     LatencyMeter,
     Measurement,
     Meter,
@@ -17,7 +17,7 @@ from cost_models.meters import (
     integrate_power_mj,
     nvidia_gpu_available,
 )
-from cost_models.profiler import make_meter
+from cost_models.profiling.profiler import make_meter
 
 
 class FakeClock:
@@ -199,7 +199,7 @@ def test_nvml_counter_reset_is_detected_and_window_remeasured(caplog: pytest.Log
     # window's "after" -> the counter restarts at 0 there, so that window goes negative.
     fake = FakeNvml(resets=(5,))
     meter = make_fake_meter(fake)
-    with caplog.at_level(logging.WARNING, logger="cost_models.meters"):
+    with caplog.at_level(logging.WARNING, logger="cost_models.profiling.meters"):
         m = meter.measure(fake.run_once, warmup=0)
     assert "counter reset" in caplog.text
     assert m.energy_mj.n == 3  # three valid windows still

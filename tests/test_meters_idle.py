@@ -13,7 +13,7 @@ def test_counter_fault_in_the_idle_window_falls_back_to_power(fault, caplog: pyt
     # reads: 1 capability probe, 2-3 the idle window (read 3 restarts at 0, or repeats read 2)
     fake = FakeNvml(**fault)
     meter = make_fake_meter(fake)
-    with caplog.at_level(logging.INFO, logger="cost_models.meters"):
+    with caplog.at_level(logging.INFO, logger="cost_models.profiling.meters"):
         m = meter.measure(fake.run_once, warmup=0)
     assert "reading power instead" in caplog.text
     assert m.idle_power_w == pytest.approx(30.0)  # the power readings, not (0 - 5e6 mJ) / 0.2 s

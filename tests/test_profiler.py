@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from cost_models import profiler
-from cost_models.meters import NoGpuError, nvidia_gpu_available
 from cost_models.profile_io import SCHEMA, load_profile, save_profile, validate_profile
-from cost_models.profiler import (
+from cost_models.profiling import profiler
+from cost_models.profiling.meters import NoGpuError, nvidia_gpu_available
+from cost_models.profiling.profiler import (
     DEFAULT_TIME_BUDGET_S,
     estimate_profile_seconds,
     family_grid,

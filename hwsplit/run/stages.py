@@ -346,10 +346,10 @@ def end_to_end_measurer(config: GrowConfig) -> Callable[[nn.Module, tuple[int, .
     wanted = config.measure if config.measure is not None else config.profile is not None
     if not wanted:
         return None
-    from cost_models.machine import cpu_name
-    from cost_models.measure import measure_model
-    from cost_models.meters import nvidia_gpu_available
     from cost_models.profile_io import load_profile
+    from cost_models.profiling.machine import cpu_name
+    from cost_models.profiling.measure import measure_model
+    from cost_models.profiling.meters import nvidia_gpu_available
 
     if config.profile is None:
         backend, meter, kind, threads, name = "onnxruntime", "latency", "cpu", None, None

@@ -15,10 +15,10 @@ import statistics
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from cost_models.machine import default_threads
-from cost_models.meters import NvmlEnergyMeter
 from cost_models.profile_io import BACKENDS
-from cost_models.runner import DEFAULT_WARMUP, Runner, check_choice, make_meter
+from cost_models.profiling.machine import default_threads
+from cost_models.profiling.meters import NvmlEnergyMeter
+from cost_models.profiling.runner import DEFAULT_WARMUP, Runner, check_choice, make_meter
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn

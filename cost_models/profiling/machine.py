@@ -7,7 +7,7 @@ import os
 import platform
 from typing import Any
 
-from cost_models.meters import NvmlEnergyMeter
+from cost_models.profiling.meters import NvmlEnergyMeter
 
 log = logging.getLogger(__name__)
 

@@ -12,21 +12,17 @@ granularity off which depthwise convs stayed blocked.
 
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 from typing import Any
 
-__all__ = ["NCHWC_DOMAIN", "detect_channel_block", "graph_summary", "optimized_graph", "padded", "probe_net"]
+from cost_models.context import padded
+
+__all__ = ["NCHWC_DOMAIN", "detect_channel_block", "graph_summary", "optimized_graph", "probe_net"]
 
 NCHWC_DOMAIN = "com.microsoft.nchwc"
 #: Channel counts probed: odd, even, multiples of 4 and 8 but not 16, multiples of 16.
 PROBE_CHANNELS = (18, 20, 24, 40, 48, 50)
-
-
-def padded(channels: int, block: int) -> int:
-    """``channels`` rounded up to a multiple of ``block`` (what a blocked kernel computes)."""
-    return int(math.ceil(channels / block) * block) if block > 1 else int(channels)
 
 
 def graph_summary(onnx_path: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -56,7 +52,7 @@ def optimized_graph(module: Any, example: Any, *, threads: int = 1) -> list[dict
     """The graph onnxruntime (CPU provider, ``ORT_ENABLE_ALL``) actually runs for ``module``."""
     import onnxruntime as ort
 
-    from cost_models.runner import export_layer_onnx, session_options
+    from cost_models.profiling.runner import export_layer_onnx, session_options
 
     with tempfile.TemporaryDirectory() as tmp:
         opts = session_options(threads)  # the graph the timings run, so the same settings

@@ -30,7 +30,7 @@ def node_times(module: nn.Module, example: Any, *, threads: int = 1, runs: int =
     order: ``[{"name", "op", "ms"}]``, from the per-node profile of ``runs`` inferences."""
     import onnxruntime as ort
 
-    from cost_models.runner import export_layer_onnx, session_options
+    from cost_models.profiling.runner import export_layer_onnx, session_options
 
     with tempfile.TemporaryDirectory() as tmp:
         opts = session_options(threads)

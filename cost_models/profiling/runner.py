@@ -14,9 +14,9 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from cost_models.machine import parse_device
-from cost_models.meters import LatencyMeter, Measurement, NoGpuError, NvmlEnergyMeter, nvidia_gpu_available
 from cost_models.profile_io import METERS
+from cost_models.profiling.machine import parse_device
+from cost_models.profiling.meters import LatencyMeter, Measurement, NoGpuError, NvmlEnergyMeter, nvidia_gpu_available
 from hwsplit.network.specs import LayerSpec
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -36,7 +36,7 @@ def check_choice(field: str, value: Any, choices: Sequence[str]) -> None:
 
 
 def make_meter(meter: str, device: str = "cpu", *, nvml: Any = None, **options: Any) -> Any:
-    """A :class:`~cost_models.meters.LatencyMeter` or :class:`~cost_models.meters.NvmlEnergyMeter`.
+    """A :class:`~cost_models.profiling.meters.LatencyMeter` or :class:`~cost_models.profiling.meters.NvmlEnergyMeter`.
 
     ``meter="nvml"`` without a usable NVIDIA GPU raises :class:`NoGpuError`; with a GPU but a CPU
     ``device`` it raises ``ValueError`` (NVML reads the GPU's energy, not the CPU's).

@@ -1,13 +1,13 @@
 """Profile a device: orchestration of the measurements into a profile file (docs/design.md §6).
 
 ``profile_family`` measures every layer a model family can take while it grows (the *grid*,
-:func:`cost_models.grid.family_grid`), one layer at a time, each as deployed
-(:mod:`cost_models.runner`). It also measures the runtime's fixed per-inference overhead (a model
+:func:`cost_models.profiling.grid.family_grid`), one layer at a time, each as deployed
+(:mod:`cost_models.profiling.runner`). It also measures the runtime's fixed per-inference overhead (a model
 that only copies its input) and whole random networks of the family, and writes everything to a
 profile JSON (schema in :mod:`cost_models.profile_io`) atomically every few rows, so a killed run
 resumes where it stopped when it is started again with the same ``out``.
 
-Whole networks are measured with :func:`cost_models.measure.measure_model` (the grow loop calls it
+Whole networks are measured with :func:`cost_models.profiling.measure.measure_model` (the grow loop calls it
 after every stage). The names of those modules are re-exported here for callers of the profiler.
 """
 
@@ -22,14 +22,20 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from cost_models.blocks import detect_channel_block
-from cost_models.grid import CHANNEL_LADDER, FAMILIES, aligned_architecture, calibration_architectures, family_grid
-from cost_models.machine import default_threads, device_info, parse_device
-from cost_models.measure import measure_model, measure_rounds, repeatability
-from cost_models.meters import Measurement, NvmlEnergyMeter
-from cost_models.node_trace import attribute_nodes, node_times
 from cost_models.profile_io import BACKENDS, METERS, SCHEMA, load_profile, save_profile
-from cost_models.runner import (
+from cost_models.profiling.channel_block import detect_channel_block
+from cost_models.profiling.grid import (
+    CHANNEL_LADDER,
+    FAMILIES,
+    aligned_architecture,
+    calibration_architectures,
+    family_grid,
+)
+from cost_models.profiling.machine import default_threads, device_info, parse_device
+from cost_models.profiling.measure import measure_model, measure_rounds, repeatability
+from cost_models.profiling.meters import Measurement, NvmlEnergyMeter
+from cost_models.profiling.node_trace import attribute_nodes, node_times
+from cost_models.profiling.runner import (
     DEFAULT_WARMUP,
     Runner,
     check_choice,
@@ -116,15 +122,15 @@ def profile_family(*, family: str = "mobilenet_v1", resolution: int = 32, device
     a later run resumes). Rows already in ``out`` (same LayerSpec key) are not measured again; an
     ``out`` measured with another device, backend or meter is a ``ValueError``. ``progress`` is
     called as ``progress(iterable, desc=..., total=...)`` and returns an iterable (e.g. tqdm).
-    ``meter="nvml"`` without an NVIDIA GPU raises :class:`~cost_models.meters.NoGpuError`.
+    ``meter="nvml"`` without an NVIDIA GPU raises :class:`~cost_models.profiling.meters.NoGpuError`.
     Rows are measured in a fixed shuffled order (``shuffle``) so slow drifts of the machine do not
     bias one geometry. Then ``networks`` random networks of the family (default 16, 4 with
     ``quick``; :func:`calibration_architectures`) are measured end to end into ``profile["networks"]``,
     which the cost models use to calibrate layer sums to whole networks (:mod:`cost_models.calibration`).
 
     With onnxruntime on the CPU (latency), three more sections (docs/design.md §6): ``channel_block``
-    (and ``blocks``, the evidence; :func:`cost_models.blocks.detect_channel_block`),
-    ``repeatability`` (:func:`cost_models.measure.repeatability`: a noise floor worse than ±5 % is
+    (and ``blocks``, the evidence; :func:`cost_models.profiling.channel_block.detect_channel_block`),
+    ``repeatability`` (:func:`cost_models.profiling.measure.repeatability`: a noise floor worse than ±5 % is
     flagged and warned about) and ``context``: ``context_networks`` random networks of the family
     (default 64, 6 with ``quick``; half of them with widths divisible by the block) measured end to
     end and node by node (:mod:`cost_models.context`), from which the table is fitted in context.
