@@ -390,13 +390,15 @@ def measure_latency(out: Path, root: Path, args: argparse.Namespace) -> None:
 
     path = out / "latency.json"
     table = json.loads(path.read_text()) if path.exists() else {"networks": {}, "sessions": []}
+    compared = _compared_architectures(root)
     todo: dict[str, dict] = {}
-    for r in _compared_architectures(root):
+    for r in compared:
         k = _arch_key(r["architecture"])
         if len(table["networks"].get(k, {}).get("passes_ms", [])) < args.measure_passes:
             todo[k] = r
     if not todo:
-        log.info("%s: every architecture is measured already", root.name)
+        log.info("%s: %s", root.name, f"all {len(compared)} architectures are measured already" if compared
+                 else "no architecture to time yet")
         return
     lut = cost_models.get_cost_model("lut", profile=str(common.resolve(args.profile)))
     models = {}

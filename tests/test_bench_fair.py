@@ -129,6 +129,25 @@ def test_measure_times_each_architecture_its_passes_and_continues_after_a_kill(t
         bench_fair._expand(args, root, "measure")
 
 
+def test_step_measure_times_the_seeds_of_seeds(tmp_path, monkeypatch):
+    import cost_models.measure
+
+    out = tmp_path / "fair_full"
+    for seed, scale in ((0, 1.0), (1, 1.5), (2, 2.0)):
+        write(out / f"s{seed}" / "width-x1", [rec(arch(scale), macs=550e3, acc=0.7, width_mult=1.0)])
+    timed = []
+    monkeypatch.setattr(cost_models.measure, "measure_model",
+                        lambda model, shape, **kw: timed.append(1) or {"latency_ms": {"median": 0.1}})
+    monkeypatch.setattr(bench_fair.common, "prepare_process", lambda *a, **kw: None)  # keeps cwd and logging
+    bench_fair.main(["--preset", "full", "--steps", "measure", "--seeds", "0,2", "--measure-passes", "1",
+                     "--out", str(out)])
+    table = json.loads((out / "latency.json").read_text())["networks"]
+    assert set(table) == {key(arch(1.0)), key(arch(2.0))} and len(timed) == 2  # seed 1 is not in --seeds
+    assert "| width × 1 (30 ep.) | 70.00 | 70.00 | 550k | 0.1000 |" in (tmp_path / "fair_full.md").read_text()
+    with pytest.raises(SystemExit, match="without --jobs"):
+        bench_fair.main(["--preset", "full", "--steps", "measure", "--jobs", "2", "--out", str(out)])
+
+
 # ------------------------------------------------------------------------------------------------
 # comparisons at matched measured latency, the fragment, the plots
 # ------------------------------------------------------------------------------------------------
