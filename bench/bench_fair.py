@@ -7,6 +7,9 @@
     python bench/bench_fair.py --claim4 --channel-multiple auto --out bench/results/fair_hardware
     taskset -c 1 python bench/bench_fair.py --claim4 --channel-multiple auto \
         --out bench/results/fair_hardware --steps measure
+    # the full-scale run (issues 25 and 27; 2 single-threaded workers), then its latency axis on a quiet core
+    python bench/bench_fair.py --preset full --jobs 2
+    taskset -c 1 python bench/bench_fair.py --preset full --steps measure      # the seeds of --seeds
 
 Claim 4 (``--claim4``: steps ``flops,lut,width,retrain-flops,retrain-lut``): the same protocol with the ``lut``
 arm (cost ``lut`` of ``--profile``) beside ``flops``, every network (seed, both arms, width multipliers) rounded
@@ -16,6 +19,13 @@ to ``--channel-multiple``; step ``measure`` times every compared architecture en
 into ``<out>/latency.json``; the comparisons are at matched
 *measured* latency (interpolated on log10 ms). The latency of a network is its architecture's, so the grown
 stage's checkpoint stands for its retrained copy.
+
+Step ``measure`` works for any arms (``_compared_architectures``: width multipliers, every arm's grown stages and
+their retrained and fine-tuned copies, the pruned networks fine-tuned and retrained, each architecture once) on the
+seeds of ``--seeds``; it is resumable (``latency.json`` is saved after every pass) and refuses ``--jobs``. Whenever
+``<out>/latency.json`` exists, the summary adds, beside the MACs comparisons, retrained flops − width, retrained
+authors − width and retrained flops − each pruning method (fine-tuned and retrained) at matched measured latency,
+over the networks that have one, and ``<out>/accuracy_vs_latency.png`` beside ``accuracy_vs_macs.png``.
 
 The architecture is what is compared, not the schedule it grew under (Wang et al. 2019, code
 ``main_finetune.py``): every compared network is **retrained from scratch on the same schedule**
@@ -151,6 +161,10 @@ def _authors() -> dict:
 ARMS = {"flops": {}, "vanilla": {"cost": "none"}, "random": {"selection": "random"}, "lut": {"cost": "lut"},
         # the selection recipe of the method's authors (issue 26): √ΔMACs price, group budgets, caps, β >= 0.99
         "authors": _authors}
+
+
+#: The pruning arms (issue 27), steps ``prune-<method>``.
+PRUNE_METHODS = ("slimming", "l1")
 
 
 def arm_overrides(arm: str, args: argparse.Namespace) -> dict:
@@ -335,15 +349,39 @@ def _arch_key(arch: dict) -> str:
 
 
 def _compared_architectures(root: Path) -> list[dict]:
-    recs = [r for d in sorted(root.glob("width-x*")) if _done(d) for r in _recs(d)]
-    for arm in ("flops", "lut"):
-        recs += _recs(root / f"grow-{arm}")
-    return recs
+    """One record per architecture that a comparison of seed directory ``root`` uses, the first record of each
+    (deduplicated by :func:`_arch_key`): width multipliers (every schedule: ``width-x*`` and ``width<N>-x*``),
+    every arm's grown stages with their retrained and fine-tuned copies (the same architectures), and the pruned
+    networks, fine-tuned and retrained (not the wide network they were pruned from: no comparison uses it).
+
+    Every record that the run layer writes carries ``architecture``; one without it (a run older than the field)
+    cannot be rebuilt and so cannot be timed: it is left out, with a log line."""
+    recs = [r for d in sorted(root.glob("width*-x*")) if _done(d) for r in _recs(d)]
+    for arm in ARMS:
+        g = root / f"grow-{arm}"
+        recs += _recs(g) + _derived(g, "retrain") + _derived(g, "finetune")
+    for method in PRUNE_METHODS:
+        d = root / f"prune-{method}"
+        recs += [r for r in _recs(d) if r.get("stage", 0) >= 1] + _recs(d / "retrain")
+    by_arch: dict[str, dict] = {}
+    missing = 0
+    for r in recs:
+        if "architecture" not in r:
+            missing += 1
+            continue
+        by_arch.setdefault(_arch_key(r["architecture"]), r)
+    if missing:
+        log.info("%s: %d record(s) without an architecture field (runs older than it) cannot be timed: left out",
+                 root.name, missing)
+    return list(by_arch.values())
 
 
 def measure_latency(out: Path, root: Path, args: argparse.Namespace) -> None:
-    """Time every compared architecture of ``root`` not yet in ``<out>/latency.json``: two passes over them
-    (each network once per pass), so that the two measurements of a network are minutes apart."""
+    """Time every compared architecture of ``root`` (:func:`_compared_architectures`) not yet measured
+    ``--measure-passes`` times in ``<out>/latency.json``: interleaved passes over them (each network once per
+    pass), so that the measurements of a network are minutes apart. The table is saved after every pass: a killed
+    measurement continues from its last pass. ``latency_ms`` (the median of the passes, in ms) is written once a
+    network has all its passes; until then the network counts as not measured."""
     import torch
 
     import cost_models
@@ -352,22 +390,40 @@ def measure_latency(out: Path, root: Path, args: argparse.Namespace) -> None:
 
     path = out / "latency.json"
     table = json.loads(path.read_text()) if path.exists() else {"networks": {}, "sessions": []}
+    compared = _compared_architectures(root)
     todo: dict[str, dict] = {}
-    for r in _compared_architectures(root):
+    for r in compared:
         k = _arch_key(r["architecture"])
-        if len(table["networks"].get(k, {}).get("passes_ms", [])) < args.measure_passes and k not in todo:
+        if len(table["networks"].get(k, {}).get("passes_ms", [])) < args.measure_passes:
             todo[k] = r
     if not todo:
-        log.info("%s: every architecture is measured already", root.name)
+        log.info("%s: %s", root.name, f"all {len(compared)} architectures are measured already" if compared
+                 else "no architecture to time yet")
         return
     lut = cost_models.get_cost_model("lut", profile=str(common.resolve(args.profile)))
     models = {}
     for k, r in todo.items():
         torch.manual_seed(0)
         models[k] = model_from_architecture(r["architecture"]).eval()
+    predicted = {k: lut.total(model, INPUT_SHAPE) for k, model in models.items()}
     table["sessions"].append({"date": common.now(), "machine": common.machine(), "command": common.command_line(),
                               "load_before": os.getloadavg()[0], "networks": len(todo)})
     passes: dict[str, list[float]] = {k: list(table["networks"].get(k, {}).get("passes_ms", [])) for k in todo}
+
+    def save() -> None:
+        for k in models:
+            entry = {"architecture": todo[k]["architecture"], "macs": todo[k]["macs"], "passes_ms": passes[k],
+                     "lut_predicted_ms": predicted[k], "measured": common.now()}
+            if len(passes[k]) >= args.measure_passes:
+                # the median of the passes: a measurement disturbed as a whole (seen: 1 in 4 off by 20-30 %) does
+                # not move it
+                entry["latency_ms"] = statistics.median(passes[k])
+            table["networks"][k] = entry
+        table["sessions"][-1]["load_after"] = os.getloadavg()[0]
+        common.save_json(path, table)
+
+    log.info("%s: %d architecture(s) to time, %d pass(es) at most", root.name, len(todo),
+             max(args.measure_passes - len(v) for v in passes.values()))
     for p in range(max(args.measure_passes - len(v) for v in passes.values())):
         for i, (k, model) in enumerate(models.items()):
             if len(passes[k]) >= args.measure_passes:
@@ -375,26 +431,43 @@ def measure_latency(out: Path, root: Path, args: argparse.Namespace) -> None:
             m = measure_model(model, INPUT_SHAPE, backend="onnxruntime", threads=1, time_budget_s=args.measure_time)
             passes[k].append(m["latency_ms"]["median"])
             log.info("%s pass %d: %d/%d %.4f ms", root.name, p + 1, i + 1, len(models), passes[k][-1])
-    for k, model in models.items():
-        # the median of the passes: a measurement disturbed as a whole (seen: 1 in 4 off by 20-30 %) does not move it
-        table["networks"][k] = {"architecture": todo[k]["architecture"], "macs": todo[k]["macs"],
-                                "passes_ms": passes[k], "latency_ms": statistics.median(passes[k]),
-                                "lut_predicted_ms": lut.total(model, INPUT_SHAPE), "measured": common.now()}
-    table["sessions"][-1]["load_after"] = os.getloadavg()[0]
-    common.save_json(path, table)
+        save()
+
+
+def _latency_of(r: dict, table: dict) -> float | None:
+    """The measured latency (ms) of ``r``'s architecture in ``table`` (``latency.json``'s networks); None when it
+    has none (not measured, passes missing, or no ``architecture`` field)."""
+    m = table.get(_arch_key(r["architecture"])) if "architecture" in r else None
+    return m.get("latency_ms") if m else None
 
 
 def _with_latency(recs: list[dict], table: dict) -> list[dict]:
-    out = []
-    for r in recs:
-        m = table.get(_arch_key(r["architecture"])) if "architecture" in r else None
-        out.append({**r, "latency_ms": m["latency_ms"] if m else None})
-    return out
+    return [{**r, "latency_ms": _latency_of(r, table)} for r in recs]
+
+
+#: Comparisons at matched measured latency when ``<out>/latency.json`` exists (the full preset's arms; claim 4 has
+#: its own): summary key -> (the points' arm, the curve: ``width`` or a pruning method and kind).
+LATENCY_COMPARISONS = {"flops_vs_width": ("flops", "width"), "authors_vs_width": ("authors", "width"),
+                       **{f"flops_vs_prune_{m}{suffix}": ("flops", f"prune-{m}{suffix}") for m in PRUNE_METHODS
+                          for suffix in ("", "_retrained")}}
 
 
 def summarise(out: Path, args: argparse.Namespace) -> dict:
     seeds = [int(s) for s in args.seeds.split(",")]
     result: dict = {"args": vars(args), "seeds": {}}
+    lat_path = out / "latency.json"
+    lat_table = json.loads(lat_path.read_text()) if lat_path.exists() else {}
+    lat = lat_table.get("networks", {})
+    if lat_table:
+        sessions = lat_table.get("sessions", [])
+        result["latency"] = {"networks": sum(1 for n in lat.values() if n.get("latency_ms") is not None),
+                             "incomplete": sum(1 for n in lat.values() if n.get("latency_ms") is None),
+                             "sessions": [{f: x.get(f) for f in ("date", "load_before", "load_after", "networks")}
+                                          for x in sessions]}
+
+    def ms(r: dict) -> dict:  # the measured latency of a record's architecture, where the table has it
+        return {"latency_ms": _latency_of(r, lat)}
+
     for seed in seeds:
         root = out / f"s{seed}"
         if not root.exists():
@@ -402,38 +475,41 @@ def summarise(out: Path, args: argparse.Namespace) -> dict:
         n_test = args.test_limit or 10_000  # None: the whole CIFAR-10 test set
         width = _width_curve(root, "width")
         s: dict = {"width": [{"width_mult": r["width_mult"], "macs": r["macs"], "test_top1": r["test_top1"],
-                              "val_top1": r.get("val_top1"), "epochs": r["epochs"]} for r in width]}
+                              "val_top1": r.get("val_top1"), "epochs": r["epochs"], **ms(r)} for r in width]}
         s["compute"] = compute(root, args)
         for arm in ARMS:
             g = root / f"grow-{arm}"
             grown = _recs(g) if _done(g) or arm == "flops" else []
             rt = _derived(g, "retrain")
             s[arm] = {"grown": [{"stage": r["stage"], "macs": r["macs"], "test_top1": r["test_top1"],
-                                 "val_top1": r.get("val_top1")} for r in grown],
+                                 "val_top1": r.get("val_top1"), **ms(r)} for r in grown],
                       "retrained": [{"stage": r["source_stage"], "macs": r["macs"], "test_top1": r["test_top1"],
-                                     "val_top1": r.get("val_top1")} for r in rt],
+                                     "val_top1": r.get("val_top1"), **ms(r)} for r in rt],
                       "retrained_vs_width": _compare(rt, width, n_test)}
         # claim 2: energy-aware (flops) vs vanilla, both retrained; each arm's points on the other's curve
         rt_f, rt_v = _derived(root / "grow-flops", "retrain"), _derived(root / "grow-vanilla", "retrain")
         seed_rt = [r for r in width if r["width_mult"] == 1.0]  # the seed architecture retrained = width × 1
         if rt_f and rt_v:
             s["flops_vs_vanilla"] = _compare(rt_f, sorted(seed_rt + rt_v, key=lambda r: r["macs"]), n_test)
+        curves_of: dict[str, list[dict]] = {"width": width}  # the curves of the latency comparisons, as records
         for method in PRUNE_METHODS:  # issue 27: pruned (fine-tuned; retrained from scratch) vs retrained flops
             d = root / f"prune-{method}"
             if not _done(d):
                 continue
             pruned = [r for r in _recs(d) if r["stage"] >= 1]
             retrained = _recs(d / "retrain") if (d / "retrain" / "stages.jsonl").exists() else []
+            curves_of[f"prune-{method}"], curves_of[f"prune-{method}_retrained"] = pruned, retrained
             target = {r["stage"]: r.get("target_stage", r["stage"]) for r in pruned}
             s[f"prune-{method}"] = {
-                "wide": [{"macs": r["macs"], "test_top1": r["test_top1"], "width_mult": r.get("wide_width_mult")}
-                         for r in _recs(d) if r["stage"] == 0],
+                "wide": [{"macs": r["macs"], "test_top1": r["test_top1"], "width_mult": r.get("wide_width_mult"),
+                          **ms(r)} for r in _recs(d) if r["stage"] == 0],
                 "finetuned": [{"stage": r.get("target_stage", r["stage"]), "macs": r["macs"],
                                "test_top1": r["test_top1"], "val_top1": r.get("val_top1"),
-                               "epochs_in_all": r.get("epochs_in_all")} for r in pruned],
+                               "epochs_in_all": r.get("epochs_in_all"), **ms(r)} for r in pruned],
                 # a retrained record's source_stage is the pruning run's stage; name it by the grown stage it targets
                 "retrained": [{"stage": target.get(r.get("source_stage"), r.get("source_stage")), "macs": r["macs"],
-                               "test_top1": r["test_top1"], "val_top1": r.get("val_top1")} for r in retrained]}
+                               "test_top1": r["test_top1"], "val_top1": r.get("val_top1"), **ms(r)}
+                              for r in retrained]}
             if rt_f:
                 s[f"flops_vs_prune_{method}"] = _compare(rt_f, sorted(pruned, key=lambda r: r["macs"]), n_test)
                 if retrained:
@@ -455,11 +531,19 @@ def summarise(out: Path, args: argparse.Namespace) -> dict:
             total = ft[-1]["epochs_in_all"]
             wt = _width_curve(root, f"width{total}")
             s["finetuned"] = {"epochs_in_all": total, "macs": ft[-1]["macs"], "test_top1": ft[-1]["test_top1"],
+                              **ms(ft[-1]),
                               "width_same_epochs": [{"width_mult": r["width_mult"], "macs": r["macs"],
-                                                     "test_top1": r["test_top1"]} for r in wt],
+                                                     "test_top1": r["test_top1"], **ms(r)} for r in wt],
                               "vs_width": _compare(ft, wt, n_test)}
-        lat_path = out / "latency.json"
-        lat = json.loads(lat_path.read_text())["networks"] if lat_path.exists() else {}
+        if lat_table:  # at matched measured latency (issue 25): only the networks whose architecture was timed
+            s["latency"] = {}
+            for key, (arm, curve) in LATENCY_COMPARISONS.items():
+                points = _derived(root / f"grow-{arm}", "retrain")
+                if points and curves_of.get(curve):
+                    s["latency"][key] = _compare(
+                        _with_latency(points, lat),
+                        sorted(_with_latency(curves_of[curve], lat), key=lambda r: r["latency_ms"] or 0),
+                        n_test, "latency_ms")
         rt_l = _derived(root / "grow-lut", "retrain")
         if rt_l and lat:  # claim 4: at matched measured latency
             width_l = _with_latency(width, lat)
@@ -477,7 +561,7 @@ def summarise(out: Path, args: argparse.Namespace) -> dict:
                              for name, r in ([(f"width × {r['width_mult']:g}", r) for r in width]
                                              + [(f"flops stage {r['source_stage']}", r) for r in rt_fl]
                                              + [(f"lut stage {r['source_stage']}", r) for r in rt_l])
-                             if _arch_key(r["architecture"]) in lat]}
+                             if _latency_of(r, lat) is not None]}
         result["seeds"][seed] = s
     # across seeds: the mean difference at each comparison, with 2 SE = 2 √(Σ SE_s²) / n_seeds (test-set noise)
     agg: dict = {}
@@ -492,8 +576,12 @@ def summarise(out: Path, args: argparse.Namespace) -> dict:
                                             if "finetuned" in s])
     for key in ("lut_vs_flops", "flops_vs_lut", "lut_vs_width", "flops_vs_width"):
         agg[f"claim4_{key}"] = _aggregate([s["claim4"][key] for s in result["seeds"].values() if "claim4" in s])
+    for key in LATENCY_COMPARISONS:
+        agg[f"latency_{key}"] = _aggregate([s["latency"][key] for s in result["seeds"].values()
+                                            if key in s.get("latency", {})])
     result["aggregate"] = agg
     result["curves"] = curves(result)
+    result["curves_latency"] = curves(result, "latency_ms")
     common.save_json(out / "summary.json", result)
     out.with_suffix(".md").write_text(fragment(result, args), encoding="utf-8")
     plot(result, out)
@@ -540,59 +628,77 @@ def compute(root: Path, args: argparse.Namespace) -> dict:
 
 
 def _mean_point(points: list[dict], key: str) -> dict:
+    """Mean ``key`` (MACs or latency_ms) and test top-1 of one curve point over the seeds that have it."""
     accs = [p["test_top1"] for p in points]
     n = len(accs)
     return {key: statistics.mean(p[key] for p in points), "test_top1": statistics.mean(accs), "n_seeds": n,
             "two_se_seeds": 2 * statistics.stdev(accs) / math.sqrt(n) if n > 1 else None}
 
 
-def curves(result: dict) -> dict:
-    """Each arm's curve averaged over seeds (test top-1 and MACs per width multiplier or per grown stage)."""
+def curves(result: dict, key: str = "macs") -> dict:
+    """Each arm's curve averaged over seeds (test top-1 and ``key`` — MACs, or the measured ``latency_ms`` — per
+    width multiplier or per grown stage), from the points that have ``key``: with ``latency_ms`` only the networks
+    whose architecture was timed, a point averaged over the seeds where it was."""
     by: dict[str, dict] = {}
+
+    def add(curve: str, index, r: dict) -> None:
+        if r.get(key) is not None:
+            by.setdefault(curve, {}).setdefault(index, []).append(r)
+
     for s in result["seeds"].values():
         for r in s["width"]:
-            by.setdefault("width multipliers", {}).setdefault(r["width_mult"], []).append(r)
+            add("width multipliers", r["width_mult"], r)
         for arm in ARMS:
             for r in s.get(arm, {}).get("retrained", []):
-                by.setdefault(f"{arm} stages, retrained", {}).setdefault(r["stage"], []).append(r)
+                add(f"{arm} stages, retrained", r["stage"], r)
         for method in PRUNE_METHODS:
             for kind in ("finetuned", "retrained"):
                 for r in s.get(f"prune-{method}", {}).get(kind, []):
-                    by.setdefault(f"{method} pruning, {'fine-tuned' if kind == 'finetuned' else 'retrained'}",
-                                  {}).setdefault(r["stage"], []).append(r)
+                    add(f"{method} pruning, {'fine-tuned' if kind == 'finetuned' else 'retrained'}", r["stage"], r)
         if "finetuned" in s:
             f = s["finetuned"]
-            by.setdefault("flops last stage, fine-tuned", {}).setdefault(0, []).append(f)
+            add("flops last stage, fine-tuned", 0, f)
             for r in f["width_same_epochs"]:
-                by.setdefault(f"width multipliers, {f['epochs_in_all']} epochs", {}).setdefault(
-                    r["width_mult"], []).append(r)
-    return {name: [_mean_point(pts, "macs") for _, pts in sorted(points.items())] for name, points in by.items()}
+                add(f"width multipliers, {f['epochs_in_all']} epochs", r["width_mult"], r)
+    return {name: [_mean_point(pts, key) for _, pts in sorted(points.items())] for name, points in by.items()}
 
 
 def plot(result: dict, out: Path) -> None:
     """``<out>/accuracy_vs_macs.png``: test top-1 against MACs, mean over seeds; bars: 2 SE, the larger of the
-    spread between seeds and the test set's binomial noise."""
+    spread between seeds and the test set's binomial noise. ``<out>/accuracy_vs_latency.png``: the same curves
+    against the measured latency (ms, ``latency.json``), from the networks that have one; not written without."""
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import EngFormatter
+    from matplotlib.ticker import EngFormatter, FuncFormatter
 
-    cs = result["curves"]
-    if not cs:
-        return
+    colours = {name: f"C{i % 10}" for i, name in enumerate(result["curves"])}  # one colour per curve in both
+    if result["curves"]:
+        _plot_curves(result, result["curves"], "macs", "MACs per image", EngFormatter(unit=""), colours,
+                     out / "accuracy_vs_macs.png")
+    if result.get("curves_latency"):
+        ms = FuncFormatter(lambda x, _: f"{x:g}")
+        _plot_curves(result, result["curves_latency"], "latency_ms",
+                     "measured latency per image (ms; onnxruntime, 1 thread, batch 1)", ms, colours,
+                     out / "accuracy_vs_latency.png")
+
+
+def _plot_curves(result: dict, cs: dict, key: str, xlabel: str, formatter, colours: dict, path: Path) -> None:
+    """One figure: each curve of ``cs`` (:func:`curves`) as test top-1 (%) against ``key`` on a log axis."""
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    n_test = result["args"].get("test_limit") or 10_000
     for name, pts in cs.items():
-        xs = [p["macs"] for p in pts]
+        xs = [p[key] for p in pts]
         ys = [100 * p["test_top1"] for p in pts]
-        n_test = result["args"].get("test_limit") or 10_000
         err = [100 * max(p["two_se_seeds"] or 0, 2 * common.accuracy_se(p["test_top1"], n_test)) for p in pts]
-        ax.errorbar(xs, ys, yerr=err, marker="o", ms=4, capsize=3, label=name,
+        ax.errorbar(xs, ys, yerr=err, marker="o", ms=4, capsize=3, label=name, color=colours.get(name),
                     linestyle="--" if name.startswith("width") else "-")
     ax.set_xscale("log")
-    ax.xaxis.set_major_formatter(EngFormatter(unit=""))
-    ax.xaxis.set_minor_formatter(EngFormatter(unit=""))
-    ax.set_xlabel("MACs per image")
+    ax.xaxis.set_major_formatter(formatter)
+    ax.xaxis.set_minor_formatter(formatter)
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("test top-1 (%)")
     n = max((p["n_seeds"] for pts in cs.values() for p in pts), default=0)
     ax.set_title(f"CIFAR-10, every network trained from scratch on one schedule ({n} seed(s); bars: 2 SE)")
@@ -600,7 +706,7 @@ def plot(result: dict, out: Path) -> None:
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    fig.savefig(out / "accuracy_vs_macs.png", dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
@@ -654,6 +760,30 @@ def _images(limit: int | None, split: str) -> str:
     return f"all {split} images" if limit is None else f"the first {limit} {split} images"
 
 
+def _latency_line(result: dict) -> str:
+    """The fragment's line on the measured latency: where it comes from, and how many networks have one."""
+    what = ("- at matched measured latency: onnxruntime, 1 thread, batch 1, the median of `--measure-passes` "
+            "interleaved passes of `--measure-time` s (`--steps measure` on a quiet core, `latency.json`; a "
+            "network's latency is its architecture's), interpolated on log10 ms, over the networks that have one")
+    lat = result.get("latency")
+    if not lat:
+        return what + "; not measured yet"
+    last = lat["sessions"][-1] if lat["sessions"] else {}
+    load = (f", load average {last['load_before']:.2f} before, {last['load_after']:.2f} after"
+            if last.get("load_before") is not None and last.get("load_after") is not None else "")
+    return (what + f"; {lat['networks']} architectures measured"
+            + (f" ({lat['incomplete']} with passes missing, left out)" if lat["incomplete"] else "")
+            + (f", last session {last['date']}{load}" if last else ""))
+
+
+def _figure_links(result: dict, args: argparse.Namespace) -> str:
+    """Links to both plots, relative to the fragment (``<out>.md`` beside the ``<out>`` folder)."""
+    folder = Path(args.out).name
+    return (f"[test top-1 vs MACs]({folder}/accuracy_vs_macs.png), "
+            + (f"[test top-1 vs measured latency]({folder}/accuracy_vs_latency.png)" if result.get("curves_latency")
+               else "test top-1 vs measured latency once `--steps measure` has run"))
+
+
 def fragment(result: dict, args: argparse.Namespace) -> str:
     arms = ("flops (LP) and lut (LP, the latency table of "
             f"`{args.profile}`), every network in multiples of {channel_multiple(args)} channels"
@@ -679,7 +809,9 @@ def fragment(result: dict, args: argparse.Namespace) -> str:
              + ("measured latency (onnxruntime, 1 thread, interpolated on log10 ms)" if args.claim4
                 else "MACs (interpolated on log10 MACs)")
              + ", mean over the seeds that have the point, ± 2 SE of the test-set noise, then ± 2 SE between seeds "
-             "(2 sd / √seeds of the per-seed differences); \"beyond 2 SE\" uses the larger of the two", ""]
+             "(2 sd / √seeds of the per-seed differences); \"beyond 2 SE\" uses the larger of the two",
+             *([] if args.claim4 else [_latency_line(result)]),
+             f"- figures: {_figure_links(result, args)}", ""]
     agg = result["aggregate"]
     if args.claim4:
         lines += ["### Verdict lines", "",
@@ -722,44 +854,42 @@ def fragment(result: dict, args: argparse.Namespace) -> str:
                   _verdict_line("retrained authors' recipe − retrained flops (test; read once the choice is made)",
                                 agg["authors_vs_flops"]),
                   *(_verdict_line(f"retrained flops − {m} pruning, {how}", agg[f"flops_vs_prune_{m}{suffix}"])
+                    for m in PRUNE_METHODS for suffix, how in (("", "fine-tuned"), ("_retrained", "retrained"))),
+                  _verdict_line("retrained grown (flops) − width, at matched measured latency",
+                                agg["latency_flops_vs_width"]),
+                  _verdict_line("retrained authors' recipe − width (test), at matched measured latency",
+                                agg["latency_authors_vs_width"]),
+                  *(_verdict_line(f"retrained flops − {m} pruning, {how}, at matched measured latency",
+                                  agg[f"latency_flops_vs_prune_{m}{suffix}"])
                     for m in PRUNE_METHODS for suffix, how in (("", "fine-tuned"), ("_retrained", "retrained"))), ""]
     lines += ["### Per seed", ""]
     for seed, s in result["seeds"].items():
-        rows = [["network", "test top-1 (%)", "val top-1 (%)", "MACs"]]
-        for r in s["width"]:
-            rows.append([f"width × {r['width_mult']:g} ({r['epochs']} ep.)", f"{100 * r['test_top1']:.2f}",
-                         f"{100 * r['val_top1']:.2f}" if r.get("val_top1") is not None else "-",
-                         common.fmt_num(r["macs"])])
+        rows = []  # (network, its summary entry, whether to show its validation top-1)
+        rows += [(f"width × {r['width_mult']:g} ({r['epochs']} ep.)", r, True) for r in s["width"]]
         for arm in ARMS:
-            for r in s[arm]["grown"]:
-                rows.append([f"{arm} grown, stage {r['stage']}", f"{100 * r['test_top1']:.2f}",
-                             f"{100 * r['val_top1']:.2f}" if r.get("val_top1") is not None else "-",
-                             common.fmt_num(r["macs"])])
-            for r in s[arm]["retrained"]:
-                rows.append([f"{arm} stage {r['stage']} retrained ({args.retrain_epochs} ep.)",
-                             f"{100 * r['test_top1']:.2f}",
-                             f"{100 * r['val_top1']:.2f}" if r.get("val_top1") is not None else "-",
-                             common.fmt_num(r["macs"])])
+            rows += [(f"{arm} grown, stage {r['stage']}", r, True) for r in s[arm]["grown"]]
+            rows += [(f"{arm} stage {r['stage']} retrained ({args.retrain_epochs} ep.)", r, True)
+                     for r in s[arm]["retrained"]]
         for method in PRUNE_METHODS:
             p = s.get(f"prune-{method}")
             if not p:
                 continue
-            for r in p["wide"]:
-                rows.append([f"{method}: wide network × {r['width_mult']:g}", f"{100 * r['test_top1']:.2f}", "-",
-                             common.fmt_num(r["macs"])])
+            rows += [(f"{method}: wide network × {r['width_mult']:g}", r, False) for r in p["wide"]]
             for kind in ("finetuned", "retrained"):
-                for r in p[kind]:
-                    rows.append([f"{method} pruned to stage {r['stage']}'s cost, {kind}", f"{100 * r['test_top1']:.2f}",
-                                 f"{100 * r['val_top1']:.2f}" if r.get("val_top1") is not None else "-",
-                                 common.fmt_num(r["macs"])])
+                rows += [(f"{method} pruned to stage {r['stage']}'s cost, {kind}", r, True) for r in p[kind]]
         if "finetuned" in s:
             f = s["finetuned"]
-            rows.append([f"flops last stage fine-tuned ({f['epochs_in_all']} ep. in all)",
-                         f"{100 * f['test_top1']:.2f}", "-", common.fmt_num(f["macs"])])
-            for r in f["width_same_epochs"]:
-                rows.append([f"width × {r['width_mult']:g} ({f['epochs_in_all']} ep.)", f"{100 * r['test_top1']:.2f}",
-                             "-", common.fmt_num(r["macs"])])
-        lines += [f"Seed {seed}:", "", common.md_table(rows), ""]
+            rows.append((f"flops last stage fine-tuned ({f['epochs_in_all']} ep. in all)", f, False))
+            rows += [(f"width × {r['width_mult']:g} ({f['epochs_in_all']} ep.)", r, False)
+                     for r in f["width_same_epochs"]]
+        timed = any(r.get("latency_ms") is not None for _, r, _ in rows)  # the column where a latency is known
+        table = [["network", "test top-1 (%)", "val top-1 (%)", "MACs", *(["measured (ms)"] if timed else [])]]
+        for name, r, val in rows:
+            table.append([name, f"{100 * r['test_top1']:.2f}",
+                          f"{100 * r['val_top1']:.2f}" if val and r.get("val_top1") is not None else "-",
+                          common.fmt_num(r["macs"]),
+                          *([f"{r['latency_ms']:.4f}" if r.get("latency_ms") is not None else "-"] if timed else [])])
+        lines += [f"Seed {seed}:", "", common.md_table(table), ""]
     return "\n".join(lines) + "\n"
 
 
@@ -768,8 +898,6 @@ def fragment(result: dict, args: argparse.Namespace) -> str:
 # ------------------------------------------------------------------------------------------------
 
 GROW_STEPS = ("flops", "random", "vanilla", "lut", "authors")
-#: The pruning arms (issue 27), steps ``prune-<method>``.
-PRUNE_METHODS = ("slimming", "l1")
 
 
 def _grow_done(root: Path, arm: str) -> bool:

@@ -1,0 +1,274 @@
+"""bench/bench_fair.py's measured-latency axis (issues 25 and 27) on synthetic result trees: which architectures
+the step ``measure`` times, the comparisons at matched measured latency, the fragment and the second plot.
+
+Nothing here times a network: the records and ``latency.json`` hold made-up numbers, and the one test of the
+step ``measure`` itself replaces the end-to-end timer (it checks the bookkeeping: what is timed, how often, and
+that a killed measurement continues from its last pass).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+import bench_fair  # noqa: E402
+
+STRIDES = [1, 2, 1, 2, 1, 2, 1, 1, 1, 1, 1, 2, 1]
+SEED = [8, 8, 8, 16, 16, 24, 24, 24, 24, 24, 24, 32, 32]
+
+
+def arch(scale: float = 1.0, last: int | None = None) -> dict:
+    """A CIFAR MobileNetV1 architecture: the seed's widths × ``scale``, the last layer ``last`` wide if given."""
+    widths = [max(1, round(w * scale)) for w in SEED]
+    if last is not None:
+        widths[-1] = last
+    return {"activation": "silu", "dropout": 0.0, "family": "mobilenet_v1", "in_channels": 3, "num_classes": 10,
+            "stem_stride": 1, "stem_width": max(1, round(8 * scale)), "strides": STRIDES, "widths": widths}
+
+
+def rec(a: dict | None, *, stage: int = 0, macs: float, acc: float, **extra) -> dict:
+    r = {"stage": stage, "macs": macs, "test_top1": acc, "val_top1": acc, "epochs": 30,
+         "schedule": {"epochs": 30}, "seconds": {"train_s": 1.0}, **extra}
+    if a is not None:
+        r["architecture"] = a
+    return r
+
+
+def write(run: Path, records: list[dict], done: bool = True) -> None:
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "stages.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    if done:
+        (run / "DONE").write_text("{}\n")
+
+
+def key(a: dict) -> str:
+    return bench_fair._arch_key(a)
+
+
+# ------------------------------------------------------------------------------------------------
+# which architectures the step measure times
+# ------------------------------------------------------------------------------------------------
+
+def test_compared_architectures_every_arm_once_and_records_without_architecture_logged(tmp_path, caplog):
+    root = tmp_path / "s0"
+    w1, w2, g1, g2, a1, p1, p2, wide = (arch(1), arch(2), arch(1, last=48), arch(1, last=64), arch(1, last=40),
+                                        arch(1, last=20), arch(1.5, last=20), arch(3))
+    write(root / "width-x1", [rec(w1, macs=1, acc=0.7, width_mult=1.0)])
+    write(root / "width-x2", [rec(w2, macs=4, acc=0.8, width_mult=2.0)])
+    write(root / "width65-x2", [rec(w2, macs=4, acc=0.81, width_mult=2.0)])  # the same architecture, 65 epochs
+    write(root / "width-x3", [rec(arch(3), macs=9, acc=0.85, width_mult=3.0)], done=False)  # in training
+    write(root / "width-x2.5", [rec(None, macs=6, acc=0.84, width_mult=2.5)])  # older than the field
+    write(root / "grow-flops", [rec(w1, stage=0, macs=1, acc=0.6), rec(g1, stage=1, macs=1.5, acc=0.65),
+                                rec(g2, stage=2, macs=2, acc=0.7)])
+    write(root / "grow-flops" / "retrain-1", [rec(g1, macs=1.5, acc=0.72, source_stage=1)])
+    write(root / "grow-flops" / "retrain-2", [rec(g2, macs=2, acc=0.74, source_stage=2)], done=False)
+    write(root / "grow-flops" / "finetune-2", [rec(g2, macs=2, acc=0.75, source_stage=2, epochs_in_all=65)])
+    write(root / "grow-authors", [rec(w1, stage=0, macs=1, acc=0.6), rec(a1, stage=1, macs=1.4, acc=0.66)])
+    write(root / "prune-slimming", [rec(wide, stage=0, macs=9, acc=0.85), rec(p1, stage=1, macs=1.2, acc=0.7),
+                                    rec(p2, stage=2, macs=2.1, acc=0.72)])
+    write(root / "prune-slimming" / "retrain", [rec(p1, stage=0, macs=1.2, acc=0.71, source_stage=1),
+                                                rec(p2, stage=1, macs=2.1, acc=0.73, source_stage=2)], done=False)
+    with caplog.at_level(logging.INFO, logger="bench"):
+        got = bench_fair._compared_architectures(root)
+    keys = [key(r["architecture"]) for r in got]
+    assert len(keys) == len(set(keys))  # each architecture once
+    # every width multiplier done, every grown stage (retrained and fine-tuned copies are the same), the pruned
+    # networks; not the wide network they were pruned from, not a width multiplier still in training
+    assert set(keys) == {key(a) for a in (w1, w2, g1, g2, a1, p1, p2)}
+    assert "1 record(s) without an architecture field" in caplog.text
+
+
+def test_measure_times_each_architecture_its_passes_and_continues_after_a_kill(tmp_path, monkeypatch):
+    import cost_models.measure
+    from hwsplit.network.models import architecture
+
+    out = tmp_path / "fair_full"
+    root = out / "s0"
+    write(root / "width-x1", [rec(arch(1), macs=550e3, acc=0.7, width_mult=1.0)])
+    write(root / "width-x2", [rec(arch(2), macs=2.2e6, acc=0.8, width_mult=2.0)])
+    write(root / "grow-flops", [rec(arch(1), stage=0, macs=550e3, acc=0.6),
+                                rec(arch(1, last=64), stage=1, macs=700e3, acc=0.65)])
+    write(root / "prune-l1", [rec(arch(3), stage=0, macs=5e6, acc=0.85),
+                              rec(arch(1.2, last=16), stage=1, macs=600e3, acc=0.66)])
+    calls: list[str] = []
+
+    class Killed(Exception):
+        pass
+
+    def fake_timer(model, shape, **kw):  # a made-up latency per architecture; the 5th call is a kill
+        calls.append(key(architecture(model)))
+        if len(calls) == 5:
+            raise Killed
+        return {"latency_ms": {"median": 0.01 * len(calls)}}
+
+    monkeypatch.setattr(cost_models.measure, "measure_model", fake_timer)
+    args = bench_fair.parse_args(["--preset", "full", "--seeds", "0", "--out", str(out), "--measure-passes", "2"])
+    with pytest.raises(Killed):
+        bench_fair.measure_latency(out, root, args)
+    table = json.loads((out / "latency.json").read_text())["networks"]
+    # 4 architectures (the seed's is width × 1's); pass 1 saved, the kill in pass 2 lost only its own measurement
+    assert len(table) == 4 and all(len(n["passes_ms"]) == 1 and "latency_ms" not in n for n in table.values())
+    bench_fair.measure_latency(out, root, args)
+    table = json.loads((out / "latency.json").read_text())["networks"]
+    assert all(len(n["passes_ms"]) == 2 and n["latency_ms"] == pytest.approx(sum(n["passes_ms"]) / 2)
+               for n in table.values())
+    assert len(calls) == 4 + 1 + 4  # pass 1, the killed call, then pass 2 of every network: nothing timed twice
+    n = len(calls)
+    bench_fair.measure_latency(out, root, args)  # all measured: nothing to do
+    assert len(calls) == n
+    with pytest.raises(SystemExit, match="without --jobs"):
+        bench_fair._expand(args, root, "measure")
+
+
+def test_step_measure_times_the_seeds_of_seeds(tmp_path, monkeypatch):
+    import cost_models.measure
+
+    out = tmp_path / "fair_full"
+    for seed, scale in ((0, 1.0), (1, 1.5), (2, 2.0)):
+        write(out / f"s{seed}" / "width-x1", [rec(arch(scale), macs=550e3, acc=0.7, width_mult=1.0)])
+    timed = []
+    monkeypatch.setattr(cost_models.measure, "measure_model",
+                        lambda model, shape, **kw: timed.append(1) or {"latency_ms": {"median": 0.1}})
+    monkeypatch.setattr(bench_fair.common, "prepare_process", lambda *a, **kw: None)  # keeps cwd and logging
+    bench_fair.main(["--preset", "full", "--steps", "measure", "--seeds", "0,2", "--measure-passes", "1",
+                     "--out", str(out)])
+    table = json.loads((out / "latency.json").read_text())["networks"]
+    assert set(table) == {key(arch(1.0)), key(arch(2.0))} and len(timed) == 2  # seed 1 is not in --seeds
+    assert "| width × 1 (30 ep.) | 70.00 | 70.00 | 550k | 0.1000 |" in (tmp_path / "fair_full.md").read_text()
+    with pytest.raises(SystemExit, match="without --jobs"):
+        bench_fair.main(["--preset", "full", "--steps", "measure", "--jobs", "2", "--out", str(out)])
+
+
+# ------------------------------------------------------------------------------------------------
+# comparisons at matched measured latency, the fragment, the plots
+# ------------------------------------------------------------------------------------------------
+
+W = {1.0: arch(1), 1.5: arch(1.5), 2.0: arch(2)}
+G = {1: arch(1, last=48), 2: arch(1, last=64)}
+A = {1: arch(1, last=40), 2: arch(1, last=56)}
+P = {1: arch(1, last=20), 2: arch(1.5, last=20)}
+
+
+def full_tree(out: Path, seed: int = 0, bonus: float = 0.0) -> None:
+    """One seed of the full preset: width × 1, 1.5, 2; flops and authors grown and retrained; slimming pruning
+    fine-tuned and retrained (every width multiplier and pruned network ``bonus`` more accurate)."""
+    root = out / f"s{seed}"
+    for m, macs, acc in ((1.0, 500e3, 0.70), (1.5, 1e6, 0.75), (2.0, 2e6, 0.80)):
+        write(root / f"width-x{m:g}", [rec(W[m], macs=macs, acc=acc + bonus, width_mult=m)])
+    write(root / "grow-flops", [rec(W[1.0], stage=0, macs=500e3, acc=0.6), rec(G[1], stage=1, macs=700e3, acc=0.65),
+                                rec(G[2], stage=2, macs=1.4e6, acc=0.7)])
+    for k, acc in ((1, 0.78), (2, 0.79)):
+        write(root / "grow-flops" / f"retrain-{k}", [rec(G[k], macs=[0, 700e3, 1.4e6][k], acc=acc, source_stage=k)])
+    write(root / "grow-authors", [rec(W[1.0], stage=0, macs=500e3, acc=0.6), rec(A[1], stage=1, macs=650e3, acc=0.64),
+                                  rec(A[2], stage=2, macs=1.3e6, acc=0.69)])
+    for k, acc in ((1, 0.74), (2, 0.77)):
+        write(root / "grow-authors" / f"retrain-{k}", [rec(A[k], macs=[0, 650e3, 1.3e6][k], acc=acc,
+                                                           source_stage=k)])
+    write(root / "prune-slimming", [rec(arch(3), stage=0, macs=4.5e6, acc=0.85, wide_width_mult=3.0),
+                                    rec(P[1], stage=1, macs=690e3, acc=0.71 + bonus, target_stage=1),
+                                    rec(P[2], stage=2, macs=1.5e6, acc=0.76 + bonus, target_stage=2)])
+    write(root / "prune-slimming" / "retrain", [rec(P[1], stage=0, macs=690e3, acc=0.72 + bonus, source_stage=1),
+                                                rec(P[2], stage=1, macs=1.5e6, acc=0.77 + bonus, source_stage=2)],
+          done=False)
+
+
+#: Made-up latencies (ms) in which the grown stage 1, cheaper in MACs than width × 1.5, is exactly as slow as
+#: width × 2: at matched measured latency it meets width × 2's accuracy, at matched MACs a point below × 1.5.
+LATENCY = {key(W[1.0]): 0.1, key(W[1.5]): 0.2, key(W[2.0]): 0.4, key(G[1]): 0.4, key(G[2]): 0.2,
+           key(A[1]): 0.2,  # authors stage 2: not measured
+           key(P[1]): 0.1, key(P[2]): 0.4}
+
+
+def write_latency(out: Path, table: dict = LATENCY, partial: tuple[str, ...] = ()) -> None:
+    nets = {k: {"passes_ms": [v] * 3, "latency_ms": v, "macs": 1.0, "lut_predicted_ms": v} for k, v in table.items()}
+    for k in partial:  # passes missing: no latency yet
+        nets[k] = {"passes_ms": [0.3], "macs": 1.0, "lut_predicted_ms": 0.3}
+    (out / "latency.json").write_text(json.dumps({"networks": nets, "sessions": [
+        {"date": "2026-12-07 07:00 UTC", "load_before": 0.05, "load_after": 0.1, "networks": len(nets)}]}))
+
+
+def summarise(out: Path, seeds: str = "0") -> dict:
+    args = bench_fair.parse_args(["--preset", "full", "--seeds", seeds, "--out", str(out)])
+    return bench_fair.summarise(out, args)
+
+
+def test_comparisons_at_matched_measured_latency_and_their_fragment(tmp_path):
+    out = tmp_path / "fair_full"
+    full_tree(out)
+    write_latency(out, partial=(key(A[2]),))
+    result = summarise(out)
+    lat = result["seeds"][0]["latency"]
+    by_stage = {c["stage"]: c for c in lat["flops_vs_width"]}
+    assert by_stage[1]["diff"] == pytest.approx(0.78 - 0.80)  # as slow as width × 2
+    assert by_stage[2]["diff"] == pytest.approx(0.79 - 0.75)  # as slow as width × 1.5
+    # at matched MACs, stage 1 (700k) is compared with the width curve between × 1 and × 1.5
+    x = (math.log10(700e3) - math.log10(500e3)) / (math.log10(1e6) - math.log10(500e3))
+    macs = {c["stage"]: c for c in result["seeds"][0]["flops"]["retrained_vs_width"]}
+    assert macs[1]["diff"] == pytest.approx(0.78 - (0.70 + x * 0.05))
+    # a network without a measured latency (authors stage 2: one pass only) is left out, not guessed
+    assert [c["stage"] for c in lat["authors_vs_width"]] == [1]
+    assert lat["authors_vs_width"][0]["diff"] == pytest.approx(0.74 - 0.75)
+    # flops against the pruned networks, fine-tuned and retrained, on log10 ms
+    ft = {c["stage"]: c for c in lat["flops_vs_prune_slimming"]}
+    assert ft[1]["diff"] == pytest.approx(0.78 - 0.76)
+    assert ft[2]["diff"] == pytest.approx(0.79 - (0.71 + 0.05 * 0.5))  # 0.2 ms: halfway between 0.1 and 0.4 on log10
+    assert {c["stage"]: c["diff"] for c in lat["flops_vs_prune_slimming_retrained"]} == pytest.approx(
+        {1: 0.78 - 0.77, 2: 0.79 - 0.745})
+    assert "flops_vs_prune_l1" not in lat  # no l1 run
+    agg = result["aggregate"]
+    assert agg["latency_flops_vs_width"][1]["diff"] == pytest.approx(-0.02)
+    assert agg["latency_flops_vs_width"][1]["latency_ms"] == pytest.approx(0.4)
+    assert agg["latency_flops_vs_prune_l1"] == {}
+
+    text = (tmp_path / "fair_full.md").read_text()
+    line = next(t for t in text.splitlines() if t.startswith("- retrained grown (flops) − width, at matched measured"))
+    assert "stage 1 (0.400 ms, 1 seed(s)): -2.00 ±" in line and "stage 2 (0.200 ms, 1 seed(s)): +4.00 ±" in line
+    assert "- retrained flops − slimming pruning, retrained, at matched measured latency: stage 1" in text
+    assert "- retrained flops − l1 pruning, fine-tuned, at matched measured latency: no comparison yet" in text
+    assert "8 architectures measured (1 with passes missing, left out)" in text
+    assert "[test top-1 vs measured latency](fair_full/accuracy_vs_latency.png)" in text
+    assert "[test top-1 vs MACs](fair_full/accuracy_vs_macs.png)" in text
+    assert "| network | test top-1 (%) | val top-1 (%) | MACs | measured (ms) |" in text
+    assert "| width × 2 (30 ep.) | 80.00 | 80.00 | 2M | 0.4000 |" in text
+    assert "| authors stage 2 retrained (30 ep.) | 77.00 | 77.00 | 1.3M | - |" in text
+    assert "| slimming: wide network × 3 | 85.00 | - | 4.5M | - |" in text
+    assert (out / "accuracy_vs_macs.png").stat().st_size > 0 and (out / "accuracy_vs_latency.png").stat().st_size > 0
+    # the latency curves hold only the points that have a latency, at their latency
+    cl = result["curves_latency"]
+    assert [p["latency_ms"] for p in cl["authors stages, retrained"]] == [0.2]
+    assert [p["latency_ms"] for p in cl["width multipliers"]] == [0.1, 0.2, 0.4]
+    assert len(result["curves"]["authors stages, retrained"]) == 2
+
+
+def test_latency_comparisons_aggregate_over_seeds(tmp_path):
+    out = tmp_path / "fair_full"
+    full_tree(out, 0)
+    full_tree(out, 1, bonus=0.01)  # the width multipliers of seed 1 one point better, the grown stages not
+    write_latency(out)
+    agg = summarise(out, "0,1")["aggregate"]["latency_flops_vs_width"]
+    assert agg[1]["n_seeds"] == 2
+    assert agg[1]["diff"] == pytest.approx(statistics.mean([-0.02, -0.03]))
+    assert agg[1]["diffs"] == pytest.approx([-0.02, -0.03])
+    assert agg[1]["two_se_seeds"] == pytest.approx(2 * 0.01 / math.sqrt(2) / math.sqrt(2))
+
+
+def test_without_latency_json_nothing_at_matched_latency(tmp_path):
+    out = tmp_path / "fair_full"
+    full_tree(out)
+    result = summarise(out)
+    assert "latency" not in result["seeds"][0] and result["curves_latency"] == {}
+    assert all(v == {} for k, v in result["aggregate"].items() if k.startswith("latency_"))
+    text = (tmp_path / "fair_full.md").read_text()
+    assert "- retrained grown (flops) − width, at matched measured latency: no comparison yet" in text
+    assert "measured (ms)" not in text and "; not measured yet" in text
+    assert "test top-1 vs measured latency once `--steps measure` has run" in text
+    assert not (out / "accuracy_vs_latency.png").exists() and (out / "accuracy_vs_macs.png").exists()
