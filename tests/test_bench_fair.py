@@ -88,7 +88,7 @@ def test_compared_architectures_every_arm_once_and_records_without_architecture_
 
 
 def test_measure_times_each_architecture_its_passes_and_continues_after_a_kill(tmp_path, monkeypatch):
-    import cost_models.measure
+    import cost_models.profiling.measure
     from hwsplit.network.models import architecture
 
     out = tmp_path / "fair_full"
@@ -110,7 +110,7 @@ def test_measure_times_each_architecture_its_passes_and_continues_after_a_kill(t
             raise Killed
         return {"latency_ms": {"median": 0.01 * len(calls)}}
 
-    monkeypatch.setattr(cost_models.measure, "measure_model", fake_timer)
+    monkeypatch.setattr(cost_models.profiling.measure, "measure_model", fake_timer)
     args = bench_fair.parse_args(["--preset", "full", "--seeds", "0", "--out", str(out), "--measure-passes", "2"])
     with pytest.raises(Killed):
         bench_fair.measure_latency(out, root, args)
@@ -130,13 +130,13 @@ def test_measure_times_each_architecture_its_passes_and_continues_after_a_kill(t
 
 
 def test_step_measure_times_the_seeds_of_seeds(tmp_path, monkeypatch):
-    import cost_models.measure
+    import cost_models.profiling.measure
 
     out = tmp_path / "fair_full"
     for seed, scale in ((0, 1.0), (1, 1.5), (2, 2.0)):
         write(out / f"s{seed}" / "width-x1", [rec(arch(scale), macs=550e3, acc=0.7, width_mult=1.0)])
     timed = []
-    monkeypatch.setattr(cost_models.measure, "measure_model",
+    monkeypatch.setattr(cost_models.profiling.measure, "measure_model",
                         lambda model, shape, **kw: timed.append(1) or {"latency_ms": {"median": 0.1}})
     monkeypatch.setattr(bench_fair.common, "prepare_process", lambda *a, **kw: None)  # keeps cwd and logging
     bench_fair.main(["--preset", "full", "--steps", "measure", "--seeds", "0,2", "--measure-passes", "1",
