@@ -72,6 +72,29 @@ def stats(pred: np.ndarray, meas: np.ndarray) -> dict[str, float]:
             "mape": float(np.mean(np.abs(err))), "median_error": float(np.median(err))}
 
 
+def grown_set(path: str, models: dict, flops, shape: tuple[int, ...]) -> dict:
+    """The networks a full-scale comparison measured (``bench_fair``'s ``latency.json``: architecture and the
+    median of its passes, ms) re-priced by every predictor: the sizes and shapes growth really makes."""
+    from hwsplit.network.models import model_from_architecture
+
+    nets = json.loads(Path(path).read_text())["networks"]
+    rows = []
+    for entry in nets.values():
+        torch.manual_seed(0)
+        model = model_from_architecture(entry["architecture"]).eval()
+        row = {"macs": flops.total(model, shape), "measured_ms": entry["latency_ms"], "passes_ms": entry["passes_ms"]}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            row.update({f"{name}_ms": cm.total(model, shape) for name, cm in models.items()})
+        rows.append(row)
+    meas = np.array([r["measured_ms"] for r in rows])
+    entry = {"n": len(rows), "source": path, "networks": rows,
+             "macs_spearman": float(spearmanr([r["macs"] for r in rows], meas)[0])}
+    for name in PREDICTORS:
+        entry[name] = stats(np.array([r[f"{name}_ms"] for r in rows]), meas)
+    return entry
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", required=True)
@@ -85,6 +108,9 @@ def main() -> None:
     ap.add_argument("--node-times", action="store_true", help="also record per-layer in-context times")
     ap.add_argument("--repredict", default=None, metavar="RESULT.json",
                     help="re-price the networks of an earlier result; measure nothing")
+    ap.add_argument("--grown", default=None, metavar="LATENCY.json",
+                    help="also re-price the networks a full-scale comparison measured (bench_fair's latency.json: "
+                         "width multipliers and grown stages) as a third set; measures nothing")
     args = ap.parse_args()
     torch.set_num_threads(1)
 
@@ -172,9 +198,22 @@ def main() -> None:
         for name in PREDICTORS:
             entry[name] = stats(np.array([r[f"{name}_ms"] for r in sel]), meas)
         result["sets"][kind] = entry
+    if args.grown:
+        result["sets"]["grown"] = grown_set(args.grown, models, flops, shape)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     for kind, e in result["sets"].items():
+        if kind == "grown":
+            print(f"\ngrown: {e['n']} networks of {args.grown} (median of their passes)")
+            print("| predictor | within ±10 % | Spearman ρ | MAPE | median error |")
+            print("|---|---|---|---|---|")
+            for name in PREDICTORS:
+                st = e[name]
+                print(f"| {name} | {100 * st['within_10pct']:.0f} % | {st['spearman']:.3f} | "
+                      f"{100 * st['mape']:.1f} % | "
+                      f"{100 * st['median_error']:+.1f} % |")
+            print(f"| MACs (rank only) | – | {e['macs_spearman']:.3f} | – | – |")
+            continue
         print(f"\n{kind}: {e['n']} networks; re-measured within ±10 %: {100 * e['remeasure_within_10pct']:.0f} % "
               f"(±5 %: {100 * e['remeasure_within_5pct']:.0f} %, worst {e['remeasure_max_pct']:.1f} %, "
               f"ρ {e['remeasure_spearman']:.3f})")

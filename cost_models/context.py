@@ -326,12 +326,14 @@ class ContextFit:
     def weights(self, spec: LayerSpec) -> float:
         return weight_elems(spec, self.block, self.dw_multiple)
 
-    @staticmethod
-    def outputs(spec: LayerSpec) -> float:
-        """Output elements of a convolution (the activation term's variable); 0 for the classifier."""
+    def outputs(self, spec: LayerSpec) -> float:
+        """Output elements a convolution writes (the activation term's variable): channels padded to the
+        block where the kernel is blocked; 0 for the classifier."""
         if spec.kind == "linear":
             return 0.0
-        return float(spec.batch * spec.out_channels * spec.out_height * spec.out_width)
+        blocked = _blocked_input(spec, self.block, self.dw_multiple)
+        channels = padded(spec.out_channels, self.block) if blocked else spec.out_channels
+        return float(spec.batch * channels * spec.out_height * spec.out_width)
 
     def fit_network(self, nets: Sequence[dict[str, Any]], base: Callable[[LayerSpec], float]) -> NetworkFit:
         """Step 2 for any per-layer ``base`` (ms; the table's slopes or a regressor) on ``nets``."""

@@ -119,6 +119,34 @@ def calibration_architectures(family: str, resolution: int, n: int, *, num_class
 
 
 
+def growth_architectures(family: str, resolution: int, n: int, *, num_classes: int = 10, activation: str = "silu",
+                         seed: int = 20261207) -> list[dict[str, Any]]:
+    """``n`` random architectures shaped the way growth shapes them: the CIFAR seed's widths, layer i
+    multiplied by ``1 + (G - 1) · (i / L)^p`` (jittered ±15 %), with G drawn log-uniformly in [1, 12]
+    and p in [0.3, 3] — early layers stay near the seed, late ones grow most, up to 12×. Deterministic
+    in ``seed``."""
+    import math
+
+    import numpy as np
+
+    from hwsplit.network.models import MOBILENET_V1_CIFAR_SEED
+
+    if family not in FAMILIES:
+        raise ValueError(f"family: expected one of {FAMILIES}, got {family!r}")
+    base = [MOBILENET_V1_CIFAR_SEED["stem"]] + [w for w, _ in MOBILENET_V1_CIFAR_SEED["blocks"]]
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        growth, power = math.exp(rng.uniform(0.0, math.log(12.0))), rng.uniform(0.3, 3.0)
+        widths = [max(1, int(round(w * (1 + (growth - 1) * (i / (len(base) - 1)) ** power)
+                                   * math.exp(rng.normal(0, 0.15))))) for i, w in enumerate(base)]
+        out.append({"family": "mobilenet_v1", "stem_width": widths[0], "widths": widths[1:],
+                    "strides": [st for _, st in MOBILENET_V1_CIFAR_SEED["blocks"]],
+                    "stem_stride": 1 if resolution < 64 else 2, "num_classes": num_classes, "in_channels": 3,
+                    "activation": activation, "dropout": 0.0})
+    return out
+
+
 def aligned_architecture(arch: dict[str, Any], multiple: int) -> dict[str, Any]:
     """``arch`` with its stem and block widths made divisible by ``multiple`` (:func:`make_divisible`)."""
     return {**arch, "stem_width": make_divisible(arch["stem_width"], multiple),

@@ -30,6 +30,7 @@ from cost_models.profiling.grid import (
     aligned_architecture,
     calibration_architectures,
     family_grid,
+    growth_architectures,
 )
 from cost_models.profiling.machine import default_threads, device_info, parse_device
 from cost_models.profiling.measure import measure_model, measure_rounds, repeatability
@@ -132,7 +133,7 @@ def profile_family(*, family: str = "mobilenet_v1", resolution: int = 32, device
     (and ``blocks``, the evidence; :func:`cost_models.profiling.channel_block.detect_channel_block`),
     ``repeatability`` (:func:`cost_models.profiling.measure.repeatability`: a noise floor worse than ±5 % is
     flagged and warned about) and ``context``: ``context_networks`` random networks of the family
-    (default 64, 6 with ``quick``; half of them with widths divisible by the block) measured end to
+    (default 96, 6 with ``quick``; half of them with widths divisible by the block) measured end to
     end and node by node (:mod:`cost_models.context`), from which the table is fitted in context.
     ``threads`` defaults to 1 on a machine with at most 2 cores (:func:`default_profile_threads`).
     """
@@ -242,7 +243,7 @@ def profile_family(*, family: str = "mobilenet_v1", resolution: int = 32, device
                                   threads=threads, time_budget_s=max(time_budget_s, 2 * time_budget_s if quick
                                                                      else 2.0), warmup=warmup, save=save,
                                   progress=progress)
-            n_context = context_networks if context_networks is not None else (6 if quick else 64)
+            n_context = context_networks if context_networks is not None else (6 if quick else 96)
             if layers is None and backend == "onnxruntime" and kind == "cpu" and meter == "latency" and n_context > 0:
                 _measure_in_context(profile, family, resolution, n_context, num_classes=num_classes,
                                     activation=activation, meter=meter_obj, threads=threads,
@@ -310,11 +311,17 @@ def default_profile_threads() -> int:
 
 def context_architectures(family: str, resolution: int, n: int, block: int, *, num_classes: int = 10,
                           activation: str = "silu") -> list[dict[str, Any]]:
-    """The fitting networks of the in-context table: ``n`` random networks (a seed of their own, so
-    none is a calibration or bench network), every other one with widths divisible by ``block``."""
-    archs = calibration_architectures(family, resolution, n, num_classes=num_classes, activation=activation,
+    """The fitting networks of the in-context table (seeds of their own, so none is a calibration or
+    bench network), every other one with widths divisible by ``block``: two thirds spread over the
+    family from the CIFAR seed to the standard widths (:func:`calibration_architectures`), one third
+    shaped as growth shapes them (:func:`growth_architectures`: early layers near the seed, late ones
+    grown up to 12×)."""
+    uniform = n - n // 3
+    archs = calibration_architectures(family, resolution, uniform, num_classes=num_classes, activation=activation,
                                       seed=20261202)
-    return [aligned_architecture(a, block) if i % 2 == 0 else a for i, a in enumerate(archs)]
+    grown = growth_architectures(family, resolution, n // 3, num_classes=num_classes, activation=activation)
+    return ([aligned_architecture(a, block) if i % 2 == 0 else a for i, a in enumerate(archs)]
+            + [aligned_architecture(a, block) if i % 2 == 0 else a for i, a in enumerate(grown)])
 
 
 def _measure_in_context(profile: dict[str, Any], family: str, resolution: int, n: int, *, num_classes: int,
