@@ -21,7 +21,7 @@ from hwsplit.infra.fsio import check_writable_name
 from hwsplit.infra.parallel import on_main
 from hwsplit.run.config import RUN_INFO_PREPROCESSING, RUN_INFO_WORLD_SIZE, GrowConfig
 from hwsplit.run.rundir import RunDir, continue_or_start, write_summary
-from hwsplit.run.stages import build_seed, guarded_records, open_session, stage_seed, train_and_record, write_stage
+from hwsplit.run.stages import build_seed, guarded_records, open_session, record_stage, stage_seed
 from hwsplit.run.tblog import board_closed, open_board
 from hwsplit.training.train import seed_everything
 
@@ -109,18 +109,14 @@ def _train_all(run: RunDir, config: GrowConfig, session: Any, multipliers: list[
                 continue
             seed_everything(stage_seed(config, 0))
             model = build_seed(config, session.bundle, width_mult=mult).to(session.device)
-            timings: dict[str, float] = {}
-            record = train_and_record(session, model, index, epochs=total, loader_epoch=0, timings=timings,
-                                        progress=progress, on_epoch=board.epoch,
-                                        extra={"width_mult": mult, "epochs": total, "epochs_in_all": total, "split": {},
-                                               "neurons_split": 0},
-                                        partial=run.partial(index))
-            write_stage(run, session, model, record, records)
-            board.stage(record)
-            write_summary(run, config, records, status="running", title=title)
-            log.info("width ×%g: test top-1 %.4f, %.4g MACs", mult, record["test_top1"], record["macs"])
-            if on_stage and is_main():
-                on_stage(record)
+
+            def announce(record: dict[str, Any], mult: float = mult) -> None:
+                log.info("width ×%g: test top-1 %.4f, %.4g MACs", mult, record["test_top1"], record["macs"])
+
+            record_stage(run, session, model, index, records, config=config, epochs=total, loader_epoch=0,
+                         extra={"width_mult": mult, "epochs": total, "epochs_in_all": total, "split": {},
+                                "neurons_split": 0},
+                         title=title, board=board, progress=progress, announce=announce, on_stage=on_stage)
     write_summary(run, config, records, status="done", title=title)
     return records
 

@@ -44,9 +44,8 @@ from hwsplit.run.stages import (
     guarded_records,
     kill_point,
     open_session,
+    record_stage,
     stage_seed,
-    train_and_record,
-    write_stage,
 )
 from hwsplit.run.tblog import board_closed, open_board
 from hwsplit.training.train import seed_everything
@@ -159,16 +158,14 @@ def _train_all(dest: RunDir, src: RunDir, config: GrowConfig, session: Session, 
                      "source_test_top1": source.get("test_top1"), "source_val_top1": source.get("val_top1"),
                      "split": {}, "neurons_split": source.get("neurons_split", 0),
                      **({"source_sha256": digests[str(k)]} if digests else {})}
-            record = train_and_record(session, model, index, epochs=epochs, loader_epoch=(_SEED_OFFSET + k) * 10_000,
-                                      timings={}, extra=extra, progress=progress,
-                                      partial=dest.partial(index), on_epoch=board.epoch)
-            write_stage(dest, session, model, record, records)
-            board.stage(record)
-            write_summary(dest, config, records, status="running", title=title)
-            log.info("%s of stage %d: test top-1 %.4f (grown: %.4f)", kind, k, record["test_top1"],
-                     source.get("test_top1", float("nan")))
-            if on_stage:
-                on_stage(record)
+
+            def announce(record: dict[str, Any], k: int = k, source: dict[str, Any] = source) -> None:
+                log.info("%s of stage %d: test top-1 %.4f (grown: %.4f)", kind, k, record["test_top1"],
+                         source.get("test_top1", float("nan")))
+
+            record_stage(dest, session, model, index, records, config=config, epochs=epochs,
+                         loader_epoch=(_SEED_OFFSET + k) * 10_000, extra=extra, title=title, board=board,
+                         progress=progress, announce=announce, on_stage=on_stage)
     write_summary(dest, config, records, status="done", title=title)
     return records
 

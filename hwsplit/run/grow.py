@@ -54,7 +54,7 @@ from hwsplit.run.config import (
     parse_budget,
     resolve_channel_multiple,
 )
-from hwsplit.run.grower import STOP_BUDGET, STOP_NO_NEGATIVE, Grower, fit_plan_to_budget
+from hwsplit.run.grower import STOP_BUDGET, STOP_NO_NEGATIVE, Grower, GrowthStep, fit_plan_to_budget
 from hwsplit.run.rundir import RunDir, StageFailed, WriteFailed, stage_table, start_fresh, write_summary
 from hwsplit.run.stages import (
     Progress,
@@ -63,9 +63,8 @@ from hwsplit.run.stages import (
     guarded_records,
     kill_point,
     open_session,
+    record_stage,
     stage_seed,
-    train_and_record,
-    write_stage,
 )
 from hwsplit.run.tblog import board_closed, open_board
 from hwsplit.training.train import evaluate, seed_everything
@@ -220,64 +219,32 @@ STEP_KEYS = ("split", "neurons_split", "selection", "channel_multiple", "price",
 
 def _stages(run: RunDir, config: GrowConfig, session: Session, records: list[dict[str, Any]], *,
             progress: Progress | None, on_stage: Callable[[dict[str, Any]], None] | None) -> list[dict[str, Any]]:
-    """The stage loop proper, on a locked, prepared run directory: train, then :meth:`Grower.grow_step`."""
-    device, cost_model = session.device, session.cost_model
-    train_loader, test_loader = session.train_loader, session.test_loader
+    """The stage loop proper, on a locked, prepared run directory: the seed (:func:`_seed_stage`), then per
+    stage price → score → select → split (:func:`_split_stage`, :meth:`Grower.grow_step`) → train → record
+    (:func:`_record_stage`), until the stages are done, nothing can split or the budget is reached."""
     stop_reason = STOP_STAGES
     stage = len(records)
-    groups: list = []
-    grower: Grower | None = None
     board = open_board(run, config, records)
-    if records:  # every rank continues from rank 0's checkpoint (its directory need not be shared)
-        payload = on_main(load_checkpoint, run.checkpoint(stage - 1), share=True)
-        model = model_from_architecture(payload["architecture"], payload["state_dict"]).eval().to(device)
-        grower = make_grower(config, session, model, first_step=stage, progress=progress)
-        groups = grower.trace(model)
-        log.info("resuming %s after stage %d", run.path, stage - 1)
-
-    def finish_stage(stage: int, extra: dict[str, Any], timings: dict[str, float], epochs: int,
-                     scores: dict[str, Any] | None = None) -> dict[str, Any]:
-        # every epoch the network has had: the seed's and each stage's (as fine-tuning records count them)
-        extra = {**extra, "epochs_in_all": (config.seed_epochs or config.epochs) + stage * config.epochs}
-        record = train_and_record(session, model, stage, epochs=epochs, loader_epoch=stage * 10_000,
-                                  timings=timings, extra=extra, progress=progress, groups=groups,
-                                  train_config=config.stage_train_config(stage), partial=run.partial(stage),
-                                  on_epoch=board.epoch)
-        write_stage(run, session, model, record, records)
-        write_summary(run, config, records, status="running")
-        board.stage(record, scores)
-        log.info("stage %d: test top-1 %.4f, %.4g MACs, %s %.4g %s", stage, record["test_top1"], record["macs"],
-                 cost_model.name, record["cost"]["value"], cost_model.unit)
-        if on_stage and is_main():
-            on_stage(record)
-        return record
-
+    grown = _resumed(run, config, session, stage, progress) if records else None
     with board_closed(board), guarded_records(run, config, records, where=lambda: (stage, f"stage {stage}"),
                                               noun="stage", prep="in",
                                               resume=f"continue with `grow --resume {run.path}`"):
         if stage == 0:
-            seed_everything(stage_seed(config, 0))
-            model = build_seed(config, session.bundle).to(device)
-            grower = make_grower(config, session, model, progress=progress)
-            groups = grower.trace(model)
-            finish_stage(0, {"split": {}, "neurons_split": 0}, {}, config.seed_epochs or config.epochs)
+            grown = _seed_stage(run, config, session, records, board, progress=progress, on_stage=on_stage)
             stage = 1
-
+        assert grown is not None
         first = stage
         for stage in range(first, config.stages + 1):
-            seed_everything(stage_seed(config, stage))
-            kill_point(f"stage-{stage}:start")
-            if hasattr(train_loader, "set_epoch"):
-                train_loader.set_epoch(stage * 10_000 - 1)
-            step = grower.grow_step(model, train_loader, stage=stage, groups=groups,
-                                    evaluate=lambda m: evaluate(m, test_loader, device=device)["loss"])
+            step = _split_stage(config, session, grown, stage)
             if step.record is None:  # nothing split: no negative index, or no budget left
                 stop_reason = step.stop_reason
                 break
-            model, groups = step.model, step.groups
+            grown = _Grown(grown.grower, step.model, step.groups)
             kill_point(f"stage-{stage}:split")
-            extra = {k: step.record[k] for k in STEP_KEYS if k in step.record}
-            finish_stage(stage, extra, dict(step.record["seconds"]), config.epochs, step.scores)
+            _record_stage(run, config, session, records, board, grown, stage,
+                          extra={k: step.record[k] for k in STEP_KEYS if k in step.record},
+                          timings=dict(step.record["seconds"]), epochs=config.epochs, scores=step.scores,
+                          progress=progress, on_stage=on_stage)
             if step.stop_reason is not None:  # the budget is reached
                 stop_reason = step.stop_reason
                 break
@@ -289,6 +256,67 @@ def _stages(run: RunDir, config: GrowConfig, session: Session, records: list[dic
 
         final_network(run.path, config, session, records, progress=progress)
     return records
+
+
+@dataclasses.dataclass
+class _Grown:
+    """The network a stage grows from: its grower (the run's settings), the model and its traced groups."""
+
+    grower: Grower
+    model: nn.Module
+    groups: list
+
+
+def _resumed(run: RunDir, config: GrowConfig, session: Session, stage: int, progress: Progress | None) -> _Grown:
+    """The last completed stage's network, read back (every rank continues from rank 0's checkpoint: its
+    directory need not be shared)."""
+    payload = on_main(load_checkpoint, run.checkpoint(stage - 1), share=True)
+    model = model_from_architecture(payload["architecture"], payload["state_dict"]).eval().to(session.device)
+    grower = make_grower(config, session, model, first_step=stage, progress=progress)
+    log.info("resuming %s after stage %d", run.path, stage - 1)
+    return _Grown(grower, model, grower.trace(model))
+
+
+def _seed_stage(run: RunDir, config: GrowConfig, session: Session, records: list[dict[str, Any]], board: Any, *,
+                progress: Progress | None, on_stage: Callable[[dict[str, Any]], None] | None) -> _Grown:
+    """Stage 0: build the seed, train and record it."""
+    seed_everything(stage_seed(config, 0))
+    model = build_seed(config, session.bundle).to(session.device)
+    grower = make_grower(config, session, model, progress=progress)
+    seed = _Grown(grower, model, grower.trace(model))
+    _record_stage(run, config, session, records, board, seed, 0, extra={"split": {}, "neurons_split": 0},
+                  timings={}, epochs=config.seed_epochs or config.epochs, progress=progress, on_stage=on_stage)
+    return seed
+
+
+def _split_stage(config: GrowConfig, session: Session, grown: _Grown, stage: int) -> GrowthStep:
+    """Stage ``stage``'s price → score → select → split (:meth:`Grower.grow_step`), re-seeded from the stage, on
+    the stage's data order; the losses just before and after the split are the test set's."""
+    seed_everything(stage_seed(config, stage))
+    kill_point(f"stage-{stage}:start")
+    if hasattr(session.train_loader, "set_epoch"):
+        session.train_loader.set_epoch(stage * 10_000 - 1)
+    return grown.grower.grow_step(grown.model, session.train_loader, stage=stage, groups=grown.groups,
+                                  evaluate=lambda m: evaluate(m, session.test_loader, device=session.device)["loss"])
+
+
+def _record_stage(run: RunDir, config: GrowConfig, session: Session, records: list[dict[str, Any]], board: Any,
+                  grown: _Grown, stage: int, *, extra: dict[str, Any], timings: dict[str, float], epochs: int,
+                  scores: dict[str, Any] | None = None, progress: Progress | None,
+                  on_stage: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
+    """Train and record stage ``stage`` (:func:`~hwsplit.run.stages.record_stage`) with the stage's post-split
+    schedule; the record counts every epoch the network has had (``epochs_in_all``)."""
+    cost_model = session.cost_model
+
+    def announce(record: dict[str, Any]) -> None:
+        log.info("stage %d: test top-1 %.4f, %.4g MACs, %s %.4g %s", stage, record["test_top1"], record["macs"],
+                 cost_model.name, record["cost"]["value"], cost_model.unit)
+
+    return record_stage(run, session, grown.model, stage, records, config=config, epochs=epochs,
+                        loader_epoch=stage * 10_000, timings=timings,
+                        extra={**extra, "epochs_in_all": (config.seed_epochs or config.epochs) + stage * config.epochs},
+                        train_config=config.stage_train_config(stage), groups=grown.groups, board=board,
+                        scores=scores, progress=progress, announce=announce, on_stage=on_stage)
 
 
 __all__ = ["STOP_BUDGET", "STOP_NO_NEGATIVE", "STOP_STAGES", "GrowConfig", "RunDir", "StageFailed", "build_seed",

@@ -80,9 +80,8 @@ from hwsplit.run.stages import (
     guarded_records,
     kill_point,
     open_session,
+    record_stage,
     stage_seed,
-    train_and_record,
-    write_stage,
 )
 from hwsplit.training.train import evaluate, seed_everything
 
@@ -518,15 +517,11 @@ def _stages(dest: RunDir, config: GrowConfig, session: Session, records: list[di
             loss_fn = (slimming_loss(wide, prune["slimming_l1"], label_smoothing=config.label_smoothing)
                        if method == "slimming" else None)
             samples = epochs_wide * n_train
-            record = train_and_record(session, wide, 0, epochs=epochs_wide, loader_epoch=0, timings={},
-                                      progress=progress, loss_fn=loss_fn, partial=dest.partial(0),
-                                      extra={**common, "epochs": epochs_wide, "epochs_in_all": epochs_wide,
-                                             "train_samples_in_all": samples, "search_train_samples": samples,
-                                             **({"slimming_l1": prune["slimming_l1"]} if loss_fn else {})})
-            write_stage(dest, session, wide, record, records)
-            write_summary(dest, config, records, status="running", title=title)
-            if on_stage:
-                on_stage(record)
+            record_stage(dest, session, wide, 0, records, config=config, epochs=epochs_wide, loader_epoch=0,
+                         extra={**common, "epochs": epochs_wide, "epochs_in_all": epochs_wide,
+                                "train_samples_in_all": samples, "search_train_samples": samples,
+                                **({"slimming_l1": prune["slimming_l1"]} if loss_fn else {})},
+                         title=title, loss_fn=loss_fn, progress=progress, on_stage=on_stage)
         payload = load_checkpoint(dest.checkpoint(0))  # every target prunes the wide network as written
         wide = model_from_architecture(payload["architecture"], payload["state_dict"]).to(session.device).eval()
         wide_samples = records[0]["search_train_samples"]
@@ -552,15 +547,14 @@ def _stages(dest: RunDir, config: GrowConfig, session: Session, records: list[di
                      **({"target_stage": prune["source_stages"][index - 1]} if prune["source_stages"] else {}),
                      "epochs": epochs_ft, "epochs_in_all": epochs_wide + epochs_ft,
                      "search_train_samples": search, "train_samples_in_all": search + epochs_ft * n_train}
-            record = train_and_record(session, pruned, index, epochs=epochs_ft,
-                                      loader_epoch=(_SEED_OFFSET + index) * 10_000, timings={}, extra=extra,
-                                      progress=progress, partial=dest.partial(index))
-            write_stage(dest, session, pruned, record, records)
-            write_summary(dest, config, records, status="running", title=title)
-            log.info("%s pruning to %.6g: %.6g (before fine-tuning top-1 %.4f, after %.4f)", method, target,
-                     record["cost"]["value"], before["top1"], record["test_top1"])
-            if on_stage:
-                on_stage(record)
+
+            def announce(record: dict[str, Any], target: float = target, before: dict[str, Any] = before) -> None:
+                log.info("%s pruning to %.6g: %.6g (before fine-tuning top-1 %.4f, after %.4f)", method, target,
+                         record["cost"]["value"], before["top1"], record["test_top1"])
+
+            record_stage(dest, session, pruned, index, records, config=config, epochs=epochs_ft,
+                         loader_epoch=(_SEED_OFFSET + index) * 10_000, extra=extra, title=title, progress=progress,
+                         announce=announce, on_stage=on_stage)
     write_summary(dest, config, records, status="done", title=title)
     return records
 

@@ -336,6 +336,35 @@ def write_stage(run: RunDir, session: Session, model: nn.Module, record: dict[st
     kill_point(f"stage-{stage}:record")
 
 
+def record_stage(run: RunDir, session: Session, model: nn.Module, index: int, records: list[dict[str, Any]], *,
+                 config: Any, epochs: int, loader_epoch: int, extra: dict[str, Any], title: str | None = None,
+                 timings: dict[str, float] | None = None, train_config: TrainConfig | None = None,
+                 groups: list[NeuronGroup] | None = None,
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                 board: Any = None, scores: dict[str, Any] | None = None, progress: Progress | None = None,
+                 announce: Callable[[dict[str, Any]], None] | None = None,
+                 on_stage: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """The record step every loop that writes a run shares (grow, finetune, the width and pruning baselines):
+    train ``model`` as record ``index`` (:func:`train_and_record`, its training state kept in ``run``'s
+    ``partial-K.pt``), make it durable (:func:`write_stage`), write ``summary.md`` (``running``, with
+    ``config``'s settings and ``title``), then tell the TensorBoard ``board`` (with the splitting indices
+    ``scores`` the stage grew on), ``announce(record)`` (the loop's log line) and, on rank 0, ``on_stage(record)``.
+    Appends the record to ``records`` and returns it."""
+    record = train_and_record(session, model, index, epochs=epochs, loader_epoch=loader_epoch,
+                              timings={} if timings is None else timings, extra=extra, progress=progress,
+                              groups=groups, train_config=train_config, partial=run.partial(index),
+                              on_epoch=None if board is None else board.epoch, loss_fn=loss_fn)
+    write_stage(run, session, model, record, records)
+    write_summary(run, config, records, status="running", title=title)
+    if board is not None:
+        board.stage(record, scores)
+    if announce is not None:
+        announce(record)
+    if on_stage is not None and is_main():
+        on_stage(record)
+    return record
+
+
 def end_to_end_measurer(config: GrowConfig) -> Callable[[nn.Module, tuple[int, ...]], dict[str, Any]] | None:
     """A function measuring a whole network as the profile's device measured its layers, or None.
 
@@ -384,5 +413,5 @@ def end_to_end_measurer(config: GrowConfig) -> Callable[[nn.Module, tuple[int, .
 
 
 __all__ = ["KILL_AT_ENV", "KILL_RANK_ENV", "Session", "build_seed", "count_params", "describe", "end_to_end_measurer",
-           "failure_kind", "guarded_records", "ignoring_interrupts", "kill_point", "open_session", "stage_seed",
-           "train_and_record", "write_stage"]
+           "failure_kind", "guarded_records", "ignoring_interrupts", "kill_point", "open_session", "record_stage",
+           "stage_seed", "train_and_record", "write_stage"]
