@@ -109,37 +109,6 @@ def check_seed_cost(session: Session, model: nn.Module) -> float:
     return total
 
 
-def _check_resume(run: RunDir, config: GrowConfig) -> list[dict[str, Any]]:
-    """Make ``run`` consistent for resuming: the records of completed stages, stale files removed."""
-    for tmp in run.temporaries():
-        log.info("removing %s, left by an interrupted write", tmp.name)
-        tmp.unlink()
-    records = run.records()
-    checkpoints = run.checkpoints()
-    kept: list[dict[str, Any]] = []
-    for i, r in enumerate(records):
-        if r.get("stage") != i or i not in checkpoints:
-            break
-        kept.append(r)
-    if kept:  # the last completed stage's checkpoint is what the run continues from: it must load
-        payload = load_checkpoint(checkpoints[len(kept) - 1])
-        if payload["architecture"] != kept[-1]["architecture"]:
-            raise ValueError(f"resume: {checkpoints[len(kept) - 1]} does not hold the architecture recorded for "
-                             f"stage {len(kept) - 1} in {run.stages}")
-    if len(kept) != len(records):
-        log.warning("resume: keeping %d of the %d records in %s", len(kept), len(records), run.stages)
-        run.write_records(kept)
-    for k, p in checkpoints.items():
-        if k >= len(kept):
-            log.info("resume: removing %s (its stage did not complete)", p.name)
-            p.unlink()
-    for p in run.partials():  # the training state of the stage to redo is kept: it resumes from its last epoch
-        if p != run.partial(len(kept)):
-            log.info("resume: removing %s (not the training state of stage %d)", p.name, len(kept))
-            p.unlink()
-    return kept
-
-
 def grow(config: GrowConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False,
          progress: Progress | None = None,
          on_stage: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
@@ -182,7 +151,7 @@ def _prepare(run: RunDir, config: GrowConfig, *, resume: bool, overwrite: bool,
     """Make the locked ``run`` ready (resumed or fresh), write config.json (the settings, the number of
     processes and the input the networks expect); the completed stages' records."""
     if resume:
-        records = _check_resume(run, config)
+        records = run.trim_to_completed()
     else:
         start_fresh(run, overwrite=overwrite)
         records = []
