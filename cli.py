@@ -468,8 +468,8 @@ def baseline_width(multipliers: str, like: str | None, model: str, model_config:
                    overwrite: bool) -> None:
     """Train the family uniformly scaled by width multipliers, from scratch, on grow's schedule."""
     from hwsplit.infra.devices import check_device
-    from hwsplit.run.baselines import grow_epochs, parse_multipliers, width_baseline
-    from hwsplit.run.config import config_like
+    from hwsplit.run.baselines import parse_multipliers, width_baseline
+    from hwsplit.run.config import config_like, stage_epochs_in_all
     from hwsplit.run.rundir import stage_table
 
     mults = parse_multipliers(multipliers)
@@ -494,7 +494,7 @@ def baseline_width(multipliers: str, like: str | None, model: str, model_config:
         overrides["cost_options"] = _cost_options(cost, profile_path, metric)
     config = config_like(like, overrides)
     check_device(config.device)
-    total = epochs if epochs is not None else grow_epochs(config)
+    total = epochs if epochs is not None else stage_epochs_in_all(config, config.stages)
     if _main_rank():
         click.echo(f"width baseline: {config.model} × {', '.join(f'{m:g}' for m in mults)}, {total} epochs each",
                    err=True)

@@ -170,7 +170,8 @@ def _mark(path: Path, t0: float) -> None:
 
 def run_seed(args: argparse.Namespace, out: Path, seed: int, steps: list[str], *, summarise_after: bool = True) -> None:
     from hwsplit.run.baselines import parse_multipliers, width_baseline
-    from hwsplit.run.finetune import finetune, stage_epochs_in_all
+    from hwsplit.run.config import stage_epochs_in_all
+    from hwsplit.run.finetune import finetune
     from hwsplit.run.grow import grow
 
     root = out / f"s{seed}"

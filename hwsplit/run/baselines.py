@@ -19,7 +19,7 @@ from typing import Any
 from hwsplit.infra.distributed import is_main, world_size
 from hwsplit.infra.fsio import check_writable_name
 from hwsplit.infra.parallel import on_main
-from hwsplit.run.config import RUN_INFO_PREPROCESSING, RUN_INFO_WORLD_SIZE, GrowConfig
+from hwsplit.run.config import RUN_INFO_PREPROCESSING, RUN_INFO_WORLD_SIZE, GrowConfig, stage_epochs_in_all
 from hwsplit.run.rundir import RunDir, continue_or_start, write_summary
 from hwsplit.run.stages import build_seed, guarded_records, open_session, record_stage, stage_seed
 from hwsplit.run.tblog import board_closed, open_board
@@ -32,11 +32,6 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------------------------
 
 WIDTH_BASELINE = "width"
-
-
-def grow_epochs(config: GrowConfig) -> int:
-    """Training epochs a grow run of ``config`` spends on its final network: seed + stages × epochs."""
-    return (config.seed_epochs or config.epochs) + config.stages * config.epochs
 
 
 def parse_multipliers(text: str | Sequence[float]) -> list[float]:
@@ -66,9 +61,9 @@ def width_baseline(config: GrowConfig, multipliers: Sequence[float], out: str | 
     Multiplier ``m`` scales the widths of the seed ``grow`` would start from (its ``width_mult``
     times ``m``; for ``mlp`` the hidden widths), so ``1.0`` is the seed itself and, with
     ``--config standard``, the multipliers are the MobileNet paper's. Each network is trained for
-    ``epochs`` (default :func:`grow_epochs`: what a grow run of the same settings spends on its
-    final network) in one schedule of ``config``'s kind (SGD, cosine by default), from the same
-    initial seed (``config.seed * 1000``) and the same data order as grow's stage 0.
+    ``epochs`` (default :func:`~hwsplit.run.config.stage_epochs_in_all` of ``config.stages``: what a grow
+    run of the same settings spends on its final network) in one schedule of ``config``'s kind (SGD, cosine
+    by default), from the same initial seed (``config.seed * 1000``) and the same data order as grow's stage 0.
 
     ``out`` gets ``config.json`` (``config``'s fields plus ``"baseline": "width"``,
     ``"multipliers"``, ``"total_epochs"``), ``stages.jsonl`` (one record per multiplier, with the
@@ -79,7 +74,7 @@ def width_baseline(config: GrowConfig, multipliers: Sequence[float], out: str | 
     Returns the records.
     """
     multipliers = parse_multipliers(multipliers)
-    total = grow_epochs(config) if epochs is None else epochs
+    total = stage_epochs_in_all(config, config.stages) if epochs is None else epochs
     if isinstance(total, bool) or not isinstance(total, int) or total < 1:
         raise ValueError(f"epochs: expected a positive integer, got {epochs!r}")
     run = RunDir(out)
@@ -125,4 +120,4 @@ def is_baseline(config: Mapping[str, Any]) -> bool:
     return bool(config.get("baseline"))
 
 
-__all__ = ["grow_epochs", "is_baseline", "parse_multipliers", "width_baseline"]
+__all__ = ["is_baseline", "parse_multipliers", "width_baseline"]

@@ -300,6 +300,13 @@ class GrowConfig:
             raise ConfigError(f"{source}: {err}") from None
 
 
+def stage_epochs_in_all(config: GrowConfig, stage: int) -> int:
+    """Training epochs grown stage ``stage`` of a grow run of ``config`` has had: seed epochs + stage × stage
+    epochs (``stage = config.stages``: what the run spends on its final network, which the width and pruning
+    baselines train for)."""
+    return (config.seed_epochs or config.epochs) + stage * config.epochs
+
+
 def recipe_settings(recipe: str | None, given: Mapping[str, Any], *, selection: str = "lp") -> dict[str, Any]:
     """The selection fields of a run: the preset ``recipe`` (:data:`RECIPES`), then every field in ``given``
     (an option given with the preset overrides it), plus ``recipe`` itself. ``lp_threshold`` comes from a
@@ -395,4 +402,4 @@ def config_like(run: str | Path | None, overrides: Mapping[str, Any]) -> GrowCon
 
 __all__ = ["COSTS", "FINAL_INITS", "LEGACY_FIELDS", "MAX_CHANNEL_MULTIPLE", "PROFILED_COSTS", "PRUNE_FIELDS", "RECIPES",
            "RUN_INFO_PREPROCESSING", "RUN_INFO_WORLD_SIZE", "GrowConfig", "config_like", "load_config", "parse_budget",
-           "read_config", "recipe_settings", "resolve_channel_multiple"]
+           "read_config", "recipe_settings", "resolve_channel_multiple", "stage_epochs_in_all"]

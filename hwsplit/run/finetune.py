@@ -36,8 +36,7 @@ from hwsplit.infra.fsio import check_writable_name
 from hwsplit.infra.parallel import on_main
 from hwsplit.network.checkpoint import load_checkpoint, load_model
 from hwsplit.network.models import model_from_architecture
-from hwsplit.run.baselines import grow_epochs
-from hwsplit.run.config import RUN_INFO_PREPROCESSING, GrowConfig, load_config, read_config
+from hwsplit.run.config import RUN_INFO_PREPROCESSING, GrowConfig, load_config, read_config, stage_epochs_in_all
 from hwsplit.run.rundir import RunDir, continue_or_start, file_sha256, write_summary
 from hwsplit.run.stages import (
     Session,
@@ -58,11 +57,6 @@ OVERRIDABLE = ("lr", "batch_size", "weight_decay", "device", "label_smoothing", 
 FINETUNE_DIR, RETRAIN_DIR, FINAL_DIR = "finetune", "retrain", "final"
 # the data order and initial weights of a fine-tuning of stage K come from seeds far from grow's
 _SEED_OFFSET = 500
-
-
-def stage_epochs_in_all(config: GrowConfig, stage: int) -> int:
-    """Training epochs grown stage ``stage`` has had: seed epochs + stage × stage epochs."""
-    return (config.seed_epochs or config.epochs) + stage * config.epochs
 
 
 def finetune(run: str | Path, *, epochs: int, stages: Sequence[int] | None = None, from_scratch: bool = False,
@@ -204,5 +198,4 @@ def final_network(run: str | Path, config: GrowConfig, session: Session, records
     return out[-1]
 
 
-__all__ = ["FINAL_DIR", "FINETUNE_DIR", "OVERRIDABLE", "RETRAIN_DIR", "final_network", "finetune",
-           "grow_epochs", "ship_stage", "stage_epochs_in_all"]
+__all__ = ["FINAL_DIR", "FINETUNE_DIR", "OVERRIDABLE", "RETRAIN_DIR", "final_network", "finetune", "ship_stage"]

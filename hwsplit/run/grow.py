@@ -53,6 +53,7 @@ from hwsplit.run.config import (
     load_config,
     parse_budget,
     resolve_channel_multiple,
+    stage_epochs_in_all,
 )
 from hwsplit.run.grower import STOP_BUDGET, STOP_NO_NEGATIVE, Grower, GrowthStep, fit_plan_to_budget
 from hwsplit.run.rundir import RunDir, StageFailed, WriteFailed, stage_table, start_fresh, write_summary
@@ -283,7 +284,7 @@ def _record_stage(run: RunDir, config: GrowConfig, session: Session, records: li
 
     return record_stage(run, session, grown.model, stage, records, config=config, epochs=epochs,
                         loader_epoch=stage * 10_000, timings=timings,
-                        extra={**extra, "epochs_in_all": (config.seed_epochs or config.epochs) + stage * config.epochs},
+                        extra={**extra, "epochs_in_all": stage_epochs_in_all(config, stage)},
                         train_config=config.stage_train_config(stage), groups=grown.groups, board=board,
                         scores=scores, progress=progress, announce=announce, on_stage=on_stage)
 

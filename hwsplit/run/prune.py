@@ -64,13 +64,13 @@ from hwsplit.infra.errors import ConfigError, CostOutOfRange
 from hwsplit.infra.fsio import check_writable_name
 from hwsplit.network.checkpoint import load_checkpoint
 from hwsplit.network.models import architecture, model_from_architecture
-from hwsplit.run.baselines import grow_epochs
 from hwsplit.run.config import (
     RUN_INFO_PREPROCESSING,
     RUN_INFO_WORLD_SIZE,
     GrowConfig,
     load_config,
     resolve_channel_multiple,
+    stage_epochs_in_all,
 )
 from hwsplit.run.finetune import RETRAIN_DIR, finetune
 from hwsplit.run.rundir import RunDir, continue_or_start, write_summary
@@ -470,7 +470,7 @@ def prune_baseline(run: str | Path, *, method: str, out: str | Path | None = Non
         raise ConfigError(f"targets: {min(targets):.6g} {unit} is below what pruning can reach ({floor:.6g} {unit}: "
                           f"every layer at {100 * (1 - max_pruning_ratio):g} % of the wide network's width, at least "
                           f"{round_to or 1} channel(s); see --max-pruning-ratio)")
-    epochs_wide = train_epochs if train_epochs is not None else grow_epochs(config)
+    epochs_wide = train_epochs if train_epochs is not None else stage_epochs_in_all(config, config.stages)
     epochs_ft = finetune_epochs if finetune_epochs is not None else config.epochs
     dest = RunDir(out if out is not None else src.path / f"prune-{method}")
     check_writable_name(dest.summary)
