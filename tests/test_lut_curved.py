@@ -15,8 +15,8 @@ import warnings
 import pytest
 
 from cost_models import get_cost_model
+from cost_models.grid import family_grid
 from cost_models.lut import LutExtrapolationWarning
-from cost_models.profiler import family_grid
 from hwsplit.network.models import build_model, model_from_architecture
 from hwsplit.network.specs import LayerSpec
 

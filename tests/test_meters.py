@@ -17,7 +17,7 @@ from cost_models.meters import (
     integrate_power_mj,
     nvidia_gpu_available,
 )
-from cost_models.profiler import make_meter
+from cost_models.runner import make_meter
 
 
 class FakeClock:

@@ -11,6 +11,7 @@ from sklearn.base import clone
 
 import hwsplit.network.graph
 from cost_models import get_cost_model
+from cost_models.grid import family_grid
 from cost_models.predictor import (
     FEATURE_NAMES,
     SPEC_COLUMNS,
@@ -22,7 +23,6 @@ from cost_models.predictor import (
     profile_targets,
 )
 from cost_models.profile_io import SCHEMA, load_profile, save_profile
-from cost_models.profiler import family_grid
 from hwsplit.network.graph import layer_specs
 from hwsplit.network.models import build_model
 from hwsplit.network.specs import LAYER_KINDS, LayerSpec

@@ -10,15 +10,11 @@ from pathlib import Path
 import pytest
 
 from cost_models import profiler
+from cost_models.grid import family_grid
+from cost_models.measure import measure_model
 from cost_models.meters import NoGpuError, nvidia_gpu_available
 from cost_models.profile_io import SCHEMA, load_profile, save_profile, validate_profile
-from cost_models.profiler import (
-    DEFAULT_TIME_BUDGET_S,
-    estimate_profile_seconds,
-    family_grid,
-    measure_model,
-    profile_family,
-)
+from cost_models.profiler import DEFAULT_TIME_BUDGET_S, estimate_profile_seconds, profile_family
 from hwsplit.network.models import MOBILENET_V1_STANDARD, build_model
 from hwsplit.network.specs import LayerSpec
 

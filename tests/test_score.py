@@ -274,7 +274,8 @@ def test_ritz_quadratic_form_equals_the_hessian_vector_products(trained_tiny):
     """LocalChain.ritz_prepared (forward half of the HVP only) gives Vᵀ S_b V as hvp_prepared does,
     for a plain chain, a depthwise chain and a Linear producer."""
     from hwsplit import build_model
-    from hwsplit.splitting.score import LocalChain, _batches, trace
+    from hwsplit.network.graph import trace
+    from hwsplit.splitting.score import LocalChain, _batches
 
     torch.manual_seed(0)
     mlp = build_model("mlp", in_features=12, widths=[7, 5], num_classes=3, batchnorm=True, activation="silu").eval()
@@ -426,7 +427,8 @@ def test_depthwise_input_gradient_is_reused_only_where_it_equals_g_s(trained_tin
     """The backward pass's ∂L/∂s at the depthwise input stands in for g_s = Lᵀ(g E2'(z)) where the scored
     chain is the network's (SiLU): the prepared products are the same as with g_s computed; with a
     surrogate (ReLU) it is not reused."""
-    from hwsplit.splitting.score import LocalChain, _batches, trace
+    from hwsplit.network.graph import trace
+    from hwsplit.splitting.score import LocalChain, _batches
 
     model, data = trained_tiny
     model.eval()

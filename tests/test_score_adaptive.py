@@ -12,7 +12,8 @@ from conftest import batches, synthetic_data, tiny_mobilenet, train_briefly
 
 from cli import main
 from hwsplit import Grower, splitting_indices
-from hwsplit.run.config import ConfigError, GrowConfig
+from hwsplit.infra.errors import ConfigError
+from hwsplit.run.config import GrowConfig
 from hwsplit.splitting.score import (
     AdaptiveScoring,
     SplitScore,

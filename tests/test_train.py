@@ -9,13 +9,13 @@ import pytest
 import torch
 from torch import nn
 
+from hwsplit.infra.distributed import reduce_sum
 from hwsplit.training.data import TensorBatchLoader, TensorImageDataset, load_dataset, make_loaders
 from hwsplit.training.train import (
     TrainConfig,
     evaluate,
     make_optimizer,
     make_scheduler,
-    reduce_sum,
     seed_everything,
     train,
 )

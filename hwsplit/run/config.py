@@ -20,6 +20,7 @@ from typing import Any
 from hwsplit.infra.errors import ConfigError
 from hwsplit.network.families import CEILINGS, FAMILIES, supports_channel_multiple
 from hwsplit.splitting.recipe import GROUP_BUDGETS
+from hwsplit.splitting.score import METHODS as SPLIT_METHODS
 from hwsplit.splitting.score import RITZ_ALLOCATIONS, SCORINGS, SPLIT_CANDIDATES
 from hwsplit.splitting.select import PRICES, SELECTIONS
 from hwsplit.training.schedule import POLICIES, stage_train_config
@@ -30,7 +31,6 @@ FINAL_INITS = ("grown", "fresh")
 #: Cost models that price from a device profile (and need one).
 PROFILED_COSTS = ("lut", "energy")
 COSTS = ("flops", "none", *PROFILED_COSTS)
-SPLIT_METHODS = ("rayleigh", "exact")
 #: Largest --channel-multiple accepted (a block wider than any seed layer would never grow).
 MAX_CHANNEL_MULTIPLE = 1024
 

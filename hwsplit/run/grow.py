@@ -43,7 +43,7 @@ from hwsplit.infra.distributed import is_main, world_size
 from hwsplit.infra.errors import ConfigError
 from hwsplit.infra.fsio import atomic_write_json, check_writable_name
 from hwsplit.infra.parallel import on_main
-from hwsplit.network.checkpoint import load_checkpoint, load_model
+from hwsplit.network.checkpoint import load_checkpoint
 from hwsplit.network.families import width_ceilings
 from hwsplit.network.models import model_from_architecture
 from hwsplit.run.config import (
@@ -51,12 +51,11 @@ from hwsplit.run.config import (
     RUN_INFO_WORLD_SIZE,
     GrowConfig,
     load_config,
-    parse_budget,
     resolve_channel_multiple,
     stage_epochs_in_all,
 )
-from hwsplit.run.grower import STOP_BUDGET, STOP_NO_NEGATIVE, Grower, GrowthStep, fit_plan_to_budget
-from hwsplit.run.rundir import RunDir, StageFailed, WriteFailed, stage_table, start_fresh, write_summary
+from hwsplit.run.grower import Grower, GrowthStep
+from hwsplit.run.rundir import RunDir, WriteFailed, start_fresh, write_summary
 from hwsplit.run.stages import (
     Progress,
     Session,
@@ -289,5 +288,4 @@ def _record_stage(run: RunDir, config: GrowConfig, session: Session, records: li
                         scores=scores, progress=progress, announce=announce, on_stage=on_stage)
 
 
-__all__ = ["STOP_BUDGET", "STOP_NO_NEGATIVE", "STOP_STAGES", "GrowConfig", "RunDir", "StageFailed", "build_seed",
-           "fit_plan_to_budget", "grow", "load_config", "load_model", "make_grower", "parse_budget", "stage_table"]
+__all__ = ["STEP_KEYS", "STOP_STAGES", "check_seed_cost", "grow", "make_grower"]

@@ -35,6 +35,7 @@ import cost_models
 from hwsplit.infra.distributed import all_ranks_true, broadcast_object, world_size
 from hwsplit.network.graph import NeuronGroup, find_neuron_groups
 from hwsplit.splitting.recipe import GROUP_BUDGETS, select_stage
+from hwsplit.splitting.score import METHODS as SPLIT_METHODS
 from hwsplit.splitting.score import (
     RITZ_ALLOCATIONS,
     SCORINGS,
@@ -54,7 +55,6 @@ STOP_NO_NEGATIVE = "no neuron has a negative splitting index"
 STOP_BUDGET = "budget reached"
 #: Cost models a Grower builds by name (the others need a device profile: pass the model itself).
 COSTS_BY_NAME = ("flops", "none")
-SPLIT_METHODS = ("rayleigh", "exact")
 #: How :func:`carry_optimizer` fills the optimizer state of split offspring.
 OFFSPRING_STATE = ("fresh", "parent")
 

@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import Dataset
 
 from hwsplit.infra.errors import ConfigError, RunFailed
+from hwsplit.network.models import MAX_CLASSES
 
 __all__ = [
     "DataBundle",
@@ -690,10 +691,6 @@ def _load_cifar(
         test_limit=test_limit,
         class_names=class_names,
     )
-
-
-#: Most classes a data set may have (a label beyond it is a corrupt file, not a real class).
-MAX_CLASSES = 100_000
 
 
 def _label_space(path: Path, train_y: np.ndarray, test_y: np.ndarray) -> int:
