@@ -20,7 +20,7 @@ from hwsplit.splitting.blocks import (
     select_blocks,
     solve_grouped_knapsack,
 )
-from hwsplit.splitting.score import SplitScore
+from hwsplit.splitting.estimators import SplitScore
 
 
 def _instance(rng: np.random.Generator) -> tuple[list[np.ndarray], list[np.ndarray], float]:

@@ -14,15 +14,9 @@ from cli import main
 from hwsplit import Grower, splitting_indices
 from hwsplit.infra.errors import ConfigError
 from hwsplit.run.config import GrowConfig
-from hwsplit.splitting.score import (
-    AdaptiveScoring,
-    SplitScore,
-    _BatchMeans,
-    decided,
-    ritz_estimate,
-    scoring_record,
-    significant_scores,
-)
+from hwsplit.splitting.estimators import SplitScore
+from hwsplit.splitting.ritz import AdaptiveScoring, BatchMeans, decided, ritz_estimate
+from hwsplit.splitting.score import scoring_record, significant_scores
 from hwsplit.splitting.select import knapsack_cut, select_neurons
 
 
@@ -57,7 +51,7 @@ def test_error_bar_of_lambda_on_a_synthetic_S_with_known_variance():
     per_batch = torch.linalg.eigvalsh(grams)[..., 0]
     assert float(per_batch.mean()) < -1.0 - 0.01
     # batch means (groups of batches, as the scorer keeps them) give the same SE within its own noise
-    means = _BatchMeans(groups=8)
+    means = BatchMeans(groups=8)
     for k in range(count):
         means.add({"g": grams[k]}, float(w[k]))
     assert len(means.sums) <= 16 and sum(means.counts) == count
@@ -70,7 +64,7 @@ def test_batch_means_without_merging_equal_the_direct_estimate():
     gen = torch.Generator().manual_seed(1)
     grams = _noisy_grams(10, 50, torch.full((10,), 0.2), gen)
     weights = torch.arange(1.0, 11.0)
-    means = _BatchMeans(groups=32)
+    means = BatchMeans(groups=32)
     for k in range(10):
         means.add({"g": grams[k]}, float(weights[k]))
     lam, y, se = ritz_estimate(grams, weights)

@@ -15,7 +15,7 @@ from cli import main
 from hwsplit import apply_split, architecture, build_model, find_neuron_groups, model_from_architecture
 from hwsplit.network.checkpoint import load_checkpoint, load_model
 from hwsplit.network.resize import resize_groups
-from hwsplit.splitting.score import SplitScore
+from hwsplit.splitting.estimators import SplitScore
 from hwsplit.training.data import load_dataset, make_loaders
 
 TV = "torchvision:mobilenet_v2"

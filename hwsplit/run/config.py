@@ -20,8 +20,9 @@ from typing import Any
 from hwsplit.infra.errors import ConfigError
 from hwsplit.network.families import CEILINGS, FAMILIES, supports_channel_multiple
 from hwsplit.splitting.recipe import GROUP_BUDGETS
+from hwsplit.splitting.ritz import RITZ_ALLOCATIONS
 from hwsplit.splitting.score import METHODS as SPLIT_METHODS
-from hwsplit.splitting.score import RITZ_ALLOCATIONS, SCORINGS, SPLIT_CANDIDATES
+from hwsplit.splitting.score import SCORINGS, SPLIT_CANDIDATES
 from hwsplit.splitting.select import PRICES, SELECTIONS
 from hwsplit.training.schedule import POLICIES, stage_train_config
 from hwsplit.training.train import TrainConfig
@@ -119,7 +120,7 @@ class GrowConfig:
     # "cost": more vectors where one is cheap (small maps), "uniform": split_vectors everywhere (before 13g)
     split_allocation: str = "cost"
     # "full": every training image once per stage; "adaptive": a subsample sized by the error bars of the
-    # indices (hwsplit.splitting.score.AdaptiveScoring; issue 31): stop when at most scoring_tolerance × the neurons the
+    # indices (hwsplit.splitting.ritz.AdaptiveScoring; issue 31): stop when at most scoring_tolerance × the neurons the
     # knapsack's cut takes are within scoring_z standard errors of it, between scoring_min and scoring_cap
     # (shares of an epoch)
     scoring: str = "full"

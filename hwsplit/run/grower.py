@@ -34,18 +34,11 @@ from torch import nn
 import cost_models
 from hwsplit.infra.distributed import all_ranks_true, broadcast_object, world_size
 from hwsplit.network.graph import NeuronGroup, find_neuron_groups
+from hwsplit.splitting.estimators import SplitScore
 from hwsplit.splitting.recipe import GROUP_BUDGETS, select_stage
+from hwsplit.splitting.ritz import RITZ_ALLOCATIONS, AdaptiveScoring
 from hwsplit.splitting.score import METHODS as SPLIT_METHODS
-from hwsplit.splitting.score import (
-    RITZ_ALLOCATIONS,
-    SCORINGS,
-    SPLIT_CANDIDATES,
-    AdaptiveScoring,
-    SplitScore,
-    scoring_record,
-    significant_scores,
-    splitting_indices,
-)
+from hwsplit.splitting.score import SCORINGS, SPLIT_CANDIDATES, scoring_record, significant_scores, splitting_indices
 from hwsplit.splitting.select import PRICES, SELECTIONS, knapsack_cut
 from hwsplit.splitting.surgery import apply_split, split_sources
 
@@ -138,7 +131,7 @@ class Grower:
     ``split_vectors``, ``split_allocation``: the scoring options of ``grow`` (README, CLI reference).
     ``scoring``: ``"full"`` (every batch of the loader, the default) or ``"adaptive"`` (a subsample that
     stops when the knapsack's cut is decided within the indices' error bars, issue 31:
-    :class:`hwsplit.splitting.score.AdaptiveScoring` with ``scoring_tolerance``, ``scoring_z``, ``scoring_min`` and
+    :class:`hwsplit.splitting.ritz.AdaptiveScoring` with ``scoring_tolerance``, ``scoring_z``, ``scoring_min`` and
     ``scoring_cap``; needs ``split_method="rayleigh"``, ``split_vectors`` >= 1, ``split_epochs`` 1 and a
     loader with a ``len()``). ``split_candidates``: ``"all"`` (every negative index, the default) or
     ``"significant"`` (only λ + scoring_z·SE < 0; needs the Rayleigh–Ritz error bars).
@@ -443,7 +436,7 @@ class Grower:
 
     def adaptive_scoring(self, cut: Callable[[dict[str, torch.Tensor]], dict[str, Any]] | None = None,
                          ) -> AdaptiveScoring | None:
-        """The :class:`~hwsplit.splitting.score.AdaptiveScoring` of ``scoring="adaptive"`` with the step's ``cut``, else
+        """The :class:`~hwsplit.splitting.ritz.AdaptiveScoring` of ``scoring="adaptive"`` with the step's ``cut``, else
         None."""
         if self.scoring != "adaptive":
             return None
