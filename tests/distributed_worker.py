@@ -19,7 +19,8 @@ torch.set_num_threads(1)
 
 from conftest import synthetic_data, tiny_mobilenet  # noqa: E402
 
-from hwsplit.training.data import TensorBatchLoader, TensorImageDataset  # noqa: E402
+from hwsplit.training.bundle import TensorImageDataset  # noqa: E402
+from hwsplit.training.loaders import TensorBatchLoader  # noqa: E402
 
 
 class Float64Loader:

@@ -11,7 +11,8 @@ from click.testing import CliRunner
 
 from cli import main
 from hwsplit.network.checkpoint import load_checkpoint, load_model
-from hwsplit.training.data import load_dataset, make_loaders
+from hwsplit.training.data import load_dataset
+from hwsplit.training.loaders import make_loaders
 
 TINY = ["--stages", "2", "--epochs", "1", "--limit", "300", "--batch-size", "32"]
 

@@ -16,7 +16,8 @@ from hwsplit import apply_split, architecture, build_model, find_neuron_groups, 
 from hwsplit.network.checkpoint import load_checkpoint, load_model
 from hwsplit.network.resize import resize_groups
 from hwsplit.splitting.estimators import SplitScore
-from hwsplit.training.data import load_dataset, make_loaders
+from hwsplit.training.data import load_dataset
+from hwsplit.training.loaders import make_loaders
 
 TV = "torchvision:mobilenet_v2"
 

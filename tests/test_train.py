@@ -10,7 +10,9 @@ import torch
 from torch import nn
 
 from hwsplit.infra.distributed import reduce_sum
-from hwsplit.training.data import TensorBatchLoader, TensorImageDataset, load_dataset, make_loaders
+from hwsplit.training.bundle import TensorImageDataset
+from hwsplit.training.data import load_dataset
+from hwsplit.training.loaders import TensorBatchLoader, make_loaders
 from hwsplit.training.train import (
     TrainConfig,
     evaluate,

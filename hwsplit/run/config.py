@@ -347,7 +347,7 @@ def resolve_channel_multiple(config: GrowConfig) -> int | None:
 BASELINE_FIELDS = ("baseline", "multipliers", "total_epochs")
 #: How many processes wrote the run (config.json; not a setting: a run may resume with another number).
 RUN_INFO_WORLD_SIZE = "world_size"
-#: The input the run's networks expect (config.json; :func:`hwsplit.training.data.preprocessing`; not a setting).
+#: The input the run's networks expect (config.json; :func:`hwsplit.training.bundle.preprocessing`; not a setting).
 RUN_INFO_PREPROCESSING = "preprocessing"
 
 

@@ -39,15 +39,9 @@ from hwsplit.network.graph import NeuronGroup, find_neuron_groups
 from hwsplit.network.models import architecture
 from hwsplit.run.config import GrowConfig, resolve_channel_multiple
 from hwsplit.run.rundir import RunDir, StageFailed, WriteFailed, write_summary
-from hwsplit.training.data import (
-    BadImageError,
-    DataBundle,
-    load_dataset,
-    make_eval_loader,
-    make_loaders,
-    preprocessing,
-    split_validation,
-)
+from hwsplit.training.bundle import BadImageError, DataBundle, preprocessing, split_validation
+from hwsplit.training.data import load_dataset
+from hwsplit.training.loaders import make_eval_loader, make_loaders
 from hwsplit.training.train import TrainConfig, evaluate, seed_everything, train
 
 log = logging.getLogger(__name__)
@@ -150,7 +144,7 @@ class Session:
 
     @property
     def preprocessing(self) -> dict[str, Any]:
-        """The input the run's networks expect (:func:`hwsplit.training.data.preprocessing`): layout, value range,
+        """The input the run's networks expect (:func:`hwsplit.training.bundle.preprocessing`): layout, value range,
         mean/std."""
         return preprocessing(self.bundle)
 
