@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from hwsplit.run.stages import open_session
+    from hwsplit.run.session import open_session
 
     t0 = time.perf_counter()
     report: dict = {"command": command_line(), "date": now(), "machine": machine(), "args": vars(args),

@@ -91,7 +91,7 @@ def test_bad_architectures_and_options_are_value_errors():
 def test_one_channel_images_get_a_one_channel_stem():
     bundle = load_dataset("digits", limit=50)
     from hwsplit.run.config import GrowConfig
-    from hwsplit.run.stages import build_seed
+    from hwsplit.run.session import build_seed
 
     model = build_seed(GrowConfig(model=TV, model_options={"width_mult": 0.25}), bundle)
     assert isinstance(model, torchvision.models.MobileNetV2) and model.features[0][0].in_channels == 1

@@ -20,8 +20,10 @@ from hwsplit.infra.distributed import is_main, world_size
 from hwsplit.infra.fsio import check_writable_name
 from hwsplit.infra.parallel import on_main
 from hwsplit.run.config import RUN_INFO_PREPROCESSING, RUN_INFO_WORLD_SIZE, GrowConfig, stage_epochs_in_all
+from hwsplit.run.guard import guarded_records
 from hwsplit.run.rundir import RunDir, continue_or_start, write_summary
-from hwsplit.run.stages import build_seed, guarded_records, open_session, record_stage, stage_seed
+from hwsplit.run.session import build_seed, open_session, stage_seed
+from hwsplit.run.stages import record_stage
 from hwsplit.run.tblog import board_closed, open_board
 from hwsplit.training.train import seed_everything
 

@@ -37,15 +37,10 @@ from hwsplit.infra.parallel import on_main
 from hwsplit.network.checkpoint import load_checkpoint, load_model
 from hwsplit.network.models import model_from_architecture
 from hwsplit.run.config import RUN_INFO_PREPROCESSING, GrowConfig, load_config, read_config, stage_epochs_in_all
+from hwsplit.run.guard import guarded_records, kill_point
 from hwsplit.run.rundir import RunDir, continue_or_start, file_sha256, write_summary
-from hwsplit.run.stages import (
-    Session,
-    guarded_records,
-    kill_point,
-    open_session,
-    record_stage,
-    stage_seed,
-)
+from hwsplit.run.session import Session, open_session, stage_seed
+from hwsplit.run.stages import record_stage
 from hwsplit.run.tblog import board_closed, open_board
 from hwsplit.training.train import seed_everything
 

@@ -10,12 +10,13 @@ same step a user's own training loop calls (``Grower.step``); this module adds t
 seeding, training, records, resume and TensorBoard (:mod:`hwsplit.run.tblog`).
 
 The run directory's format is :mod:`hwsplit.run.rundir`'s; what a stage shares with the other
-commands (session, training and recording, durable writes) is :mod:`hwsplit.run.stages`'s; the
-settings are a :class:`~hwsplit.run.config.GrowConfig`.
+commands is the session (:mod:`hwsplit.run.session`), the record step (training, recording, durable writes:
+:mod:`hwsplit.run.stages`) and the failure bookkeeping (:mod:`hwsplit.run.guard`); the settings are a
+:class:`~hwsplit.run.config.GrowConfig`.
 
 **Determinism and resume.** Each stage starts from the previous stage's weights (in memory, or
 read back from ``stage-K.pt``) and re-seeds every random number generator with
-:func:`~hwsplit.run.stages.stage_seed`; its data order comes from loader epochs derived from the stage
+:func:`~hwsplit.run.session.stage_seed`; its data order comes from loader epochs derived from the stage
 number and its Rayleigh-quotient start from ``seed + stage``. Nothing random carries over from one
 stage to the next, so a run resumed after a crash at any moment (``grow(..., resume=True)``)
 continues after its last completed stage and ends, on the CPU, with the same per-stage
@@ -55,17 +56,10 @@ from hwsplit.run.config import (
     stage_epochs_in_all,
 )
 from hwsplit.run.grower import Grower, GrowthStep
+from hwsplit.run.guard import guarded_records, kill_point
 from hwsplit.run.rundir import RunDir, WriteFailed, start_fresh, write_summary
-from hwsplit.run.stages import (
-    Progress,
-    Session,
-    build_seed,
-    guarded_records,
-    kill_point,
-    open_session,
-    record_stage,
-    stage_seed,
-)
+from hwsplit.run.session import Progress, Session, build_seed, open_session, stage_seed
+from hwsplit.run.stages import record_stage
 from hwsplit.run.tblog import board_closed, open_board
 from hwsplit.training.train import evaluate, seed_everything
 

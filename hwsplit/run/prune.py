@@ -73,16 +73,10 @@ from hwsplit.run.config import (
     stage_epochs_in_all,
 )
 from hwsplit.run.finetune import RETRAIN_DIR, finetune
+from hwsplit.run.guard import guarded_records, kill_point
 from hwsplit.run.rundir import RunDir, continue_or_start, write_summary
-from hwsplit.run.stages import (
-    Session,
-    build_seed,
-    guarded_records,
-    kill_point,
-    open_session,
-    record_stage,
-    stage_seed,
-)
+from hwsplit.run.session import Session, build_seed, open_session, stage_seed
+from hwsplit.run.stages import record_stage
 from hwsplit.training.train import evaluate, seed_everything
 
 log = logging.getLogger(__name__)
