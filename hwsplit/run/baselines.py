@@ -22,7 +22,7 @@ from hwsplit.infra.parallel import on_main
 from hwsplit.run.config import RUN_INFO_PREPROCESSING, RUN_INFO_WORLD_SIZE, GrowConfig, stage_epochs_in_all
 from hwsplit.run.guard import guarded_records
 from hwsplit.run.rundir import RunDir, continue_or_start, write_summary
-from hwsplit.run.session import build_seed, open_session, stage_seed
+from hwsplit.run.session import open_session, stage_seed
 from hwsplit.run.stages import record_stage
 from hwsplit.run.tblog import board_closed, open_board
 from hwsplit.training.train import seed_everything
@@ -83,7 +83,7 @@ def width_baseline(config: GrowConfig, multipliers: Sequence[float], out: str | 
     check_writable_name(run.summary)
     session = open_session(config)  # data, family and cost model must load before anything is written
     for mult in multipliers:  # every network must have a cost the model can price (CostOutOfRange if not)
-        session.cost_model.total(build_seed(config, session.bundle, width_mult=mult), session.input_shape)
+        session.cost_model.total(session.seed_network(width_mult=mult), session.input_shape)
     info = {**config.to_dict(), "baseline": WIDTH_BASELINE, "multipliers": multipliers, "total_epochs": total,
             RUN_INFO_WORLD_SIZE: world_size(), RUN_INFO_PREPROCESSING: session.preprocessing}
     with run.lock("write") if is_main() else contextlib.nullcontext():  # rank 0 alone writes the run
@@ -105,7 +105,7 @@ def _train_all(run: RunDir, config: GrowConfig, session: Any, multipliers: list[
             if index < len(records):
                 continue
             seed_everything(stage_seed(config, 0))
-            model = build_seed(config, session.bundle, width_mult=mult).to(session.device)
+            model = session.seed_network(width_mult=mult).to(session.device)
 
             def announce(record: dict[str, Any], mult: float = mult) -> None:
                 log.info("width ×%g: test top-1 %.4f, %.4g MACs", mult, record["test_top1"], record["macs"])

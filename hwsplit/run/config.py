@@ -320,20 +320,19 @@ def recipe_settings(recipe: str | None, given: Mapping[str, Any], *, selection: 
     return {**preset, **given, "recipe": recipe}
 
 
-def resolve_channel_multiple(config: GrowConfig) -> int | None:
+def resolve_channel_multiple(config: GrowConfig, profile: Mapping[str, Any] | None = None) -> int | None:
     """The channel multiple N a run grows by: ``config.channel_multiple``, or for ``"auto"`` the top-level
-    ``channel_block`` of the run's profile (written by ``profile`` since issue 11). ``ConfigError``
-    naming the profile and the field when it is missing, unreadable or not a positive integer.
+    ``channel_block`` of the run's ``profile``, as its cost model loaded it (written by ``profile`` since
+    issue 11; :attr:`hwsplit.run.session.Session.profile`: the file is not read again). ``ConfigError``
+    naming the profile and the field when it is missing, not loaded or not a positive integer.
     """
     n = config.channel_multiple
     if n != "auto":
         return n
     path = config.profile
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
-        raise ConfigError(f"channel_multiple: auto cannot read the profile {path} ({type(err).__name__})") from None
-    block = data.get("channel_block") if isinstance(data, dict) else None
+    if profile is None:
+        raise ConfigError(f"channel_multiple: auto needs the profile {path} loaded (open the run's session first)")
+    block = profile.get("channel_block")
     if block is None:
         raise ConfigError(f"channel_multiple: auto needs the field 'channel_block' of the profile {path}, which it "
                           "lacks (a profile made before issue 11); re-profile the device, or give the number, "

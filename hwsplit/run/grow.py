@@ -52,13 +52,12 @@ from hwsplit.run.config import (
     RUN_INFO_WORLD_SIZE,
     GrowConfig,
     load_config,
-    resolve_channel_multiple,
     stage_epochs_in_all,
 )
 from hwsplit.run.grower import Grower, GrowthStep
 from hwsplit.run.guard import guarded_records, kill_point
 from hwsplit.run.rundir import RunDir, WriteFailed, start_fresh, write_summary
-from hwsplit.run.session import Progress, Session, build_seed, open_session, stage_seed
+from hwsplit.run.session import Progress, Session, open_session, stage_seed
 from hwsplit.run.stages import record_stage
 from hwsplit.run.tblog import board_closed, open_board
 from hwsplit.training.train import evaluate, seed_everything
@@ -104,8 +103,8 @@ def check_seed_cost(session: Session, model: nn.Module) -> float:
 
 
 def grow(config: GrowConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False,
-         progress: Progress | None = None,
-         on_stage: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+         progress: Progress | None = None, on_stage: Callable[[dict[str, Any]], None] | None = None,
+         cost_model: Any = None) -> list[dict[str, Any]]:
     """Run the stage loop, writing the run directory ``out``; returns the stage records.
 
     ``resume=True`` continues the run in ``out`` after its last completed stage (``config`` must
@@ -115,7 +114,8 @@ def grow(config: GrowConfig, out: str | Path, *, resume: bool = False, overwrite
     profile, the seed's cost against the budget, path lengths) is checked before anything in
     ``out`` is written, and ``out`` is locked against a second writer (:class:`~hwsplit.infra.errors.RunLocked`).
     ``progress`` wraps long loops (``progress(iterable, desc, total)``,
-    e.g. tqdm); ``on_stage`` is called with each record as soon as the stage is on disk.
+    e.g. tqdm); ``on_stage`` is called with each record as soon as the stage is on disk. ``cost_model``:
+    the run's cost model if already built from ``config`` (:func:`hwsplit.run.options.grow_settings`).
 
     Raises :class:`StageFailed` when a stage cannot complete — a non-finite training or scoring
     loss, or a failed write (disk full, permission) — after writing ``summary.md`` with the
@@ -128,11 +128,11 @@ def grow(config: GrowConfig, out: str | Path, *, resume: bool = False, overwrite
         config = dataclasses.replace(config, data_dir=str(Path(config.data_dir).resolve()))
     if resume:
         on_main(_resume_preflight, run, config)  # the run directory is rank 0's
-    session = open_session(config)  # the data, the model's family and the cost model's profile must load
-    resolve_channel_multiple(config)  # "auto" needs the profile's channel_block, before anything is written
+    # the data, the model's family and the cost model's profile (with "auto", its channel_block) must load
+    session = open_session(config, cost_model=cost_model)
     if not resume:
         seed_everything(stage_seed(config, 0))  # stage 0 re-seeds before it builds the same seed
-        check_seed_cost(session, build_seed(config, session.bundle))
+        check_seed_cost(session, session.seed_network())
     # rank 0 alone locks and writes the run directory; the others get its records
     with run.lock("grow") if is_main() else contextlib.nullcontext():
         records = on_main(_prepare, run, config, resume=resume, overwrite=overwrite,
@@ -169,7 +169,7 @@ def make_grower(config: GrowConfig, session: Session, model: nn.Module, *, first
                   scoring_tolerance=config.scoring_tolerance, scoring_z=config.scoring_z,
                   scoring_min=config.scoring_min, scoring_cap=config.scoring_cap,
                   split_candidates=config.split_candidates, max_layer_growth=config.max_layer_growth,
-                  channel_multiple=resolve_channel_multiple(config), seed=config.seed, first_step=first_step,
+                  channel_multiple=session.channel_multiple, seed=config.seed, first_step=first_step,
                   price=config.price, group_budgets=config.group_budgets, max_widths=config.max_widths,
                   lp_threshold=config.lp_threshold, family=config.model, progress=progress)
 
@@ -244,7 +244,7 @@ def _seed_stage(run: RunDir, config: GrowConfig, session: Session, records: list
                 progress: Progress | None, on_stage: Callable[[dict[str, Any]], None] | None) -> _Grown:
     """Stage 0: build the seed, train and record it."""
     seed_everything(stage_seed(config, 0))
-    model = build_seed(config, session.bundle).to(session.device)
+    model = session.seed_network().to(session.device)
     grower = make_grower(config, session, model, progress=progress)
     seed = _Grown(grower, model, grower.trace(model))
     _record_stage(run, config, session, records, board, seed, 0, extra={"split": {}, "neurons_split": 0},

@@ -19,8 +19,10 @@ from hwsplit.run.config import GrowConfig
 log = logging.getLogger(__name__)
 
 
-def end_to_end_measurer(config: GrowConfig) -> Callable[[nn.Module, tuple[int, ...]], dict[str, Any]] | None:
+def end_to_end_measurer(config: GrowConfig, profile: dict[str, Any] | None = None,
+                        ) -> Callable[[nn.Module, tuple[int, ...]], dict[str, Any]] | None:
     """A function measuring a whole network as the profile's device measured its layers, or None.
+    ``profile``: the run's profile as already loaded (read from ``config``'s path when not given).
 
     Uses the profile's backend, meter and threads on the device the profile was made on, when
     this machine has that kind of device; otherwise every stage records why it was not measured.
@@ -37,7 +39,7 @@ def end_to_end_measurer(config: GrowConfig) -> Callable[[nn.Module, tuple[int, .
     if config.profile is None:
         backend, meter, kind, threads, name = "onnxruntime", "latency", "cpu", None, None
     else:
-        profile = load_profile(config.profile)
+        profile = load_profile(config.profile) if profile is None else profile
         dev = profile.get("device", {})
         backend, meter = profile.get("backend", "onnxruntime"), profile.get("meter", "latency")
         kind, threads, name = dev.get("kind", "cpu"), dev.get("threads"), dev.get("name")

@@ -69,13 +69,12 @@ from hwsplit.run.config import (
     RUN_INFO_WORLD_SIZE,
     GrowConfig,
     load_config,
-    resolve_channel_multiple,
     stage_epochs_in_all,
 )
 from hwsplit.run.finetune import RETRAIN_DIR, finetune
 from hwsplit.run.guard import guarded_records, kill_point
 from hwsplit.run.rundir import RunDir, continue_or_start, write_summary
-from hwsplit.run.session import Session, build_seed, open_session, stage_seed
+from hwsplit.run.session import Session, open_session, stage_seed
 from hwsplit.run.stages import record_stage
 from hwsplit.training.train import evaluate, seed_everything
 
@@ -135,7 +134,7 @@ def _layer_widths(session: Session, model: nn.Module) -> dict[str, int]:
 def wide_width_mult(session: Session, config: GrowConfig, records: Sequence[dict[str, Any]]) -> float:
     """The smallest multiple of 0.5 above every grown stage's widest layer / seed layer ratio whose seed,
     so scaled (and rounded to the channel multiple), is at least as wide as every stage in every layer."""
-    seed = _layer_widths(session, build_seed(config, session.bundle))
+    seed = _layer_widths(session, session.seed_network())
     most: dict[str, int] = {}
     for r in records:
         for name, width in (r.get("widths") or {}).items():
@@ -143,7 +142,7 @@ def wide_width_mult(session: Session, config: GrowConfig, records: Sequence[dict
     ratio = max([most[n] / seed[n] for n in most if n in seed] or [1.0])
     mult = math.floor(ratio * 2) / 2 + 0.5
     for _ in range(64):
-        wide = _layer_widths(session, build_seed(config, session.bundle, width_mult=mult))
+        wide = _layer_widths(session, session.seed_network(width_mult=mult))
         if all(wide.get(n, 0) >= w for n, w in most.items() if n in seed):
             return mult
         mult += 0.5
@@ -412,13 +411,14 @@ def parse_targets(text: str | Sequence[float], unit: str) -> list[float]:
 
 def prune_baseline(run: str | Path, *, method: str, out: str | Path | None = None, width_mult: float | None = None,
                    train_epochs: int | None = None, finetune_epochs: int | None = None,
-                   targets: Sequence[float] | None = None, from_scratch: bool = False,
+                   targets: str | Sequence[float] | None = None, from_scratch: bool = False,
                    slimming_l1: float = DEFAULT_SLIMMING_L1, max_pruning_ratio: float = MAX_PRUNING_RATIO,
                    overwrite: bool = False, progress: Callable | None = None,
                    on_stage: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
     """Train a wide network of the grow run ``run``'s family, prune it to each target, fine-tune; see the module.
 
-    ``targets``: costs in ``run``'s cost unit (default: each stage's recorded cost). ``out`` defaults to
+    ``targets``: costs in ``run``'s cost unit, or text with their unit (``"20k,35k"``, ``"0.2ms"``:
+    :func:`parse_targets` in the run's cost model; default: each stage's recorded cost). ``out`` defaults to
     ``RUN/prune-METHOD``; an ``out`` holding the same pruning (same config.json) is continued, another is
     replaced only with ``overwrite=True``. Returns the records (stage 0 the wide network). Raises
     ``ConfigError`` before anything is written for a bad method, family, epoch count or target (a
@@ -445,9 +445,11 @@ def prune_baseline(run: str | Path, *, method: str, out: str | Path | None = Non
         raise ConfigError(f"like: {src.path} has no completed stage to take targets and widths from")
     session = open_session(config)
     unit = session.cost_model.unit
-    round_to = resolve_channel_multiple(config)
+    if isinstance(targets, str):  # in the unit of the run's cost model, built once with the session
+        targets = parse_targets(targets, unit)
+    round_to = session.channel_multiple
     mult = wide_width_mult(session, config, source_records) if width_mult is None else float(width_mult)
-    wide = build_seed(config, session.bundle, width_mult=mult)
+    wide = session.seed_network(width_mult=mult)
     wide_cost = session.cost_model.total(wide, session.input_shape)
     given = targets is not None
     targets = [float(t) for t in (targets if given else [r["cost"]["value"] for r in source_records])]
@@ -507,7 +509,7 @@ def _stages(dest: RunDir, config: GrowConfig, session: Session, records: list[di
         if not records:
             kill_point("prune-0:start")
             seed_everything(stage_seed(config, 0))
-            wide = build_seed(config, session.bundle, width_mult=mult).to(session.device)
+            wide = session.seed_network(width_mult=mult).to(session.device)
             loss_fn = (slimming_loss(wide, prune["slimming_l1"], label_smoothing=config.label_smoothing)
                        if method == "slimming" else None)
             samples = epochs_wide * n_train

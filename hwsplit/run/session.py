@@ -41,14 +41,17 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def build_seed(config: GrowConfig, bundle: DataBundle, *, width_mult: float = 1.0) -> nn.Module:
+def build_seed(config: GrowConfig, bundle: DataBundle, *, width_mult: float = 1.0,
+               profile: dict[str, Any] | None = None) -> nn.Module:
     """The stage-0 model of ``config.model`` sized for ``bundle``'s inputs and classes.
 
     ``width_mult`` multiplies the configured width multiplier (the width baseline's scaling); with a
-    channel multiple every growing width is rounded to it (make-divisible, hwsplit/splitting/blocks.py).
+    channel multiple every growing width is rounded to it (make-divisible, hwsplit/network/families.py;
+    ``"auto"`` takes it from the loaded ``profile``, :func:`~hwsplit.run.config.resolve_channel_multiple`).
+    A run's own seed is :meth:`Session.seed_network`.
     """
     return _build_family_seed(config.model, config.model_options, bundle.input_shape, bundle.num_classes,
-                              width_mult=width_mult, channel_multiple=resolve_channel_multiple(config))
+                              width_mult=width_mult, channel_multiple=resolve_channel_multiple(config, profile))
 
 
 @dataclass
@@ -65,6 +68,16 @@ class Session:
     flops: Any
     measure: Callable[[nn.Module, tuple[int, ...]], dict[str, Any]] | None
     val_loader: Any = None  # with config.val_fraction > 0: the validation images, in order
+    profile: dict[str, Any] | None = None  # the device profile as the cost model loaded it (cost lut or energy)
+
+    @property
+    def channel_multiple(self) -> int | None:
+        """The channel multiple the run grows by (``"auto"`` resolved from :attr:`profile`), or None."""
+        return resolve_channel_multiple(self.config, self.profile)
+
+    def seed_network(self, *, width_mult: float = 1.0) -> nn.Module:
+        """The run's stage-0 model (:func:`build_seed`), on the CPU."""
+        return build_seed(self.config, self.bundle, width_mult=width_mult, profile=self.profile)
 
     @property
     def preprocessing(self) -> dict[str, Any]:
@@ -77,8 +90,10 @@ class Session:
         return find_neuron_groups(model, torch.zeros(self.input_shape, device=self.device))
 
 
-def open_session(config: GrowConfig, *, bundle: DataBundle | None = None) -> Session:
-    """Load the data and build the cost models of ``config`` (``bundle``: data already loaded).
+def open_session(config: GrowConfig, *, bundle: DataBundle | None = None, cost_model: Any = None) -> Session:
+    """Load the data and build the cost models of ``config`` (``bundle``: data already loaded; ``cost_model``:
+    the run's cost model already built from ``config``, :func:`build_cost_model`, so that a profile is read
+    and fitted once). ``"auto"`` channel multiples are resolved here, from the profile the cost model loaded.
 
     Under a process group the loaders are this rank's shards (``config.batch_size`` per rank) and
     a CUDA device is this rank's (``cuda:LOCAL_RANK``).
@@ -94,15 +109,18 @@ def open_session(config: GrowConfig, *, bundle: DataBundle | None = None) -> Ses
     train_loader, test_loader = make_loaders(bundle, batch_size=config.batch_size, seed=config.seed,
                                              rank=rank(), world_size=world_size(),
                                              device=device if device.type == "cuda" else None)
+    cost_model = build_cost_model(config) if cost_model is None else cost_model
+    profile = getattr(cost_model, "profile", None) if config.profile else None
+    resolve_channel_multiple(config, profile)  # "auto" needs the profile's channel_block: fail before any write
     return Session(config=config, bundle=bundle, train_loader=train_loader, test_loader=test_loader, device=device,
-                   input_shape=(1, *bundle.input_shape), cost_model=_cost_model(config),
-                   flops=cost_models.get_cost_model("flops"), measure=end_to_end_measurer(config),
+                   input_shape=(1, *bundle.input_shape), cost_model=cost_model,
+                   flops=cost_models.get_cost_model("flops"), measure=end_to_end_measurer(config, profile),
                    val_loader=None if bundle.val is None else make_eval_loader(
                        bundle.val, batch_size=config.batch_size, seed=config.seed,
-                       device=device if device.type == "cuda" else None))
+                       device=device if device.type == "cuda" else None), profile=profile)
 
 
-def _cost_model(config: GrowConfig) -> Any:
+def build_cost_model(config: GrowConfig) -> Any:
     """The run's cost model; a profile that cannot be fitted is a ``ConfigError`` naming the file."""
     import numpy as np
 
@@ -129,4 +147,5 @@ def describe(session: Session, model: nn.Module, groups: list[NeuronGroup] | Non
     }
 
 
-__all__ = ["Progress", "Session", "build_seed", "count_params", "describe", "open_session", "stage_seed"]
+__all__ = ["Progress", "Session", "build_cost_model", "build_seed", "count_params", "describe", "open_session",
+           "stage_seed"]
