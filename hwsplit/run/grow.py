@@ -117,7 +117,7 @@ def grow(config: GrowConfig, out: str | Path, *, resume: bool = False, overwrite
     e.g. tqdm); ``on_stage`` is called with each record as soon as the stage is on disk. ``cost_model``:
     the run's cost model if already built from ``config`` (:func:`hwsplit.run.options.grow_settings`).
 
-    Raises :class:`StageFailed` when a stage cannot complete — a non-finite training or scoring
+    Raises :class:`~hwsplit.run.rundir.StageFailed` when a stage cannot complete — a non-finite training or scoring
     loss, or a failed write (disk full, permission) — after writing ``summary.md`` with the
     reason; the completed stages' checkpoints and records stay intact. ``KeyboardInterrupt``
     propagates after the same bookkeeping; no partial file is left behind.
