@@ -303,7 +303,7 @@ def test_make_grower_passes_the_scoring_fields_and_stage_records_keep_them():
     config = GrowConfig(model="mlp", scoring="adaptive", scoring_tolerance=0.2, scoring_z=1.5, scoring_min=0.1,
                         scoring_cap=0.4, split_candidates="significant")
     session = SimpleNamespace(input_shape=(1, 4), device=torch.device("cpu"),
-                              cost_model=cost_models.get_cost_model("flops"))
+                              cost_model=cost_models.get_cost_model("flops"), channel_multiple=None)
     grower = make_grower(config, session, model)
     assert (grower.scoring, grower.scoring_tolerance, grower.scoring_z, grower.scoring_min, grower.scoring_cap,
             grower.split_candidates) == ("adaptive", 0.2, 1.5, 0.1, 0.4, "significant")
