@@ -10,12 +10,11 @@ import torch
 
 from cost_models.blocks import NCHWC_DOMAIN, detect_channel_block, optimized_graph, padded, probe_net
 from cost_models.context import ContextFit, attribute_nodes, device_terms, parse_trace
-from cost_models.grid import aligned_architecture
+from cost_models.grid import aligned_architecture, make_divisible
 from cost_models.measure import measure_rounds, repeatability
 from cost_models.meters import Measurement, Stats
 from cost_models.predictor import TERMS, LayerRegressor
 from cost_models.profile_io import ProfileError, channel_block, validate_profile
-from hwsplit.network.families import make_divisible
 from hwsplit.network.specs import LayerSpec
 
 # -- the channel block, from a real onnxruntime session ---------------------------------------------
