@@ -9,7 +9,6 @@ malformed files or missing hardware (one line, no traceback); 130 interrupted (C
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import signal
 import sys
@@ -335,11 +334,9 @@ def grow(model: str, model_config: str | None, width_mult: float | None, activat
          weight_decay: float, device: str, threads: int | None, seed: int, out: str, overwrite: bool,
          resume: str | None) -> None:
     """Grow a network stage by stage: train, score, price, select, split."""
-    import cost_models
     from hwsplit.infra.devices import check_device
-    from hwsplit.infra.parallel import on_main
-    from hwsplit.run.config import GrowConfig, load_config, parse_budget, recipe_settings
     from hwsplit.run.grow import grow as run_grow
+    from hwsplit.run.options import grow_settings, resume_settings
     from hwsplit.run.rundir import stage_table
 
     if resume is not None:
@@ -352,11 +349,8 @@ def grow(model: str, model_config: str | None, width_mult: float | None, activat
                                    "run, and --threads)")
         if _main_rank() and not Path(resume).is_dir():
             raise click.UsageError(f"--resume: {resume} is not a run directory")
-        config = on_main(load_config, resume, share=True)  # the run directory is rank 0's
-        if _given("stages"):
-            config = dataclasses.replace(config, stages=stages)
-        if _given("threads"):
-            config = dataclasses.replace(config, threads=threads)
+        config = resume_settings(resume, stages=stages if _given("stages") else None,
+                                 threads=threads if _given("threads") else None)
         check_device(config.device)
         if _main_rank():
             click.echo(f"resuming {resume} ({config.model} on {config.dataset}, cost {config.cost}, "
@@ -369,33 +363,29 @@ def grow(model: str, model_config: str | None, width_mult: float | None, activat
         return
 
     check_device(device, field="--device")
-    cost_options = _cost_options(cost, profile_path, metric)
-    GrowConfig(cost=cost, cost_options=cost_options)  # which cost options combine, before reading a profile
-    cost_model = cost_models.get_cost_model(cost, **cost_options)
-    budget_value = parse_budget(budget, cost_model.unit) if budget is not None else None
-    if cost in ("lut", "energy") and _main_rank():
-        click.echo(f"pricing with {cost_model.name} ({cost_model.unit}) from {profile_path}", err=True)
-    given = {key: value for key, value in (("price", price), ("group_budgets", group_budgets),
-                                           ("max_widths", _max_widths(max_widths)), ("lp_threshold", lp_threshold),
-                                           ("max_layer_growth", max_layer_growth))
-             if value is not None or (key == "max_widths" and max_widths is not None)}
-    config = GrowConfig(
+    selection_options = {key: value for key, value in (
+        ("price", price), ("group_budgets", group_budgets), ("max_widths", _max_widths(max_widths)),
+        ("lp_threshold", lp_threshold), ("max_layer_growth", max_layer_growth))
+        if value is not None or (key == "max_widths" and max_widths is not None)}
+    config, cost_model = grow_settings(dict(
         model=model, model_options=_model_options(model_config, width_mult, activation), dataset=dataset,
         data_dir=data_dir, download=download,
-        data_limit=limit, test_limit=_test_limit(test_limit), cost=cost, cost_options=cost_options,
-        growth_ratio=growth_ratio, stages=stages,
-        budget=budget_value, epochs=epochs, seed_epochs=seed_epochs, split_epochs=split_epochs,
+        data_limit=limit, test_limit=_test_limit(test_limit), cost=cost,
+        cost_options=_cost_options(cost, profile_path, metric), growth_ratio=growth_ratio, stages=stages,
+        epochs=epochs, seed_epochs=seed_epochs, split_epochs=split_epochs,
         split_method=split_method, split_vectors=split_vectors, split_allocation=split_allocation,
         scoring=scoring, scoring_tolerance=scoring_tolerance, scoring_z=scoring_z, scoring_min=scoring_min,
         scoring_cap=scoring_cap, split_candidates=split_candidates,
         split_step=split_step, selection=selection,
-        **recipe_settings(recipe, given, selection=selection),
         channel_multiple=_channel_multiple(channel_multiple),
         batch_size=batch_size, lr=lr, weight_decay=weight_decay, device=device, threads=threads, seed=seed,
         val_fraction=val_fraction, post_split=post_split, final_epochs=final_epochs, final_init=final_init,
         tensorboard=not no_tensorboard,
-    )
-    records = run_grow(config, out, overwrite=overwrite, progress=_progress, on_stage=_print_stage)
+    ), budget=budget, recipe=recipe, selection=selection_options)
+    if cost in ("lut", "energy") and _main_rank():
+        click.echo(f"pricing with {cost_model.name} ({cost_model.unit}) from {profile_path}", err=True)
+    records = run_grow(config, out, overwrite=overwrite, progress=_progress, on_stage=_print_stage,
+                       cost_model=cost_model)
     if _main_rank():
         click.echo(_table(stage_table(records)))
         _print_final(config, out, records)
@@ -468,8 +458,8 @@ def baseline_width(multipliers: str, like: str | None, model: str, model_config:
                    overwrite: bool) -> None:
     """Train the family uniformly scaled by width multipliers, from scratch, on grow's schedule."""
     from hwsplit.infra.devices import check_device
-    from hwsplit.run.baselines import grow_epochs, parse_multipliers, width_baseline
-    from hwsplit.run.config import config_like
+    from hwsplit.run.baselines import parse_multipliers, width_baseline
+    from hwsplit.run.config import config_like, stage_epochs_in_all
     from hwsplit.run.rundir import stage_table
 
     mults = parse_multipliers(multipliers)
@@ -494,7 +484,7 @@ def baseline_width(multipliers: str, like: str | None, model: str, model_config:
         overrides["cost_options"] = _cost_options(cost, profile_path, metric)
     config = config_like(like, overrides)
     check_device(config.device)
-    total = epochs if epochs is not None else grow_epochs(config)
+    total = epochs if epochs is not None else stage_epochs_in_all(config, config.stages)
     if _main_rank():
         click.echo(f"width baseline: {config.model} × {', '.join(f'{m:g}' for m in mults)}, {total} epochs each",
                    err=True)
@@ -539,20 +529,13 @@ def baseline_prune(like: str, method: str, width_mult: float | None, train_epoch
                    max_pruning_ratio: float | None, from_scratch: bool,
                    out: str | None, overwrite: bool) -> None:
     """Train a wide network of RUN's family, prune it to each target cost (Torch-Pruning), fine-tune it."""
-    from hwsplit.run.config import load_config
-    from hwsplit.run.prune import DEFAULT_SLIMMING_L1, MAX_PRUNING_RATIO, parse_targets, prune_baseline
+    from hwsplit.run.prune import DEFAULT_SLIMMING_L1, MAX_PRUNING_RATIO, prune_baseline
     from hwsplit.run.rundir import stage_table
 
     if slimming_l1 is not None and method != "slimming":
         raise click.UsageError("--slimming-l1 is the L1 penalty of --method slimming only")
-    parsed = None
-    if targets is not None:
-        import cost_models
-
-        config = load_config(like, purpose="like")
-        parsed = parse_targets(targets, cost_models.get_cost_model(config.cost, **config.cost_options).unit)
     records = prune_baseline(like, method=method, out=out, width_mult=width_mult, train_epochs=train_epochs,
-                             finetune_epochs=finetune_epochs, targets=parsed, from_scratch=from_scratch,
+                             finetune_epochs=finetune_epochs, targets=targets, from_scratch=from_scratch,
                              slimming_l1=DEFAULT_SLIMMING_L1 if slimming_l1 is None else slimming_l1,
                              max_pruning_ratio=MAX_PRUNING_RATIO if max_pruning_ratio is None else max_pruning_ratio,
                              overwrite=overwrite, progress=_progress, on_stage=_print_stage)
@@ -759,13 +742,9 @@ def profile(device: str, backend: str, meter: str, family: str, resolution: int,
 @_library_errors
 def fit(profile_path: str, metric: str | None, test_size: float, seed: int) -> None:
     """Fit the layer-cost regressor on a profile and report its held-out accuracy."""
-    from cost_models.predictor import fit_report
-    from cost_models.profile_io import load_profile
+    from hwsplit.run.options import fit_profile
 
-    data = load_profile(profile_path)
-    if metric is None:
-        metric = "energy_mj" if any("energy_mj" in r for r in data["rows"]) else "latency_ms"
-    report = fit_report(data, metric, test_size=test_size, seed=seed)
+    report = fit_profile(profile_path, metric=metric, test_size=test_size, seed=seed)
     click.echo(f"{profile_path}: {report['metric']} ({report['unit']}), {report['n_train']} rows fitted, "
                f"{report['n_test']} held out")
     click.echo(f"  RMSPE          {100 * report['rmspe']:.1f} %")

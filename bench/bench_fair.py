@@ -138,8 +138,11 @@ def channel_multiple(args: argparse.Namespace) -> int | None:
         return None
     if args.channel_multiple != "auto":
         return int(args.channel_multiple)
-    return resolve_channel_multiple(GrowConfig(cost="lut", cost_options={"profile": str(common.resolve(args.profile))},
-                                               channel_multiple="auto"))
+    from cost_models.profile_io import load_profile
+
+    path = str(common.resolve(args.profile))
+    return resolve_channel_multiple(GrowConfig(cost="lut", cost_options={"profile": path}, channel_multiple="auto"),
+                                    load_profile(path))
 
 
 def base_config(args: argparse.Namespace, seed: int):
@@ -184,7 +187,8 @@ def _mark(path: Path, t0: float) -> None:
 
 def run_seed(args: argparse.Namespace, out: Path, seed: int, steps: list[str], *, summarise_after: bool = True) -> None:
     from hwsplit.run.baselines import parse_multipliers, width_baseline
-    from hwsplit.run.finetune import finetune, stage_epochs_in_all
+    from hwsplit.run.config import stage_epochs_in_all
+    from hwsplit.run.finetune import finetune
     from hwsplit.run.grow import grow
 
     root = out / f"s{seed}"

@@ -53,7 +53,8 @@ def timing(args: argparse.Namespace, out: Path) -> list[dict]:
     from scipy.stats import spearmanr
 
     from hwsplit import build_model, splitting_indices
-    from hwsplit.training.data import load_dataset, make_loaders
+    from hwsplit.training.data import load_dataset
+    from hwsplit.training.loaders import make_loaders
     from hwsplit.training.train import TrainConfig, train
 
     device = torch.device(args.device)

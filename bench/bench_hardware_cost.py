@@ -75,8 +75,10 @@ def channel_multiple(args: argparse.Namespace) -> int | None:
         return None
     if text != "auto":
         return int(text)
+    from cost_models.profile_io import load_profile
+
     return resolve_channel_multiple(GrowConfig(cost="lut", cost_options={"profile": args.profile},
-                                               channel_multiple="auto"))
+                                               channel_multiple="auto"), load_profile(args.profile))
 
 
 def arms(args: argparse.Namespace) -> dict:

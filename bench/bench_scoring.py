@@ -222,7 +222,8 @@ def compare_auxiliary(model: torch.nn.Module, batches: list, example: torch.Tens
 # ------------------------------------------------------------------------------------------------
 
 def _load(args: argparse.Namespace):
-    from hwsplit.training.data import load_dataset, make_loaders
+    from hwsplit.training.data import load_dataset
+    from hwsplit.training.loaders import make_loaders
 
     bundle = load_dataset("npz", data_dir=args.data_dir, limit=args.images, seed=args.seed)
     train_loader, _ = make_loaders(bundle, batch_size=args.batch_size, seed=args.seed)

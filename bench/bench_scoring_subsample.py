@@ -10,7 +10,7 @@
    stage) under ``--run`` (checkpoints are not in git). An existing run there is reused.
 2. For each of the two networks, in one process: one training epoch of a copy (SGD as the run trains,
    timed), the full-pass scorer (``scoring="full"``: every batch of the loader's epoch ``SCORE_EPOCH``), then
-   the adaptive scorer (:class:`hwsplit.splitting.score.AdaptiveScoring`, the knapsack's cut for the stage's MACs
+   the adaptive scorer (:class:`hwsplit.splitting.ritz.AdaptiveScoring`, the knapsack's cut for the stage's MACs
    budget) for each of ``--seeds``: seed s reads the loader's epoch ``SCORE_EPOCH + 1 + s`` (another
    shuffle: another subsample, other augmentations) with descent seed s, and with ``--full-repeats 2``
    a second full pass on epoch ``SCORE_EPOCH + 10`` (how well two full passes agree: the ceiling).
@@ -100,7 +100,8 @@ def _agreement(full, other, costs, budget, z: float) -> dict:
 def _measure(name: str, path: Path, config, session, args: argparse.Namespace) -> dict:
     from hwsplit.network.checkpoint import load_checkpoint
     from hwsplit.network.models import model_from_architecture
-    from hwsplit.splitting.score import AdaptiveScoring, decided, splitting_indices
+    from hwsplit.splitting.ritz import AdaptiveScoring, decided
+    from hwsplit.splitting.score import splitting_indices
     from hwsplit.splitting.select import knapsack_cut
     from hwsplit.training.train import make_optimizer, train_epoch
 
@@ -220,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from hwsplit.run.stages import open_session
+    from hwsplit.run.session import open_session
 
     t0 = time.perf_counter()
     report: dict = {"command": command_line(), "date": now(), "machine": machine(), "args": vars(args),

@@ -71,11 +71,12 @@ def main(argv=None) -> None:
     if started is None:
         return
     out, info, t_start = started
-    from hwsplit.run.baselines import grow_epochs, parse_multipliers
+    from hwsplit.run.baselines import parse_multipliers
+    from hwsplit.run.config import stage_epochs_in_all
 
     config = common.grow_config(args, cost="flops")
     multipliers = sorted(parse_multipliers(args.multipliers), reverse=True)  # longest first
-    total = grow_epochs(config)
+    total = stage_epochs_in_all(config, config.stages)
     parts_dir = out / "width-parts"
     tasks = [common.grow_task(config, out / "grow", args, "grow")]
     for m in multipliers:

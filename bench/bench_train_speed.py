@@ -9,8 +9,8 @@ times one epoch of
 
 * **bare**: a plain loop written here — the uint8 images held as one tensor, a whole batch padded, cropped and
   flipped with tensor ops, normalised, forward, cross entropy, backward, SGD (nesterov, weight decay);
-* **hwsplit**: ``hwsplit.training.train.train`` over ``hwsplit.training.data.make_loaders``' training loader (the code
-  path every grow stage, fine-tune and baseline uses), with ``TrainConfig(channels_last=...)``;
+* **hwsplit**: ``hwsplit.training.train.train`` over ``hwsplit.training.loaders.make_loaders``' training loader (the
+  code path every grow stage, fine-tune and baseline uses), with ``TrainConfig(channels_last=...)``;
 
 same initial weights, same batch size (``--batch-size``, 128), one intra-op thread. The two are interleaved
 (bare, hwsplit, bare, hwsplit for ``--repeats``) and each figure is the minimum over repeats. Printed and saved:
@@ -83,7 +83,7 @@ def bare_epoch(model, images, labels, mean, std, *, batch_size: int, channels_la
 
 
 def hwsplit_epoch(model, bundle, *, batch_size: int, channels_last: bool, seed: int) -> float:
-    from hwsplit.training.data import make_loaders
+    from hwsplit.training.loaders import make_loaders
     from hwsplit.training.train import TrainConfig, train
 
     loader, _ = make_loaders(bundle, batch_size=batch_size, seed=seed)

@@ -19,7 +19,8 @@ torch.set_num_threads(1)
 
 from conftest import synthetic_data, tiny_mobilenet  # noqa: E402
 
-from hwsplit.training.data import TensorBatchLoader, TensorImageDataset  # noqa: E402
+from hwsplit.training.bundle import TensorImageDataset  # noqa: E402
+from hwsplit.training.loaders import TensorBatchLoader  # noqa: E402
 
 
 class Float64Loader:
@@ -60,11 +61,12 @@ def scenario_scores(rank: int, world: int) -> dict:
 def scenario_grow(rank: int, world: int, out: Path) -> dict:
     import hwsplit.run.grow as grow_module
     import hwsplit.run.grower as grower_module  # a stage's selection and split are Grower.grow_step's
+    import hwsplit.run.stages as stages_module  # every loop trains through stages.record_stage
     from hwsplit.infra.distributed import checksum
     from hwsplit.run.config import GrowConfig
 
     selected, applied, sums = [], [], []
-    select, apply, record = grower_module.select_stage, grower_module.apply_split, grow_module.train_and_record
+    select, apply, record = grower_module.select_stage, grower_module.apply_split, stages_module.train_and_record
 
     def spy_select(*args, **kwargs):
         plan, info = select(*args, **kwargs)
@@ -82,10 +84,14 @@ def scenario_grow(rank: int, world: int, out: Path) -> dict:
         return result
 
     grower_module.select_stage, grower_module.apply_split = spy_select, spy_apply
-    grow_module.train_and_record = spy_record
+    stages_module.train_and_record = spy_record
     config = GrowConfig(model="mlp", dataset="digits", data_limit=300, stages=2, epochs=1, batch_size=32,
                         split_epochs=1, seed=0)
-    records = grow_module.grow(config, out / f"run-rank{rank}")  # rank 1 must write nothing there
+    try:
+        records = grow_module.grow(config, out / f"run-rank{rank}")  # rank 1 must write nothing there
+    finally:
+        grower_module.select_stage, grower_module.apply_split = select, apply
+        stages_module.train_and_record = record
     return {"selected": selected, "applied": applied, "checksums": sums,
             "records": [{"stage": r["stage"], "world_size": r["world_size"], "test_top1": r["test_top1"]}
                         for r in records]}
@@ -94,20 +100,24 @@ def scenario_grow(rank: int, world: int, out: Path) -> dict:
 def scenario_width(rank: int, world: int, out: Path) -> dict:
     """The width baseline on every rank; rank 1's run directory must stay unwritten."""
     import hwsplit.run.baselines as baselines
+    import hwsplit.run.stages as stages_module  # every loop trains through stages.record_stage
     from hwsplit.infra.distributed import checksum
     from hwsplit.run.config import GrowConfig
 
     sums = []
-    record = baselines.train_and_record
+    record = stages_module.train_and_record
 
     def spy_record(session, model, *args, **kwargs):
         result = record(session, model, *args, **kwargs)
         sums.append(checksum(model))
         return result
 
-    baselines.train_and_record = spy_record
+    stages_module.train_and_record = spy_record
     config = GrowConfig(model="mlp", dataset="digits", data_limit=300, batch_size=32, seed=0)
-    records = baselines.width_baseline(config, [0.5, 1.0], out / f"width-rank{rank}", epochs=1)
+    try:
+        records = baselines.width_baseline(config, [0.5, 1.0], out / f"width-rank{rank}", epochs=1)
+    finally:
+        stages_module.train_and_record = record
     return {"checksums": sums, "world_size": [r["world_size"] for r in records]}
 
 

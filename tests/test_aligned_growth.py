@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -20,7 +18,7 @@ from hwsplit.splitting.blocks import (
     select_blocks,
     solve_grouped_knapsack,
 )
-from hwsplit.splitting.score import SplitScore
+from hwsplit.splitting.estimators import SplitScore
 
 
 def _instance(rng: np.random.Generator) -> tuple[list[np.ndarray], list[np.ndarray], float]:
@@ -193,21 +191,18 @@ def test_config_validation_names_the_field(fields, message):
 
 
 def test_auto_reads_the_profiles_channel_block(tmp_path):
-    with_block = tmp_path / "p.json"
-    with_block.write_text(json.dumps({"rows": [], "channel_block": 16}))
-    config = GrowConfig(cost="lut", cost_options={"profile": str(with_block)}, channel_multiple="auto")
-    assert resolve_channel_multiple(config) == 16
+    """"auto" takes the channel block of the profile as loaded (the run's cost model's), never the file again."""
+    path = str(tmp_path / "p.json")  # never read: the loaded profile is passed
+    config = GrowConfig(cost="lut", cost_options={"profile": path}, channel_multiple="auto")
+    assert resolve_channel_multiple(config, {"rows": [], "channel_block": 16}) == 16
     assert resolve_channel_multiple(GrowConfig(channel_multiple=8)) == 8
     assert resolve_channel_multiple(GrowConfig()) is None
-    without = tmp_path / "old.json"
-    without.write_text(json.dumps({"rows": []}))
-    config = GrowConfig(cost="lut", cost_options={"profile": str(without)}, channel_multiple="auto")
     with pytest.raises(ConfigError, match=r"channel_multiple: auto needs the field 'channel_block' of the profile"):
-        resolve_channel_multiple(config)
-    with_block.write_text(json.dumps({"rows": [], "channel_block": 0}))
+        resolve_channel_multiple(config, {"rows": []})
     with pytest.raises(ConfigError, match="channel_block: expected a whole number"):
-        resolve_channel_multiple(GrowConfig(cost="lut", cost_options={"profile": str(with_block)},
-                                            channel_multiple="auto"))
+        resolve_channel_multiple(config, {"rows": [], "channel_block": 0})
+    with pytest.raises(ConfigError, match="channel_multiple: auto needs the profile .* loaded"):
+        resolve_channel_multiple(config)
 
 
 def test_cli_rejects_a_bad_channel_multiple(tmp_path):

@@ -11,8 +11,8 @@ from click.testing import CliRunner
 
 from cli import main
 from hwsplit.network.checkpoint import load_model
-from hwsplit.run.baselines import grow_epochs, parse_multipliers
-from hwsplit.run.config import GrowConfig
+from hwsplit.run.baselines import parse_multipliers
+from hwsplit.run.config import GrowConfig, stage_epochs_in_all
 from hwsplit.splitting.select import random_selection
 
 TINY = ["--epochs", "1", "--limit", "300", "--batch-size", "32"]
@@ -69,13 +69,13 @@ def test_random_selection_names_bad_costs(costs, message):
         random_selection({"a": 2, "b": 3}, costs, 1.0, seed=0)
 
 
-def test_parse_multipliers_and_grow_epochs():
+def test_parse_multipliers_and_stage_epochs_in_all():
     assert parse_multipliers("0.25, 0.5,1") == [0.25, 0.5, 1.0]
     for bad in ("0.5,x", "0,1", "", "1,1"):
         with pytest.raises(ValueError, match="^multipliers:"):
             parse_multipliers(bad)
-    assert grow_epochs(GrowConfig(stages=4, epochs=15)) == 75
-    assert grow_epochs(GrowConfig(stages=2, epochs=3, seed_epochs=10)) == 16
+    assert stage_epochs_in_all(GrowConfig(stages=4, epochs=15), 4) == 75
+    assert stage_epochs_in_all(GrowConfig(stages=2, epochs=3, seed_epochs=10), 2) == 16
 
 
 # -- both baselines write the grow record format ------------------------------------------------------

@@ -6,7 +6,7 @@ import pytest
 from test_lut import SHAPE, affine_cost, synthetic_profile
 
 from cost_models import get_cost_model
-from cost_models.profiling.profiler import calibration_architectures, family_grid
+from cost_models.profiling.grid import calibration_architectures, family_grid
 from hwsplit.network.models import model_from_architecture
 
 

@@ -11,7 +11,8 @@ from click.testing import CliRunner
 
 from cli import main
 from hwsplit.network.checkpoint import load_checkpoint, load_model
-from hwsplit.training.data import load_dataset, make_loaders
+from hwsplit.training.data import load_dataset
+from hwsplit.training.loaders import make_loaders
 
 TINY = ["--stages", "2", "--epochs", "1", "--limit", "300", "--batch-size", "32"]
 
@@ -127,7 +128,8 @@ def test_split_vectors_reach_the_scorer(tmp_path, monkeypatch):
     """--split-vectors is the scoring cost/quality dial: it is the Rayleigh–Ritz subspace size of every
     stage's splitting_indices call, and a bad value in a config names its field."""
     import hwsplit.run.grower as grow_module  # a stage's scoring is Grower.grow_step's
-    from hwsplit.run.config import ConfigError, GrowConfig
+    from hwsplit.infra.errors import ConfigError
+    from hwsplit.run.config import GrowConfig
 
     seen = []
     real = grow_module.splitting_indices

@@ -10,17 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from hwsplit.training.data import (
-    DataBundle,
-    DataError,
-    TensorBatchLoader,
-    TensorImageDataset,
-    available_datasets,
-    epoch_batches,
-    example_batch,
-    load_dataset,
-    make_loaders,
-)
+from hwsplit.training.bundle import DataBundle, DataError, TensorImageDataset, example_batch
+from hwsplit.training.data import available_datasets, load_dataset
+from hwsplit.training.loaders import TensorBatchLoader, epoch_batches, make_loaders
 
 REAL_CIFAR = Path("../shared/data/cifar10")
 

@@ -1,4 +1,4 @@
-"""Closed-form activation derivatives of hwsplit/splitting/score.py against autograd, value by value.
+"""Closed-form activation derivatives of hwsplit/splitting/chain.py against autograd, value by value.
 
 Scoring never differentiates an activation twice through autograd when it knows f' and f'' in closed
 form (docs/design.md §2); a wrong factor there changes every splitting index without any error. Each
@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hwsplit.splitting.score import _elementwise_derivatives, _frozen_bn, _Step, activation_derivatives, activation_fn
+from hwsplit.splitting.chain import _elementwise_derivatives, _frozen_bn, _Step, activation_derivatives, activation_fn
 
 # softplus_β switches to its linear branch at βx > 20 (torch's threshold), where the surrogates'
 # closed forms keep σ(βx) ≈ 1 − 2e-9 (β·2e-9 in f''): hence tolerances of 1e-8 to 1e-7, far below
@@ -63,7 +63,7 @@ def test_closed_form_matches_autograd(name, kwargs, beta):
 
 
 def test_surrogates_are_the_documented_formulas():
-    """The module docstring's surrogates, written out independently of score.py."""
+    """The module docstring's surrogates, written out independently of chain.py."""
     b = 3.0
 
     def sp(x):

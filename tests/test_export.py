@@ -110,7 +110,8 @@ def test_onnx_metadata_round_trips_the_preprocessing(tmp_path, run):
 
 def test_baked_in_preprocessing_matches_pytorch_on_raw_float_images(tmp_path, run):
     from hwsplit.run.export import read_metadata
-    from hwsplit.training.data import load_dataset, make_loaders
+    from hwsplit.training.data import load_dataset
+    from hwsplit.training.loaders import make_loaders
 
     onnx_path = tmp_path / "raw.onnx"
     result = CliRunner().invoke(main, ["export", str(run), "--with-preprocessing", "--onnx", str(onnx_path)])
@@ -130,7 +131,8 @@ def test_baked_in_preprocessing_matches_pytorch_on_raw_float_images(tmp_path, ru
 
 def test_baked_in_preprocessing_takes_uint8_images(tmp_path):
     from hwsplit.run.export import read_metadata
-    from hwsplit.training.data import load_dataset, make_loaders
+    from hwsplit.training.data import load_dataset
+    from hwsplit.training.loaders import make_loaders
 
     data = tmp_path / "npz"
     data.mkdir()

@@ -19,8 +19,9 @@ from hwsplit.infra.errors import ConfigError
 from hwsplit.network.checkpoint import load_checkpoint
 from hwsplit.run.config import GrowConfig
 from hwsplit.run.finetune import ship_stage
-from hwsplit.run.stages import KILL_AT_ENV
-from hwsplit.training.data import load_dataset, split_validation
+from hwsplit.run.guard import KILL_AT_ENV
+from hwsplit.training.bundle import split_validation
+from hwsplit.training.data import load_dataset
 from hwsplit.training.schedule import WARM_LR_FACTOR, WARMUP_FRACTION, stage_train_config
 from hwsplit.training.train import TrainConfig, make_optimizer, make_scheduler
 

@@ -10,7 +10,7 @@ from test_surgery import _NoBias
 
 from cost_models import LayerSpec, available_cost_models, get_cost_model
 from hwsplit import apply_split, build_model, find_neuron_groups, layer_specs
-from hwsplit.splitting.score import SplitScore
+from hwsplit.splitting.estimators import SplitScore
 
 FLOPS = get_cost_model("flops")
 

@@ -272,7 +272,7 @@ def test_linear_on_positions_then_flatten_is_not_mislabelled():
     j·T … (j+1)·T−1 that Consumer.columns means (NCHW order). Either refuse or get it right; splitting
     must never silently change the function."""
     from hwsplit import apply_split
-    from hwsplit.splitting.score import SplitScore
+    from hwsplit.splitting.estimators import SplitScore
 
     torch.manual_seed(0)
     model = _TokenMLP().eval()

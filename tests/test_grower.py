@@ -22,7 +22,7 @@ from hwsplit import Grower, apply_split, splitting_indices
 from hwsplit.network.checkpoint import load_checkpoint, load_model
 from hwsplit.run.config import load_config
 from hwsplit.run.grower import STOP_BUDGET, STOP_NO_NEGATIVE
-from hwsplit.run.stages import open_session, stage_seed
+from hwsplit.run.session import open_session, stage_seed
 from hwsplit.run.tblog import RunBoard
 from hwsplit.splitting.surgery import split_sources
 from hwsplit.training.train import seed_everything, train
@@ -396,7 +396,7 @@ def test_a_stage_killed_mid_training_and_resumed_shows_every_epoch_once(tmp_path
     import subprocess
     import sys
 
-    from hwsplit.run.stages import KILL_AT_ENV
+    from hwsplit.run.guard import KILL_AT_ENV
 
     out = tmp_path / "run"
     args = [sys.executable, "cli.py", "grow", "--stages", "2", "--epochs", "3", "--seed-epochs", "2", "--limit", "300",

@@ -15,7 +15,8 @@ import hwsplit.network.graph
 from cost_models import get_cost_model
 from cost_models.lut import LookupTableCostModel, LutExtrapolationWarning
 from cost_models.profile_io import SCHEMA, load_profile, save_profile
-from cost_models.profiling.profiler import family_grid, profile_family
+from cost_models.profiling.grid import family_grid
+from cost_models.profiling.profiler import profile_family
 from hwsplit.network.graph import layer_specs
 from hwsplit.network.models import build_model
 from hwsplit.network.specs import LayerSpec

@@ -16,7 +16,7 @@ import pytest
 
 from cost_models import get_cost_model
 from cost_models.lut import LutExtrapolationWarning
-from cost_models.profiling.profiler import family_grid
+from cost_models.profiling.grid import family_grid
 from hwsplit.network.models import build_model, model_from_architecture
 from hwsplit.network.specs import LayerSpec
 

@@ -17,7 +17,7 @@ from cost_models.profiling.meters import (
     integrate_power_mj,
     nvidia_gpu_available,
 )
-from cost_models.profiling.profiler import make_meter
+from cost_models.profiling.runner import make_meter
 
 
 class FakeClock:

@@ -22,7 +22,7 @@ from cost_models.predictor import (
     profile_targets,
 )
 from cost_models.profile_io import SCHEMA, load_profile, save_profile
-from cost_models.profiling.profiler import family_grid
+from cost_models.profiling.grid import family_grid
 from hwsplit.network.graph import layer_specs
 from hwsplit.network.models import build_model
 from hwsplit.network.specs import LAYER_KINDS, LayerSpec

@@ -11,14 +11,10 @@ import pytest
 
 from cost_models.profile_io import SCHEMA, load_profile, save_profile, validate_profile
 from cost_models.profiling import profiler
+from cost_models.profiling.grid import family_grid
+from cost_models.profiling.measure import measure_model
 from cost_models.profiling.meters import NoGpuError, nvidia_gpu_available
-from cost_models.profiling.profiler import (
-    DEFAULT_TIME_BUDGET_S,
-    estimate_profile_seconds,
-    family_grid,
-    measure_model,
-    profile_family,
-)
+from cost_models.profiling.profiler import DEFAULT_TIME_BUDGET_S, estimate_profile_seconds, profile_family
 from hwsplit.network.models import MOBILENET_V1_STANDARD, build_model
 from hwsplit.network.specs import LayerSpec
 

@@ -18,8 +18,8 @@ from cli import main
 from hwsplit.infra.errors import ConfigError
 from hwsplit.network.checkpoint import load_checkpoint, load_model
 from hwsplit.network.models import architecture, build_model, model_from_architecture
+from hwsplit.run.guard import KILL_AT_ENV
 from hwsplit.run.prune import TOLERANCE, prune_to_cost, slimming_loss
-from hwsplit.run.stages import KILL_AT_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--stages", "2", "--epochs", "1", "--limit", "300", "--batch-size", "32"]

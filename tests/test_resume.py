@@ -18,7 +18,7 @@ from click.testing import CliRunner
 
 from cli import main
 from hwsplit.network.checkpoint import load_checkpoint
-from hwsplit.run.stages import KILL_AT_ENV
+from hwsplit.run.guard import KILL_AT_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--stages", "2", "--epochs", "1", "--limit", "300", "--batch-size", "32"]

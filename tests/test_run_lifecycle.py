@@ -13,9 +13,9 @@ import pytest
 from click.testing import CliRunner
 
 from cli import main
+from hwsplit.run.guard import KILL_AT_ENV
 from hwsplit.run.report import write_report
 from hwsplit.run.rundir import RunDir, record_widths, run_status, stage_table
-from hwsplit.run.stages import KILL_AT_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--stages", "1", "--epochs", "1", "--limit", "200", "--batch-size", "32"]

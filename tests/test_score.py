@@ -12,7 +12,7 @@ from conftest import batches, synthetic_data, tiny_mobilenet, train_briefly
 from scipy.stats import spearmanr
 
 from hwsplit import apply_split, find_neuron_groups, splitting_indices
-from hwsplit.splitting.score import activation_fn
+from hwsplit.splitting.chain import activation_fn
 
 # -- an independent brute force: per-sample Hessians of the composite neuron with torch.func ----
 
@@ -232,7 +232,7 @@ def test_mlp_and_bad_arguments():
 
 def test_affine_only_chains_have_zero_index_without_crashing():
     """A producer followed by BatchNorm alone (MobileNetV2's projections) is linear: S = 0."""
-    from hwsplit.splitting.score import _elementwise_derivatives, _frozen_bn
+    from hwsplit.splitting.chain import _elementwise_derivatives, _frozen_bn
 
     bn = nn.BatchNorm2d(3).eval()
     h = torch.randn(2, 3, 4, 4)
@@ -274,7 +274,9 @@ def test_ritz_quadratic_form_equals_the_hessian_vector_products(trained_tiny):
     """LocalChain.ritz_prepared (forward half of the HVP only) gives Vᵀ S_b V as hvp_prepared does,
     for a plain chain, a depthwise chain and a Linear producer."""
     from hwsplit import build_model
-    from hwsplit.splitting.score import LocalChain, _batches, trace
+    from hwsplit.network.graph import trace
+    from hwsplit.splitting.chain import LocalChain
+    from hwsplit.splitting.recording import record_batches
 
     torch.manual_seed(0)
     mlp = build_model("mlp", in_features=12, widths=[7, 5], num_classes=3, batchnorm=True, activation="silu").eval()
@@ -284,7 +286,7 @@ def test_ritz_quadratic_form_equals_the_hessian_vector_products(trained_tiny):
     for model, data in cases:
         model.eval()
         groups = [g for g in find_neuron_groups(model, data[0][0][:2]) if g.splittable]
-        batch = next(iter(_batches(model, trace(model), groups, data, F.cross_entropy, len(data[0][0]), None)))
+        batch = next(iter(record_batches(model, trace(model), groups, data, F.cross_entropy, len(data[0][0]), None)))
         for g in groups:
             chain = LocalChain(model, g, surrogate_beta=3.0)
             ctx = batch.prepare(chain)
@@ -337,7 +339,7 @@ def test_rayleigh_ritz_bounds_and_fixed_subspace(trained_tiny):
 
 def test_ritz_vectors_are_allocated_by_cost():
     """b_g = max(b, b·Σc/(√c_g·Σ√c)) within d_g: at least b, more where a vector is cheap; uniform is b (≤ d_g)."""
-    from hwsplit.splitting.score import allocate_ritz_vectors
+    from hwsplit.splitting.ritz import allocate_ritz_vectors
 
     costs = {"stem": 400.0, "mid": 100.0, "late": 36.0, "narrow": 25.0}
     dims = {"stem": 27, "mid": 64, "late": 128, "narrow": 6}
@@ -360,12 +362,13 @@ def test_ritz_vectors_are_allocated_by_cost():
 def test_splitting_indices_uses_the_allocation_per_group(trained_tiny, monkeypatch):
     """The allocation decides each group's basis: b_g − 1 residuals kept and a basis of b_g columns; it is
     made once per call (on the first batch), and not at all without the Rayleigh–Ritz finish."""
+    import hwsplit.splitting.estimators as estimators
     import hwsplit.splitting.score as score
 
     model, data = trained_tiny
     data = data[:4]  # ritz_from = 0.5: two descent steps, then the Rayleigh–Ritz sum
     calls, bases = [], []
-    real_basis = score._ritz_basis
+    real_basis = estimators.ritz_basis
 
     def fake_allocation(costs, dims, vectors, rule="cost"):
         calls.append((vectors, rule))
@@ -377,8 +380,8 @@ def test_splitting_indices_uses_the_allocation_per_group(trained_tiny, monkeypat
         bases.append((size, len(residuals), q.shape[2]))  # in the groups' order, as allocated
         return q
 
-    monkeypatch.setattr(score, "allocate_ritz_vectors", fake_allocation)
-    monkeypatch.setattr(score, "_ritz_basis", spy_basis)
+    monkeypatch.setattr(estimators, "allocate_ritz_vectors", fake_allocation)
+    monkeypatch.setattr(estimators, "ritz_basis", spy_basis)
     scores = score.splitting_indices(model, data, ritz_from=0.5)
     assert calls == [(6, "cost")]
     assert len(bases) == len(scores) >= 2
@@ -396,7 +399,7 @@ def test_splitting_indices_uses_the_allocation_per_group(trained_tiny, monkeypat
 def test_ritz_cost_counts_the_tangent_work(trained_tiny):
     """LocalChain.ritz_cost: n·P_h·(d + RITZ_ELEMENT_MACS) + n·P_z·(k² + RITZ_ELEMENT_MACS) per sample."""
     from hwsplit.network.graph import find_neuron_groups
-    from hwsplit.splitting.score import RITZ_ELEMENT_MACS, LocalChain
+    from hwsplit.splitting.chain import RITZ_ELEMENT_MACS, LocalChain
 
     model, data = trained_tiny
     x = data[0][0]
@@ -426,12 +429,14 @@ def test_depthwise_input_gradient_is_reused_only_where_it_equals_g_s(trained_tin
     """The backward pass's ∂L/∂s at the depthwise input stands in for g_s = Lᵀ(g E2'(z)) where the scored
     chain is the network's (SiLU): the prepared products are the same as with g_s computed; with a
     surrogate (ReLU) it is not reused."""
-    from hwsplit.splitting.score import LocalChain, _batches, trace
+    from hwsplit.network.graph import trace
+    from hwsplit.splitting.chain import LocalChain
+    from hwsplit.splitting.recording import record_batches
 
     model, data = trained_tiny
     model.eval()
     groups = [g for g in find_neuron_groups(model, data[0][0][:2]) if g.splittable]
-    batch = next(iter(_batches(model, trace(model), groups, data[:1], F.cross_entropy, len(data[0][0]), None)))
+    batch = next(iter(record_batches(model, trace(model), groups, data[:1], F.cross_entropy, len(data[0][0]), None)))
     reused = 0
     for g in groups:
         chain = LocalChain(model, g, surrogate_beta=3.0)
@@ -449,7 +454,7 @@ def test_depthwise_input_gradient_is_reused_only_where_it_equals_g_s(trained_tin
     assert reused >= 2
     relu = tiny_mobilenet(activation="relu").eval()
     relu_groups = [g for g in find_neuron_groups(relu, data[0][0][:2]) if g.splittable]
-    batch = next(iter(_batches(relu, trace(relu), relu_groups, data[:1], F.cross_entropy, len(data[0][0]), None)))
+    batch = next(iter(record_batches(relu, trace(relu), relu_groups, data[:1], F.cross_entropy, len(data[0][0]), None)))
     assert all("gs" not in inter for inter in batch.intermediates.values())
 
 
@@ -458,13 +463,13 @@ def test_replay_memory_cap_falls_back_to_the_later_batches(trained_tiny, monkeyp
     result is ``ritz_replay=False``'s, and the cap is logged once."""
     import logging
 
-    import hwsplit.splitting.score as score
+    import hwsplit.splitting.estimators as estimators
 
     model, data = trained_tiny
     data = data[:4]
     off = splitting_indices(model, data, ritz_replay=False)
-    monkeypatch.setattr(score, "RITZ_REPLAY_BYTES", 0)
-    with caplog.at_level(logging.INFO, logger=score.log.name):
+    monkeypatch.setattr(estimators, "RITZ_REPLAY_BYTES", 0)
+    with caplog.at_level(logging.INFO, logger=estimators.log.name):
         capped = splitting_indices(model, data)
     assert sum("not replayed" in r.getMessage() for r in caplog.records) == 1
     for name in off:

@@ -12,16 +12,11 @@ from conftest import batches, synthetic_data, tiny_mobilenet, train_briefly
 
 from cli import main
 from hwsplit import Grower, splitting_indices
-from hwsplit.run.config import ConfigError, GrowConfig
-from hwsplit.splitting.score import (
-    AdaptiveScoring,
-    SplitScore,
-    _BatchMeans,
-    decided,
-    ritz_estimate,
-    scoring_record,
-    significant_scores,
-)
+from hwsplit.infra.errors import ConfigError
+from hwsplit.run.config import GrowConfig
+from hwsplit.splitting.estimators import SplitScore
+from hwsplit.splitting.ritz import AdaptiveScoring, BatchMeans, decided, ritz_estimate
+from hwsplit.splitting.score import scoring_record, significant_scores
 from hwsplit.splitting.select import knapsack_cut, select_neurons
 
 
@@ -56,7 +51,7 @@ def test_error_bar_of_lambda_on_a_synthetic_S_with_known_variance():
     per_batch = torch.linalg.eigvalsh(grams)[..., 0]
     assert float(per_batch.mean()) < -1.0 - 0.01
     # batch means (groups of batches, as the scorer keeps them) give the same SE within its own noise
-    means = _BatchMeans(groups=8)
+    means = BatchMeans(groups=8)
     for k in range(count):
         means.add({"g": grams[k]}, float(w[k]))
     assert len(means.sums) <= 16 and sum(means.counts) == count
@@ -69,7 +64,7 @@ def test_batch_means_without_merging_equal_the_direct_estimate():
     gen = torch.Generator().manual_seed(1)
     grams = _noisy_grams(10, 50, torch.full((10,), 0.2), gen)
     weights = torch.arange(1.0, 11.0)
-    means = _BatchMeans(groups=32)
+    means = BatchMeans(groups=32)
     for k in range(10):
         means.add({"g": grams[k]}, float(weights[k]))
     lam, y, se = ritz_estimate(grams, weights)
@@ -308,7 +303,7 @@ def test_make_grower_passes_the_scoring_fields_and_stage_records_keep_them():
     config = GrowConfig(model="mlp", scoring="adaptive", scoring_tolerance=0.2, scoring_z=1.5, scoring_min=0.1,
                         scoring_cap=0.4, split_candidates="significant")
     session = SimpleNamespace(input_shape=(1, 4), device=torch.device("cpu"),
-                              cost_model=cost_models.get_cost_model("flops"))
+                              cost_model=cost_models.get_cost_model("flops"), channel_multiple=None)
     grower = make_grower(config, session, model)
     assert (grower.scoring, grower.scoring_tolerance, grower.scoring_z, grower.scoring_min, grower.scoring_cap,
             grower.split_candidates) == ("adaptive", 0.2, 1.5, 0.1, 0.4, "significant")

@@ -13,7 +13,7 @@ import torchvision
 from test_graph import _UsedTwice
 
 from hwsplit import apply_split, architecture, build_model, find_neuron_groups, model_from_architecture
-from hwsplit.splitting.score import SplitScore
+from hwsplit.splitting.estimators import SplitScore
 
 
 def randomise_bn(model: nn.Module, x: torch.Tensor, seed: int = 0) -> nn.Module:

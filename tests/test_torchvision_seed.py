@@ -15,8 +15,9 @@ from cli import main
 from hwsplit import apply_split, architecture, build_model, find_neuron_groups, model_from_architecture
 from hwsplit.network.checkpoint import load_checkpoint, load_model
 from hwsplit.network.resize import resize_groups
-from hwsplit.splitting.score import SplitScore
-from hwsplit.training.data import load_dataset, make_loaders
+from hwsplit.splitting.estimators import SplitScore
+from hwsplit.training.data import load_dataset
+from hwsplit.training.loaders import make_loaders
 
 TV = "torchvision:mobilenet_v2"
 
@@ -90,7 +91,7 @@ def test_bad_architectures_and_options_are_value_errors():
 def test_one_channel_images_get_a_one_channel_stem():
     bundle = load_dataset("digits", limit=50)
     from hwsplit.run.config import GrowConfig
-    from hwsplit.run.stages import build_seed
+    from hwsplit.run.session import build_seed
 
     model = build_seed(GrowConfig(model=TV, model_options={"width_mult": 0.25}), bundle)
     assert isinstance(model, torchvision.models.MobileNetV2) and model.features[0][0].in_channels == 1

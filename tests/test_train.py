@@ -9,13 +9,15 @@ import pytest
 import torch
 from torch import nn
 
-from hwsplit.training.data import TensorBatchLoader, TensorImageDataset, load_dataset, make_loaders
+from hwsplit.infra.distributed import reduce_sum
+from hwsplit.training.bundle import TensorImageDataset
+from hwsplit.training.data import load_dataset
+from hwsplit.training.loaders import TensorBatchLoader, make_loaders
 from hwsplit.training.train import (
     TrainConfig,
     evaluate,
     make_optimizer,
     make_scheduler,
-    reduce_sum,
     seed_everything,
     train,
 )

@@ -139,7 +139,7 @@ def global_sample_count(samples: int, batches: int | None = None) -> int:
     counts = [int(b) for b in table[w:]]
     if batches is not None and len(set(counts)) > 1:
         raise ValueError(f"loader: the ranks have different numbers of batches per pass ({counts}); a loader "
-                         "sharded with padding (hwsplit.training.data.make_loaders' training loader) keeps them in "
+                         "sharded with padding (hwsplit.training.loaders.make_loaders' training loader) keeps them in "
                          "lockstep")
     return int(sum(table[:w]))
 

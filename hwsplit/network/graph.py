@@ -90,7 +90,7 @@ def layer_specs(model: nn.Module, input_shape: tuple[int, ...]) -> list[LayerSpe
 # --------------------------------------------------------------------------------------------
 
 # Canonical activation names. "Kinked" ones have σ'' = 0 almost everywhere and are scored through
-# a smooth surrogate (see hwsplit.splitting.score.activation_fn).
+# a smooth surrogate (see hwsplit.splitting.chain.activation_fn).
 _ACT_MODULES: dict[type, str] = {
     nn.ReLU: "relu", nn.ReLU6: "relu6", nn.Hardswish: "hardswish", nn.SiLU: "silu", nn.GELU: "gelu",
     nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.Softplus: "softplus", nn.ELU: "elu",

@@ -42,8 +42,9 @@ MOBILENET_V1_CONFIGS = {"standard": MOBILENET_V1_STANDARD, "cifar_seed": MOBILEN
                         "tiny_seed": MOBILENET_V1_TINY_SEED}
 
 
-#: Widest layer (channels or features) and most classes a family accepts: beyond them an
-#: architecture is a corrupt or hostile file (a 10⁶-wide layer needs terabytes), not a network.
+#: Widest layer (channels or features) and most classes a family (and a data set's labels, hwsplit.training.data)
+#: accepts: beyond them an architecture is a corrupt or hostile file (a 10⁶-wide layer needs terabytes), not a
+#: network, and a label a corrupt file, not a real class.
 MAX_WIDTH = 1 << 16
 MAX_CLASSES = 100_000
 

@@ -19,9 +19,11 @@ from typing import Any
 from hwsplit.infra.distributed import is_main, world_size
 from hwsplit.infra.fsio import check_writable_name
 from hwsplit.infra.parallel import on_main
-from hwsplit.run.config import RUN_INFO_PREPROCESSING, RUN_INFO_WORLD_SIZE, GrowConfig
+from hwsplit.run.config import RUN_INFO_PREPROCESSING, RUN_INFO_WORLD_SIZE, GrowConfig, stage_epochs_in_all
+from hwsplit.run.guard import guarded_records
 from hwsplit.run.rundir import RunDir, continue_or_start, write_summary
-from hwsplit.run.stages import build_seed, guarded_records, open_session, stage_seed, train_and_record, write_stage
+from hwsplit.run.session import open_session, stage_seed
+from hwsplit.run.stages import record_stage
 from hwsplit.run.tblog import board_closed, open_board
 from hwsplit.training.train import seed_everything
 
@@ -32,11 +34,6 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------------------------
 
 WIDTH_BASELINE = "width"
-
-
-def grow_epochs(config: GrowConfig) -> int:
-    """Training epochs a grow run of ``config`` spends on its final network: seed + stages × epochs."""
-    return (config.seed_epochs or config.epochs) + config.stages * config.epochs
 
 
 def parse_multipliers(text: str | Sequence[float]) -> list[float]:
@@ -66,9 +63,9 @@ def width_baseline(config: GrowConfig, multipliers: Sequence[float], out: str | 
     Multiplier ``m`` scales the widths of the seed ``grow`` would start from (its ``width_mult``
     times ``m``; for ``mlp`` the hidden widths), so ``1.0`` is the seed itself and, with
     ``--config standard``, the multipliers are the MobileNet paper's. Each network is trained for
-    ``epochs`` (default :func:`grow_epochs`: what a grow run of the same settings spends on its
-    final network) in one schedule of ``config``'s kind (SGD, cosine by default), from the same
-    initial seed (``config.seed * 1000``) and the same data order as grow's stage 0.
+    ``epochs`` (default :func:`~hwsplit.run.config.stage_epochs_in_all` of ``config.stages``: what a grow
+    run of the same settings spends on its final network) in one schedule of ``config``'s kind (SGD, cosine
+    by default), from the same initial seed (``config.seed * 1000``) and the same data order as grow's stage 0.
 
     ``out`` gets ``config.json`` (``config``'s fields plus ``"baseline": "width"``,
     ``"multipliers"``, ``"total_epochs"``), ``stages.jsonl`` (one record per multiplier, with the
@@ -79,14 +76,14 @@ def width_baseline(config: GrowConfig, multipliers: Sequence[float], out: str | 
     Returns the records.
     """
     multipliers = parse_multipliers(multipliers)
-    total = grow_epochs(config) if epochs is None else epochs
+    total = stage_epochs_in_all(config, config.stages) if epochs is None else epochs
     if isinstance(total, bool) or not isinstance(total, int) or total < 1:
         raise ValueError(f"epochs: expected a positive integer, got {epochs!r}")
     run = RunDir(out)
     check_writable_name(run.summary)
     session = open_session(config)  # data, family and cost model must load before anything is written
     for mult in multipliers:  # every network must have a cost the model can price (CostOutOfRange if not)
-        session.cost_model.total(build_seed(config, session.bundle, width_mult=mult), session.input_shape)
+        session.cost_model.total(session.seed_network(width_mult=mult), session.input_shape)
     info = {**config.to_dict(), "baseline": WIDTH_BASELINE, "multipliers": multipliers, "total_epochs": total,
             RUN_INFO_WORLD_SIZE: world_size(), RUN_INFO_PREPROCESSING: session.preprocessing}
     with run.lock("write") if is_main() else contextlib.nullcontext():  # rank 0 alone writes the run
@@ -108,19 +105,15 @@ def _train_all(run: RunDir, config: GrowConfig, session: Any, multipliers: list[
             if index < len(records):
                 continue
             seed_everything(stage_seed(config, 0))
-            model = build_seed(config, session.bundle, width_mult=mult).to(session.device)
-            timings: dict[str, float] = {}
-            record = train_and_record(session, model, index, epochs=total, loader_epoch=0, timings=timings,
-                                        progress=progress, on_epoch=board.epoch,
-                                        extra={"width_mult": mult, "epochs": total, "epochs_in_all": total, "split": {},
-                                               "neurons_split": 0},
-                                        partial=run.partial(index))
-            write_stage(run, session, model, record, records)
-            board.stage(record)
-            write_summary(run, config, records, status="running", title=title)
-            log.info("width ×%g: test top-1 %.4f, %.4g MACs", mult, record["test_top1"], record["macs"])
-            if on_stage and is_main():
-                on_stage(record)
+            model = session.seed_network(width_mult=mult).to(session.device)
+
+            def announce(record: dict[str, Any], mult: float = mult) -> None:
+                log.info("width ×%g: test top-1 %.4f, %.4g MACs", mult, record["test_top1"], record["macs"])
+
+            record_stage(run, session, model, index, records, config=config, epochs=total, loader_epoch=0,
+                         extra={"width_mult": mult, "epochs": total, "epochs_in_all": total, "split": {},
+                                "neurons_split": 0},
+                         title=title, board=board, progress=progress, announce=announce, on_stage=on_stage)
     write_summary(run, config, records, status="done", title=title)
     return records
 
@@ -129,4 +122,4 @@ def is_baseline(config: Mapping[str, Any]) -> bool:
     return bool(config.get("baseline"))
 
 
-__all__ = ["grow_epochs", "is_baseline", "parse_multipliers", "width_baseline"]
+__all__ = ["is_baseline", "parse_multipliers", "width_baseline"]

@@ -20,7 +20,9 @@ from typing import Any
 from hwsplit.infra.errors import ConfigError
 from hwsplit.network.families import CEILINGS, FAMILIES, supports_channel_multiple
 from hwsplit.splitting.recipe import GROUP_BUDGETS
-from hwsplit.splitting.score import RITZ_ALLOCATIONS, SCORINGS, SPLIT_CANDIDATES
+from hwsplit.splitting.ritz import RITZ_ALLOCATIONS
+from hwsplit.splitting.score import METHODS as SPLIT_METHODS
+from hwsplit.splitting.score import SCORINGS, SPLIT_CANDIDATES
 from hwsplit.splitting.select import PRICES, SELECTIONS
 from hwsplit.training.schedule import POLICIES, stage_train_config
 from hwsplit.training.train import TrainConfig
@@ -30,7 +32,6 @@ FINAL_INITS = ("grown", "fresh")
 #: Cost models that price from a device profile (and need one).
 PROFILED_COSTS = ("lut", "energy")
 COSTS = ("flops", "none", *PROFILED_COSTS)
-SPLIT_METHODS = ("rayleigh", "exact")
 #: Largest --channel-multiple accepted (a block wider than any seed layer would never grow).
 MAX_CHANNEL_MULTIPLE = 1024
 
@@ -119,7 +120,7 @@ class GrowConfig:
     # "cost": more vectors where one is cheap (small maps), "uniform": split_vectors everywhere (before 13g)
     split_allocation: str = "cost"
     # "full": every training image once per stage; "adaptive": a subsample sized by the error bars of the
-    # indices (hwsplit.splitting.score.AdaptiveScoring; issue 31): stop when at most scoring_tolerance × the neurons the
+    # indices (hwsplit.splitting.ritz.AdaptiveScoring; issue 31): stop when at most scoring_tolerance × the neurons the
     # knapsack's cut takes are within scoring_z standard errors of it, between scoring_min and scoring_cap
     # (shares of an epoch)
     scoring: str = "full"
@@ -300,6 +301,13 @@ class GrowConfig:
             raise ConfigError(f"{source}: {err}") from None
 
 
+def stage_epochs_in_all(config: GrowConfig, stage: int) -> int:
+    """Training epochs grown stage ``stage`` of a grow run of ``config`` has had: seed epochs + stage × stage
+    epochs (``stage = config.stages``: what the run spends on its final network, which the width and pruning
+    baselines train for)."""
+    return (config.seed_epochs or config.epochs) + stage * config.epochs
+
+
 def recipe_settings(recipe: str | None, given: Mapping[str, Any], *, selection: str = "lp") -> dict[str, Any]:
     """The selection fields of a run: the preset ``recipe`` (:data:`RECIPES`), then every field in ``given``
     (an option given with the preset overrides it), plus ``recipe`` itself. ``lp_threshold`` comes from a
@@ -312,20 +320,19 @@ def recipe_settings(recipe: str | None, given: Mapping[str, Any], *, selection: 
     return {**preset, **given, "recipe": recipe}
 
 
-def resolve_channel_multiple(config: GrowConfig) -> int | None:
+def resolve_channel_multiple(config: GrowConfig, profile: Mapping[str, Any] | None = None) -> int | None:
     """The channel multiple N a run grows by: ``config.channel_multiple``, or for ``"auto"`` the top-level
-    ``channel_block`` of the run's profile (written by ``profile`` since issue 11). ``ConfigError``
-    naming the profile and the field when it is missing, unreadable or not a positive integer.
+    ``channel_block`` of the run's ``profile``, as its cost model loaded it (written by ``profile`` since
+    issue 11; :attr:`hwsplit.run.session.Session.profile`: the file is not read again). ``ConfigError``
+    naming the profile and the field when it is missing, not loaded or not a positive integer.
     """
     n = config.channel_multiple
     if n != "auto":
         return n
     path = config.profile
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
-        raise ConfigError(f"channel_multiple: auto cannot read the profile {path} ({type(err).__name__})") from None
-    block = data.get("channel_block") if isinstance(data, dict) else None
+    if profile is None:
+        raise ConfigError(f"channel_multiple: auto needs the profile {path} loaded (open the run's session first)")
+    block = profile.get("channel_block")
     if block is None:
         raise ConfigError(f"channel_multiple: auto needs the field 'channel_block' of the profile {path}, which it "
                           "lacks (a profile made before issue 11); re-profile the device, or give the number, "
@@ -339,7 +346,7 @@ def resolve_channel_multiple(config: GrowConfig) -> int | None:
 BASELINE_FIELDS = ("baseline", "multipliers", "total_epochs")
 #: How many processes wrote the run (config.json; not a setting: a run may resume with another number).
 RUN_INFO_WORLD_SIZE = "world_size"
-#: The input the run's networks expect (config.json; :func:`hwsplit.training.data.preprocessing`; not a setting).
+#: The input the run's networks expect (config.json; :func:`hwsplit.training.bundle.preprocessing`; not a setting).
 RUN_INFO_PREPROCESSING = "preprocessing"
 
 
@@ -395,4 +402,4 @@ def config_like(run: str | Path | None, overrides: Mapping[str, Any]) -> GrowCon
 
 __all__ = ["COSTS", "FINAL_INITS", "LEGACY_FIELDS", "MAX_CHANNEL_MULTIPLE", "PROFILED_COSTS", "PRUNE_FIELDS", "RECIPES",
            "RUN_INFO_PREPROCESSING", "RUN_INFO_WORLD_SIZE", "GrowConfig", "config_like", "load_config", "parse_budget",
-           "read_config", "recipe_settings", "resolve_channel_multiple"]
+           "read_config", "recipe_settings", "resolve_channel_multiple", "stage_epochs_in_all"]

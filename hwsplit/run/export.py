@@ -203,7 +203,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, atol: float = 1e-4, 
 
 def _normalise(x: torch.Tensor, pre: dict[str, Any]) -> torch.Tensor:
     """What the data set's loader gives the network for stored images ``x``
-    (hwsplit.training.data.TensorImageDataset)."""
+    (hwsplit.training.bundle.TensorImageDataset)."""
     mean = torch.tensor(pre["mean"], dtype=torch.float32).view(1, -1, 1, 1)
     std = torch.tensor(pre["std"], dtype=torch.float32).view(1, -1, 1, 1)
     return (x.to(torch.float32) * float(pre["scale"]) - mean) / std

@@ -36,18 +36,11 @@ from hwsplit.infra.fsio import check_writable_name
 from hwsplit.infra.parallel import on_main
 from hwsplit.network.checkpoint import load_checkpoint, load_model
 from hwsplit.network.models import model_from_architecture
-from hwsplit.run.baselines import grow_epochs
-from hwsplit.run.config import RUN_INFO_PREPROCESSING, GrowConfig, load_config, read_config
+from hwsplit.run.config import RUN_INFO_PREPROCESSING, GrowConfig, load_config, read_config, stage_epochs_in_all
+from hwsplit.run.guard import guarded_records, kill_point
 from hwsplit.run.rundir import RunDir, continue_or_start, file_sha256, write_summary
-from hwsplit.run.stages import (
-    Session,
-    guarded_records,
-    kill_point,
-    open_session,
-    stage_seed,
-    train_and_record,
-    write_stage,
-)
+from hwsplit.run.session import Session, open_session, stage_seed
+from hwsplit.run.stages import record_stage
 from hwsplit.run.tblog import board_closed, open_board
 from hwsplit.training.train import seed_everything
 
@@ -59,11 +52,6 @@ OVERRIDABLE = ("lr", "batch_size", "weight_decay", "device", "label_smoothing", 
 FINETUNE_DIR, RETRAIN_DIR, FINAL_DIR = "finetune", "retrain", "final"
 # the data order and initial weights of a fine-tuning of stage K come from seeds far from grow's
 _SEED_OFFSET = 500
-
-
-def stage_epochs_in_all(config: GrowConfig, stage: int) -> int:
-    """Training epochs grown stage ``stage`` has had: seed epochs + stage × stage epochs."""
-    return (config.seed_epochs or config.epochs) + stage * config.epochs
 
 
 def finetune(run: str | Path, *, epochs: int, stages: Sequence[int] | None = None, from_scratch: bool = False,
@@ -159,16 +147,14 @@ def _train_all(dest: RunDir, src: RunDir, config: GrowConfig, session: Session, 
                      "source_test_top1": source.get("test_top1"), "source_val_top1": source.get("val_top1"),
                      "split": {}, "neurons_split": source.get("neurons_split", 0),
                      **({"source_sha256": digests[str(k)]} if digests else {})}
-            record = train_and_record(session, model, index, epochs=epochs, loader_epoch=(_SEED_OFFSET + k) * 10_000,
-                                      timings={}, extra=extra, progress=progress,
-                                      partial=dest.partial(index), on_epoch=board.epoch)
-            write_stage(dest, session, model, record, records)
-            board.stage(record)
-            write_summary(dest, config, records, status="running", title=title)
-            log.info("%s of stage %d: test top-1 %.4f (grown: %.4f)", kind, k, record["test_top1"],
-                     source.get("test_top1", float("nan")))
-            if on_stage:
-                on_stage(record)
+
+            def announce(record: dict[str, Any], k: int = k, source: dict[str, Any] = source) -> None:
+                log.info("%s of stage %d: test top-1 %.4f (grown: %.4f)", kind, k, record["test_top1"],
+                         source.get("test_top1", float("nan")))
+
+            record_stage(dest, session, model, index, records, config=config, epochs=epochs,
+                         loader_epoch=(_SEED_OFFSET + k) * 10_000, extra=extra, title=title, board=board,
+                         progress=progress, announce=announce, on_stage=on_stage)
     write_summary(dest, config, records, status="done", title=title)
     return records
 
@@ -207,5 +193,4 @@ def final_network(run: str | Path, config: GrowConfig, session: Session, records
     return out[-1]
 
 
-__all__ = ["FINAL_DIR", "FINETUNE_DIR", "OVERRIDABLE", "RETRAIN_DIR", "final_network", "finetune",
-           "grow_epochs", "ship_stage", "stage_epochs_in_all"]
+__all__ = ["FINAL_DIR", "FINETUNE_DIR", "OVERRIDABLE", "RETRAIN_DIR", "final_network", "finetune", "ship_stage"]

@@ -10,12 +10,13 @@ same step a user's own training loop calls (``Grower.step``); this module adds t
 seeding, training, records, resume and TensorBoard (:mod:`hwsplit.run.tblog`).
 
 The run directory's format is :mod:`hwsplit.run.rundir`'s; what a stage shares with the other
-commands (session, training and recording, durable writes) is :mod:`hwsplit.run.stages`'s; the
-settings are a :class:`~hwsplit.run.config.GrowConfig`.
+commands is the session (:mod:`hwsplit.run.session`), the record step (training, recording, durable writes:
+:mod:`hwsplit.run.stages`) and the failure bookkeeping (:mod:`hwsplit.run.guard`); the settings are a
+:class:`~hwsplit.run.config.GrowConfig`.
 
 **Determinism and resume.** Each stage starts from the previous stage's weights (in memory, or
 read back from ``stage-K.pt``) and re-seeds every random number generator with
-:func:`~hwsplit.run.stages.stage_seed`; its data order comes from loader epochs derived from the stage
+:func:`~hwsplit.run.session.stage_seed`; its data order comes from loader epochs derived from the stage
 number and its Rayleigh-quotient start from ``seed + stage``. Nothing random carries over from one
 stage to the next, so a run resumed after a crash at any moment (``grow(..., resume=True)``)
 continues after its last completed stage and ends, on the CPU, with the same per-stage
@@ -43,7 +44,7 @@ from hwsplit.infra.distributed import is_main, world_size
 from hwsplit.infra.errors import ConfigError
 from hwsplit.infra.fsio import atomic_write_json, check_writable_name
 from hwsplit.infra.parallel import on_main
-from hwsplit.network.checkpoint import load_checkpoint, load_model
+from hwsplit.network.checkpoint import load_checkpoint
 from hwsplit.network.families import width_ceilings
 from hwsplit.network.models import model_from_architecture
 from hwsplit.run.config import (
@@ -51,22 +52,13 @@ from hwsplit.run.config import (
     RUN_INFO_WORLD_SIZE,
     GrowConfig,
     load_config,
-    parse_budget,
-    resolve_channel_multiple,
+    stage_epochs_in_all,
 )
-from hwsplit.run.grower import STOP_BUDGET, STOP_NO_NEGATIVE, Grower, fit_plan_to_budget
-from hwsplit.run.rundir import RunDir, StageFailed, WriteFailed, stage_table, start_fresh, write_summary
-from hwsplit.run.stages import (
-    Progress,
-    Session,
-    build_seed,
-    guarded_records,
-    kill_point,
-    open_session,
-    stage_seed,
-    train_and_record,
-    write_stage,
-)
+from hwsplit.run.grower import Grower, GrowthStep
+from hwsplit.run.guard import guarded_records, kill_point
+from hwsplit.run.rundir import RunDir, WriteFailed, start_fresh, write_summary
+from hwsplit.run.session import Progress, Session, open_session, stage_seed
+from hwsplit.run.stages import record_stage
 from hwsplit.run.tblog import board_closed, open_board
 from hwsplit.training.train import evaluate, seed_everything
 
@@ -110,40 +102,9 @@ def check_seed_cost(session: Session, model: nn.Module) -> float:
     return total
 
 
-def _check_resume(run: RunDir, config: GrowConfig) -> list[dict[str, Any]]:
-    """Make ``run`` consistent for resuming: the records of completed stages, stale files removed."""
-    for tmp in run.temporaries():
-        log.info("removing %s, left by an interrupted write", tmp.name)
-        tmp.unlink()
-    records = run.records()
-    checkpoints = run.checkpoints()
-    kept: list[dict[str, Any]] = []
-    for i, r in enumerate(records):
-        if r.get("stage") != i or i not in checkpoints:
-            break
-        kept.append(r)
-    if kept:  # the last completed stage's checkpoint is what the run continues from: it must load
-        payload = load_checkpoint(checkpoints[len(kept) - 1])
-        if payload["architecture"] != kept[-1]["architecture"]:
-            raise ValueError(f"resume: {checkpoints[len(kept) - 1]} does not hold the architecture recorded for "
-                             f"stage {len(kept) - 1} in {run.stages}")
-    if len(kept) != len(records):
-        log.warning("resume: keeping %d of the %d records in %s", len(kept), len(records), run.stages)
-        run.write_records(kept)
-    for k, p in checkpoints.items():
-        if k >= len(kept):
-            log.info("resume: removing %s (its stage did not complete)", p.name)
-            p.unlink()
-    for p in run.partials():  # the training state of the stage to redo is kept: it resumes from its last epoch
-        if p != run.partial(len(kept)):
-            log.info("resume: removing %s (not the training state of stage %d)", p.name, len(kept))
-            p.unlink()
-    return kept
-
-
 def grow(config: GrowConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False,
-         progress: Progress | None = None,
-         on_stage: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+         progress: Progress | None = None, on_stage: Callable[[dict[str, Any]], None] | None = None,
+         cost_model: Any = None) -> list[dict[str, Any]]:
     """Run the stage loop, writing the run directory ``out``; returns the stage records.
 
     ``resume=True`` continues the run in ``out`` after its last completed stage (``config`` must
@@ -153,9 +114,10 @@ def grow(config: GrowConfig, out: str | Path, *, resume: bool = False, overwrite
     profile, the seed's cost against the budget, path lengths) is checked before anything in
     ``out`` is written, and ``out`` is locked against a second writer (:class:`~hwsplit.infra.errors.RunLocked`).
     ``progress`` wraps long loops (``progress(iterable, desc, total)``,
-    e.g. tqdm); ``on_stage`` is called with each record as soon as the stage is on disk.
+    e.g. tqdm); ``on_stage`` is called with each record as soon as the stage is on disk. ``cost_model``:
+    the run's cost model if already built from ``config`` (:func:`hwsplit.run.options.grow_settings`).
 
-    Raises :class:`StageFailed` when a stage cannot complete — a non-finite training or scoring
+    Raises :class:`~hwsplit.run.rundir.StageFailed` when a stage cannot complete — a non-finite training or scoring
     loss, or a failed write (disk full, permission) — after writing ``summary.md`` with the
     reason; the completed stages' checkpoints and records stay intact. ``KeyboardInterrupt``
     propagates after the same bookkeeping; no partial file is left behind.
@@ -166,11 +128,11 @@ def grow(config: GrowConfig, out: str | Path, *, resume: bool = False, overwrite
         config = dataclasses.replace(config, data_dir=str(Path(config.data_dir).resolve()))
     if resume:
         on_main(_resume_preflight, run, config)  # the run directory is rank 0's
-    session = open_session(config)  # the data, the model's family and the cost model's profile must load
-    resolve_channel_multiple(config)  # "auto" needs the profile's channel_block, before anything is written
+    # the data, the model's family and the cost model's profile (with "auto", its channel_block) must load
+    session = open_session(config, cost_model=cost_model)
     if not resume:
         seed_everything(stage_seed(config, 0))  # stage 0 re-seeds before it builds the same seed
-        check_seed_cost(session, build_seed(config, session.bundle))
+        check_seed_cost(session, session.seed_network())
     # rank 0 alone locks and writes the run directory; the others get its records
     with run.lock("grow") if is_main() else contextlib.nullcontext():
         records = on_main(_prepare, run, config, resume=resume, overwrite=overwrite,
@@ -183,7 +145,7 @@ def _prepare(run: RunDir, config: GrowConfig, *, resume: bool, overwrite: bool,
     """Make the locked ``run`` ready (resumed or fresh), write config.json (the settings, the number of
     processes and the input the networks expect); the completed stages' records."""
     if resume:
-        records = _check_resume(run, config)
+        records = run.trim_to_completed()
     else:
         start_fresh(run, overwrite=overwrite)
         records = []
@@ -207,7 +169,7 @@ def make_grower(config: GrowConfig, session: Session, model: nn.Module, *, first
                   scoring_tolerance=config.scoring_tolerance, scoring_z=config.scoring_z,
                   scoring_min=config.scoring_min, scoring_cap=config.scoring_cap,
                   split_candidates=config.split_candidates, max_layer_growth=config.max_layer_growth,
-                  channel_multiple=resolve_channel_multiple(config), seed=config.seed, first_step=first_step,
+                  channel_multiple=session.channel_multiple, seed=config.seed, first_step=first_step,
                   price=config.price, group_budgets=config.group_budgets, max_widths=config.max_widths,
                   lp_threshold=config.lp_threshold, family=config.model, progress=progress)
 
@@ -220,64 +182,32 @@ STEP_KEYS = ("split", "neurons_split", "selection", "channel_multiple", "price",
 
 def _stages(run: RunDir, config: GrowConfig, session: Session, records: list[dict[str, Any]], *,
             progress: Progress | None, on_stage: Callable[[dict[str, Any]], None] | None) -> list[dict[str, Any]]:
-    """The stage loop proper, on a locked, prepared run directory: train, then :meth:`Grower.grow_step`."""
-    device, cost_model = session.device, session.cost_model
-    train_loader, test_loader = session.train_loader, session.test_loader
+    """The stage loop proper, on a locked, prepared run directory: the seed (:func:`_seed_stage`), then per
+    stage price → score → select → split (:func:`_split_stage`, :meth:`Grower.grow_step`) → train → record
+    (:func:`_record_stage`), until the stages are done, nothing can split or the budget is reached."""
     stop_reason = STOP_STAGES
     stage = len(records)
-    groups: list = []
-    grower: Grower | None = None
     board = open_board(run, config, records)
-    if records:  # every rank continues from rank 0's checkpoint (its directory need not be shared)
-        payload = on_main(load_checkpoint, run.checkpoint(stage - 1), share=True)
-        model = model_from_architecture(payload["architecture"], payload["state_dict"]).eval().to(device)
-        grower = make_grower(config, session, model, first_step=stage, progress=progress)
-        groups = grower.trace(model)
-        log.info("resuming %s after stage %d", run.path, stage - 1)
-
-    def finish_stage(stage: int, extra: dict[str, Any], timings: dict[str, float], epochs: int,
-                     scores: dict[str, Any] | None = None) -> dict[str, Any]:
-        # every epoch the network has had: the seed's and each stage's (as fine-tuning records count them)
-        extra = {**extra, "epochs_in_all": (config.seed_epochs or config.epochs) + stage * config.epochs}
-        record = train_and_record(session, model, stage, epochs=epochs, loader_epoch=stage * 10_000,
-                                  timings=timings, extra=extra, progress=progress, groups=groups,
-                                  train_config=config.stage_train_config(stage), partial=run.partial(stage),
-                                  on_epoch=board.epoch)
-        write_stage(run, session, model, record, records)
-        write_summary(run, config, records, status="running")
-        board.stage(record, scores)
-        log.info("stage %d: test top-1 %.4f, %.4g MACs, %s %.4g %s", stage, record["test_top1"], record["macs"],
-                 cost_model.name, record["cost"]["value"], cost_model.unit)
-        if on_stage and is_main():
-            on_stage(record)
-        return record
-
+    grown = _resumed(run, config, session, stage, progress) if records else None
     with board_closed(board), guarded_records(run, config, records, where=lambda: (stage, f"stage {stage}"),
                                               noun="stage", prep="in",
                                               resume=f"continue with `grow --resume {run.path}`"):
         if stage == 0:
-            seed_everything(stage_seed(config, 0))
-            model = build_seed(config, session.bundle).to(device)
-            grower = make_grower(config, session, model, progress=progress)
-            groups = grower.trace(model)
-            finish_stage(0, {"split": {}, "neurons_split": 0}, {}, config.seed_epochs or config.epochs)
+            grown = _seed_stage(run, config, session, records, board, progress=progress, on_stage=on_stage)
             stage = 1
-
+        assert grown is not None
         first = stage
         for stage in range(first, config.stages + 1):
-            seed_everything(stage_seed(config, stage))
-            kill_point(f"stage-{stage}:start")
-            if hasattr(train_loader, "set_epoch"):
-                train_loader.set_epoch(stage * 10_000 - 1)
-            step = grower.grow_step(model, train_loader, stage=stage, groups=groups,
-                                    evaluate=lambda m: evaluate(m, test_loader, device=device)["loss"])
+            step = _split_stage(config, session, grown, stage)
             if step.record is None:  # nothing split: no negative index, or no budget left
                 stop_reason = step.stop_reason
                 break
-            model, groups = step.model, step.groups
+            grown = _Grown(grown.grower, step.model, step.groups)
             kill_point(f"stage-{stage}:split")
-            extra = {k: step.record[k] for k in STEP_KEYS if k in step.record}
-            finish_stage(stage, extra, dict(step.record["seconds"]), config.epochs, step.scores)
+            _record_stage(run, config, session, records, board, grown, stage,
+                          extra={k: step.record[k] for k in STEP_KEYS if k in step.record},
+                          timings=dict(step.record["seconds"]), epochs=config.epochs, scores=step.scores,
+                          progress=progress, on_stage=on_stage)
             if step.stop_reason is not None:  # the budget is reached
                 stop_reason = step.stop_reason
                 break
@@ -291,5 +221,65 @@ def _stages(run: RunDir, config: GrowConfig, session: Session, records: list[dic
     return records
 
 
-__all__ = ["STOP_BUDGET", "STOP_NO_NEGATIVE", "STOP_STAGES", "GrowConfig", "RunDir", "StageFailed", "build_seed",
-           "fit_plan_to_budget", "grow", "load_config", "load_model", "make_grower", "parse_budget", "stage_table"]
+@dataclasses.dataclass
+class _Grown:
+    """The network a stage grows from: its grower (the run's settings), the model and its traced groups."""
+
+    grower: Grower
+    model: nn.Module
+    groups: list
+
+
+def _resumed(run: RunDir, config: GrowConfig, session: Session, stage: int, progress: Progress | None) -> _Grown:
+    """The last completed stage's network, read back (every rank continues from rank 0's checkpoint: its
+    directory need not be shared)."""
+    payload = on_main(load_checkpoint, run.checkpoint(stage - 1), share=True)
+    model = model_from_architecture(payload["architecture"], payload["state_dict"]).eval().to(session.device)
+    grower = make_grower(config, session, model, first_step=stage, progress=progress)
+    log.info("resuming %s after stage %d", run.path, stage - 1)
+    return _Grown(grower, model, grower.trace(model))
+
+
+def _seed_stage(run: RunDir, config: GrowConfig, session: Session, records: list[dict[str, Any]], board: Any, *,
+                progress: Progress | None, on_stage: Callable[[dict[str, Any]], None] | None) -> _Grown:
+    """Stage 0: build the seed, train and record it."""
+    seed_everything(stage_seed(config, 0))
+    model = session.seed_network().to(session.device)
+    grower = make_grower(config, session, model, progress=progress)
+    seed = _Grown(grower, model, grower.trace(model))
+    _record_stage(run, config, session, records, board, seed, 0, extra={"split": {}, "neurons_split": 0},
+                  timings={}, epochs=config.seed_epochs or config.epochs, progress=progress, on_stage=on_stage)
+    return seed
+
+
+def _split_stage(config: GrowConfig, session: Session, grown: _Grown, stage: int) -> GrowthStep:
+    """Stage ``stage``'s price → score → select → split (:meth:`Grower.grow_step`), re-seeded from the stage, on
+    the stage's data order; the losses just before and after the split are the test set's."""
+    seed_everything(stage_seed(config, stage))
+    kill_point(f"stage-{stage}:start")
+    if hasattr(session.train_loader, "set_epoch"):
+        session.train_loader.set_epoch(stage * 10_000 - 1)
+    return grown.grower.grow_step(grown.model, session.train_loader, stage=stage, groups=grown.groups,
+                                  evaluate=lambda m: evaluate(m, session.test_loader, device=session.device)["loss"])
+
+
+def _record_stage(run: RunDir, config: GrowConfig, session: Session, records: list[dict[str, Any]], board: Any,
+                  grown: _Grown, stage: int, *, extra: dict[str, Any], timings: dict[str, float], epochs: int,
+                  scores: dict[str, Any] | None = None, progress: Progress | None,
+                  on_stage: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
+    """Train and record stage ``stage`` (:func:`~hwsplit.run.stages.record_stage`) with the stage's post-split
+    schedule; the record counts every epoch the network has had (``epochs_in_all``)."""
+    cost_model = session.cost_model
+
+    def announce(record: dict[str, Any]) -> None:
+        log.info("stage %d: test top-1 %.4f, %.4g MACs, %s %.4g %s", stage, record["test_top1"], record["macs"],
+                 cost_model.name, record["cost"]["value"], cost_model.unit)
+
+    return record_stage(run, session, grown.model, stage, records, config=config, epochs=epochs,
+                        loader_epoch=stage * 10_000, timings=timings,
+                        extra={**extra, "epochs_in_all": stage_epochs_in_all(config, stage)},
+                        train_config=config.stage_train_config(stage), groups=grown.groups, board=board,
+                        scores=scores, progress=progress, announce=announce, on_stage=on_stage)
+
+
+__all__ = ["STEP_KEYS", "STOP_STAGES", "check_seed_cost", "grow", "make_grower"]

@@ -34,17 +34,11 @@ from torch import nn
 import cost_models
 from hwsplit.infra.distributed import all_ranks_true, broadcast_object, world_size
 from hwsplit.network.graph import NeuronGroup, find_neuron_groups
+from hwsplit.splitting.estimators import SplitScore
 from hwsplit.splitting.recipe import GROUP_BUDGETS, select_stage
-from hwsplit.splitting.score import (
-    RITZ_ALLOCATIONS,
-    SCORINGS,
-    SPLIT_CANDIDATES,
-    AdaptiveScoring,
-    SplitScore,
-    scoring_record,
-    significant_scores,
-    splitting_indices,
-)
+from hwsplit.splitting.ritz import RITZ_ALLOCATIONS, AdaptiveScoring
+from hwsplit.splitting.score import METHODS as SPLIT_METHODS
+from hwsplit.splitting.score import SCORINGS, SPLIT_CANDIDATES, scoring_record, significant_scores, splitting_indices
 from hwsplit.splitting.select import PRICES, SELECTIONS, knapsack_cut
 from hwsplit.splitting.surgery import apply_split, split_sources
 
@@ -54,7 +48,6 @@ STOP_NO_NEGATIVE = "no neuron has a negative splitting index"
 STOP_BUDGET = "budget reached"
 #: Cost models a Grower builds by name (the others need a device profile: pass the model itself).
 COSTS_BY_NAME = ("flops", "none")
-SPLIT_METHODS = ("rayleigh", "exact")
 #: How :func:`carry_optimizer` fills the optimizer state of split offspring.
 OFFSPRING_STATE = ("fresh", "parent")
 
@@ -78,6 +71,45 @@ class GrowthStep:
     stop_reason: str | None = None
 
 
+@dataclass
+class _Prices:
+    """A step's prices: the network's cost, each group's marginal cost of one channel and the budget B (all in
+    the cost model's unit), and the seconds they took."""
+
+    total: float
+    marginal: Mapping[str, float]
+    budget: float
+    seconds: float
+
+
+@dataclass
+class _Choice:
+    """A step's selection: every index (``eig``) and how many are negative, the scoring record, the candidates
+    the plan was chosen from, the plan (``{group: channels}``) with ``select_stage``'s info, or ``stop_reason``."""
+
+    eig: torch.Tensor
+    n_negative: int
+    scoring: dict[str, Any]
+    candidates: Mapping[str, SplitScore]
+    plan: dict[str, torch.Tensor] = field(default_factory=dict)
+    chosen_by: dict[str, Any] = field(default_factory=dict)
+    stop_reason: str | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class _Split:
+    """A step's split: the grown model, its groups, the index maps, its cost and the losses around the split."""
+
+    model: nn.Module
+    groups: list[NeuronGroup]
+    sources: dict[str, tuple[torch.Tensor | None, ...]]
+    total: float
+    loss_before: float | None
+    loss_after: float | None
+    seconds: float
+
+
 def _describe_unsplittable(model: nn.Module, groups: list[NeuronGroup]) -> str:
     if not groups:
         return f"{type(model).__name__} has no Conv2d (groups=1) or Linear layer, the layers hwsplit splits"
@@ -99,7 +131,7 @@ class Grower:
     ``split_vectors``, ``split_allocation``: the scoring options of ``grow`` (README, CLI reference).
     ``scoring``: ``"full"`` (every batch of the loader, the default) or ``"adaptive"`` (a subsample that
     stops when the knapsack's cut is decided within the indices' error bars, issue 31:
-    :class:`hwsplit.splitting.score.AdaptiveScoring` with ``scoring_tolerance``, ``scoring_z``, ``scoring_min`` and
+    :class:`hwsplit.splitting.ritz.AdaptiveScoring` with ``scoring_tolerance``, ``scoring_z``, ``scoring_min`` and
     ``scoring_cap``; needs ``split_method="rayleigh"``, ``split_vectors`` >= 1, ``split_epochs`` 1 and a
     loader with a ``len()``). ``split_candidates``: ``"all"`` (every negative index, the default) or
     ``"significant"`` (only λ + scoring_z·SE < 0; needs the Rayleigh–Ritz error bars).
@@ -262,111 +294,149 @@ class Grower:
         ``groups``: ``model``'s neuron groups if already traced. ``evaluate(model)`` (a loss), when
         given, is called just before and after the split (the record's ``loss_before_split`` and
         ``loss_after_split``). ``FloatingPointError`` when a splitting index is not finite.
+
+        The step is price (:meth:`_price`) → score (:meth:`_score`) → select (:meth:`_choose`) → split
+        (:meth:`_split`) → record (:meth:`_record`).
         """
         stage = self._next_step if stage is None else stage
         self._next_step = stage + 1
-        cost_model, shape = self.cost_model, self.input_shape
         groups = self.trace(model) if groups is None else groups
-        timings: dict[str, float] = {}
-        # the prices first: adaptive scoring stops by the knapsack's cut, which needs them
-        t0 = time.perf_counter()
-        total = cost_model.total(model, shape)
-        marginal = cost_model.marginal(model, shape, groups=groups)
-        budget = self.growth_ratio * total
-        if self.budget is not None:
-            budget = min(budget, self.budget - total)
-        caps = self.max_layer_growth
-        price_s = time.perf_counter() - t0
-
-        def cut(eigenvalues: dict[str, torch.Tensor]) -> dict[str, Any]:
-            # the fractional knapsack on the marginal costs, the budget and the per-layer caps (issue 31):
-            # not the price transforms, group budgets or width ceilings of select_stage
-            return knapsack_cut(eigenvalues, {k: marginal[k] for k in eigenvalues}, max(budget, 0.0), caps=caps)
-
-        t0 = time.perf_counter()
-        scores = splitting_indices(model, loader, method=self.split_method, epochs=self.split_epochs,
-                                   lr=self.split_lr, ritz_vectors=self.split_vectors,
-                                   ritz_allocation=self.split_allocation, seed=self.seed + stage, groups=groups,
-                                   loss_fn=loss_fn, progress=self.progress, adaptive=self.adaptive_scoring(cut))
-        timings["score_s"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        eig = torch.cat([s.eigenvalues for s in scores.values()]) if scores else torch.zeros(0)
-        if not bool(torch.isfinite(eig).all()):
-            raise FloatingPointError("scoring: some splitting indices are not finite")
-        n_negative = int((eig < 0).sum())
-        scoring = scoring_record(scores, cut, mode=self.scoring, z=self.scoring_z)
-        candidates, n_candidates = scores, n_negative
-        if self.split_candidates == "significant":  # λ not below 0 beyond its error bar: not a candidate
-            candidates = significant_scores(scores, self.scoring_z)
-            n_candidates = scoring["significant_negative"]
+        prices = self._price(model, groups)
+        scores, score_s = self._score(model, loader, groups, prices, stage=stage, loss_fn=loss_fn)
         unchanged = GrowthStep(model=model, groups=groups, scores=scores)
-        if n_candidates == 0 and self.selection != "random":
-            return self._stop(unchanged, STOP_NO_NEGATIVE)
-        if budget <= 0:
-            return self._stop(unchanged, STOP_BUDGET)
-        plan, chosen_by = self._select(model, candidates, groups, marginal, total=total, budget=budget, stage=stage)
-        blocks: dict[str, Any] = chosen_by.get("blocks", {})
-        plan = _agreed_plan(plan)
-        timings["select_s"] = time.perf_counter() - t0 + price_s
-        if not plan:
-            return self._stop(unchanged, STOP_BUDGET if n_candidates or self.selection == "random"
-                              else STOP_NO_NEGATIVE)
-
-        t0 = time.perf_counter()
-        before = evaluate(model) if evaluate is not None else None
-        grown = apply_split(model, plan, candidates, step=self.split_step).to(self.device)
-        sources = split_sources(model, plan, candidates)
-        new_groups = self.trace(grown)
-        # what the split really cost (the cost model's total after minus before), not Σ marginals,
-        # which over- or under-states it when costs are not additive (docs/design.md §4)
-        after_total = cost_model.total(grown, shape)
-        after = evaluate(grown) if evaluate is not None else None
-        timings["split_s"] = time.perf_counter() - t0
-        chosen = torch.cat([candidates[k].eigenvalues[v] for k, v in plan.items()])
-        record = {
-            "step": stage,
-            "widths_before": {g.name: g.width for g in groups if g.splittable},
-            "widths": {g.name: g.width for g in new_groups if g.splittable},
-            "cost_before": total, "cost_after": after_total, "unit": cost_model.unit,
-            "split": {k: int(v.numel()) for k, v in plan.items()},
-            "neurons_split": int(sum(v.numel() for v in plan.values())),
-            "selection": self.selection,
-            **({"channel_multiple": self.channel_multiple} if self.channel_multiple else {}),
-            **({"price": self.price} if self.price != "linear" else {}),
-            **({"group_budgets": chosen_by["groups"]} if "groups" in chosen_by else {}),
-            "budget": {"value": budget, "unit": cost_model.unit,
-                       "used": float(after_total - total),
-                       "marginal_sum": float(sum(marginal[k] * v.numel() for k, v in plan.items())),
-                       # block growth: Σ of the chosen options' costs, which the grouped knapsack used
-                       **({"option_cost_sum": blocks["cost_used"]} if blocks else {})},
-            "eigenvalues": {
-                "min": float(eig.min()), "median": float(eig.median()), "negative": n_negative,
-                "count": int(eig.numel()),
-                "per_layer_min": {k: float(s.eigenvalues.min()) for k, s in scores.items()},
-                "chosen_sum": float(chosen.sum()),
-            },
-            "scoring_images": scoring["images"],
-            "scoring_decided": scoring["decided"],
-            "scoring": scoring,
-            **({"loss_before_split": before, "loss_after_split": after} if evaluate is not None else {}),
-            "predicted_loss_change": 0.5 * self.split_step ** 2 * float(chosen.sum()),
-            "seconds": timings,
-        }
+        choice = self._choose(model, scores, groups, prices, stage=stage)
+        if choice.stop_reason is not None:
+            return self._stop(unchanged, choice.stop_reason)
+        split = self._split(model, choice, evaluate)
+        timings = {"score_s": score_s, "select_s": choice.seconds + prices.seconds, "split_s": split.seconds}
+        record = self._record(stage, groups, prices, scores, choice, split, timings, evaluated=evaluate is not None)
         self.records.append(record)
-        self._sources[grown] = sources
-        log.info("step %d: split %d neurons, %s %.4g -> %.4g %s", stage, record["neurons_split"], cost_model.name,
-                 total, after_total, cost_model.unit)
-        result = GrowthStep(model=grown, groups=new_groups, scores=scores, plan=plan, record=record, sources=sources)
-        if self.budget is not None and after_total >= self.budget * (1 - 1e-9):
+        self._sources[split.model] = split.sources
+        log.info("step %d: split %d neurons, %s %.4g -> %.4g %s", stage, record["neurons_split"],
+                 self.cost_model.name, prices.total, split.total, self.cost_model.unit)
+        result = GrowthStep(model=split.model, groups=split.groups, scores=scores, plan=choice.plan, record=record,
+                            sources=split.sources)
+        if self.budget is not None and split.total >= self.budget * (1 - 1e-9):
             self.stopped, self.stop_reason = True, STOP_BUDGET
             result.stop_reason = STOP_BUDGET
         self.last_step = result
         return result
 
+    def _price(self, model: nn.Module, groups: list[NeuronGroup]) -> _Prices:
+        """Price: the cost model's total and marginal costs on the current architecture, and the step's budget
+        B = min(growth_ratio × C, budget − C) (before scoring: adaptive scoring stops on the knapsack's cut)."""
+        t0 = time.perf_counter()
+        total = self.cost_model.total(model, self.input_shape)
+        marginal = self.cost_model.marginal(model, self.input_shape, groups=groups)
+        budget = self.growth_ratio * total
+        if self.budget is not None:
+            budget = min(budget, self.budget - total)
+        return _Prices(total=total, marginal=marginal, budget=budget, seconds=time.perf_counter() - t0)
+
+    def _cut(self, prices: _Prices) -> Callable[[dict[str, torch.Tensor]], dict[str, Any]]:
+        """The fractional knapsack on the marginal costs, the budget and the per-layer caps (issue 31): not the
+        price transforms, group budgets or width ceilings of select_stage."""
+        marginal, budget, caps = prices.marginal, prices.budget, self.max_layer_growth
+
+        def cut(eigenvalues: dict[str, torch.Tensor]) -> dict[str, Any]:
+            return knapsack_cut(eigenvalues, {k: marginal[k] for k in eigenvalues}, max(budget, 0.0), caps=caps)
+
+        return cut
+
+    def _score(self, model: nn.Module, loader: Iterable, groups: list[NeuronGroup], prices: _Prices, *, stage: int,
+               loss_fn: Callable | None) -> tuple[dict[str, SplitScore], float]:
+        """Score: the splitting indices on ``loader`` (every batch, or an adaptive subsample), and the seconds."""
+        t0 = time.perf_counter()
+        scores = splitting_indices(model, loader, method=self.split_method, epochs=self.split_epochs,
+                                   lr=self.split_lr, ritz_vectors=self.split_vectors,
+                                   ritz_allocation=self.split_allocation, seed=self.seed + stage, groups=groups,
+                                   loss_fn=loss_fn, progress=self.progress,
+                                   adaptive=self.adaptive_scoring(self._cut(prices)))
+        return scores, time.perf_counter() - t0
+
+    def _choose(self, model: nn.Module, scores: dict[str, SplitScore], groups: list[NeuronGroup], prices: _Prices,
+                *, stage: int) -> _Choice:
+        """Select: the candidates (every finite negative index, or the significant ones), the plan that fits the
+        budget (:meth:`_select`, agreed by every rank), or why nothing is split."""
+        t0 = time.perf_counter()
+        eig = torch.cat([s.eigenvalues for s in scores.values()]) if scores else torch.zeros(0)
+        if not bool(torch.isfinite(eig).all()):
+            raise FloatingPointError("scoring: some splitting indices are not finite")
+        n_negative = int((eig < 0).sum())
+        scoring = scoring_record(scores, self._cut(prices), mode=self.scoring, z=self.scoring_z)
+        candidates, n_candidates = scores, n_negative
+        if self.split_candidates == "significant":  # λ not below 0 beyond its error bar: not a candidate
+            candidates = significant_scores(scores, self.scoring_z)
+            n_candidates = scoring["significant_negative"]
+        choice = _Choice(eig=eig, n_negative=n_negative, scoring=scoring, candidates=candidates)
+        if n_candidates == 0 and self.selection != "random":
+            choice.stop_reason = STOP_NO_NEGATIVE
+            return choice
+        if prices.budget <= 0:
+            choice.stop_reason = STOP_BUDGET
+            return choice
+        plan, choice.chosen_by = self._select(model, candidates, groups, prices.marginal, total=prices.total,
+                                              budget=prices.budget, stage=stage)
+        choice.plan = _agreed_plan(plan)
+        choice.seconds = time.perf_counter() - t0
+        if not choice.plan:
+            choice.stop_reason = (STOP_BUDGET if n_candidates or self.selection == "random" else STOP_NO_NEGATIVE)
+        return choice
+
+    def _split(self, model: nn.Module, choice: _Choice, evaluate: Callable[[nn.Module], float] | None) -> _Split:
+        """Split: the function-preserving split of the plan (offspring at ±ε along the eigenvectors), its index
+        maps, the grown model's groups and its real cost (the cost model's total after, not Σ marginals, which
+        over- or under-states it when costs are not additive, docs/design.md §4); the losses around it."""
+        t0 = time.perf_counter()
+        before = evaluate(model) if evaluate is not None else None
+        grown = apply_split(model, choice.plan, choice.candidates, step=self.split_step).to(self.device)
+        sources = split_sources(model, choice.plan, choice.candidates)
+        groups = self.trace(grown)
+        total = self.cost_model.total(grown, self.input_shape)
+        after = evaluate(grown) if evaluate is not None else None
+        return _Split(model=grown, groups=groups, sources=sources, total=total, loss_before=before, loss_after=after,
+                      seconds=time.perf_counter() - t0)
+
+    def _record(self, stage: int, groups: list[NeuronGroup], prices: _Prices, scores: dict[str, SplitScore],
+                choice: _Choice, split: _Split, timings: dict[str, float], *, evaluated: bool) -> dict[str, Any]:
+        """Record: what the step did (the keys ``grow``'s stage records keep, :data:`hwsplit.run.grow.STEP_KEYS`)."""
+        plan, unit, total, marginal = choice.plan, self.cost_model.unit, prices.total, prices.marginal
+        blocks: dict[str, Any] = choice.chosen_by.get("blocks", {})
+        chosen = torch.cat([choice.candidates[k].eigenvalues[v] for k, v in plan.items()])
+        eig = choice.eig
+        return {
+            "step": stage,
+            "widths_before": {g.name: g.width for g in groups if g.splittable},
+            "widths": {g.name: g.width for g in split.groups if g.splittable},
+            "cost_before": total, "cost_after": split.total, "unit": unit,
+            "split": {k: int(v.numel()) for k, v in plan.items()},
+            "neurons_split": int(sum(v.numel() for v in plan.values())),
+            "selection": self.selection,
+            **({"channel_multiple": self.channel_multiple} if self.channel_multiple else {}),
+            **({"price": self.price} if self.price != "linear" else {}),
+            **({"group_budgets": choice.chosen_by["groups"]} if "groups" in choice.chosen_by else {}),
+            "budget": {"value": prices.budget, "unit": unit,
+                       "used": float(split.total - total),
+                       "marginal_sum": float(sum(marginal[k] * v.numel() for k, v in plan.items())),
+                       # block growth: Σ of the chosen options' costs, which the grouped knapsack used
+                       **({"option_cost_sum": blocks["cost_used"]} if blocks else {})},
+            "eigenvalues": {
+                "min": float(eig.min()), "median": float(eig.median()), "negative": choice.n_negative,
+                "count": int(eig.numel()),
+                "per_layer_min": {k: float(s.eigenvalues.min()) for k, s in scores.items()},
+                "chosen_sum": float(chosen.sum()),
+            },
+            "scoring_images": choice.scoring["images"],
+            "scoring_decided": choice.scoring["decided"],
+            "scoring": choice.scoring,
+            **({"loss_before_split": split.loss_before, "loss_after_split": split.loss_after} if evaluated else {}),
+            "predicted_loss_change": 0.5 * self.split_step ** 2 * float(chosen.sum()),
+            "seconds": timings,
+        }
+
     def adaptive_scoring(self, cut: Callable[[dict[str, torch.Tensor]], dict[str, Any]] | None = None,
                          ) -> AdaptiveScoring | None:
-        """The :class:`~hwsplit.splitting.score.AdaptiveScoring` of ``scoring="adaptive"`` with the step's ``cut``, else
+        """The :class:`~hwsplit.splitting.ritz.AdaptiveScoring` of ``scoring="adaptive"`` with the step's ``cut``, else
         None."""
         if self.scoring != "adaptive":
             return None

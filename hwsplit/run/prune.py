@@ -64,26 +64,18 @@ from hwsplit.infra.errors import ConfigError, CostOutOfRange
 from hwsplit.infra.fsio import check_writable_name
 from hwsplit.network.checkpoint import load_checkpoint
 from hwsplit.network.models import architecture, model_from_architecture
-from hwsplit.run.baselines import grow_epochs
 from hwsplit.run.config import (
     RUN_INFO_PREPROCESSING,
     RUN_INFO_WORLD_SIZE,
     GrowConfig,
     load_config,
-    resolve_channel_multiple,
+    stage_epochs_in_all,
 )
 from hwsplit.run.finetune import RETRAIN_DIR, finetune
+from hwsplit.run.guard import guarded_records, kill_point
 from hwsplit.run.rundir import RunDir, continue_or_start, write_summary
-from hwsplit.run.stages import (
-    Session,
-    build_seed,
-    guarded_records,
-    kill_point,
-    open_session,
-    stage_seed,
-    train_and_record,
-    write_stage,
-)
+from hwsplit.run.session import Session, open_session, stage_seed
+from hwsplit.run.stages import record_stage
 from hwsplit.training.train import evaluate, seed_everything
 
 log = logging.getLogger(__name__)
@@ -142,7 +134,7 @@ def _layer_widths(session: Session, model: nn.Module) -> dict[str, int]:
 def wide_width_mult(session: Session, config: GrowConfig, records: Sequence[dict[str, Any]]) -> float:
     """The smallest multiple of 0.5 above every grown stage's widest layer / seed layer ratio whose seed,
     so scaled (and rounded to the channel multiple), is at least as wide as every stage in every layer."""
-    seed = _layer_widths(session, build_seed(config, session.bundle))
+    seed = _layer_widths(session, session.seed_network())
     most: dict[str, int] = {}
     for r in records:
         for name, width in (r.get("widths") or {}).items():
@@ -150,7 +142,7 @@ def wide_width_mult(session: Session, config: GrowConfig, records: Sequence[dict
     ratio = max([most[n] / seed[n] for n in most if n in seed] or [1.0])
     mult = math.floor(ratio * 2) / 2 + 0.5
     for _ in range(64):
-        wide = _layer_widths(session, build_seed(config, session.bundle, width_mult=mult))
+        wide = _layer_widths(session, session.seed_network(width_mult=mult))
         if all(wide.get(n, 0) >= w for n, w in most.items() if n in seed):
             return mult
         mult += 0.5
@@ -419,13 +411,14 @@ def parse_targets(text: str | Sequence[float], unit: str) -> list[float]:
 
 def prune_baseline(run: str | Path, *, method: str, out: str | Path | None = None, width_mult: float | None = None,
                    train_epochs: int | None = None, finetune_epochs: int | None = None,
-                   targets: Sequence[float] | None = None, from_scratch: bool = False,
+                   targets: str | Sequence[float] | None = None, from_scratch: bool = False,
                    slimming_l1: float = DEFAULT_SLIMMING_L1, max_pruning_ratio: float = MAX_PRUNING_RATIO,
                    overwrite: bool = False, progress: Callable | None = None,
                    on_stage: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
     """Train a wide network of the grow run ``run``'s family, prune it to each target, fine-tune; see the module.
 
-    ``targets``: costs in ``run``'s cost unit (default: each stage's recorded cost). ``out`` defaults to
+    ``targets``: costs in ``run``'s cost unit, or text with their unit (``"20k,35k"``, ``"0.2ms"``:
+    :func:`parse_targets` in the run's cost model; default: each stage's recorded cost). ``out`` defaults to
     ``RUN/prune-METHOD``; an ``out`` holding the same pruning (same config.json) is continued, another is
     replaced only with ``overwrite=True``. Returns the records (stage 0 the wide network). Raises
     ``ConfigError`` before anything is written for a bad method, family, epoch count or target (a
@@ -452,9 +445,11 @@ def prune_baseline(run: str | Path, *, method: str, out: str | Path | None = Non
         raise ConfigError(f"like: {src.path} has no completed stage to take targets and widths from")
     session = open_session(config)
     unit = session.cost_model.unit
-    round_to = resolve_channel_multiple(config)
+    if isinstance(targets, str):  # in the unit of the run's cost model, built once with the session
+        targets = parse_targets(targets, unit)
+    round_to = session.channel_multiple
     mult = wide_width_mult(session, config, source_records) if width_mult is None else float(width_mult)
-    wide = build_seed(config, session.bundle, width_mult=mult)
+    wide = session.seed_network(width_mult=mult)
     wide_cost = session.cost_model.total(wide, session.input_shape)
     given = targets is not None
     targets = [float(t) for t in (targets if given else [r["cost"]["value"] for r in source_records])]
@@ -471,7 +466,7 @@ def prune_baseline(run: str | Path, *, method: str, out: str | Path | None = Non
         raise ConfigError(f"targets: {min(targets):.6g} {unit} is below what pruning can reach ({floor:.6g} {unit}: "
                           f"every layer at {100 * (1 - max_pruning_ratio):g} % of the wide network's width, at least "
                           f"{round_to or 1} channel(s); see --max-pruning-ratio)")
-    epochs_wide = train_epochs if train_epochs is not None else grow_epochs(config)
+    epochs_wide = train_epochs if train_epochs is not None else stage_epochs_in_all(config, config.stages)
     epochs_ft = finetune_epochs if finetune_epochs is not None else config.epochs
     dest = RunDir(out if out is not None else src.path / f"prune-{method}")
     check_writable_name(dest.summary)
@@ -514,19 +509,15 @@ def _stages(dest: RunDir, config: GrowConfig, session: Session, records: list[di
         if not records:
             kill_point("prune-0:start")
             seed_everything(stage_seed(config, 0))
-            wide = build_seed(config, session.bundle, width_mult=mult).to(session.device)
+            wide = session.seed_network(width_mult=mult).to(session.device)
             loss_fn = (slimming_loss(wide, prune["slimming_l1"], label_smoothing=config.label_smoothing)
                        if method == "slimming" else None)
             samples = epochs_wide * n_train
-            record = train_and_record(session, wide, 0, epochs=epochs_wide, loader_epoch=0, timings={},
-                                      progress=progress, loss_fn=loss_fn, partial=dest.partial(0),
-                                      extra={**common, "epochs": epochs_wide, "epochs_in_all": epochs_wide,
-                                             "train_samples_in_all": samples, "search_train_samples": samples,
-                                             **({"slimming_l1": prune["slimming_l1"]} if loss_fn else {})})
-            write_stage(dest, session, wide, record, records)
-            write_summary(dest, config, records, status="running", title=title)
-            if on_stage:
-                on_stage(record)
+            record_stage(dest, session, wide, 0, records, config=config, epochs=epochs_wide, loader_epoch=0,
+                         extra={**common, "epochs": epochs_wide, "epochs_in_all": epochs_wide,
+                                "train_samples_in_all": samples, "search_train_samples": samples,
+                                **({"slimming_l1": prune["slimming_l1"]} if loss_fn else {})},
+                         title=title, loss_fn=loss_fn, progress=progress, on_stage=on_stage)
         payload = load_checkpoint(dest.checkpoint(0))  # every target prunes the wide network as written
         wide = model_from_architecture(payload["architecture"], payload["state_dict"]).to(session.device).eval()
         wide_samples = records[0]["search_train_samples"]
@@ -552,15 +543,14 @@ def _stages(dest: RunDir, config: GrowConfig, session: Session, records: list[di
                      **({"target_stage": prune["source_stages"][index - 1]} if prune["source_stages"] else {}),
                      "epochs": epochs_ft, "epochs_in_all": epochs_wide + epochs_ft,
                      "search_train_samples": search, "train_samples_in_all": search + epochs_ft * n_train}
-            record = train_and_record(session, pruned, index, epochs=epochs_ft,
-                                      loader_epoch=(_SEED_OFFSET + index) * 10_000, timings={}, extra=extra,
-                                      progress=progress, partial=dest.partial(index))
-            write_stage(dest, session, pruned, record, records)
-            write_summary(dest, config, records, status="running", title=title)
-            log.info("%s pruning to %.6g: %.6g (before fine-tuning top-1 %.4f, after %.4f)", method, target,
-                     record["cost"]["value"], before["top1"], record["test_top1"])
-            if on_stage:
-                on_stage(record)
+
+            def announce(record: dict[str, Any], target: float = target, before: dict[str, Any] = before) -> None:
+                log.info("%s pruning to %.6g: %.6g (before fine-tuning top-1 %.4f, after %.4f)", method, target,
+                         record["cost"]["value"], before["top1"], record["test_top1"])
+
+            record_stage(dest, session, pruned, index, records, config=config, epochs=epochs_ft,
+                         loader_epoch=(_SEED_OFFSET + index) * 10_000, extra=extra, title=title, progress=progress,
+                         announce=announce, on_stage=on_stage)
     write_summary(dest, config, records, status="done", title=title)
     return records
 

@@ -344,4 +344,4 @@ def _short(name: str) -> str:
     return name[: -len(".conv")] if name.endswith(".conv") and len(name) > len(".conv") else name
 
 
-__all__ = ["DERIVED", "Run", "accuracy_se", "comparison_rows", "expand_runs", "load_run", "write_report"]
+__all__ = ["Run", "accuracy_se", "comparison_rows", "expand_runs", "load_run", "write_report"]

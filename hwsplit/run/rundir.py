@@ -161,6 +161,46 @@ class RunDir:
     def append(self, record: dict[str, Any]) -> None:
         self.write_records(self.records() + [record])
 
+    def trim_to_completed(self) -> list[dict[str, Any]]:
+        """Make the directory consistent for continuing, and return the records of its completed stages.
+
+        A stage is complete when its record is in ``stages.jsonl`` in order (``"stage"`` = its index) and its
+        checkpoint exists; the first record that is not ends the list. Removed: temporary files of an
+        interrupted write, the records after the completed ones, checkpoints without a record, and every
+        training state but the next stage's (``partial-K.pt``, which continues from its last finished epoch).
+        The last completed stage's checkpoint is what a run continues from: a ``ValueError`` when it does not
+        hold the architecture its record names (nothing is removed then). Call it while holding :meth:`lock`;
+        ``grow --resume``, fine-tuning, the width and pruning baselines continue this way.
+        """
+        for tmp in self.temporaries():
+            log.info("removing %s, left by an interrupted write", tmp.name)
+            tmp.unlink()
+        records = self.records()
+        checkpoints = self.checkpoints()
+        kept: list[dict[str, Any]] = []
+        for i, r in enumerate(records):
+            if r.get("stage") != i or i not in checkpoints:
+                break
+            kept.append(r)
+        if kept and "architecture" in kept[-1]:
+            from hwsplit.network.checkpoint import load_checkpoint
+
+            if load_checkpoint(checkpoints[len(kept) - 1])["architecture"] != kept[-1]["architecture"]:
+                raise ValueError(f"resume: {checkpoints[len(kept) - 1]} does not hold the architecture recorded "
+                                 f"for stage {len(kept) - 1} in {self.stages}")
+        if len(kept) != len(records):
+            log.warning("resume: keeping %d of the %d records in %s", len(kept), len(records), self.stages)
+            self.write_records(kept)
+        for k, p in checkpoints.items():
+            if k >= len(kept):
+                log.info("resume: removing %s (its stage did not complete)", p.name)
+                p.unlink()
+        for p in self.partials():
+            if p != self.partial(len(kept)):
+                log.info("resume: removing %s (not the training state of stage %d)", p.name, len(kept))
+                p.unlink()
+        return kept
+
     @contextlib.contextmanager
     def lock(self, what: str = "write") -> Iterator[None]:
         """Hold the run's advisory lock (``.lock``, ``fcntl.flock``) while the block runs.
@@ -408,7 +448,8 @@ def continue_or_start(dest: RunDir, info: dict[str, Any], *, overwrite: bool) ->
     """Make the locked ``dest`` ready for the job ``info`` (its config.json) and write that config.json: the
     records to continue after when ``dest`` holds the same job (a kill left it), none for a fresh start. A
     different job there is replaced only with ``overwrite`` (``ConfigError`` otherwise). Fine-tuning, pruning
-    and the width baseline continue this way; ``grow --resume`` has its own rules (hwsplit.run.grow)."""
+    and the width baseline continue this way; ``grow --resume`` checks its settings its own way
+    (hwsplit.run.grow) and trims the directory the same way (:meth:`RunDir.trim_to_completed`)."""
     kept = _prepare(dest, info, overwrite=overwrite)
     atomic_write_json(dest.config, info)
     return kept
@@ -425,24 +466,11 @@ def _same_job(dest: RunDir, info: dict[str, Any]) -> bool | None:
 
 
 def _prepare(dest: RunDir, info: dict[str, Any], *, overwrite: bool) -> list[dict[str, Any]]:
-    """The records to keep in ``dest``: those of the same job whose checkpoint exists; later checkpoints and
-    every training state but the next record's (``partial-K.pt``, resumed from its last epoch) removed."""
+    """The records to keep in ``dest``: for the same job, those of its completed records
+    (:meth:`RunDir.trim_to_completed`); none for a fresh start."""
     same = _same_job(dest, info)
     if same:
-        for tmp in dest.temporaries():
-            tmp.unlink()
-        kept = []
-        for i, r in enumerate(dest.records()):
-            if r.get("stage") != i or not dest.checkpoint(i).exists():
-                break
-            kept.append(r)
-        for k, p in dest.checkpoints().items():
-            if k >= len(kept):
-                p.unlink()
-        for p in dest.partials():
-            if p != dest.partial(len(kept)):
-                p.unlink()
-        dest.write_records(kept)
+        kept = dest.trim_to_completed()
         if kept:
             log.info("continuing %s after %d completed record(s)", dest.path, len(kept))
         return kept

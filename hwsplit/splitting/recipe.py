@@ -222,7 +222,7 @@ def select_stage(method: str, scores: Mapping[str, Any], marginal: Mapping[str, 
         marginal: per group, the real cost of one more neuron (the cost model's unit, > 0).
         budget: the stage budget in that unit; the plan's real increase never exceeds it.
         increase: ``increase(plan)``, the real cost increase of a plan on the real architecture.
-        fit: :func:`hwsplit.run.grow.fit_plan_to_budget` (drops single neurons until ``increase`` fits).
+        fit: :func:`hwsplit.run.grower.fit_plan_to_budget` (drops single neurons until ``increase`` fits).
         seed, rank: the random baseline's seed, and its order of dropping (``fit``'s ``rank``).
         max_layer_growth, max_widths, family: per-layer caps (:func:`layer_caps`) and ceilings
             (:func:`hwsplit.network.families.width_ceilings` of ``family``).

@@ -442,7 +442,7 @@ def knapsack_cut(
     binds adds its own price r_l, the midpoint of the ratios of the layer's last taken and first left
     candidate. Neuron i is taken iff λ_i < t_i = c_i · min(r*, r_l) (≤ 0). The rounding of ``lp`` and
     ``milp``'s exact answer differ from this only near t, which is why adaptive scoring decides each
-    neuron's side of t by its error bar (hwsplit.splitting.score.AdaptiveScoring).
+    neuron's side of t by its error bar (hwsplit.splitting.ritz.AdaptiveScoring).
     """
     names = list(scores)
     vals = {name: _eigenvalues(name, scores[name]) for name in names}

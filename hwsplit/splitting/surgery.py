@@ -19,7 +19,7 @@ from torch import nn
 
 from hwsplit.network.graph import NeuronGroup
 from hwsplit.network.resize import parameter_like
-from hwsplit.splitting.score import SplitScore
+from hwsplit.splitting.estimators import SplitScore
 
 log = logging.getLogger(__name__)
 

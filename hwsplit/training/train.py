@@ -36,7 +36,6 @@ __all__ = [
     "evaluate",
     "make_optimizer",
     "make_scheduler",
-    "reduce_sum",
     "seed_everything",
     "train",
     "train_epoch",
