@@ -703,7 +703,7 @@ def summary(model_or_checkpoint: str, resolution: int | None, in_channels: int |
               help="Seconds of timed runs per layer (default 1, 0.05 with --quick).")
 @click.option("--quick", is_flag=True, help="A small grid (about 50 layers, under a minute).")
 @click.option("--context-networks", type=click.IntRange(min=0), default=None,
-              help="random networks timed node by node for the in-context table (default 64, 6 with --quick).")
+              help="random networks timed node by node for the in-context table (default 96, 6 with --quick).")
 @click.option("--networks", type=click.IntRange(min=0), default=None,
               help="Random whole networks measured end to end to calibrate layer sums (default 16, 4 with --quick).")
 @click.option("--out", type=click.Path(dir_okay=False), required=True,

@@ -214,3 +214,24 @@ def test_predictor_features_follow_the_block() -> None:
     # inside one block the prediction does not move; across a block boundary it steps
     a, b, c = reg.predict([_spec("pwconv", 20, 17), _spec("pwconv", 20, 32), _spec("pwconv", 20, 33)])
     assert a == pytest.approx(b, rel=0.02) and c > 1.3 * b
+
+
+def test_context_networks_include_growth_shaped_ones() -> None:
+    """A third of the context networks look like what growth makes (early layers near the CIFAR seed,
+    the last ones wider), half of each kind aligned; the first 64 are the previous default's, so a profile
+    made with 64 resumes by measuring only the new ones."""
+    from cost_models.profiling.grid import aligned_architecture, calibration_architectures, growth_architectures
+    from cost_models.profiling.profiler import context_architectures
+    from hwsplit.network.models import MOBILENET_V1_CIFAR_SEED
+
+    archs = context_architectures("mobilenet_v1", 32, 96, 16)
+    before = calibration_architectures("mobilenet_v1", 32, 64, seed=20261202)
+    assert len(archs) == 96
+    assert archs[:64] == [aligned_architecture(a, 16) if i % 2 == 0 else a for i, a in enumerate(before)]
+    grown = growth_architectures("mobilenet_v1", 32, 32)
+    assert grown == growth_architectures("mobilenet_v1", 32, 32)  # deterministic
+    seed = [MOBILENET_V1_CIFAR_SEED["stem"]] + [w for w, _ in MOBILENET_V1_CIFAR_SEED["blocks"]]
+    ratios = np.array([[w / s for w, s in zip([a["stem_width"]] + a["widths"], seed)] for a in grown])
+    assert np.median(ratios[:, 0]) < 1.5 and np.median(ratios[:, -1]) > 2.0
+    assert [a["widths"] for a in archs[64:]][1::2] == [a["widths"] for a in grown][1::2]
+    assert all(w % 16 == 0 for a in archs[64::2] for w in a["widths"])
