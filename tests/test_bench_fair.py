@@ -272,3 +272,19 @@ def test_without_latency_json_nothing_at_matched_latency(tmp_path):
     assert "measured (ms)" not in text and "; not measured yet" in text
     assert "test top-1 vs measured latency once `--steps measure` has run" in text
     assert not (out / "accuracy_vs_latency.png").exists() and (out / "accuracy_vs_macs.png").exists()
+
+
+def test_a_latency_curve_is_compared_by_its_validation_front():
+    """Latency is not monotone in width: a multiplier the blocked kernels take runs faster than a narrower one.
+    The width curve at matched latency is its front — points no faster point beats, judged on validation."""
+    from bench_fair import _compare, _front
+
+    width = [{"stage": 0, "macs": 1, "latency_ms": 0.10, "test_top1": 0.72, "val_top1": 0.72},
+             {"stage": 1, "macs": 2, "latency_ms": 0.20, "test_top1": 0.74, "val_top1": 0.74},  # slower, worse
+             {"stage": 2, "macs": 3, "latency_ms": 0.12, "test_top1": 0.78, "val_top1": 0.77},
+             {"stage": 3, "macs": 4, "latency_ms": 0.28, "test_top1": 0.80, "val_top1": 0.80}]
+    front = _front(width)
+    assert [r["latency_ms"] for r in front] == [0.10, 0.12, 0.28]
+    grown = [{"stage": 1, "macs": 2, "latency_ms": 0.20, "test_top1": 0.75, "val_top1": 0.75}]
+    (c,) = _compare(grown, front, 10_000, "latency_ms")
+    assert 0.78 < c["other"] < 0.80 and c["diff"] < -0.03  # not the 0.74 of the slower, narrower multiplier
