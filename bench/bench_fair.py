@@ -708,6 +708,7 @@ def _plot_curves(result: dict, cs: dict, key: str, xlabel: str, formatter, colou
     fig, ax = plt.subplots(figsize=(7, 4.5))
     n_test = result["args"].get("test_limit") or 10_000
     for name, pts in cs.items():
+        pts = sorted(pts, key=lambda p: p[key])  # latency is not monotone in width: draw along the axis
         xs = [p[key] for p in pts]
         ys = [100 * p["test_top1"] for p in pts]
         err = [100 * max(p["two_se_seeds"] or 0, 2 * common.accuracy_se(p["test_top1"], n_test)) for p in pts]
