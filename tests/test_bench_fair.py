@@ -288,3 +288,19 @@ def test_a_latency_curve_is_compared_by_its_validation_front():
     grown = [{"stage": 1, "macs": 2, "latency_ms": 0.20, "test_top1": 0.75, "val_top1": 0.75}]
     (c,) = _compare(grown, front, 10_000, "latency_ms")
     assert 0.78 < c["other"] < 0.80 and c["diff"] < -0.03  # not the 0.74 of the slower, narrower multiplier
+
+
+def test_the_aligned_arm_grows_in_multiples_of_four_from_the_shared_seed():
+    """The remedy the measured latency points at: the MACs price, growth in multiples of 4 channels (widths the
+    blocked kernels take), from the flops arm's trained seed (the CIFAR seed's widths are multiples of 4)."""
+    import argparse
+
+    import bench_fair
+
+    from hwsplit.network.models import MOBILENET_V1_CIFAR_SEED
+
+    assert bench_fair.arm_overrides("aligned", argparse.Namespace()) == {"channel_multiple": 4}
+    assert "aligned" in bench_fair.GROW_STEPS and "aligned" in bench_fair.PRESETS["full"]["steps"]
+    seed = [MOBILENET_V1_CIFAR_SEED["stem"]] + [w for w, _ in MOBILENET_V1_CIFAR_SEED["blocks"]]
+    assert all(w % 4 == 0 for w in seed)
+    assert "aligned_vs_width" in bench_fair.LATENCY_COMPARISONS
