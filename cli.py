@@ -1,4 +1,4 @@
-"""hwsplit command line: grow, baseline (width, prune), finetune, report, export, summary, profile, fit.
+"""hwsplit command line: grow, baseline (width, prune), finetune, report, export, summary, profile, fit, drift.
 
 Parses, calls the library, prints.
 
@@ -750,6 +750,29 @@ def fit(profile_path: str, metric: str | None, test_size: float, seed: int) -> N
     click.echo(f"  RMSPE          {100 * report['rmspe']:.1f} %")
     click.echo(f"  within ±10 %   {100 * report['within_10pct']:.1f} % of held-out layers")
     click.echo(f"  R²             {report['r2']:.3f}")
+
+
+@main.command()
+@click.argument("profile_path", metavar="PROFILE", type=click.Path(dir_okay=False))
+@click.option("--networks", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Context networks of the profile timed again (spread over its sizes).")
+@click.option("--time-budget", "time_budget_s", type=click.FloatRange(min=0, min_open=True), default=1.0,
+              show_default=True, help="Seconds of timed runs per network.")
+@_library_errors
+def drift(profile_path: str, networks: int, time_budget_s: float) -> None:
+    """Check that this machine still runs as it did when PROFILE was made (exit 1 if it drifted)."""
+    from cost_models.profile_io import load_profile
+    from cost_models.profiling.profiler import profile_drift
+
+    result = profile_drift(load_profile(profile_path), networks=networks, time_budget_s=time_budget_s)
+    for r in result["networks"]:
+        change = 100 * (r["now_ms"] / r["then_ms"] - 1)
+        click.echo(f"  then {r['then_ms']:.4f} ms  now {r['now_ms']:.4f} ms  ({change:+.1f} %)")
+    verdict = "DRIFTED: profile again for budgets in ms" if result["drifted"] else "within the limit"
+    click.echo(f"{profile_path}: whole networks run at {result['ratio']:.3f}× the profile's times "
+               f"(limit ±{result['limit_pct']:.0f} %): {verdict}")
+    if result["drifted"]:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

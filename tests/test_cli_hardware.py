@@ -155,3 +155,16 @@ def test_profile_from_another_device_is_allowed_and_said(tmp_path, caplog, cifar
     assert "Some Other CPU" in caplog.text
     record = json.loads((out / "stages.jsonl").read_text().splitlines()[0])
     assert record["measured"]["same_device_as_profile"] is False
+
+
+def test_drift_prints_the_ratio_and_exits_1_when_the_machine_drifted(monkeypatch) -> None:
+    import cost_models.profiling.profiler as profiler
+
+    profile = str(Path(__file__).resolve().parents[1] / "profiles" / "cpu-intel-xeon-1t-onnxruntime.json")
+    for ratio, drifted, code in ((1.02, False, 0), (0.7, True, 1)):
+        fake = {"ratio": ratio, "drifted": drifted, "limit_pct": 10.0,
+                "networks": [{"then_ms": 0.1, "now_ms": 0.1 * ratio}]}
+        monkeypatch.setattr(profiler, "profile_drift", lambda p, fake=fake, **kw: fake)
+        result = CliRunner().invoke(main, ["drift", profile])
+        assert result.exit_code == code, result.output
+        assert f"{ratio:.3f}×" in result.output and ("DRIFTED" in result.output) == drifted

@@ -235,3 +235,35 @@ def test_context_networks_include_growth_shaped_ones() -> None:
     assert np.median(ratios[:, 0]) < 1.5 and np.median(ratios[:, -1]) > 2.0
     assert [a["widths"] for a in archs[64:]][1::2] == [a["widths"] for a in grown][1::2]
     assert all(w % 16 == 0 for a in archs[64::2] for w in a["widths"])
+
+
+def test_profile_drift_compares_context_networks_now_and_then() -> None:
+    """The drift check times a spread of the profile's context networks again and flags a machine whose
+    whole networks run more than 10 % faster or slower than when the profile was made."""
+    from cost_models.profiling.grid import calibration_architectures
+    from cost_models.profiling.profiler import profile_drift
+
+    archs = calibration_architectures("mobilenet_v1", 32, 8)
+    profile = {"backend": "onnxruntime", "device": {"threads": 1},
+               "context": {"networks": [{"architecture": a, "input_shape": [1, 3, 32, 32],
+                                         "latency_ms": {"median": 0.1 * (i + 1)}} for i, a in enumerate(archs)]}}
+    calls = []
+
+    def timer(factor):
+        def measure(model, shape, **kw):
+            then = next(n["latency_ms"]["median"] for n in profile["context"]["networks"]
+                        if n["architecture"]["widths"] == [m.out_channels for m in model.modules()
+                                                           if getattr(m, "groups", 0) == 1 and
+                                                           getattr(m, "kernel_size", None) == (1, 1)])
+            calls.append(kw)
+            return {"latency_ms": {"median": factor * then}}
+        return measure
+
+    same = profile_drift(profile, networks=4, measure=timer(1.05))
+    assert same["ratio"] == pytest.approx(1.05) and not same["drifted"] and len(same["networks"]) == 4
+    assert len({r["then_ms"] for r in same["networks"]}) == 4  # spread over the sizes, no repeats
+    assert calls[0]["threads"] == 1 and calls[0]["meter"] == "latency"
+    fast = profile_drift(profile, networks=3, measure=timer(0.7))
+    assert fast["drifted"] and fast["ratio"] == pytest.approx(0.7)
+    with pytest.raises(ValueError, match="context"):
+        profile_drift({"context": {"networks": []}})

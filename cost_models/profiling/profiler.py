@@ -371,3 +371,44 @@ def _measure_in_context(profile: dict[str, Any], family: str, resolution: int, n
                         "nodes": per_layer[s.name]["nodes"]} for s in specs]})
         save()
 
+
+
+#: A machine whose whole networks run this much faster or slower than when its profile was made is flagged (%).
+DRIFT_LIMIT_PCT = 10.0
+
+
+def profile_drift(profile: dict[str, Any], *, networks: int = 4, time_budget_s: float = 1.0,
+                  threads: int | None = None, measure: Callable[..., dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Whether this machine still runs as it did when ``profile`` was made: ``networks`` of the profile's context
+    networks (spread over its sizes) timed again end to end with the profile's protocol, against the times the
+    profile recorded. Returns ``{"ratio": median now/then, "networks": [{"macs"?, "then_ms", "now_ms"}],
+    "drifted": |ratio − 1| > DRIFT_LIMIT_PCT %, "limit_pct"}``. On a shared VM the host's load moves every
+    network's latency together (by 11–27 % within half an hour on the benchmark machine): a table's ranking
+    survives that, its absolute milliseconds and a budget in ms do not. ``measure`` replaces
+    :func:`cost_models.profiling.measure.measure_model` (tests)."""
+    import statistics
+
+    nets = [n for n in (profile.get("context") or {}).get("networks", []) if n.get("latency_ms")]
+    if not nets:
+        raise ValueError("profile: no context networks with an end-to-end time to compare against "
+                         "(profile made before they existed, or not onnxruntime on a CPU): profile again")
+    if networks < 1:
+        raise ValueError(f"networks: expected at least 1, got {networks}")
+    ranked = sorted(nets, key=lambda n: float(n["latency_ms"]["median"]))
+    step = max(1, len(ranked) // networks)
+    chosen = ranked[::step][:networks]
+    timer = measure if measure is not None else measure_model
+    threads = threads if threads is not None else profile.get("device", {}).get("threads")
+    rows = []
+    for n in chosen:
+        shape = tuple(n.get("input_shape") or (1, 3, 32, 32))
+        now = timer(_seeded_model(n["architecture"]), shape, backend=profile.get("backend", "onnxruntime"),
+                    meter="latency", threads=threads, time_budget_s=time_budget_s)["latency_ms"]["median"]
+        rows.append({"then_ms": float(n["latency_ms"]["median"]), "now_ms": float(now)})
+    ratio = statistics.median(r["now_ms"] / r["then_ms"] for r in rows)
+    drifted = abs(ratio - 1) * 100 > DRIFT_LIMIT_PCT
+    if drifted:
+        log.warning("this machine runs whole networks %.0f %% %s than when the profile was made (median of %d): "
+                    "its milliseconds are off by that much (rankings hold); profile again for a budget in ms",
+                    abs(ratio - 1) * 100, "faster" if ratio < 1 else "slower", len(rows))
+    return {"ratio": ratio, "networks": rows, "drifted": drifted, "limit_pct": DRIFT_LIMIT_PCT}
