@@ -267,3 +267,26 @@ def test_profile_drift_compares_context_networks_now_and_then() -> None:
     assert fast["drifted"] and fast["ratio"] == pytest.approx(0.7)
     with pytest.raises(ValueError, match="context"):
         profile_drift({"context": {"networks": []}})
+
+
+def test_a_run_measuring_on_the_profiles_device_records_the_drift_once(monkeypatch) -> None:
+    """End-to-end measurement on the profile's own device checks the drift once per run and puts now ÷ then
+    in every measured record; a profile of another machine gets no drift check."""
+    import cost_models.profiling.measure as measure_mod
+    import cost_models.profiling.profiler as profiler_mod
+    from cost_models.profiling.machine import cpu_name
+    from hwsplit.run.config import GrowConfig
+    from hwsplit.run.measurement import end_to_end_measurer
+
+    checks = []
+    monkeypatch.setattr(profiler_mod, "profile_drift", lambda p, **kw: checks.append(kw) or {"ratio": 0.7})
+    monkeypatch.setattr(measure_mod, "measure_model", lambda *a, **kw: {"latency_ms": {"median": 0.1}})
+    profile = {"backend": "onnxruntime", "meter": "latency",
+               "device": {"kind": "cpu", "name": cpu_name(), "threads": 1},
+               "context": {"networks": [{"architecture": {}, "latency_ms": {"median": 0.1}}]}}
+    config = GrowConfig(cost="lut", cost_options={"profile": "p.json"}, measure=True, measure_time_s=0.05)
+    measure = end_to_end_measurer(config, profile)
+    first, second = (measure(torch.nn.Identity(), (1, 3, 32, 32)) for _ in range(2))
+    assert first["profile_drift"] == second["profile_drift"] == 0.7 and len(checks) == 1
+    other = end_to_end_measurer(config, {**profile, "device": {**profile["device"], "name": "another CPU"}})
+    assert "profile_drift" not in other(torch.nn.Identity(), (1, 3, 32, 32)) and len(checks) == 1

@@ -26,7 +26,10 @@ def end_to_end_measurer(config: GrowConfig, profile: dict[str, Any] | None = Non
 
     Uses the profile's backend, meter and threads on the device the profile was made on, when
     this machine has that kind of device; otherwise every stage records why it was not measured.
-    A profile from another machine is allowed (that is what tables are for) and said so.
+    A profile from another machine is allowed (that is what tables are for) and said so. On the
+    profile's own device every record also carries ``profile_drift``: now ÷ then of two of the
+    profile's context networks, timed once per run (a warning beyond ±10 %: the table's
+    milliseconds are off by that much).
     """
     wanted = config.measure if config.measure is not None else config.profile is not None
     if not wanted:
@@ -57,10 +60,29 @@ def end_to_end_measurer(config: GrowConfig, profile: dict[str, Any] | None = Non
     elif meter == "nvml" and not nvidia_gpu_available():
         reason = "the profile measured NVML energy and this machine has no NVIDIA GPU"
 
+    drift: dict[str, Any] = {}
+
+    def profile_drift() -> dict[str, Any]:
+        """Once per run, on the profile's own device: now ÷ then of some of the profile's context networks
+        (:func:`cost_models.profiling.profiler.profile_drift`; logged when beyond its limit)."""
+        if drift or not same or reason is not None or not (profile or {}).get("context"):
+            return drift
+        from cost_models.profiling.profiler import profile_drift as check
+
+        try:
+            result = check(profile, networks=2, time_budget_s=config.measure_time_s)
+        except ValueError as err:
+            log.info("no drift check: %s", err)
+            drift["profile_drift"] = None
+            return drift
+        drift["profile_drift"] = round(result["ratio"], 4)
+        return drift
+
     def measure(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, Any]:
         info: dict[str, Any] = {"device": here, "backend": backend, "meter": meter, "same_device_as_profile": same}
         if reason is not None:
             return {**info, "skipped": reason}
+        info.update(profile_drift())
         result = measure_model(model, input_shape, device="cpu" if kind == "cpu" else "cuda", backend=backend,
                                meter=meter, threads=threads, time_budget_s=config.measure_time_s)
         return {**info, **result}
