@@ -361,6 +361,26 @@ def _front(curve: list[dict], key: str = "latency_ms") -> list[dict]:
     return out
 
 
+def _compare_front(points: list[dict], front: list[dict], n_test: int, key: str = "latency_ms") -> list[dict]:
+    """Each point against the best the other family reaches at the same ``key`` or less: the last point of its
+    validation ``front`` (:func:`_front`) at or below the point's ``key`` — a step, not an interpolation, so a point
+    slower than the whole front is compared with the front's best (no extrapolation is involved). Points faster
+    than every front point are left out. Differences of test top-1, 2 SE of two independent test accuracies."""
+    out = []
+    for r in points:
+        if not r.get(key) or r.get("test_top1") is None:
+            continue
+        below = [f for f in front if f[key] <= r[key]]
+        if not below:
+            continue
+        f = below[-1]
+        se = math.sqrt(2) * common.accuracy_se(r["test_top1"], n_test)
+        out.append({"stage": r.get("source_stage", r["stage"]), "macs": r["macs"], key: r[key], "acc": r["test_top1"],
+                    "other": f["test_top1"], "other_" + key: f[key], "diff": r["test_top1"] - f["test_top1"],
+                    "two_se": 2 * se})
+    return out
+
+
 # ------------------------------------------------------------------------------------------------
 # claim 4: measured latency of every compared architecture
 # ------------------------------------------------------------------------------------------------
@@ -565,8 +585,8 @@ def summarise(out: Path, args: argparse.Namespace) -> dict:
             for key, (arm, curve) in LATENCY_COMPARISONS.items():
                 points = _derived(root / f"grow-{arm}", "retrain")
                 if points and curves_of.get(curve):
-                    s["latency"][key] = _compare(_with_latency(points, lat),
-                                                 _front(_with_latency(curves_of[curve], lat)), n_test, "latency_ms")
+                    s["latency"][key] = _compare_front(_with_latency(points, lat),
+                                                       _front(_with_latency(curves_of[curve], lat)), n_test)
         rt_l = _derived(root / "grow-lut", "retrain")
         if rt_l and lat:  # claim 4: at matched measured latency
             width_l = _with_latency(width, lat)
@@ -788,9 +808,9 @@ def _latency_line(result: dict) -> str:
     """The fragment's line on the measured latency: where it comes from, and how many networks have one."""
     what = ("- at matched measured latency: onnxruntime, 1 thread, batch 1, the median of `--measure-passes` "
             "interleaved passes of `--measure-time` s (`--steps measure` on a quiet core, `latency.json`; a "
-            "network's latency is its architecture's), interpolated on log10 ms, over the networks that have one; "
-            "the other curve by its front (its points that no faster point beats on validation: latency is not "
-            "monotone in width)")
+            "network's latency is its architecture's), over the networks that have one: each network against the "
+            "best the other family reaches at the same latency or less (its validation front: the points no faster "
+            "point beats on validation; latency is not monotone in width), test top-1 of that point")
     lat = result.get("latency")
     if not lat:
         return what + "; not measured yet"
