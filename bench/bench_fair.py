@@ -337,12 +337,17 @@ def _compare(points: list[dict], curve: list[dict], n_test: int, key: str = "mac
     out = []
     for r in points:
         y = _interp(curve, r[key], key, metric) if r.get(key) and r.get(metric) is not None else None
-        if y is None:
-            continue
-        se = math.sqrt(2) * common.accuracy_se(r[metric], n_test)
-        out.append({"stage": r.get("source_stage", r["stage"]), "macs": r["macs"], key: r[key], "acc": r[metric],
-                    "other": y, "diff": r[metric] - y, "two_se": 2 * se})
+        if y is not None:
+            out.append(_comparison(r, y, n_test, key, metric))
     return out
+
+
+def _comparison(r: dict, other: float, n_test: int, key: str, metric: str = "test_top1", **extra) -> dict:
+    """Point ``r`` against the other family's accuracy ``other`` at the same ``key``: the difference and its 2 SE
+    (two independent accuracies over ``n_test`` images)."""
+    se = math.sqrt(2) * common.accuracy_se(r[metric], n_test)
+    return {"stage": r.get("source_stage", r["stage"]), "macs": r["macs"], key: r[key], "acc": r[metric],
+            "other": other, **extra, "diff": r[metric] - other, "two_se": 2 * se}
 
 
 def _front(curve: list[dict], key: str = "latency_ms") -> list[dict]:
@@ -373,11 +378,7 @@ def _compare_front(points: list[dict], front: list[dict], n_test: int, key: str 
         below = [f for f in front if f[key] <= r[key]]
         if not below:
             continue
-        f = below[-1]
-        se = math.sqrt(2) * common.accuracy_se(r["test_top1"], n_test)
-        out.append({"stage": r.get("source_stage", r["stage"]), "macs": r["macs"], key: r[key], "acc": r["test_top1"],
-                    "other": f["test_top1"], "other_" + key: f[key], "diff": r["test_top1"] - f["test_top1"],
-                    "two_se": 2 * se})
+        out.append(_comparison(r, below[-1]["test_top1"], n_test, key, **{f"other_{key}": below[-1][key]}))
     return out
 
 

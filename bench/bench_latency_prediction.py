@@ -205,25 +205,22 @@ def main() -> None:
     for kind, e in result["sets"].items():
         if kind == "grown":
             print(f"\ngrown: {e['n']} networks of {args.grown} (median of their passes)")
-            print("| predictor | within ±10 % | Spearman ρ | MAPE | median error |")
-            print("|---|---|---|---|---|")
-            for name in PREDICTORS:
-                st = e[name]
-                print(f"| {name} | {100 * st['within_10pct']:.0f} % | {st['spearman']:.3f} | "
-                      f"{100 * st['mape']:.1f} % | "
-                      f"{100 * st['median_error']:+.1f} % |")
-            print(f"| MACs (rank only) | – | {e['macs_spearman']:.3f} | – | – |")
-            continue
-        print(f"\n{kind}: {e['n']} networks; re-measured within ±10 %: {100 * e['remeasure_within_10pct']:.0f} % "
-              f"(±5 %: {100 * e['remeasure_within_5pct']:.0f} %, worst {e['remeasure_max_pct']:.1f} %, "
-              f"ρ {e['remeasure_spearman']:.3f})")
-        print("| predictor | within ±10 % | Spearman ρ | MAPE | median error |")
-        print("|---|---|---|---|---|")
-        for name in PREDICTORS:
-            s = e[name]
-            print(f"| {name} | {100 * s['within_10pct']:.0f} % | {s['spearman']:.3f} | {100 * s['mape']:.1f} % | "
-                  f"{100 * s['median_error']:+.1f} % |")
-        print(f"| MACs (rank only) | – | {e['macs_spearman']:.3f} | – | – |")
+        else:
+            print(f"\n{kind}: {e['n']} networks; re-measured within ±10 %: {100 * e['remeasure_within_10pct']:.0f} % "
+                  f"(±5 %: {100 * e['remeasure_within_5pct']:.0f} %, worst {e['remeasure_max_pct']:.1f} %, "
+                  f"ρ {e['remeasure_spearman']:.3f})")
+        print(predictor_table(e))
+
+
+def predictor_table(entry: dict) -> str:
+    """One set's figures per predictor as a markdown table, MACs' ranking last."""
+    lines = ["| predictor | within ±10 % | Spearman ρ | MAPE | median error |", "|---|---|---|---|---|"]
+    for name in PREDICTORS:
+        s = entry[name]
+        lines.append(f"| {name} | {100 * s['within_10pct']:.0f} % | {s['spearman']:.3f} | {100 * s['mape']:.1f} % | "
+                     f"{100 * s['median_error']:+.1f} % |")
+    lines.append(f"| MACs (rank only) | – | {entry['macs_spearman']:.3f} | – | – |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
