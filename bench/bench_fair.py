@@ -125,7 +125,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 #: The full-scale protocol (issue 25): every image, a schedule long enough to converge, 3 seeds.
 PRESETS = {"full": {"limit": None, "val_fraction": 0.1, "test_limit": None, "batch_size": 128, "seed_epochs": 15,
                     "epochs": 5, "stages": 4, "retrain_epochs": 30, "multipliers": "1,1.25,1.5,1.75,2,2.5,3",
-                    "seeds": "0,1,2",
+                    "seeds": "0,1,2", "profile": "profiles/cpu-intel-xeon-1t-onnxruntime.json",
                     "steps": "flops,authors,aligned,retrain-flops,width,retrain-authors,retrain-aligned;"
                              "random,retrain-random;finetune,width-total;prune-slimming,prune-l1"}}
 
@@ -174,9 +174,20 @@ ARMS = {"flops": {}, "vanilla": {"cost": "none"}, "random": {"selection": "rando
 PRUNE_METHODS = ("slimming", "l1")
 
 
+def lut_multiple(args: argparse.Namespace) -> int:
+    """The lut arm's channel multiple when ``--channel-multiple`` is not given (the full preset): the smallest
+    multiple that puts every convolution of the profiled CPU on its blocked kernels — the profile's
+    ``blocks.depthwise_multiple`` (4 on an AVX-512 CPU, as the ``aligned`` arm), else its ``channel_block``."""
+    from cost_models.profile_io import load_profile
+
+    profile = load_profile(str(common.resolve(args.profile)))
+    return int((profile.get("blocks") or {}).get("depthwise_multiple") or profile["channel_block"])
+
+
 def arm_overrides(arm: str, args: argparse.Namespace) -> dict:
     if arm == "lut":
-        return {**ARMS[arm], "cost_options": {"profile": str(common.resolve(args.profile))}}
+        return {**ARMS[arm], "cost_options": {"profile": str(common.resolve(args.profile))},
+                **({"channel_multiple": lut_multiple(args)} if args.channel_multiple is None else {})}
     return ARMS[arm]() if callable(ARMS[arm]) else ARMS[arm]
 
 
@@ -493,7 +504,7 @@ def _with_latency(recs: list[dict], table: dict) -> list[dict]:
 #: Comparisons at matched measured latency when ``<out>/latency.json`` exists (the full preset's arms; claim 4 has
 #: its own): summary key -> (the points' arm, the curve: ``width`` or a pruning method and kind).
 LATENCY_COMPARISONS = {"flops_vs_width": ("flops", "width"), "authors_vs_width": ("authors", "width"),
-                       "aligned_vs_width": ("aligned", "width"),
+                       "aligned_vs_width": ("aligned", "width"), "lut_vs_width": ("lut", "width"),
                        **{f"flops_vs_prune_{m}{suffix}": ("flops", f"prune-{m}{suffix}") for m in PRUNE_METHODS
                           for suffix in ("", "_retrained")}}
 
