@@ -126,6 +126,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 PRESETS = {"full": {"limit": None, "val_fraction": 0.1, "test_limit": None, "batch_size": 128, "seed_epochs": 15,
                     "epochs": 5, "stages": 4, "retrain_epochs": 30, "multipliers": "1,1.25,1.5,1.75,2,2.5,3",
                     "seeds": "0,1,2", "profile": "profiles/cpu-intel-xeon-1t-onnxruntime.json",
+                    # the library's rule (every layer as wide as every grown stage's) asks x9.5 here (a late layer of
+                    # the flops arm grows to 9x the seed's): ~50M MACs, hours of one core for each wide network;
+                    # x4 (~4.8M MACs) is about twice the largest grown stage, as a practitioner prunes
+                    "prune_width_mult": 4.0,
                     "steps": "flops,authors,aligned,retrain-flops,width,retrain-authors,retrain-aligned;"
                              "random,retrain-random;finetune,width-total;prune-slimming,prune-l1"}}
 
