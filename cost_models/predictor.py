@@ -50,6 +50,31 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
+#: (context fit, regressor options) -> (fitted regressor, end-to-end fit): a profile's in-context fit is the same
+#: every time it is loaded (see ContextFit.of)
+_IN_CONTEXT: dict[tuple, tuple[LayerRegressor, NetworkFit]] = {}
+
+
+def _in_context(context: ContextFit, networks: Sequence[dict[str, Any]], source: str,
+                options: dict[str, Any]) -> tuple[LayerRegressor, NetworkFit]:
+    """The regressor fitted to ``context``'s in-context per-layer targets (ms) and the end-to-end fit of
+    ``networks`` on its layer times, memoised on the fit and the regressor's options."""
+    options = {"channel_block": context.block, "depthwise_multiple": context.dw_multiple, **options}
+    key = (context, repr(sorted(options.items())))
+    if key not in _IN_CONTEXT:
+        specs, y = context_targets(networks, context.overhead_node_ms)
+        with fitting(source, "the layer-cost regressor"):
+            regressor = LayerRegressor(**options).fit(specs, y)
+        raw: dict[tuple, float] = {}
+
+        def base(spec: LayerSpec) -> float:
+            if spec.key() not in raw:
+                raw[spec.key()] = float(regressor.predict([spec])[0])
+            return raw[spec.key()]
+
+        _IN_CONTEXT[key] = (regressor, context.fit_network(networks, base))
+    return _IN_CONTEXT[key]
+
 #: Columns of the per-kind linear model (all non-decreasing in channels).
 TERMS = ("one", "macs", "in_elems", "out_elems", "weights", "out_pixels",
          # what a blocked backend responds to (docs/design.md §6; zero without a channel block):
@@ -303,30 +328,20 @@ class EnergyPredictorCostModel(LayerCostModel):
         self.unit = metric_unit(metric)
         context_nets = (self.profile.get("context") or {}).get("networks") or []
         self.context: ContextFit | None = None
-        if metric == "latency_ms" and context_nets and in_context:
-            # in-context per-layer targets (per-node overhead included), the device's block in the terms
-            self.context = ContextFit.of(context_nets, block=channel_block(self.profile),
-                                         dw_multiple=depthwise_multiple(self.profile))
-            specs, y = context_targets(context_nets, self.context.overhead_node_ms)
-            self.overhead = self.context.overhead_network_ms
-            regressor_options = {"channel_block": self.context.block, "depthwise_multiple": self.context.dw_multiple,
-                                 **regressor_options}
-        else:
-            specs, y, self.overhead = profile_targets(self.profile, metric, self.source, subtract_overhead)
-        with fitting(self.source, "the layer-cost regressor"):
-            self.regressor = LayerRegressor(**regressor_options).fit(specs, y)
         self._cache: dict[tuple, float] = {}
         self.network_fit: NetworkFit | None = None
-        if self.context is not None:  # the same end-to-end fit as the table's, on the regressor's layer times
-            raw: dict[tuple, float] = {}
-
-            def base(spec: LayerSpec) -> float:
-                if spec.key() not in raw:
-                    raw[spec.key()] = float(self.regressor.predict([spec])[0])
-                return raw[spec.key()]
-
-            self.network_fit = self.context.fit_network(context_nets, base)
+        if metric == "latency_ms" and context_nets and in_context:
+            # in-context per-layer targets (per-node overhead included), the device's block in the terms, and
+            # the same end-to-end fit as the table's on the regressor's layer times (memoised: _in_context)
+            self.context = ContextFit.of(context_nets, block=channel_block(self.profile),
+                                         dw_multiple=depthwise_multiple(self.profile))
+            self.regressor, self.network_fit = _in_context(self.context, context_nets, self.source,
+                                                           regressor_options)
             self.overhead = self.network_fit.overhead_network_ms
+        else:
+            specs, y, self.overhead = profile_targets(self.profile, metric, self.source, subtract_overhead)
+            with fitting(self.source, "the layer-cost regressor"):
+                self.regressor = LayerRegressor(**regressor_options).fit(specs, y)
         if self.context is None and calibrate and self.profile.get("networks"):
             with fitting(self.source, "the whole-network calibration"):
                 self.calibration = fit_calibration(self, self.profile["networks"], metric)
