@@ -130,8 +130,8 @@ PRESETS = {"full": {"limit": None, "val_fraction": 0.1, "test_limit": None, "bat
                     # the flops arm grows to 9x the seed's): ~50M MACs, hours of one core for each wide network;
                     # x4 (~4.8M MACs) is about twice the largest grown stage, as a practitioner prunes
                     "prune_width_mult": 4.0,
-                    "steps": "flops,authors,aligned,retrain-flops,width,retrain-authors,retrain-aligned;"
-                             "random,retrain-random;finetune,width-total;prune-slimming,prune-l1"}}
+                    "steps": "flops,authors,aligned,retrain-flops,width,retrain-authors,retrain-aligned,"
+                             "lut,retrain-lut;random,retrain-random;finetune,width-total;prune-slimming,prune-l1"}}
 
 
 def channel_multiple(args: argparse.Namespace) -> int | None:
@@ -188,10 +188,29 @@ def lut_multiple(args: argparse.Namespace) -> int:
     return int((profile.get("blocks") or {}).get("depthwise_multiple") or profile["channel_block"])
 
 
+def lut_budget_ms(args: argparse.Namespace, channel_multiple: int | None) -> float:
+    """The lut arm's total budget when ``--channel-multiple`` is not given (the full preset): the table's latency
+    (ms) of the widest width multiplier. On a CPU where a channel costs far less latency than its MACs (small
+    networks, overhead-bound), a budget of ``growth_ratio`` × the current latency per stage lets every layer grow
+    to its per-stage cap; the widest multiplier's latency keeps the arm in the range the widths span and asks the
+    user's question: the most accuracy at that latency."""
+    import cost_models
+    from hwsplit.network.families import build_seed
+    from hwsplit.run.baselines import parse_multipliers
+
+    model = build_seed("mobilenet_v1_cifar", {}, (3, 32, 32), 10, width_mult=max(parse_multipliers(args.multipliers)),
+                       channel_multiple=channel_multiple)
+    lut = cost_models.get_cost_model("lut", profile=str(common.resolve(args.profile)))
+    return float(lut.total(model, (1, 3, 32, 32)))
+
+
 def arm_overrides(arm: str, args: argparse.Namespace) -> dict:
     if arm == "lut":
-        return {**ARMS[arm], "cost_options": {"profile": str(common.resolve(args.profile))},
-                **({"channel_multiple": lut_multiple(args)} if args.channel_multiple is None else {})}
+        extra = {}
+        if args.channel_multiple is None:
+            n = lut_multiple(args)
+            extra = {"channel_multiple": n, "budget": round(lut_budget_ms(args, n), 6)}
+        return {**ARMS[arm], "cost_options": {"profile": str(common.resolve(args.profile))}, **extra}
     return ARMS[arm]() if callable(ARMS[arm]) else ARMS[arm]
 
 
@@ -851,7 +870,9 @@ def fragment(result: dict, args: argparse.Namespace) -> str:
             f"`{args.profile}`), every network in multiples of {channel_multiple(args)} channels"
             if args.claim4 else "flops (LP), vanilla (cost none), random (selection random, MACs budget), aligned "
             "(flops growing in multiples of 4 channels), authors "
-            "(`--recipe authors`: √ΔMACs price, group budgets, at most doubling, their width ceilings, β ≥ 0.99)")
+            "(`--recipe authors`: √ΔMACs price, group budgets, at most doubling, their width ceilings, β ≥ 0.99), "
+            f"lut (the latency table of `{args.profile}`, multiples of 4 channels, its budget the widest width "
+            "multiplier's table latency)")
     scale = "full scale (issue 25)" if args.preset == "full" else "issue 12"
     lines = [f"## Fair protocol, {scale}: {'claim 4' if args.claim4 else 'claims 2 and 3'}", "",
              f"- command: {_command(args)}" + (" (steps flops,lut,width,retrain-flops,retrain-lut; then `--steps "
@@ -863,7 +884,10 @@ def fragment(result: dict, args: argparse.Namespace) -> str:
              f"recipe against the default — it is chosen on validation, never on test); "
              f"{_images(args.test_limit, 'test')}",
              f"- growth: seed {args.seed_epochs} epochs, {args.stages} stages × {args.epochs} epochs, growth ratio "
-             f"0.5, post-split policy `{args.post_split}`; arms {arms}, sharing one trained seed",
+             f"0.5, post-split policy `{args.post_split}`; arms {arms}, sharing one trained seed"
+             + ("" if args.claim4 else "; pruning: Torch-Pruning (network slimming, L1 filter norm) of a wide network "
+                + (f"(width × {args.prune_width_mult:g})" if args.prune_width_mult else "(width by the library rule)")
+                + " to each flops stage's MACs, fine-tuned and retrained"),
              f"- comparison schedule: every grown stage and every width multiplier trained from scratch for "
              f"{args.retrain_epochs} epochs (one cosine from lr 0.1, batch {args.batch_size})"
              + ("" if args.claim4 else "; the fine-tuned last flops stage against width multipliers trained from "
@@ -918,6 +942,8 @@ def fragment(result: dict, args: argparse.Namespace) -> str:
                                 agg["aligned_retrained_vs_width"]),
                   _verdict_line("retrained authors' recipe − retrained flops (test; read once the choice is made)",
                                 agg["authors_vs_flops"]),
+                  _verdict_line("retrained lut (table latency price, multiples of 4 channels, budget: the widest "
+                                "width's table latency) − width", agg["lut_retrained_vs_width"]),
                   *(_verdict_line(f"retrained flops − {m} pruning, {how}", agg[f"flops_vs_prune_{m}{suffix}"])
                     for m in PRUNE_METHODS for suffix, how in (("", "fine-tuned"), ("_retrained", "retrained"))),
                   _verdict_line("retrained grown (flops) − width, at matched measured latency",
@@ -926,6 +952,7 @@ def fragment(result: dict, args: argparse.Namespace) -> str:
                                 agg["latency_authors_vs_width"]),
                   _verdict_line("retrained aligned (MACs price, multiples of 4 channels) − width, at matched "
                                 "measured latency", agg["latency_aligned_vs_width"]),
+                  _verdict_line("retrained lut − width, at matched measured latency", agg["latency_lut_vs_width"]),
                   *(_verdict_line(f"retrained flops − {m} pruning, {how}, at matched measured latency",
                                   agg[f"latency_flops_vs_prune_{m}{suffix}"])
                     for m in PRUNE_METHODS for suffix, how in (("", "fine-tuned"), ("_retrained", "retrained"))), ""]

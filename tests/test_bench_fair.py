@@ -306,6 +306,25 @@ def test_the_aligned_arm_grows_in_multiples_of_four_from_the_shared_seed():
     assert "aligned_vs_width" in bench_fair.LATENCY_COMPARISONS
 
 
+def test_the_full_lut_arm_is_aligned_and_bounded_by_the_widest_widths_table_latency():
+    """Full preset: the lut arm grows in the shipped profile's blocked-kernel multiple, its total budget the table's
+    latency of the widest width multiplier (above the seed's, so it grows), and it is compared at matched latency."""
+    import cost_models
+    from hwsplit.network.families import build_seed
+
+    args = bench_fair.parse_args(["--preset", "full"])
+    over = bench_fair.arm_overrides("lut", args)
+    assert over["cost"] == "lut" and over["channel_multiple"] == 4
+    lut = cost_models.get_cost_model("lut", profile=str(ROOT / args.profile))
+    widest = build_seed("mobilenet_v1_cifar", {}, (3, 32, 32), 10, width_mult=3.0, channel_multiple=4)
+    seed = build_seed("mobilenet_v1_cifar", {}, (3, 32, 32), 10)
+    assert over["budget"] == pytest.approx(lut.total(widest, (1, 3, 32, 32)), rel=1e-5)
+    assert over["budget"] > lut.total(seed, (1, 3, 32, 32))
+    assert "lut_vs_width" in bench_fair.LATENCY_COMPARISONS and "retrain-lut" in args.steps
+    # claim 4 (an explicit --channel-multiple) keeps every arm on that multiple and the growth ratio alone
+    assert "budget" not in bench_fair.arm_overrides("lut", bench_fair.parse_args(["--channel-multiple", "16"]))
+
+
 def test_a_network_slower_than_the_whole_front_is_compared_with_its_best():
     """The other family's best at the same latency or less: a step along the validation front, so a grown network
     slower than every width multiplier is compared with the fastest-best one, and one faster than all is left out."""
