@@ -174,6 +174,9 @@ ARMS = {"flops": {}, "vanilla": {"cost": "none"}, "random": {"selection": "rando
         "aligned": {"channel_multiple": 4}}
 
 
+#: The settings compared with today's default (the flops arm) on validation at matched MACs (issue 26).
+VALIDATION_ARMS = ("authors", "aligned")
+
 #: The pruning arms (issue 27), steps ``prune-<method>``.
 PRUNE_METHODS = ("slimming", "l1")
 
@@ -595,14 +598,15 @@ def summarise(out: Path, args: argparse.Namespace) -> dict:
                 if retrained:
                     s[f"flops_vs_prune_{method}_retrained"] = _compare(
                         rt_f, sorted(retrained, key=lambda r: r["macs"]), n_test)
-        rt_a = _derived(root / "grow-authors", "retrain")
-        if rt_f and rt_a:  # issue 26: the authors' recipe against today's default, on validation (it chooses)
-            n_val = round((args.limit or 50_000) * args.val_fraction)
-            s["authors_vs_flops_val"] = _compare(rt_a, sorted(seed_rt + rt_f, key=lambda r: r["macs"]), n_val,
-                                                 metric="val_top1")
-            s["flops_vs_authors_val"] = _compare(rt_f, sorted(seed_rt + rt_a, key=lambda r: r["macs"]), n_val,
-                                                 metric="val_top1")
-            s["authors_vs_flops"] = _compare(rt_a, sorted(seed_rt + rt_f, key=lambda r: r["macs"]), n_test)
+        n_val = round((args.limit or 50_000) * args.val_fraction)
+        for arm in VALIDATION_ARMS:  # issue 26: each setting against today's default, on validation (it chooses)
+            rt_a = _derived(root / f"grow-{arm}", "retrain")
+            if rt_f and rt_a:
+                s[f"{arm}_vs_flops_val"] = _compare(rt_a, sorted(seed_rt + rt_f, key=lambda r: r["macs"]), n_val,
+                                                    metric="val_top1")
+                s[f"flops_vs_{arm}_val"] = _compare(rt_f, sorted(seed_rt + rt_a, key=lambda r: r["macs"]), n_val,
+                                                    metric="val_top1")
+                s[f"{arm}_vs_flops"] = _compare(rt_a, sorted(seed_rt + rt_f, key=lambda r: r["macs"]), n_test)
         rt_r = _derived(root / "grow-random", "retrain")
         if rt_f and rt_r:
             s["flops_vs_random"] = _compare(rt_f, sorted(seed_rt + rt_r, key=lambda r: r["macs"]), n_test)
@@ -646,8 +650,9 @@ def summarise(out: Path, args: argparse.Namespace) -> dict:
     for key in ARMS:
         agg[f"{key}_retrained_vs_width"] = _aggregate([s[key]["retrained_vs_width"] for s in result["seeds"].values()
                                                        if key in s])
-    for key in ("flops_vs_vanilla", "flops_vs_random", "authors_vs_flops_val", "flops_vs_authors_val",
-                "authors_vs_flops", *(f"flops_vs_prune_{m}{suffix}" for m in PRUNE_METHODS
+    for key in ("flops_vs_vanilla", "flops_vs_random",
+                *(f"{k}_val" for arm in VALIDATION_ARMS for k in (f"{arm}_vs_flops", f"flops_vs_{arm}")),
+                *(f"{arm}_vs_flops" for arm in VALIDATION_ARMS), *(f"flops_vs_prune_{m}{suffix}" for m in PRUNE_METHODS
                                       for suffix in ("", "_retrained"))):
         agg[key] = _aggregate([s[key] for s in result["seeds"].values() if key in s])
     agg["finetuned_vs_width"] = _aggregate([s["finetuned"]["vs_width"] for s in result["seeds"].values()
@@ -937,6 +942,8 @@ def fragment(result: dict, args: argparse.Namespace) -> str:
                                 "incl. the seed)", agg["authors_vs_flops_val"]),
                   _verdict_line("issue 26, on VALIDATION: retrained flops − retrained authors' recipe",
                                 agg["flops_vs_authors_val"]),
+                  _verdict_line("issue 26, on VALIDATION: retrained aligned − retrained flops (flops curve incl. the "
+                                "seed)", agg["aligned_vs_flops_val"]),
                   _verdict_line("retrained authors' recipe − width (test)", agg["authors_retrained_vs_width"]),
                   _verdict_line("retrained aligned (MACs price, multiples of 4 channels) − width",
                                 agg["aligned_retrained_vs_width"]),
