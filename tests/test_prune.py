@@ -257,3 +257,18 @@ def test_max_pruning_ratio_keeps_every_layer_above_its_floor(trained_cifar):
     assert cost(pruned) <= target
     for w, g in zip([wide["stem_width"], *wide["widths"]], [got["stem_width"], *got["widths"]]):
         assert g >= layer_floor(w, 0.7, 1) >= 0.3 * w, (w, g)
+
+
+def test_an_oversized_default_wide_network_is_said_and_a_given_width_is_not(grown, tmp_path, caplog):
+    """The default wide network (every layer as wide as every grown stage's) can cost many times the largest
+    target when growth concentrates in a few layers: a warning names --width-mult; a given width says nothing."""
+    from hwsplit.run.prune import prune_baseline
+
+    for width_mult in (None, 2.0):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="hwsplit.run.prune"), pytest.raises(ConfigError, match="targets"):
+            # a target below what pruning can reach: refused after the wide network is sized, before training
+            prune_baseline(grown, method="l1", targets=[1.0], width_mult=width_mult, out=tmp_path / "p")
+        warned = [r.getMessage() for r in caplog.records if "--width-mult" in r.getMessage()]
+        assert bool(warned) == (width_mult is None), warned
+        assert not (tmp_path / "p").exists()

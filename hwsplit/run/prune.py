@@ -80,6 +80,9 @@ from hwsplit.training.train import evaluate, seed_everything
 
 log = logging.getLogger(__name__)
 
+#: The default wide network is said to be oversized (a warning) above this multiple of the largest target's cost.
+WIDE_WARN_RATIO = 8.0
+
 PRUNE_BASELINE = "prune"
 METHODS = ("l1", "slimming", "taylor")
 #: Families whose pruned networks hwsplit can describe and rebuild (widths per layer).
@@ -453,6 +456,10 @@ def prune_baseline(run: str | Path, *, method: str, out: str | Path | None = Non
     wide_cost = session.cost_model.total(wide, session.input_shape)
     given = targets is not None
     targets = [float(t) for t in (targets if given else [r["cost"]["value"] for r in source_records])]
+    if width_mult is None and targets and wide_cost > WIDE_WARN_RATIO * max(targets):
+        log.warning("the wide network (width ×%g, by the rule: as wide as every grown stage in every layer) costs "
+                    "%.1f× the largest target (%.4g %s): its training is about as many times a target's; give "
+                    "--width-mult to prune from a narrower one", mult, wide_cost / max(targets), wide_cost, unit)
     bad = [t for t in targets if not (math.isfinite(t) and 0 < t < wide_cost)]
     if bad:
         raise ConfigError(f"targets: {bad[0]:.6g} {unit} is not below the wide network's cost ({wide_cost:.6g} "
