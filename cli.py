@@ -767,10 +767,12 @@ def drift(profile_path: str, networks: int, time_budget_s: float) -> None:
     result = profile_drift(load_profile(profile_path), networks=networks, time_budget_s=time_budget_s)
     for r in result["networks"]:
         change = 100 * (r["now_ms"] / r["then_ms"] - 1)
-        click.echo(f"  then {r['then_ms']:.4f} ms  now {r['now_ms']:.4f} ms  ({change:+.1f} %)")
+        kind = "aligned" if r.get("aligned") else "other"
+        click.echo(f"  {kind:<7}  then {r['then_ms']:.4f} ms  now {r['now_ms']:.4f} ms  ({change:+.1f} %)")
     verdict = "DRIFTED: profile again for budgets in ms" if result["drifted"] else "within the limit"
-    click.echo(f"{profile_path}: whole networks run at {result['ratio']:.3f}× the profile's times "
-               f"(limit ±{result['limit_pct']:.0f} %): {verdict}")
+    kinds = ", ".join(f"{k} {x:.3f}×" for k, x in result.get("kinds", {}).items())
+    click.echo(f"{profile_path}: whole networks run at {result['ratio']:.3f}× the profile's times"
+               f"{f' ({kinds})' if kinds else ''} (limit ±{result['limit_pct']:.0f} %): {verdict}")
     if result["drifted"]:
         raise SystemExit(1)
 

@@ -269,6 +269,39 @@ def test_profile_drift_compares_context_networks_now_and_then() -> None:
         profile_drift({"context": {"networks": []}})
 
 
+def test_profile_drift_times_aligned_and_other_networks_apart(caplog) -> None:
+    """Networks on the blocked kernels (every width a multiple of the profile's depthwise multiple) and the others
+    are sampled half and half and judged apart: a machine whose aligned networks sped up 30 % while the others
+    moved 5 % (made up) has drifted, and its table's rankings between the two kinds are said not to hold."""
+    from cost_models.profiling.profiler import profile_drift
+
+    def arch(widths):
+        return {"family": "mobilenet_v1", "stem_width": widths[0], "widths": widths[1:],
+                "strides": [1, 2, 1, 2, 1, 2, 1, 1, 1, 1, 1, 2, 1], "stem_stride": 1, "num_classes": 10,
+                "in_channels": 3, "activation": "silu", "dropout": 0.0}
+
+    nets = [{"architecture": arch([4 * (i + 2)] * 14), "latency_ms": {"median": 0.1 + 0.01 * i}} for i in range(6)]
+    nets += [{"architecture": arch([4 * (i + 2) + 1] * 14), "latency_ms": {"median": 0.1 + 0.01 * i}}
+             for i in range(6)]
+    profile = {"backend": "onnxruntime", "device": {"threads": 1}, "blocks": {"depthwise_multiple": 4},
+               "context": {"networks": nets}}
+
+    def measure(model, shape, **kw):
+        width = model.stem[0].out_channels if hasattr(model, "stem") else next(
+            m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+        then = next(n["latency_ms"]["median"] for n in nets if n["architecture"]["stem_width"] == width)
+        return {"latency_ms": {"median": then * (0.7 if width % 4 == 0 else 1.05)}}
+
+    with caplog.at_level("WARNING"):
+        result = profile_drift(profile, networks=4, measure=measure)
+    assert [r["aligned"] for r in result["networks"]] == [True, True, False, False]
+    assert result["kinds"] == {"aligned": pytest.approx(0.7), "other": pytest.approx(1.05)}
+    assert result["drifted"] and "moved apart" in caplog.text
+    # a profile without a block multiple: one kind, as before
+    plain = profile_drift({**profile, "blocks": {}}, networks=4, measure=measure)
+    assert list(plain["kinds"]) == ["other"] and len(plain["networks"]) == 4
+
+
 def test_a_run_measuring_on_the_profiles_device_records_the_drift_once(monkeypatch) -> None:
     """End-to-end measurement on the profile's own device checks the drift once per run and puts now ÷ then
     in every measured record; a profile of another machine gets no drift check."""
