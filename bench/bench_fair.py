@@ -769,6 +769,7 @@ def plot(result: dict, out: Path) -> None:
 def _plot_curves(result: dict, cs: dict, key: str, xlabel: str, formatter, colours: dict, path: Path) -> None:
     """One figure: each curve of ``cs`` (:func:`curves`) as test top-1 (%) against ``key`` on a log axis."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     n_test = result["args"].get("test_limit") or 10_000
@@ -781,7 +782,8 @@ def _plot_curves(result: dict, cs: dict, key: str, xlabel: str, formatter, colou
                     linestyle="--" if name.startswith("width") else "-")
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(formatter)
-    ax.xaxis.set_minor_formatter(formatter)
+    # minor ticks labelled at 2, 3 and 5 × a power of ten only (all of them overlap on a short decade)
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, pos: formatter(v, pos) if f"{v:.0e}"[0] in "235" else ""))
     ax.set_xlabel(xlabel)
     ax.set_ylabel("test top-1 (%)")
     n = max((p["n_seeds"] for pts in cs.values() for p in pts), default=0)
