@@ -339,3 +339,12 @@ def test_a_network_slower_than_the_whole_front_is_compared_with_its_best():
     out = {c["stage"]: c for c in _compare_front(grown, _front(width), 10_000)}
     assert out[3]["other"] == 0.84 and out[3]["diff"] == pytest.approx(0.823 - 0.84)
     assert out[4]["other"] == 0.805 and 5 not in out
+
+
+def test_a_point_just_beyond_a_curves_end_is_compared_with_the_end_and_no_further():
+    """No extrapolation, but a pruned network up to 2 % under its target (or a stage a little past the widest
+    multiplier) is compared with the curve's end point; 2.5 % beyond is left out."""
+    curve = [{"macs": 1e6, "test_top1": 0.70}, {"macs": 2e6, "test_top1": 0.80}]
+    assert bench_fair._interp(curve, 1.5e6) == pytest.approx(0.70 + 0.10 * math.log10(1.5) / math.log10(2))
+    assert bench_fair._interp(curve, 2.05e6) is None and bench_fair._interp(curve, 0.975e6) is None
+    assert bench_fair._interp(curve, 2.03e6) == 0.80 and bench_fair._interp(curve, 0.985e6) == 0.70
