@@ -592,7 +592,9 @@ def summarise(out: Path, args: argparse.Namespace) -> dict:
             if not _recs(d):  # shown as its targets finish (a pruning run is one long job)
                 continue
             pruned = [r for r in _recs(d) if r["stage"] >= 1]
-            retrained = _recs(d / "retrain") if (d / "retrain" / "stages.jsonl").exists() else []
+            # the retrained curve once every pruned architecture has it (a partial curve's latency front would compare
+            # every network with its few points)
+            retrained = _recs(d / "retrain") if _done(d) else []
             curves_of[f"prune-{method}"], curves_of[f"prune-{method}_retrained"] = pruned, retrained
             target = {r["stage"]: r.get("target_stage", r["stage"]) for r in pruned}
             s[f"prune-{method}"] = {
