@@ -801,7 +801,7 @@ def _plot_curves(result: dict, cs: dict, key: str, xlabel: str, formatter, colou
     ax.set_xlabel(xlabel)
     ax.set_ylabel("test top-1 (%)")
     n = max((p["n_seeds"] for pts in cs.values() for p in pts), default=0)
-    ax.set_title(f"CIFAR-10, every network trained from scratch on one schedule ({n} seed(s); bars: 2 SE)")
+    ax.set_title(f"CIFAR-10, {n} seed(s); retrained: from scratch on one schedule; bars: 2 SE")
     ax.title.set_fontsize(9)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, loc="lower right")
