@@ -185,10 +185,10 @@ def lut_multiple(args: argparse.Namespace) -> int:
     """The lut arm's channel multiple when ``--channel-multiple`` is not given (the full preset): the smallest
     multiple that puts every convolution of the profiled CPU on its blocked kernels — the profile's
     ``blocks.depthwise_multiple`` (4 on an AVX-512 CPU, as the ``aligned`` arm), else its ``channel_block``."""
-    from cost_models.profile_io import load_profile
+    from cost_models.profile_io import channel_block, depthwise_multiple, load_profile
 
     profile = load_profile(str(common.resolve(args.profile)))
-    return int((profile.get("blocks") or {}).get("depthwise_multiple") or profile["channel_block"])
+    return depthwise_multiple(profile) or channel_block(profile)
 
 
 def lut_budget_ms(args: argparse.Namespace, channel_multiple: int | None) -> float:
@@ -613,14 +613,14 @@ def summarise(out: Path, args: argparse.Namespace) -> dict:
                     s[f"flops_vs_prune_{method}_retrained"] = _compare(
                         rt_f, sorted(retrained, key=lambda r: r["macs"]), n_test)
         n_val = round((args.limit or 50_000) * args.val_fraction)
+        flops_curve = sorted(seed_rt + rt_f, key=lambda r: r["macs"])
         for arm in VALIDATION_ARMS:  # issue 26: each setting against today's default, on validation (it chooses)
             rt_a = _derived(root / f"grow-{arm}", "retrain")
             if rt_f and rt_a:
-                s[f"{arm}_vs_flops_val"] = _compare(rt_a, sorted(seed_rt + rt_f, key=lambda r: r["macs"]), n_val,
-                                                    metric="val_top1")
+                s[f"{arm}_vs_flops_val"] = _compare(rt_a, flops_curve, n_val, metric="val_top1")
                 s[f"flops_vs_{arm}_val"] = _compare(rt_f, sorted(seed_rt + rt_a, key=lambda r: r["macs"]), n_val,
                                                     metric="val_top1")
-                s[f"{arm}_vs_flops"] = _compare(rt_a, sorted(seed_rt + rt_f, key=lambda r: r["macs"]), n_test)
+                s[f"{arm}_vs_flops"] = _compare(rt_a, flops_curve, n_test)
         rt_r = _derived(root / "grow-random", "retrain")
         if rt_f and rt_r:
             s["flops_vs_random"] = _compare(rt_f, sorted(seed_rt + rt_r, key=lambda r: r["macs"]), n_test)

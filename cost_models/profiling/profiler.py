@@ -22,7 +22,15 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from cost_models.profile_io import BACKENDS, METERS, SCHEMA, load_profile, save_profile
+from cost_models.profile_io import (
+    BACKENDS,
+    METERS,
+    SCHEMA,
+    channel_block,
+    depthwise_multiple,
+    load_profile,
+    save_profile,
+)
 from cost_models.profiling.channel_block import detect_channel_block
 from cost_models.profiling.grid import (
     CHANNEL_LADDER,
@@ -407,25 +415,26 @@ def profile_drift(profile: dict[str, Any], *, networks: int = 4, time_budget_s: 
                          "(profile made before they existed, or not onnxruntime on a CPU): profile again")
     if networks < 1:
         raise ValueError(f"networks: expected at least 1, got {networks}")
-    multiple = int((profile.get("blocks") or {}).get("depthwise_multiple") or profile.get("channel_block") or 1)
+    multiple = depthwise_multiple(profile) or channel_block(profile)
     aligned = [n for n in nets if _aligned(n["architecture"], multiple)]
     other = [n for n in nets if not _aligned(n["architecture"], multiple)]
     if aligned and other and networks >= 2:
-        chosen = _spread(aligned, networks // 2) + _spread(other, networks - networks // 2)
+        chosen = [(n, True) for n in _spread(aligned, networks // 2)]
+        chosen += [(n, False) for n in _spread(other, networks - networks // 2)]
     else:
-        chosen = _spread(nets, networks)
+        chosen = [(n, _aligned(n["architecture"], multiple)) for n in _spread(nets, networks)]
     timer = measure if measure is not None else measure_model
     threads = threads if threads is not None else profile.get("device", {}).get("threads")
     rows = []
-    for n in chosen:
+    by_kind: dict[str, list[float]] = {}
+    for n, is_aligned in chosen:
         shape = tuple(n.get("input_shape") or (1, 3, 32, 32))
         now = timer(_seeded_model(n["architecture"]), shape, backend=profile.get("backend", "onnxruntime"),
                     meter="latency", threads=threads, time_budget_s=time_budget_s)["latency_ms"]["median"]
-        rows.append({"then_ms": float(n["latency_ms"]["median"]), "now_ms": float(now),
-                     "aligned": _aligned(n["architecture"], multiple)})
+        rows.append({"then_ms": float(n["latency_ms"]["median"]), "now_ms": float(now), "aligned": is_aligned})
+        by_kind.setdefault("aligned" if is_aligned else "other", []).append(float(now) / rows[-1]["then_ms"])
     ratio = statistics.median(r["now_ms"] / r["then_ms"] for r in rows)
-    kinds = {kind: statistics.median(r["now_ms"] / r["then_ms"] for r in rows if r["aligned"] == (kind == "aligned"))
-             for kind in ("aligned", "other") if any(r["aligned"] == (kind == "aligned") for r in rows)}
+    kinds = {kind: statistics.median(by_kind[kind]) for kind in ("aligned", "other") if kind in by_kind}
     drifted = any(abs(x - 1) * 100 > DRIFT_LIMIT_PCT for x in (ratio, *kinds.values()))
     if drifted:
         log.warning("this machine runs whole networks %.0f %% %s than when the profile was made (median of %d%s): "
