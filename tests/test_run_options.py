@@ -111,3 +111,21 @@ def test_a_stage_record_is_unchanged_by_the_record_helper(tmp_path):
                            "seconds", "world_size", "threads", "split", "neurons_split", "epochs_in_all"}
     on_disk = json.loads((tmp_path / "run" / "stages.jsonl").read_text().splitlines()[0])
     assert on_disk["stage"] == 0 and on_disk["epochs_in_all"] == 1
+
+
+def test_a_resume_accepts_another_spelling_of_the_same_data_directory_and_profile(tmp_path, monkeypatch):
+    # a run started with a relative path resumes from the absolute one (or from a process that spells it so)
+    from hwsplit.run.grow import _resume_preflight
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "p.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    saved = GrowConfig(dataset="npz", data_dir="data", cost="lut", cost_options={"profile": "p.json"})
+    run.config.write_text(json.dumps(saved.to_dict()))
+    _resume_preflight(run, dataclasses.replace(saved, data_dir=str(tmp_path / "data"),
+                                               cost_options={"profile": str(tmp_path / "p.json")}))
+    with pytest.raises(ConfigError, match="data_dir differs"):
+        _resume_preflight(run, dataclasses.replace(saved, data_dir="other"))

@@ -67,13 +67,25 @@ log = logging.getLogger(__name__)
 STOP_STAGES = "stages done"
 
 
+def _as_paths(name: str, value: Any) -> Any:
+    """``value`` with its file paths resolved, so that a relative and an absolute spelling of the same data
+    directory or profile compare equal (``data_dir``; ``cost_options["profile"]``)."""
+    if name == "data_dir" and value is not None:
+        return Path(value).expanduser().resolve()
+    if name == "cost_options" and value.get("profile") is not None:
+        return {**value, "profile": Path(value["profile"]).expanduser().resolve()}
+    return value
+
+
 def _resume_preflight(run: RunDir, config: GrowConfig) -> None:
     """Refuse a resume that cannot work, before anything in ``run`` is touched."""
     if not run.config.exists():
         raise ConfigError(f"resume: {run.path} has no config.json (nothing to resume; start a new run)")
     saved = load_config(run.path)
     for f in dataclasses.fields(GrowConfig):
-        if f.name not in ("stages", "threads") and getattr(saved, f.name) != getattr(config, f.name):
+        if f.name in ("stages", "threads"):
+            continue
+        if _as_paths(f.name, getattr(saved, f.name)) != _as_paths(f.name, getattr(config, f.name)):
             raise ConfigError(f"resume: {f.name} differs from {run.config} ({getattr(saved, f.name)!r} there, "
                               f"{getattr(config, f.name)!r} here)")
     done = len(run.records()) - 1  # growth stages completed after the seed
