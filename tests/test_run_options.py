@@ -129,3 +129,18 @@ def test_a_resume_accepts_another_spelling_of_the_same_data_directory_and_profil
                                                cost_options={"profile": str(tmp_path / "p.json")}))
     with pytest.raises(ConfigError, match="data_dir differs"):
         _resume_preflight(run, dataclasses.replace(saved, data_dir="other"))
+
+
+def test_a_derived_job_continues_when_its_config_spells_a_path_another_way(tmp_path, monkeypatch):
+    # a fine-tune/prune/width job whose config.json says "data" continues (keeps its records) when asked
+    # again with the absolute path; another data directory is another job
+    from hwsplit.run.rundir import _same_job
+
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path)
+    dest = RunDir(tmp_path / "job")
+    dest.path.mkdir()
+    dest.config.write_text(json.dumps({"data_dir": "data", "finetune": {"source": "run", "epochs": 3}}))
+    assert _same_job(dest, {"data_dir": str(tmp_path / "data"),
+                            "finetune": {"source": str(tmp_path / "run"), "epochs": 3}})
+    assert not _same_job(dest, {"data_dir": "other", "finetune": {"source": "run", "epochs": 3}})

@@ -56,7 +56,7 @@ from hwsplit.run.config import (
 )
 from hwsplit.run.grower import Grower, GrowthStep
 from hwsplit.run.guard import guarded_records, kill_point
-from hwsplit.run.rundir import RunDir, WriteFailed, start_fresh, write_summary
+from hwsplit.run.rundir import RunDir, WriteFailed, resolve_paths, start_fresh, write_summary
 from hwsplit.run.session import Progress, Session, open_session, stage_seed
 from hwsplit.run.stages import record_stage
 from hwsplit.run.tblog import board_closed, open_board
@@ -67,16 +67,6 @@ log = logging.getLogger(__name__)
 STOP_STAGES = "stages done"
 
 
-def _as_paths(name: str, value: Any) -> Any:
-    """``value`` with its file paths resolved, so that a relative and an absolute spelling of the same data
-    directory or profile compare equal (``data_dir``; ``cost_options["profile"]``)."""
-    if name == "data_dir" and value is not None:
-        return Path(value).expanduser().resolve()
-    if name == "cost_options" and value.get("profile") is not None:
-        return {**value, "profile": Path(value["profile"]).expanduser().resolve()}
-    return value
-
-
 def _resume_preflight(run: RunDir, config: GrowConfig) -> None:
     """Refuse a resume that cannot work, before anything in ``run`` is touched."""
     if not run.config.exists():
@@ -85,7 +75,7 @@ def _resume_preflight(run: RunDir, config: GrowConfig) -> None:
     for f in dataclasses.fields(GrowConfig):
         if f.name in ("stages", "threads"):
             continue
-        if _as_paths(f.name, getattr(saved, f.name)) != _as_paths(f.name, getattr(config, f.name)):
+        if resolve_paths({f.name: getattr(saved, f.name)}) != resolve_paths({f.name: getattr(config, f.name)}):
             raise ConfigError(f"resume: {f.name} differs from {run.config} ({getattr(saved, f.name)!r} there, "
                               f"{getattr(config, f.name)!r} here)")
     done = len(run.records()) - 1  # growth stages completed after the seed

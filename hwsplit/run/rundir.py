@@ -455,12 +455,28 @@ def continue_or_start(dest: RunDir, info: dict[str, Any], *, overwrite: bool) ->
     return kept
 
 
+#: config.json keys that name a file or directory: compared by what they name, not by their spelling
+PATH_KEYS = ("data_dir", "profile", "source")
+
+
+def resolve_paths(data: Any) -> Any:
+    """``data`` (a config.json's content) with the values of :data:`PATH_KEYS` at any depth resolved to absolute
+    paths, so that a relative and an absolute spelling of the same data directory, profile or source run
+    compare equal."""
+    if isinstance(data, dict):
+        return {k: (str(Path(v).expanduser().resolve()) if k in PATH_KEYS and isinstance(v, str) else resolve_paths(v))
+                for k, v in data.items()}
+    if isinstance(data, list):
+        return [resolve_paths(v) for v in data]
+    return data
+
+
 def _same_job(dest: RunDir, info: dict[str, Any]) -> bool | None:
-    """Whether ``dest``'s config.json is ``info``; ``None`` when it has none."""
+    """Whether ``dest``'s config.json is ``info`` (paths compared by what they name); ``None`` when it has none."""
     if not dest.config.exists():
         return None
     try:
-        return json.loads(dest.config.read_text(encoding="utf-8")) == info
+        return resolve_paths(json.loads(dest.config.read_text(encoding="utf-8"))) == resolve_paths(info)
     except (OSError, UnicodeDecodeError, ValueError, RecursionError):
         return False
 
