@@ -592,9 +592,10 @@ def summarise(out: Path, args: argparse.Namespace) -> dict:
             if not _recs(d):  # shown as its targets finish (a pruning run is one long job)
                 continue
             pruned = [r for r in _recs(d) if r["stage"] >= 1]
-            # the retrained curve once every pruned architecture has it (a partial curve's latency front would compare
-            # every network with its few points)
-            retrained = _recs(d / "retrain") if _done(d) else []
+            # the retrained networks are shown as they finish; compared once every pruned architecture has one (a
+            # partial curve's latency front would compare every network with its few points)
+            retrained_so_far = _recs(d / "retrain")
+            retrained = retrained_so_far if _done(d) else []
             curves_of[f"prune-{method}"], curves_of[f"prune-{method}_retrained"] = pruned, retrained
             target = {r["stage"]: r.get("target_stage", r["stage"]) for r in pruned}
             s[f"prune-{method}"] = {
@@ -606,7 +607,7 @@ def summarise(out: Path, args: argparse.Namespace) -> dict:
                 # a retrained record's source_stage is the pruning run's stage; name it by the grown stage it targets
                 "retrained": [{"stage": target.get(r.get("source_stage"), r.get("source_stage")), "macs": r["macs"],
                                "test_top1": r["test_top1"], "val_top1": r.get("val_top1"), **ms(r)}
-                              for r in retrained]}
+                              for r in retrained_so_far]}
             if rt_f:
                 s[f"flops_vs_prune_{method}"] = _compare(rt_f, sorted(pruned, key=lambda r: r["macs"]), n_test)
                 if retrained:
