@@ -634,6 +634,10 @@ def summarise(out: Path, args: argparse.Namespace) -> dict:
                               "width_same_epochs": [{"width_mult": r["width_mult"], "macs": r["macs"],
                                                      "test_top1": r["test_top1"], **ms(r)} for r in wt],
                               "vs_width": _compare(ft, wt, n_test)}
+            # issue 26's final_init: the same final epochs from the grown weights against from a fresh initialisation
+            fresh = [r for r in rt_f if r.get("source_stage") == ft[-1].get("source_stage")]
+            if fresh and ft[-1].get("val_top1") is not None and fresh[0].get("val_top1") is not None:
+                s["final_init_val"] = [_comparison(ft[-1], fresh[0]["val_top1"], n_val, "macs", "val_top1")]
         if lat_table:  # at matched measured latency (issue 25): only the networks whose architecture was timed
             s["latency"] = {}
             for key, (arm, curve) in LATENCY_COMPARISONS.items():
@@ -670,6 +674,7 @@ def summarise(out: Path, args: argparse.Namespace) -> dict:
                 *(f"{arm}_vs_flops" for arm in VALIDATION_ARMS), *(f"flops_vs_prune_{m}{suffix}" for m in PRUNE_METHODS
                                       for suffix in ("", "_retrained"))):
         agg[key] = _aggregate([s[key] for s in result["seeds"].values() if key in s])
+    agg["final_init_val"] = _aggregate([s["final_init_val"] for s in result["seeds"].values() if "final_init_val" in s])
     agg["finetuned_vs_width"] = _aggregate([s["finetuned"]["vs_width"] for s in result["seeds"].values()
                                             if "finetuned" in s])
     for key in ("lut_vs_flops", "flops_vs_lut", "lut_vs_width", "flops_vs_width"):
@@ -962,6 +967,8 @@ def fragment(result: dict, args: argparse.Namespace) -> str:
                                 agg["flops_vs_authors_val"]),
                   _verdict_line("issue 26, on VALIDATION: retrained aligned − retrained flops (flops curve incl. the "
                                 "seed)", agg["aligned_vs_flops_val"]),
+                  _verdict_line("issue 26, on VALIDATION: last flops stage, 30 final epochs from its grown weights − "
+                                "from a fresh initialisation (`--final-init grown` − `fresh`)", agg["final_init_val"]),
                   _verdict_line("retrained authors' recipe − width (test)", agg["authors_retrained_vs_width"]),
                   _verdict_line("retrained aligned (MACs price, multiples of 4 channels) − width",
                                 agg["aligned_retrained_vs_width"]),

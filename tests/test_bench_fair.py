@@ -348,3 +348,23 @@ def test_a_point_just_beyond_a_curves_end_is_compared_with_the_end_and_no_furthe
     assert bench_fair._interp(curve, 1.5e6) == pytest.approx(0.70 + 0.10 * math.log10(1.5) / math.log10(2))
     assert bench_fair._interp(curve, 2.05e6) is None and bench_fair._interp(curve, 0.975e6) is None
     assert bench_fair._interp(curve, 2.03e6) == 0.80 and bench_fair._interp(curve, 0.985e6) == 0.70
+
+
+def test_final_init_compares_grown_weights_with_a_fresh_start_on_validation(tmp_path):
+    # issue 26: the last flops stage fine-tuned from its grown weights against the same architecture retrained
+    # from scratch, both 30 final epochs, on validation; a pruning arm's retrained networks shown as they finish
+    out = tmp_path / "fair_full"
+    full_tree(out)
+    root = out / "s0"
+    (root / "prune-slimming" / "DONE").unlink()
+    write(root / "grow-flops" / "finetune-2", [rec(G[2], macs=1.4e6, acc=0.81, source_stage=2, epochs_in_all=65)])
+    result = summarise(out)
+    (c,) = result["seeds"][0]["final_init_val"]
+    assert c["stage"] == 2 and c["diff"] == pytest.approx(0.81 - 0.79)
+    assert result["aggregate"]["final_init_val"][2]["diff"] == pytest.approx(0.02)
+    text = (tmp_path / "fair_full.md").read_text()
+    assert "(`--final-init grown` − `fresh`): stage 2" in text
+    # two of the pruned architectures retrained, the pruning run not done: in the table, not compared
+    assert len(result["seeds"][0]["prune-slimming"]["retrained"]) == 2
+    assert "flops_vs_prune_slimming_retrained" not in result["seeds"][0]
+    assert "| slimming pruned to stage 1's cost, retrained |" in text
