@@ -415,16 +415,19 @@ def _front(curve: list[dict], key: str = "latency_ms") -> list[dict]:
     return out
 
 
-def _compare_front(points: list[dict], front: list[dict], n_test: int, key: str = "latency_ms") -> list[dict]:
+def _compare_front(points: list[dict], front: list[dict], n_test: int, key: str = "latency_ms",
+                   tolerance: float = 0.0) -> list[dict]:
     """Each point against the best the other family reaches at the same ``key`` or less: the last point of its
-    validation ``front`` (:func:`_front`) at or below the point's ``key`` — a step, not an interpolation, so a point
-    slower than the whole front is compared with the front's best (no extrapolation is involved). Points faster
+    validation ``front`` (:func:`_front`) at or below the point's ``key`` × (1 + ``tolerance``) — a step, not an
+    interpolation, so a point slower than the whole front is compared with the front's best (no extrapolation is
+    involved). ``tolerance`` is the measurement's resolution (:func:`_repeatability`): a front point slower by less
+    than that is as fast, so a timing wobble of 1–2 % does not swap the point compared with. Points faster
     than every front point are left out. Differences of test top-1, 2 SE of two independent test accuracies."""
     out = []
     for r in points:
         if not r.get(key) or r.get("test_top1") is None:
             continue
-        below = [f for f in front if f[key] <= r[key]]
+        below = [f for f in front if f[key] <= r[key] * (1 + tolerance)]
         if not below:
             continue
         out.append(_comparison(r, below[-1]["test_top1"], n_test, key, **{f"other_{key}": below[-1][key]}))
@@ -528,6 +531,15 @@ def measure_latency(out: Path, root: Path, args: argparse.Namespace) -> None:
         save()
 
 
+def _repeatability(table: dict) -> float:
+    """2 SE of the difference of two networks' measured latencies, relative: 2 √2 × the median over ``table``'s
+    networks (``latency.json``) of the standard error of their mean over passes ÷ that mean. Two latencies closer
+    than this are not told apart by the measurement (0 when no network has two passes)."""
+    ses = [statistics.stdev(p) / math.sqrt(len(p)) / statistics.fmean(p) for n in table.values()
+           if len(p := n.get("passes_ms", [])) > 1]
+    return 2 * math.sqrt(2) * statistics.median(ses) if ses else 0.0
+
+
 def _latency_of(r: dict, table: dict) -> float | None:
     """The measured latency (ms) of ``r``'s architecture in ``table`` (``latency.json``'s networks); None when it
     has none (not measured, passes missing, or no ``architecture`` field)."""
@@ -556,6 +568,7 @@ def summarise(out: Path, args: argparse.Namespace) -> dict:
     if lat_table:
         sessions = lat_table.get("sessions", [])
         result["latency"] = {"networks": sum(1 for n in lat.values() if n.get("latency_ms") is not None),
+                             "tolerance": _repeatability(lat),
                              "incomplete": sum(1 for n in lat.values() if n.get("latency_ms") is None),
                              "sessions": [{f: x.get(f) for f in ("date", "load_before", "load_after", "networks")}
                                           for x in sessions]}
@@ -644,7 +657,8 @@ def summarise(out: Path, args: argparse.Namespace) -> dict:
                 points = _derived(root / f"grow-{arm}", "retrain")
                 if points and curves_of.get(curve):
                     s["latency"][key] = _compare_front(_with_latency(points, lat),
-                                                       _front(_with_latency(curves_of[curve], lat)), n_test)
+                                                       _front(_with_latency(curves_of[curve], lat)), n_test,
+                                                       tolerance=result["latency"]["tolerance"])
         rt_l = _derived(root / "grow-lut", "retrain")
         if rt_l and lat:  # claim 4: at matched measured latency
             width_l = _with_latency(width, lat)
@@ -872,14 +886,16 @@ def _latency_line(result: dict) -> str:
             "interleaved passes of `--measure-time` s (`--steps measure` on a quiet core, `latency.json`; a "
             "network's latency is its architecture's), over the networks that have one: each network against the "
             "best the other family reaches at the same latency or less (its validation front: the points no faster "
-            "point beats on validation; latency is not monotone in width), test top-1 of that point")
+            "point beats on validation; latency is not monotone in width; \"the same\": closer than 2 SE of the "
+            "difference of two networks' latencies, from the spread of their passes), test top-1 of that point")
     lat = result.get("latency")
     if not lat:
         return what + "; not measured yet"
     last = lat["sessions"][-1] if lat["sessions"] else {}
     load = (f", load average {last['load_before']:.2f} before, {last['load_after']:.2f} after"
             if last.get("load_before") is not None and last.get("load_after") is not None else "")
-    return (what + f"; {lat['networks']} architectures measured"
+    same = f"latencies within {100 * lat.get('tolerance', 0):.1f} % count as the same"
+    return (what + f"; {lat['networks']} architectures measured, {same}"
             + (f" ({lat['incomplete']} with passes missing, left out)" if lat["incomplete"] else "")
             + (f", last session {last['date']}{load}" if last else ""))
 

@@ -234,7 +234,8 @@ def test_comparisons_at_matched_measured_latency_and_their_fragment(tmp_path):
     assert "stage 1 (0.400 ms, 1 seed(s)): -2.00 ±" in line and "stage 2 (0.200 ms, 1 seed(s)): +4.00 ±" in line
     assert "- retrained flops − slimming pruning, retrained, at matched measured latency: stage 1" in text
     assert "- retrained flops − l1 pruning, fine-tuned, at matched measured latency: no comparison yet" in text
-    assert "8 architectures measured (1 with passes missing, left out)" in text
+    assert ("8 architectures measured, latencies within 0.0 % count as the same (1 with passes missing, left out)"
+            in text)
     assert "[test top-1 vs measured latency](fair_full/accuracy_vs_latency.png)" in text
     assert "[test top-1 vs MACs](fair_full/accuracy_vs_macs.png)" in text
     assert "| network | test top-1 (%) | val top-1 (%) | MACs | measured (ms) |" in text
@@ -368,3 +369,19 @@ def test_final_init_compares_grown_weights_with_a_fresh_start_on_validation(tmp_
     assert len(result["seeds"][0]["prune-slimming"]["retrained"]) == 2
     assert "flops_vs_prune_slimming_retrained" not in result["seeds"][0]
     assert "| slimming pruned to stage 1's cost, retrained |" in text
+
+
+def test_a_front_point_slower_by_less_than_the_repeatability_counts_as_as_fast():
+    # passes 4 % apart: 2 SE of a difference of two latencies is 3.2 %; a width multiplier 2 % slower than the
+    # grown network is compared with it; without the tolerance the next faster point would be, a timing wobble
+    # swapping the verdict
+    table = {"a": {"passes_ms": [0.100, 0.104, 0.102]}, "b": {"passes_ms": [0.2, 0.208, 0.204]},
+             "c": {"passes_ms": [0.3, 0.3]}}
+    tol = bench_fair._repeatability(table)
+    assert tol == pytest.approx(2 * math.sqrt(2) * 0.002 / math.sqrt(3) / 0.102, rel=1e-3)
+    front = [{"latency_ms": 0.20, "test_top1": 0.70, "val_top1": 0.70},
+             {"latency_ms": 0.255, "test_top1": 0.80, "val_top1": 0.80}]
+    grown = [{"stage": 2, "macs": 1e6, "latency_ms": 0.25, "test_top1": 0.79}]
+    assert bench_fair._compare_front(grown, front, 10_000)[0]["other"] == 0.70
+    (c,) = bench_fair._compare_front(grown, front, 10_000, tolerance=tol)
+    assert c["other"] == 0.80 and c["diff"] == pytest.approx(-0.01)
