@@ -420,7 +420,7 @@ def _compare_front(points: list[dict], front: list[dict], n_test: int, key: str 
     """Each point against the best the other family reaches at the same ``key`` or less: the last point of its
     validation ``front`` (:func:`_front`) at or below the point's ``key`` × (1 + ``tolerance``) — a step, not an
     interpolation, so a point slower than the whole front is compared with the front's best (no extrapolation is
-    involved). ``tolerance`` is the measurement's resolution (:func:`_repeatability`): a front point slower by less
+    involved). ``tolerance`` is the measurement's resolution (:func:`_latency_resolution`): a front point slower by less
     than that is as fast, so a timing wobble of 1–2 % does not swap the point compared with. Points faster
     than every front point are left out. Differences of test top-1, 2 SE of two independent test accuracies."""
     out = []
@@ -531,7 +531,7 @@ def measure_latency(out: Path, root: Path, args: argparse.Namespace) -> None:
         save()
 
 
-def _repeatability(table: dict) -> float:
+def _latency_resolution(table: dict) -> float:
     """2 SE of the difference of two networks' measured latencies, relative: 2 √2 × the median over ``table``'s
     networks (``latency.json``) of the standard error of their mean over passes ÷ that mean. Two latencies closer
     than this are not told apart by the measurement (0 when no network has two passes)."""
@@ -568,7 +568,7 @@ def summarise(out: Path, args: argparse.Namespace) -> dict:
     if lat_table:
         sessions = lat_table.get("sessions", [])
         result["latency"] = {"networks": sum(1 for n in lat.values() if n.get("latency_ms") is not None),
-                             "tolerance": _repeatability(lat),
+                             "tolerance": _latency_resolution(lat),
                              "incomplete": sum(1 for n in lat.values() if n.get("latency_ms") is None),
                              "sessions": [{f: x.get(f) for f in ("date", "load_before", "load_after", "networks")}
                                           for x in sessions]}

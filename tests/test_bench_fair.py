@@ -371,13 +371,13 @@ def test_final_init_compares_grown_weights_with_a_fresh_start_on_validation(tmp_
     assert "| slimming pruned to stage 1's cost, retrained |" in text
 
 
-def test_a_front_point_slower_by_less_than_the_repeatability_counts_as_as_fast():
+def test_a_front_point_slower_by_less_than_the_latency_resolution_counts_as_as_fast():
     # passes 4 % apart: 2 SE of a difference of two latencies is 3.2 %; a width multiplier 2 % slower than the
     # grown network is compared with it; without the tolerance the next faster point would be, a timing wobble
     # swapping the verdict
     table = {"a": {"passes_ms": [0.100, 0.104, 0.102]}, "b": {"passes_ms": [0.2, 0.208, 0.204]},
              "c": {"passes_ms": [0.3, 0.3]}}
-    tol = bench_fair._repeatability(table)
+    tol = bench_fair._latency_resolution(table)
     assert tol == pytest.approx(2 * math.sqrt(2) * 0.002 / math.sqrt(3) / 0.102, rel=1e-3)
     front = [{"latency_ms": 0.20, "test_top1": 0.70, "val_top1": 0.70},
              {"latency_ms": 0.255, "test_top1": 0.80, "val_top1": 0.80}]
