@@ -265,12 +265,23 @@ def run_seed(args: argparse.Namespace, out: Path, seed: int, steps: list[str], *
             _mark(d, t0)
             log.info("seed %d: %s ×%g done in %.0f s", seed, tag, m, time.perf_counter() - t0)
 
+    def grown(arm: str) -> bool:
+        """Whether ``grow-<arm>`` is finished; a step that needs its stages is skipped (with a log line) while another
+        process grows it — its list of stages is not final yet."""
+        if _grow_done(root, arm):
+            return True
+        log.warning("seed %d: grow-%s is not finished (another process may be growing it): skipped; run the step "
+                    "again once it is", seed, arm)
+        return False
+
     def retrain(arm: str, from_scratch: bool = True, stages: list[int] | None = None) -> None:
         """Each stage into its own ``grow-<arm>/retrain-<k>/`` (or ``finetune-<k>``), so that processes can share
         the work (``--steps retrain-flops:2``); a stage another process holds is skipped."""
         from hwsplit.infra.errors import RunLocked
 
         src = root / f"grow-{arm}"
+        if stages is None and not grown(arm):
+            return
         sub = "retrain" if from_scratch else "finetune"
         recs = common.records(src)
         chosen = stages if stages is not None else [r["stage"] for r in recs[1:]]
@@ -294,7 +305,7 @@ def run_seed(args: argparse.Namespace, out: Path, seed: int, steps: list[str], *
         from hwsplit.run.prune import prune_baseline
 
         d = root / f"prune-{method}"
-        if _done(d):
+        if _done(d) or not grown("flops"):
             return
         t0 = time.perf_counter()
         prune_baseline(root / "grow-flops", method=method, out=d, train_epochs=args.retrain_epochs,
@@ -321,18 +332,20 @@ def run_seed(args: argparse.Namespace, out: Path, seed: int, steps: list[str], *
         elif step == "measure":
             measure_latency(out, root, args)
         elif step == "finetune":
-            last = common.records(root / "grow-flops")[-1]["stage"]
-            retrain("flops", from_scratch=False, stages=[last])
+            if grown("flops"):
+                last = common.records(root / "grow-flops")[-1]["stage"]
+                retrain("flops", from_scratch=False, stages=[last])
         elif step == "width-total":
-            last = common.records(root / "grow-flops")[-1]["stage"]
-            total = stage_epochs_in_all(base, last) + args.retrain_epochs
-            ft = common.records(root / "grow-flops" / f"finetune-{last}")
-            # the multipliers that bracket the fine-tuned network's MACs (no extrapolation needed)
-            width_macs = {r["width_mult"]: r["macs"] for m in mults for r in common.records(root / f"width-x{m:g}")}
-            below = [m for m in mults if width_macs.get(m, math.inf) <= ft[-1]["macs"]]
-            above = [m for m in mults if width_macs.get(m, 0) >= ft[-1]["macs"]]
-            chosen = sorted({max(below, default=mults[0]), min(above, default=mults[-1])})
-            widths(f"width{total}", total, chosen)
+            if grown("flops"):
+                last = common.records(root / "grow-flops")[-1]["stage"]
+                total = stage_epochs_in_all(base, last) + args.retrain_epochs
+                ft = common.records(root / "grow-flops" / f"finetune-{last}")
+                # the multipliers that bracket the fine-tuned network's MACs (no extrapolation needed)
+                width_macs = {r["width_mult"]: r["macs"] for m in mults for r in common.records(root / f"width-x{m:g}")}
+                below = [m for m in mults if width_macs.get(m, math.inf) <= ft[-1]["macs"]]
+                above = [m for m in mults if width_macs.get(m, 0) >= ft[-1]["macs"]]
+                chosen = sorted({max(below, default=mults[0]), min(above, default=mults[-1])})
+                widths(f"width{total}", total, chosen)
         else:
             raise SystemExit(f"unknown step {step!r}")
         log.info("seed %d: step %s finished (%.0f s)", seed, step, time.perf_counter() - t0)

@@ -385,3 +385,20 @@ def test_a_front_point_slower_by_less_than_the_latency_resolution_counts_as_as_f
     assert bench_fair._compare_front(grown, front, 10_000)[0]["other"] == 0.70
     (c,) = bench_fair._compare_front(grown, front, 10_000, tolerance=tol)
     assert c["other"] == 0.80 and c["diff"] == pytest.approx(-0.01)
+
+
+def test_a_step_that_needs_a_grow_run_waits_for_it_to_finish(tmp_path, caplog, monkeypatch):
+    # a second process's retrain-authors started while the first was still growing stage 4 retrained stages 1-3
+    # only; now a step that needs the whole list of stages skips an unfinished grow run with a log line
+    out = tmp_path / "fair_full"
+    root = out / "s0"
+    write(root / "grow-flops", [rec(arch(1), stage=0, macs=550e3, acc=0.6),
+                                rec(arch(1, last=48), stage=1, macs=700e3, acc=0.65)], done=False)
+    calls = []
+    monkeypatch.setattr("hwsplit.run.finetune.finetune", lambda *a, **k: calls.append(k))
+    args = bench_fair.parse_args(["--preset", "full", "--seeds", "0", "--out", str(out)])
+    with caplog.at_level(logging.WARNING, logger="bench"):
+        bench_fair.run_seed(args, out, 0, ["retrain-flops", "finetune", "width-total", "prune-l1"],
+                            summarise_after=False)
+    assert calls == [] and caplog.text.count("grow-flops is not finished") == 4
+    assert not (root / "grow-flops" / "retrain-1").exists() and not (root / "prune-l1").exists()
