@@ -72,12 +72,11 @@ def _resume_preflight(run: RunDir, config: GrowConfig) -> None:
     if not run.config.exists():
         raise ConfigError(f"resume: {run.path} has no config.json (nothing to resume; start a new run)")
     saved = load_config(run.path)
-    for f in dataclasses.fields(GrowConfig):
-        if f.name in ("stages", "threads"):
-            continue
-        if resolve_paths({f.name: getattr(saved, f.name)}) != resolve_paths({f.name: getattr(config, f.name)}):
-            raise ConfigError(f"resume: {f.name} differs from {run.config} ({getattr(saved, f.name)!r} there, "
-                              f"{getattr(config, f.name)!r} here)")
+    then, now = resolve_paths(saved.to_dict()), resolve_paths(config.to_dict())
+    for name in then:
+        if name not in ("stages", "threads") and then[name] != now[name]:
+            raise ConfigError(f"resume: {name} differs from {run.config} ({getattr(saved, name)!r} there, "
+                              f"{getattr(config, name)!r} here)")
     done = len(run.records()) - 1  # growth stages completed after the seed
     if config.stages < done:
         raise ConfigError(f"stages: {config.stages} is fewer than the {done} growth stage(s) {run.path} has "
