@@ -833,8 +833,10 @@ def _plot_curves(result: dict, cs: dict, key: str, xlabel: str, formatter, colou
     ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, pos: formatter(v, pos) if f"{v:.0e}"[0] in "235" else ""))
     ax.set_xlabel(xlabel)
     ax.set_ylabel("test top-1 (%)")
-    n = max((p["n_seeds"] for pts in cs.values() for p in pts), default=0)
-    ax.set_title(f"CIFAR-10, {n} seed(s); retrained: from scratch on one schedule; bars: 2 SE")
+    counts = {p["n_seeds"] for pts in cs.values() for p in pts} or {0}
+    seeds = (f"{min(counts)} seed(s)" if len(counts) == 1
+             else f"{min(counts)}–{max(counts)} seeds per point")  # a point: the mean of the seeds that have it
+    ax.set_title(f"CIFAR-10, {seeds}; retrained: from scratch on one schedule; bars: 2 SE")
     ax.title.set_fontsize(9)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, loc="lower right")
