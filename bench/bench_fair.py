@@ -656,9 +656,10 @@ def summarise(out: Path, args: argparse.Namespace) -> dict:
             total = ft[-1]["epochs_in_all"]
             wt = _width_curve(root, f"width{total}")
             s["finetuned"] = {"epochs_in_all": total, "macs": ft[-1]["macs"], "test_top1": ft[-1]["test_top1"],
-                              **ms(ft[-1]),
+                              "val_top1": ft[-1].get("val_top1"), **ms(ft[-1]),
                               "width_same_epochs": [{"width_mult": r["width_mult"], "macs": r["macs"],
-                                                     "test_top1": r["test_top1"], **ms(r)} for r in wt],
+                                                     "test_top1": r["test_top1"], "val_top1": r.get("val_top1"),
+                                                     **ms(r)} for r in wt],
                               "vs_width": _compare(ft, wt, n_test)}
             # issue 26's final_init: the same final epochs from the grown weights against from a fresh initialisation
             fresh = [r for r in rt_f if r.get("source_stage") == ft[-1].get("source_stage")]
@@ -1036,8 +1037,8 @@ def fragment(result: dict, args: argparse.Namespace) -> str:
                 rows += [(f"{method} pruned to stage {r['stage']}'s cost, {kind}", r, True) for r in p[kind]]
         if "finetuned" in s:
             f = s["finetuned"]
-            rows.append((f"flops last stage fine-tuned ({f['epochs_in_all']} ep. in all)", f, False))
-            rows += [(f"width × {r['width_mult']:g} ({f['epochs_in_all']} ep.)", r, False)
+            rows.append((f"flops last stage fine-tuned ({f['epochs_in_all']} ep. in all)", f, True))
+            rows += [(f"width × {r['width_mult']:g} ({f['epochs_in_all']} ep.)", r, True)
                      for r in f["width_same_epochs"]]
         timed = any(r.get("latency_ms") is not None for _, r, _ in rows)  # the column where a latency is known
         table = [["network", "test top-1 (%)", "val top-1 (%)", "MACs", *(["measured (ms)"] if timed else [])]]
