@@ -10,6 +10,10 @@
     # the full-scale run (issues 25 and 27; 2 single-threaded workers), then its latency axis on a quiet core
     python bench/bench_fair.py --preset full --jobs 2
     taskset -c 1 python bench/bench_fair.py --preset full --steps measure      # the seeds of --seeds
+    # the same architectures retrained on a longer schedule: the grow runs and the widths already trained that
+    # long are taken from the 30-epoch run
+    python bench/bench_fair.py --preset full --retrain-epochs 65 --out bench/results/fair_full65 \
+        --grown-from bench/results/fair_full --seeds 0 --steps "retrain-flops,width"
 
 Claim 4 (``--claim4``: steps ``flops,lut,width,retrain-flops,retrain-lut``): the same protocol with the ``lut``
 arm (cost ``lut`` of ``--profile``) beside ``flops``, every network (seed, both arms, width multipliers) rounded
@@ -59,6 +63,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -102,6 +107,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="width multiplier of the network the prune arms prune (default: the smallest multiple of 0.5 "
                         "wider than every grown stage in every layer)")
     p.add_argument("--fragment-only", action="store_true")
+    p.add_argument("--grown-from", default=None, metavar="OUT",
+                   help="start from another results directory of the same protocol: its finished grow runs, its "
+                        "width multipliers trained for --retrain-epochs and its latency.json (a longer schedule "
+                        "retrains the same architectures)")
     p.add_argument("--jobs", type=int, default=1,
                    help="worker processes of one thread each; steps are split into jobs (one network each) and run "
                         "as soon as what they need is done")
@@ -224,6 +233,41 @@ def _done(path: Path) -> bool:
 def _mark(path: Path, t0: float) -> None:
     common.delete_checkpoints(path)  # the grow runs keep theirs: fine-tuning and retraining read them
     (path / "DONE").write_text(json.dumps({"wall_s": time.perf_counter() - t0, "at": common.now()}) + "\n")
+
+
+def import_grown(src: Path, dst: Path, epochs: int) -> list[str]:
+    """Copy into ``dst`` (one seed's directory) what ``src`` (the same seed under another ``--out``) has finished and
+    a schedule of ``epochs`` retraining epochs can share: every ``grow-<arm>`` with ``DONE`` (its stages and
+    checkpoints, not its ``retrain-*``/``finetune-*``, which belong to the other schedule) and every width multiplier
+    trained ``epochs`` epochs (``width-x<m>`` or ``width<epochs>-x<m>`` of step ``width-total``), as
+    ``width-x<m>``. What ``dst`` already has is kept. Returns the names written, in ``dst``."""
+    copied: list[str] = []
+    if not src.is_dir():
+        return copied
+    dst.mkdir(parents=True, exist_ok=True)
+    for d in sorted(src.iterdir()):
+        if not _done(d):
+            continue
+        if d.name.startswith("grow-"):
+            target = dst / d.name
+            if target.exists():
+                continue
+            target.mkdir()
+            for f in d.iterdir():
+                if f.is_file() and f.name != ".lock" and not f.name.startswith("partial-"):
+                    shutil.copy2(f, target / f.name)
+            copied.append(d.name)
+        elif d.name.startswith("width"):
+            tag, _, mult = d.name.partition("-x")
+            recs = _recs(d)
+            if tag not in ("width", f"width{epochs}") or not recs or recs[-1].get("epochs") != epochs:
+                continue
+            target = dst / f"width-x{mult}"
+            if target.exists():
+                continue
+            shutil.copytree(d, target, ignore=shutil.ignore_patterns(".lock", "partial-*"))
+            copied.append(target.name)
+    return copied
 
 
 def run_seed(args: argparse.Namespace, out: Path, seed: int, steps: list[str], *, summarise_after: bool = True) -> None:
@@ -1164,6 +1208,14 @@ def main(argv=None) -> None:
     if args.fragment_only:
         summarise(out, args)
         return
+    if args.grown_from:
+        src = common.resolve(args.grown_from)
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            names = import_grown(src / f"s{seed}", out / f"s{seed}", args.retrain_epochs)
+            if names:
+                log.info("seed %d: from %s: %s", seed, args.grown_from, ", ".join(names))
+        if (src / "latency.json").exists() and not (out / "latency.json").exists():
+            shutil.copy2(src / "latency.json", out / "latency.json")  # keyed by architecture: the same networks
     if args.jobs > 1:
         run_jobs(args, out)
     else:

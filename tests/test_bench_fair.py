@@ -402,3 +402,42 @@ def test_a_step_that_needs_a_grow_run_waits_for_it_to_finish(tmp_path, caplog, m
                             summarise_after=False)
     assert calls == [] and caplog.text.count("grow-flops is not finished") == 4
     assert not (root / "grow-flops" / "retrain-1").exists() and not (root / "prune-l1").exists()
+
+
+def test_a_longer_schedule_starts_from_the_grow_runs_and_the_widths_trained_that_long(tmp_path, monkeypatch):
+    # the same architectures retrained for 65 epochs: the grow runs are shared (not their 30-epoch retrained
+    # stages), and so are width multipliers already trained 65 epochs (step width-total's); the rest is trained
+    src, dst = tmp_path / "fair_full" / "s0", tmp_path / "fair_full65" / "s0"
+    write(src / "grow-flops", [rec(arch(1), macs=550e3, acc=0.6), rec(arch(1, last=48), stage=1, macs=7e5, acc=0.7)])
+    (src / "grow-flops" / "stage-1.pt").write_bytes(b"checkpoint")
+    (src / "grow-flops" / ".lock").write_text("")
+    write(src / "grow-flops" / "retrain-1", [rec(arch(1, last=48), macs=7e5, acc=0.72)])
+    write(src / "grow-authors", [rec(arch(1), macs=550e3, acc=0.6)], done=False)  # still growing
+    write(src / "width-x1", [rec(arch(1), macs=550e3, acc=0.72, width_mult=1.0)])  # 30 epochs
+    write(src / "width65-x2.5", [rec(arch(2.5), macs=2e6, acc=0.85, epochs=65, width_mult=2.5)])
+    (src / "width65-x2.5" / "partial-0.pt").write_bytes(b"stale")
+    write(src / "width65-x3", [rec(arch(3), macs=2.7e6, acc=0.8, epochs=65, width_mult=3.0)], done=False)  # in training
+    write(dst / "width-x1.5", [rec(arch(1.5), macs=9e5, acc=0.8, epochs=65, width_mult=1.5)])
+    assert bench_fair.import_grown(src, dst, 65) == ["grow-flops", "width-x2.5"]
+    assert sorted(p.name for p in (dst / "grow-flops").iterdir()) == ["DONE", "stage-1.pt", "stages.jsonl"]
+    assert sorted(p.name for p in (dst / "width-x2.5").iterdir()) == ["DONE", "stages.jsonl"]
+    assert not (dst / "width-x3").exists() and not (dst / "width-x1").exists()
+    assert bench_fair.import_grown(src, dst, 65) == []  # what is there is kept
+    assert bench_fair.import_grown(src, tmp_path / "fair_full30" / "s0", 30) == ["grow-flops", "width-x1"]
+    assert bench_fair.import_grown(tmp_path / "nothing" / "s0", dst, 65) == []
+    # from the command line: the shared grow run's stage retrained 65 epochs; the latency table comes along (it
+    # is keyed by architecture)
+    (tmp_path / "fair_full" / "latency.json").write_text(json.dumps({"networks": {}}))
+    calls = []
+
+    def fake_finetune(src, **k):
+        calls.append((Path(src).name, k))
+        Path(k["out"]).mkdir(parents=True)
+
+    monkeypatch.setattr("hwsplit.run.finetune.finetune", fake_finetune)
+    out = tmp_path / "fair_full65b"
+    bench_fair.main(["--preset", "full", "--seeds", "0", "--retrain-epochs", "65", "--out", str(out),
+                     "--grown-from", str(tmp_path / "fair_full"), "--steps", "retrain-flops"])
+    assert (out / "latency.json").exists() and (out / "s0" / "width-x2.5" / "DONE").exists()
+    ((name, k),) = calls
+    assert name == "grow-flops" and k["epochs"] == 65 and k["stages"] == [1] and k["from_scratch"]
