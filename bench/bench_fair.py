@@ -735,6 +735,8 @@ def summarise(out: Path, args: argparse.Namespace) -> dict:
                                              + [(f"flops stage {r['source_stage']}", r) for r in rt_fl]
                                              + [(f"lut stage {r['source_stage']}", r) for r in rt_l])
                              if _latency_of(r, lat) is not None]}
+        if args.grown_from:  # the same networks under the other run's schedule
+            s["schedule"] = _schedule(common.resolve(args.grown_from) / f"s{seed}", root, n_test)
         result["seeds"][seed] = s
     # across seeds: the mean difference at each comparison, with 2 SE = 2 √(Σ SE_s²) / n_seeds (test-set noise)
     agg: dict = {}
@@ -746,6 +748,8 @@ def summarise(out: Path, args: argparse.Namespace) -> dict:
                 *(f"{arm}_vs_flops" for arm in VALIDATION_ARMS), *(f"flops_vs_prune_{m}{suffix}" for m in PRUNE_METHODS
                                       for suffix in ("", "_retrained"))):
         agg[key] = _aggregate([s[key] for s in result["seeds"].values() if key in s])
+    agg["schedule_flops_vs_width"] = _aggregate([s["schedule"]["flops_vs_width"] for s in result["seeds"].values()
+                                                 if s.get("schedule")])
     agg["final_init_val"] = _aggregate([s["final_init_val"] for s in result["seeds"].values() if "final_init_val" in s])
     agg["finetuned_vs_width"] = _aggregate([s["finetuned"]["vs_width"] for s in result["seeds"].values()
                                             if "finetuned" in s])
@@ -761,6 +765,30 @@ def summarise(out: Path, args: argparse.Namespace) -> dict:
     out.with_suffix(".md").write_text(fragment(result, args), encoding="utf-8")
     plot(result, out)
     return result
+
+
+def _schedule(src: Path, root: Path, n_test: int) -> dict:
+    """The networks of ``root`` (one seed) that ``src`` (the same seed under ``--grown-from``'s schedule) also
+    trained — width multipliers and retrained flops stages — side by side, with the gain of this schedule in points
+    of test top-1 (2 SE: two test accuracies' binomial noise), and retrained flops − width at ``src``'s schedule (the
+    verdict this run re-measures)."""
+    pairs = []
+    here = {r["width_mult"]: r for r in _width_curve(root, "width")}
+    for r in _width_curve(src, "width"):
+        if r["width_mult"] in here:
+            pairs.append((f"width × {r['width_mult']:g}", r, here[r["width_mult"]]))
+    here = {r["source_stage"]: r for r in _derived(root / "grow-flops", "retrain")}
+    rt_src = _derived(src / "grow-flops", "retrain")
+    pairs += [(f"flops stage {r['source_stage']}", r, here[r["source_stage"]]) for r in rt_src
+              if r["source_stage"] in here]
+    networks = []
+    for name, a, b in pairs:
+        se = math.sqrt(sum(p * (1 - p) / n_test for p in (a["test_top1"], b["test_top1"])))
+        networks.append({"name": name, "macs": b["macs"], "epochs": [a["epochs"], b["epochs"]],
+                         "test_top1": [a["test_top1"], b["test_top1"]],
+                         "val_top1": [a.get("val_top1"), b.get("val_top1")],
+                         "gain": b["test_top1"] - a["test_top1"], "two_se": 2 * se})
+    return {"networks": networks, "flops_vs_width": _compare(rt_src, _width_curve(src, "width"), n_test)}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1064,6 +1092,8 @@ def fragment(result: dict, args: argparse.Namespace) -> str:
                   *(_verdict_line(f"retrained flops − {m} pruning, {how}, at matched measured latency",
                                   agg[f"latency_flops_vs_prune_{m}{suffix}"])
                     for m in PRUNE_METHODS for suffix, how in (("", "fine-tuned"), ("_retrained", "retrained"))), ""]
+    if args.grown_from:
+        lines += _schedule_lines(result, args)
     lines += ["### Per seed", ""]
     for seed, s in result["seeds"].items():
         rows = []  # (network, its summary entry, whether to show its validation top-1)
@@ -1093,6 +1123,24 @@ def fragment(result: dict, args: argparse.Namespace) -> str:
                           *([f"{r['latency_ms']:.4f}" if r.get("latency_ms") is not None else "-"] if timed else [])])
         lines += [f"Seed {seed}:", "", common.md_table(table), ""]
     return "\n".join(lines) + "\n"
+
+
+def _schedule_lines(result: dict, args: argparse.Namespace) -> list[str]:
+    lines = [f"### The same networks under `{args.grown_from}`'s schedule", "",
+             _verdict_line(f"retrained grown (flops) − width, there (same seeds; here: {args.retrain_epochs} epochs, "
+                           "in the verdict lines above)", result["aggregate"]["schedule_flops_vs_width"]), ""]
+    for seed, s in result["seeds"].items():
+        if not s.get("schedule", {}).get("networks"):
+            continue
+        n = s["schedule"]["networks"][0]
+        table = [["network", "MACs", f"test top-1, {n['epochs'][0]} ep. (%)", f"{n['epochs'][1]} ep. (%)",
+                  "gain (points) ± 2 SE", f"val top-1, {n['epochs'][0]} ep. (%)", f"{n['epochs'][1]} ep. (%)"]]
+        for n in s["schedule"]["networks"]:
+            val = [f"{100 * v:.2f}" if v is not None else "-" for v in n["val_top1"]]
+            table.append([n["name"], common.fmt_num(n["macs"]), *(f"{100 * v:.2f}" for v in n["test_top1"]),
+                          f"{100 * n['gain']:+.2f} ± {100 * n['two_se']:.2f}", *val])
+        lines += [f"Seed {seed}:", "", common.md_table(table), ""]
+    return lines
 
 
 # ------------------------------------------------------------------------------------------------

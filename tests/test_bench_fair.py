@@ -441,3 +441,33 @@ def test_a_longer_schedule_starts_from_the_grow_runs_and_the_widths_trained_that
     assert (out / "latency.json").exists() and (out / "s0" / "width-x2.5" / "DONE").exists()
     ((name, k),) = calls
     assert name == "grow-flops" and k["epochs"] == 65 and k["stages"] == [1] and k["from_scratch"]
+
+
+def test_a_longer_schedule_reports_each_shared_network_under_both_schedules(tmp_path):
+    src = tmp_path / "fair_full"
+    full_tree(src)
+    out = tmp_path / "fair_full65"
+    root = out / "s0"
+    # width × 1 and × 2 and flops stage 2 retrained 65 epochs so far
+    for m, macs, acc in ((1.0, 500e3, 0.73), (2.0, 2e6, 0.85)):
+        write(root / f"width-x{m:g}", [rec(W[m], macs=macs, acc=acc, width_mult=m, epochs=65)])
+    write(root / "grow-flops", [rec(W[1.0], stage=0, macs=500e3, acc=0.6), rec(G[1], stage=1, macs=700e3, acc=0.65),
+                                rec(G[2], stage=2, macs=1.4e6, acc=0.7)])
+    write(root / "grow-flops" / "retrain-2", [rec(G[2], macs=1.4e6, acc=0.84, source_stage=2, epochs=65)])
+    args = bench_fair.parse_args(["--preset", "full", "--seeds", "0", "--out", str(out), "--retrain-epochs", "65",
+                                  "--grown-from", str(src)])
+    result = bench_fair.summarise(out, args)
+    sched = result["seeds"][0]["schedule"]
+    assert [n["name"] for n in sched["networks"]] == ["width × 1", "width × 2", "flops stage 2"]
+    w1 = sched["networks"][0]
+    assert w1["epochs"] == [30, 65] and w1["gain"] == pytest.approx(0.03)
+    assert w1["two_se"] == pytest.approx(2 * math.sqrt((0.7 * 0.3 + 0.73 * 0.27) / 10_000))
+    # there (30 epochs): stage 2 (0.79) against the width curve at 1.4M MACs; here (65): against 0.73 → 0.85
+    there = sched["flops_vs_width"]
+    assert [c["stage"] for c in there] == [1, 2]
+    (here,) = result["seeds"][0]["flops"]["retrained_vs_width"]
+    assert here["stage"] == 2 and here["diff"] == pytest.approx(0.84 - (0.73 + 0.12 * math.log10(1.4e6 / 5e5)
+                                                                          / math.log10(4)), abs=1e-6)
+    text = (tmp_path / "fair_full65.md").read_text()
+    assert f"### The same networks under `{src}`'s schedule" in text
+    assert "| flops stage 2 | 1.4M | 79.00 | 84.00 | +5.00 ± " in text
