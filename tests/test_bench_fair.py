@@ -411,7 +411,7 @@ def test_a_longer_schedule_starts_from_the_grow_runs_and_the_widths_trained_that
     write(src / "grow-flops", [rec(arch(1), macs=550e3, acc=0.6), rec(arch(1, last=48), stage=1, macs=7e5, acc=0.7)])
     (src / "grow-flops" / "stage-1.pt").write_bytes(b"checkpoint")
     (src / "grow-flops" / ".lock").write_text("")
-    write(src / "grow-flops" / "retrain-1", [rec(arch(1, last=48), macs=7e5, acc=0.72)])
+    write(src / "grow-flops" / "retrain-1", [rec(arch(1, last=48), macs=7e5, acc=0.72, source_stage=1)])
     write(src / "grow-authors", [rec(arch(1), macs=550e3, acc=0.6)], done=False)  # still growing
     write(src / "width-x1", [rec(arch(1), macs=550e3, acc=0.72, width_mult=1.0)])  # 30 epochs
     write(src / "width65-x2.5", [rec(arch(2.5), macs=2e6, acc=0.85, epochs=65, width_mult=2.5)])
