@@ -783,7 +783,7 @@ def _schedule(src: Path, root: Path, n_test: int) -> dict:
               if r["source_stage"] in here]
     networks = []
     for name, a, b in pairs:
-        se = math.sqrt(sum(p * (1 - p) / n_test for p in (a["test_top1"], b["test_top1"])))
+        se = math.hypot(common.accuracy_se(a["test_top1"], n_test), common.accuracy_se(b["test_top1"], n_test))
         networks.append({"name": name, "macs": b["macs"], "epochs": [a["epochs"], b["epochs"]],
                          "test_top1": [a["test_top1"], b["test_top1"]],
                          "val_top1": [a.get("val_top1"), b.get("val_top1")],
