@@ -19,8 +19,8 @@ from hwsplit.network.families import MOBILENET_V1_AUTHORS_MAX_WIDTHS, build_seed
 from hwsplit.run.config import RECIPES, GrowConfig, load_config, recipe_settings
 from hwsplit.run.grower import fit_plan_to_budget
 from hwsplit.splitting.estimators import SplitScore
+from hwsplit.splitting.knapsack import price_transform, search_price_budget, solve_knapsack
 from hwsplit.splitting.recipe import budget_groups, group_shares, layer_caps, output_sides, select_stage
-from hwsplit.splitting.select import price_transform, search_price_budget, solve_knapsack
 
 TINY = ["--stages", "1", "--epochs", "1", "--limit", "300", "--batch-size", "32"]
 

@@ -1,10 +1,10 @@
-"""select._repair: the step that makes a solver's answer feasible drops the WORST ratio first (docs/design.md §3)."""
+"""knapsack._repair: the step that makes a solver's answer feasible drops the WORST ratio first (docs/design.md §3)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from hwsplit.splitting.select import _repair, solve_knapsack
+from hwsplit.splitting.knapsack import _repair, solve_knapsack
 
 # ratios λ/c: item 0: -10, 1: -1, 2: -5, 3: -2, 4: -0.5 (worst)
 VALUES = np.array([-10.0, -2.0, -5.0, -4.0, -1.0])

@@ -1,4 +1,4 @@
-"""Tests for hwsplit.splitting.select: the budgeted knapsack that chooses which neurons to split."""
+"""Tests for hwsplit.splitting.knapsack and .select: the budgeted knapsack that chooses which neurons to split."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from hwsplit.splitting.select import METHODS, select_neurons, select_neurons_report, solve_knapsack
+from hwsplit.splitting.knapsack import METHODS, solve_knapsack
+from hwsplit.splitting.select import select_neurons, select_neurons_report
 
 REPO = Path(__file__).resolve().parents[1]
 N_INSTANCES = 400
@@ -215,7 +216,7 @@ def test_empty_results(method, caplog):
     pos = {"a": np.array([0.1, 0.0, 2.0]), "b": np.array([1.0])}
     neg = {"a": np.array([-1.0, -2.0]), "b": np.array([-0.5])}
     costs = {"a": 5.0, "b": 3.0}
-    with caplog.at_level(logging.INFO, logger="hwsplit.splitting.select"):
+    with caplog.at_level(logging.INFO, logger="hwsplit.splitting"):
         assert select_neurons(pos, costs, 100.0, method=method) == {}
         assert select_neurons(neg, costs, 2.9, method=method) == {}  # budget below every cost
         assert select_neurons(neg, costs, 0.0, method=method) == {}
@@ -274,7 +275,7 @@ def test_bad_arguments():
 
 def test_import_does_not_pull_in_torch():
     out = subprocess.run(
-        [sys.executable, "-c", "import sys, hwsplit.splitting.select; print('torch' in sys.modules)"],
+        [sys.executable, "-c", "import sys, hwsplit.splitting.knapsack, hwsplit.splitting.select; print('torch' in sys.modules)"],
         cwd=REPO, capture_output=True, text=True, check=True,
     )
     assert out.stdout.strip() == "False"

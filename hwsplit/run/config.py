@@ -19,11 +19,12 @@ from typing import Any
 
 from hwsplit.infra.errors import ConfigError
 from hwsplit.network.families import CEILINGS, FAMILIES, supports_channel_multiple
+from hwsplit.splitting.knapsack import PRICES
 from hwsplit.splitting.recipe import GROUP_BUDGETS
 from hwsplit.splitting.ritz import RITZ_ALLOCATIONS
 from hwsplit.splitting.score import METHODS as SPLIT_METHODS
 from hwsplit.splitting.score import SCORINGS, SPLIT_CANDIDATES
-from hwsplit.splitting.select import PRICES, SELECTIONS
+from hwsplit.splitting.select import SELECTIONS
 from hwsplit.training.schedule import POLICIES, stage_train_config
 from hwsplit.training.train import TrainConfig
 
@@ -152,7 +153,7 @@ class GrowConfig:
     # architecture ("fresh"); see FINAL_INITS
     final_init: str = "grown"
     # the selection recipe (hwsplit/splitting/recipe.py, docs/design.md §3): the transform of each neuron's marginal
-    # cost the knapsack chooses with (the budget still limits the real cost): hwsplit.splitting.select.PRICES
+    # cost the knapsack chooses with (the budget still limits the real cost): hwsplit.splitting.knapsack.PRICES
     price: str = "linear"
     group_budgets: str = "none"  # split the stage budget over layer groups by map size: recipe.GROUP_BUDGETS
     # width ceiling per layer: "standard" (the family's standard widths), "authors" (their max_splitcfg),

@@ -35,11 +35,12 @@ import cost_models
 from hwsplit.infra.distributed import all_ranks_true, broadcast_object, world_size
 from hwsplit.network.graph import NeuronGroup, find_neuron_groups
 from hwsplit.splitting.estimators import SplitScore
+from hwsplit.splitting.knapsack import PRICES
 from hwsplit.splitting.recipe import GROUP_BUDGETS, select_stage
 from hwsplit.splitting.ritz import RITZ_ALLOCATIONS, AdaptiveScoring
 from hwsplit.splitting.score import METHODS as SPLIT_METHODS
 from hwsplit.splitting.score import SCORINGS, SPLIT_CANDIDATES, scoring_record, significant_scores, splitting_indices
-from hwsplit.splitting.select import PRICES, SELECTIONS, knapsack_cut
+from hwsplit.splitting.select import SELECTIONS, knapsack_cut
 from hwsplit.splitting.surgery import apply_split, split_sources
 
 log = logging.getLogger(__name__)

@@ -41,7 +41,8 @@ from typing import Any
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, linprog, milp
 
-from hwsplit.splitting.select import budget_limit, cap_value, price_transform, search_price_budget
+from hwsplit.splitting.knapsack import budget_limit, price_transform, search_price_budget
+from hwsplit.splitting.select import cap_value
 
 log = logging.getLogger(__name__)
 
@@ -298,10 +299,10 @@ def select_blocks(model: Any, scores: Mapping[str, Any], groups: Mapping[str, An
     ``multiple``) and ``{"counts", "objective", "cost_used", "lp_bound", "multiple"}``.
 
     ``price`` other than ``"linear"`` chooses with transformed option prices: option ``k`` of layer ``l``
-    is priced ``n·T(C_lk / n)`` for its ``n`` channels (:func:`hwsplit.splitting.select.price_transform` of its
+    is priced ``n·T(C_lk / n)`` for its ``n`` channels (:func:`hwsplit.splitting.knapsack.price_transform` of its
     mean cost per channel, ``reference`` the cost of one MAC-equivalent), and the largest budget in those
     units whose plan's real cost (``increase``, else Σ option costs) fits ``budget`` is searched
-    (:func:`hwsplit.splitting.select.search_price_budget`);
+    (:func:`hwsplit.splitting.knapsack.search_price_budget`);
     blocks over the budget are then dropped by least Σλ per unit of price. ``lp_threshold`` is the
     authors' rounding (:func:`solve_grouped_knapsack`); ``cost_used`` is always in the real unit.
     """

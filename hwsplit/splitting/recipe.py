@@ -5,11 +5,11 @@ The paper's text prices each neuron by the cost it adds and fills one budget per
 :func:`select_stage` offers each of its elements as a setting (``grow --price``, ``--group-budgets``,
 ``--max-widths``, ``--lp-threshold``, ``--recipe authors``):
 
-* **price** (:func:`hwsplit.splitting.select.price_transform`): the knapsack chooses with ``T(c)`` of each
+* **price** (:func:`hwsplit.splitting.knapsack.price_transform`): the knapsack chooses with ``T(c)`` of each
   neuron's real marginal cost ``c`` (``sqrt``: the authors' ``np.sqrt(flops_inc)``), while the stage
   budget keeps limiting the real cost (MACs, ms, mJ): the largest budget in price units whose plan's real
   cost, measured on the architecture it produces, fits is searched
-  (:func:`hwsplit.splitting.select.search_price_budget`),
+  (:func:`hwsplit.splitting.knapsack.search_price_budget`),
   what is left of the real budget is
   filled with the best remaining neurons per unit of price that still fit (not under ``lp_threshold``,
   and not for channel multiples), and the plan is then fitted to the real budget on the real
@@ -41,14 +41,8 @@ from torch import nn
 
 from hwsplit.network.families import width_ceilings
 from hwsplit.splitting.blocks import select_blocks
-from hwsplit.splitting.select import (
-    PRICES,
-    budget_limit,
-    cap_value,
-    price_transform,
-    search_price_budget,
-    select_by_name,
-)
+from hwsplit.splitting.knapsack import PRICES, budget_limit, price_transform, search_price_budget
+from hwsplit.splitting.select import cap_value, select_by_name
 
 log = logging.getLogger(__name__)
 
@@ -227,10 +221,10 @@ def select_stage(method: str, scores: Mapping[str, Any], marginal: Mapping[str, 
         max_layer_growth, max_widths, family: per-layer caps (:func:`layer_caps`) and ceilings
             (:func:`hwsplit.network.families.width_ceilings` of ``family``).
         price, reference: the transform the knapsack chooses with and the cost of one MAC-equivalent in
-            the cost model's unit (:func:`hwsplit.splitting.select.price_transform`); ``random`` ignores the price.
+            the cost model's unit (:func:`hwsplit.splitting.knapsack.price_transform`); ``random`` ignores the price.
         group_budgets: a mode of :data:`GROUP_BUDGETS`; groups by output map side (needs ``model``,
             ``input_shape``).
-        lp_threshold: the authors' rounding of ``lp`` (:func:`hwsplit.splitting.select.solve_knapsack`).
+        lp_threshold: the authors' rounding of ``lp`` (:func:`hwsplit.splitting.knapsack.solve_knapsack`).
         model, graph, multiple, total, current: growth in channel multiples
             (:func:`hwsplit.splitting.blocks.select_blocks`) when ``multiple`` is given.
 
