@@ -21,6 +21,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
 import bench_fair  # noqa: E402
+import fair_arms  # noqa: E402
+import fair_compare  # noqa: E402
+import fair_latency  # noqa: E402
 
 STRIDES = [1, 2, 1, 2, 1, 2, 1, 1, 1, 1, 1, 2, 1]
 SEED = [8, 8, 8, 16, 16, 24, 24, 24, 24, 24, 24, 32, 32]
@@ -51,7 +54,7 @@ def write(run: Path, records: list[dict], done: bool = True) -> None:
 
 
 def key(a: dict) -> str:
-    return bench_fair._arch_key(a)
+    return fair_latency.arch_key(a)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -78,7 +81,7 @@ def test_compared_architectures_every_arm_once_and_records_without_architecture_
     write(root / "prune-slimming" / "retrain", [rec(p1, stage=0, macs=1.2, acc=0.71, source_stage=1),
                                                 rec(p2, stage=1, macs=2.1, acc=0.73, source_stage=2)], done=False)
     with caplog.at_level(logging.INFO, logger="bench"):
-        got = bench_fair._compared_architectures(root)
+        got = fair_latency.compared_architectures(root)
     keys = [key(r["architecture"]) for r in got]
     assert len(keys) == len(set(keys))  # each architecture once
     # every width multiplier done, every grown stage (retrained and fine-tuned copies are the same), the pruned
@@ -113,17 +116,17 @@ def test_measure_times_each_architecture_its_passes_and_continues_after_a_kill(t
     monkeypatch.setattr(cost_models.profiling.measure, "measure_model", fake_timer)
     args = bench_fair.parse_args(["--preset", "full", "--seeds", "0", "--out", str(out), "--measure-passes", "2"])
     with pytest.raises(Killed):
-        bench_fair.measure_latency(out, root, args)
+        fair_latency.measure_latency(out, root, args)
     table = json.loads((out / "latency.json").read_text())["networks"]
     # 4 architectures (the seed's is width × 1's); pass 1 saved, the kill in pass 2 lost only its own measurement
     assert len(table) == 4 and all(len(n["passes_ms"]) == 1 and "latency_ms" not in n for n in table.values())
-    bench_fair.measure_latency(out, root, args)
+    fair_latency.measure_latency(out, root, args)
     table = json.loads((out / "latency.json").read_text())["networks"]
     assert all(len(n["passes_ms"]) == 2 and n["latency_ms"] == pytest.approx(sum(n["passes_ms"]) / 2)
                for n in table.values())
     assert len(calls) == 4 + 1 + 4  # pass 1, the killed call, then pass 2 of every network: nothing timed twice
     n = len(calls)
-    bench_fair.measure_latency(out, root, args)  # all measured: nothing to do
+    fair_latency.measure_latency(out, root, args)  # all measured: nothing to do
     assert len(calls) == n
     with pytest.raises(SystemExit, match="without --jobs"):
         bench_fair._expand(args, root, "measure")
@@ -278,16 +281,14 @@ def test_without_latency_json_nothing_at_matched_latency(tmp_path):
 def test_a_latency_curve_is_compared_by_its_validation_front():
     """Latency is not monotone in width: a multiplier the blocked kernels take runs faster than a narrower one.
     The width curve at matched latency is its front — points no faster point beats, judged on validation."""
-    from bench_fair import _compare, _front
-
     width = [{"stage": 0, "macs": 1, "latency_ms": 0.10, "test_top1": 0.72, "val_top1": 0.72},
              {"stage": 1, "macs": 2, "latency_ms": 0.20, "test_top1": 0.74, "val_top1": 0.74},  # slower, worse
              {"stage": 2, "macs": 3, "latency_ms": 0.12, "test_top1": 0.78, "val_top1": 0.77},
              {"stage": 3, "macs": 4, "latency_ms": 0.28, "test_top1": 0.80, "val_top1": 0.80}]
-    front = _front(width)
+    front = fair_compare.front(width)
     assert [r["latency_ms"] for r in front] == [0.10, 0.12, 0.28]
     grown = [{"stage": 1, "macs": 2, "latency_ms": 0.20, "test_top1": 0.75, "val_top1": 0.75}]
-    (c,) = _compare(grown, front, 10_000, "latency_ms")
+    (c,) = fair_compare.compare(grown, front, 10_000, "latency_ms")
     assert 0.78 < c["other"] < 0.80 and c["diff"] < -0.03  # not the 0.74 of the slower, narrower multiplier
 
 
@@ -296,15 +297,13 @@ def test_the_aligned_arm_grows_in_multiples_of_four_from_the_shared_seed():
     blocked kernels take), from the flops arm's trained seed (the CIFAR seed's widths are multiples of 4)."""
     import argparse
 
-    import bench_fair
-
     from hwsplit.network.models import MOBILENET_V1_CIFAR_SEED
 
-    assert bench_fair.arm_overrides("aligned", argparse.Namespace()) == {"channel_multiple": 4}
-    assert "aligned" in bench_fair.GROW_STEPS and "aligned" in bench_fair.PRESETS["full"]["steps"]
+    assert fair_arms.arm_overrides("aligned", argparse.Namespace()) == {"channel_multiple": 4}
+    assert "aligned" in fair_arms.GROW_STEPS and "aligned" in bench_fair.PRESETS["full"]["steps"]
     seed = [MOBILENET_V1_CIFAR_SEED["stem"]] + [w for w, _ in MOBILENET_V1_CIFAR_SEED["blocks"]]
     assert all(w % 4 == 0 for w in seed)
-    assert "aligned_vs_width" in bench_fair.LATENCY_COMPARISONS
+    assert "aligned_vs_width" in fair_arms.LATENCY_COMPARISONS
 
 
 def test_the_full_lut_arm_is_aligned_and_bounded_by_the_widest_widths_table_latency():
@@ -314,30 +313,28 @@ def test_the_full_lut_arm_is_aligned_and_bounded_by_the_widest_widths_table_late
     from hwsplit.network.families import build_seed
 
     args = bench_fair.parse_args(["--preset", "full"])
-    over = bench_fair.arm_overrides("lut", args)
+    over = fair_arms.arm_overrides("lut", args)
     assert over["cost"] == "lut" and over["channel_multiple"] == 4
     lut = cost_models.get_cost_model("lut", profile=str(ROOT / args.profile))
     widest = build_seed("mobilenet_v1_cifar", {}, (3, 32, 32), 10, width_mult=3.0, channel_multiple=4)
     seed = build_seed("mobilenet_v1_cifar", {}, (3, 32, 32), 10)
     assert over["budget"] == pytest.approx(lut.total(widest, (1, 3, 32, 32)), rel=1e-5)
     assert over["budget"] > lut.total(seed, (1, 3, 32, 32))
-    assert "lut_vs_width" in bench_fair.LATENCY_COMPARISONS and "retrain-lut" in args.steps
+    assert "lut_vs_width" in fair_arms.LATENCY_COMPARISONS and "retrain-lut" in args.steps
     # claim 4 (an explicit --channel-multiple) keeps every arm on that multiple and the growth ratio alone
-    assert "budget" not in bench_fair.arm_overrides("lut", bench_fair.parse_args(["--channel-multiple", "16"]))
+    assert "budget" not in fair_arms.arm_overrides("lut", bench_fair.parse_args(["--channel-multiple", "16"]))
 
 
 def test_a_network_slower_than_the_whole_front_is_compared_with_its_best():
     """The other family's best at the same latency or less: a step along the validation front, so a grown network
     slower than every width multiplier is compared with the fastest-best one, and one faster than all is left out."""
-    from bench_fair import _compare_front, _front
-
     width = [{"stage": 0, "macs": 1, "latency_ms": 0.074, "test_top1": 0.805, "val_top1": 0.806},
              {"stage": 1, "macs": 2, "latency_ms": 0.127, "test_top1": 0.84, "val_top1": 0.85},
              {"stage": 2, "macs": 3, "latency_ms": 0.126, "test_top1": 0.808, "val_top1": 0.804}]
     grown = [{"stage": 3, "macs": 2, "latency_ms": 0.28, "test_top1": 0.823},
              {"stage": 4, "macs": 3, "latency_ms": 0.10, "test_top1": 0.80},
              {"stage": 5, "macs": 1, "latency_ms": 0.05, "test_top1": 0.70}]
-    out = {c["stage"]: c for c in _compare_front(grown, _front(width), 10_000)}
+    out = {c["stage"]: c for c in fair_compare.compare_front(grown, fair_compare.front(width), 10_000)}
     assert out[3]["other"] == 0.84 and out[3]["diff"] == pytest.approx(0.823 - 0.84)
     assert out[4]["other"] == 0.805 and 5 not in out
 
@@ -346,9 +343,9 @@ def test_a_point_just_beyond_a_curves_end_is_compared_with_the_end_and_no_furthe
     """No extrapolation, but a pruned network up to 2 % under its target (or a stage a little past the widest
     multiplier) is compared with the curve's end point; 2.5 % beyond is left out."""
     curve = [{"macs": 1e6, "test_top1": 0.70}, {"macs": 2e6, "test_top1": 0.80}]
-    assert bench_fair._interp(curve, 1.5e6) == pytest.approx(0.70 + 0.10 * math.log10(1.5) / math.log10(2))
-    assert bench_fair._interp(curve, 2.05e6) is None and bench_fair._interp(curve, 0.975e6) is None
-    assert bench_fair._interp(curve, 2.03e6) == 0.80 and bench_fair._interp(curve, 0.985e6) == 0.70
+    assert fair_compare.interp(curve, 1.5e6) == pytest.approx(0.70 + 0.10 * math.log10(1.5) / math.log10(2))
+    assert fair_compare.interp(curve, 2.05e6) is None and fair_compare.interp(curve, 0.975e6) is None
+    assert fair_compare.interp(curve, 2.03e6) == 0.80 and fair_compare.interp(curve, 0.985e6) == 0.70
 
 
 def test_final_init_compares_grown_weights_with_a_fresh_start_on_validation(tmp_path):
@@ -377,13 +374,13 @@ def test_a_front_point_slower_by_less_than_the_latency_resolution_counts_as_as_f
     # swapping the verdict
     table = {"a": {"passes_ms": [0.100, 0.104, 0.102]}, "b": {"passes_ms": [0.2, 0.208, 0.204]},
              "c": {"passes_ms": [0.3, 0.3]}}
-    tol = bench_fair._latency_resolution(table)
+    tol = fair_latency.resolution(table)
     assert tol == pytest.approx(2 * math.sqrt(2) * 0.002 / math.sqrt(3) / 0.102, rel=1e-3)
     front = [{"latency_ms": 0.20, "test_top1": 0.70, "val_top1": 0.70},
              {"latency_ms": 0.255, "test_top1": 0.80, "val_top1": 0.80}]
     grown = [{"stage": 2, "macs": 1e6, "latency_ms": 0.25, "test_top1": 0.79}]
-    assert bench_fair._compare_front(grown, front, 10_000)[0]["other"] == 0.70
-    (c,) = bench_fair._compare_front(grown, front, 10_000, tolerance=tol)
+    assert fair_compare.compare_front(grown, front, 10_000)[0]["other"] == 0.70
+    (c,) = fair_compare.compare_front(grown, front, 10_000, tolerance=tol)
     assert c["other"] == 0.80 and c["diff"] == pytest.approx(-0.01)
 
 

@@ -275,7 +275,8 @@ def test_bad_arguments():
 
 def test_import_does_not_pull_in_torch():
     out = subprocess.run(
-        [sys.executable, "-c", "import sys, hwsplit.splitting.knapsack, hwsplit.splitting.select; print('torch' in sys.modules)"],
+        [sys.executable, "-c",
+         "import sys, hwsplit.splitting.knapsack, hwsplit.splitting.select; print('torch' in sys.modules)"],
         cwd=REPO, capture_output=True, text=True, check=True,
     )
     assert out.stdout.strip() == "False"
