@@ -195,7 +195,7 @@ def _solve_milp(
     return fixed
 
 
-def _solve(
+def solve_knapsack_bound(
     values: np.ndarray,
     costs: np.ndarray,
     budget: float,
@@ -205,10 +205,13 @@ def _solve(
     time_limit_s: float | None,
     lp_threshold: float | None = None,
 ) -> tuple[np.ndarray, float | None]:
-    """Validated solve; returns the mask and, for ``method="lp"``, the LP relaxation optimum.
+    """:func:`solve_knapsack` (same arguments, all positional here): the mask and, for ``method="lp"``, the LP
+    relaxation optimum, a lower bound on ``Σ values`` of any feasible choice (None for the other methods and
+    when no LP was solved).
 
     ``lp_threshold`` β (lp only): keep exactly the items whose LP value is ``>= β`` (the authors'
     rule, β = 0.99), without the greedy fill and best-of rounding; ``None``: the default rounding."""
+    lp_threshold = _check_threshold(lp_threshold)
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     values = np.asarray(values, dtype=np.float64)
@@ -341,24 +344,8 @@ def solve_knapsack(
         ValueError: unknown ``method``, mismatched shapes, non-finite values, costs that are not
             finite and positive, NaN budget, ``caps`` without ``layer_of``.
     """
-    return solve_knapsack_bound(values, costs, budget, layer_of=layer_of, caps=caps, method=method,
-                                time_limit_s=time_limit_s, lp_threshold=lp_threshold)[0]
+    return solve_knapsack_bound(values, costs, budget, layer_of, caps, method, time_limit_s, lp_threshold)[0]
 
-
-def solve_knapsack_bound(
-    values: np.ndarray,
-    costs: np.ndarray,
-    budget: float,
-    *,
-    layer_of: np.ndarray | None = None,
-    caps: np.ndarray | None = None,
-    method: str = "lp",
-    time_limit_s: float | None = None,
-    lp_threshold: float | None = None,
-) -> tuple[np.ndarray, float | None]:
-    """:func:`solve_knapsack`'s mask and, for ``method="lp"``, the LP relaxation optimum (a lower bound on
-    ``Σ values`` of any feasible choice; None for the other methods and when no LP was solved)."""
-    return _solve(values, costs, budget, layer_of, caps, method, time_limit_s, _check_threshold(lp_threshold))
 
 
 # --------------------------------------------------------------------------------------------
