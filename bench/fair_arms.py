@@ -55,9 +55,19 @@ ARMS = {"flops": {}, "vanilla": {"cost": "none"}, "random": {"selection": "rando
         # seed's widths are multiples of 4 already, so it shares the flops arm's trained seed
         "aligned": {"channel_multiple": 4}}
 
+#: Issue 26's one-factor comparisons: one element of the authors' recipe at a time on today's default (the √ΔMACs
+#: price; the stage budget split over their two resolution groups; their caps: at most doubling per stage, their
+#: width ceilings), and the per-stage training length (each stage 10 epochs instead of 5). Each shares the flops
+#: arm's trained seed; the description is the fragment's.
+ONE_FACTOR_ARMS = {"sqrt": ({"price": "sqrt"}, "√ΔMACs price only"),
+                   "groups": ({"group_budgets": "authors"}, "group budgets only"),
+                   "caps": ({"max_layer_growth": 1.0, "max_widths": "authors"}, "the authors' caps only"),
+                   "long": ({"epochs": 10}, "10 epochs per stage")}
+ARMS.update({arm: overrides for arm, (overrides, _) in ONE_FACTOR_ARMS.items()})
+
 
 #: The settings compared with today's default (the flops arm) on validation at matched MACs (issue 26).
-VALIDATION_ARMS = ("authors", "aligned")
+VALIDATION_ARMS = ("authors", "aligned", *ONE_FACTOR_ARMS)
 
 
 #: The pruning arms (issue 27), steps ``prune-<method>``.
@@ -100,7 +110,7 @@ def arm_overrides(arm: str, args: argparse.Namespace) -> dict:
     return ARMS[arm]() if callable(ARMS[arm]) else ARMS[arm]
 
 
-GROW_STEPS = ("flops", "random", "vanilla", "lut", "authors", "aligned")
+GROW_STEPS = ("flops", "random", "vanilla", "lut", "authors", "aligned", *ONE_FACTOR_ARMS)
 
 
 #: Comparisons at matched measured latency when ``<out>/latency.json`` exists (the full preset's arms; claim 4 has

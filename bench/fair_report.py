@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 import fair_compare as fc  # noqa: E402
-from fair_arms import ARMS, PRUNE_METHODS, channel_multiple  # noqa: E402
+from fair_arms import ARMS, ONE_FACTOR_ARMS, PRUNE_METHODS, channel_multiple  # noqa: E402
 
 
 def passes(recs: list[dict], n_train: int) -> int:
@@ -250,6 +250,9 @@ def fragment(result: dict, args: argparse.Namespace) -> str:
                                   agg["flops_vs_authors_val"]),
                   fc.verdict_line("issue 26, on VALIDATION: retrained aligned − retrained flops (flops curve incl. the "
                                   "seed)", agg["aligned_vs_flops_val"]),
+                  *(fc.verdict_line(f"issue 26, one factor, on VALIDATION: retrained {arm} ({what}) − retrained flops "
+                                    "(flops curve incl. the seed)", agg[f"{arm}_vs_flops_val"])
+                    for arm, (_, what) in ONE_FACTOR_ARMS.items() if agg[f"{arm}_vs_flops_val"]),
                   fc.verdict_line("issue 26, on VALIDATION: last flops stage, 30 final epochs from its grown weights − "
                                   "from a fresh initialisation (`--final-init grown` − `fresh`)",
                                   agg["final_init_val"]),

@@ -468,3 +468,33 @@ def test_a_longer_schedule_reports_each_shared_network_under_both_schedules(tmp_
     text = (tmp_path / "fair_full65.md").read_text()
     assert f"### The same networks under `{src}`'s schedule" in text
     assert "| flops stage 2 | 1.4M | 79.00 | 84.00 | +5.00 ± " in text
+
+
+def test_one_factor_arms_change_one_setting_of_the_default_each(tmp_path):
+    """Issue 26's one-factor comparisons: each arm is today's default with one element of the authors' recipe (or
+    the per-stage training length) changed, grows from the shared seed and is compared on validation; its verdict
+    line appears once it has retrained stages."""
+    import dataclasses
+
+    args = bench_fair.parse_args(["--preset", "full", "--seeds", "0", "--out", str(tmp_path / "fair_full")])
+    base = fair_arms.base_config(args, 0)
+    authors = fair_arms.arm_overrides("authors", args)
+    for arm, (overrides, _) in fair_arms.ONE_FACTOR_ARMS.items():
+        config = dataclasses.replace(base, **fair_arms.arm_overrides(arm, args))  # the GrowConfig checks hold
+        changed = {f.name for f in dataclasses.fields(config) if getattr(config, f.name) != getattr(base, f.name)}
+        assert changed == set(overrides), arm
+        assert arm in fair_arms.GROW_STEPS and arm in fair_arms.VALIDATION_ARMS
+        if arm != "long":
+            assert {k: authors[k] for k in overrides} == overrides, arm
+    assert dataclasses.replace(base, **fair_arms.arm_overrides("long", args)).epochs == 2 * base.epochs
+
+    out = tmp_path / "fair_full"
+    full_tree(out)
+    root = out / "s0"
+    write(root / "grow-sqrt", [rec(W[1.0], stage=0, macs=500e3, acc=0.6), rec(A[1], stage=1, macs=650e3, acc=0.64)])
+    write(root / "grow-sqrt" / "retrain-1", [rec(A[1], macs=650e3, acc=0.74, source_stage=1)])
+    result = summarise(out)
+    assert [c["stage"] for c in result["seeds"][0]["sqrt_vs_flops_val"]] == [1]
+    text = (tmp_path / "fair_full.md").read_text()
+    assert "- issue 26, one factor, on VALIDATION: retrained sqrt (√ΔMACs price only) − retrained flops" in text
+    assert "retrained groups (" not in text  # no runs: no line
