@@ -474,6 +474,7 @@ def test_one_factor_arms_change_one_setting_of_the_default_each(tmp_path):
     """Issue 26's one-factor comparisons: each arm is today's default with one element of the authors' recipe (or
     the per-stage training length) changed, grows from the shared seed and is compared on validation; its verdict
     line appears once it has retrained stages."""
+    import argparse
     import dataclasses
 
     args = bench_fair.parse_args(["--preset", "full", "--seeds", "0", "--out", str(tmp_path / "fair_full")])
@@ -486,6 +487,7 @@ def test_one_factor_arms_change_one_setting_of_the_default_each(tmp_path):
         assert arm in fair_arms.GROW_STEPS and arm in fair_arms.VALIDATION_ARMS
         if arm != "long":
             assert {k: authors[k] for k in overrides} == overrides, arm
+    assert fair_arms.arm_overrides("long", argparse.Namespace(epochs=3)) == {"epochs": 6}
     assert dataclasses.replace(base, **fair_arms.arm_overrides("long", args)).epochs == 2 * base.epochs
 
     out = tmp_path / "fair_full"
