@@ -1,8 +1,8 @@
 """bench_fair.py's arms: the settings each growth arm grows with, the pruning methods, the comparisons they enter.
 
-One record per arm in :data:`ARMS` (``GrowConfig`` overrides of :func:`base_config`, the protocol's settings);
-:func:`arm_overrides` resolves the ones that depend on the options (the lut arm's profile, channel multiple and
-budget).
+One record per arm in :data:`ARMS`: ``GrowConfig`` overrides of :func:`base_config` (the protocol's settings), or a
+function of the options that returns them; :func:`arm_overrides` resolves them (and the lut arm's profile, channel
+multiple and budget).
 """
 
 from __future__ import annotations
@@ -41,10 +41,14 @@ def base_config(args: argparse.Namespace, seed: int):
                       max_widths=None)  # no width ceiling (as before the option existed); the authors arm sets its own
 
 
-def _authors() -> dict:
+def _authors(args: argparse.Namespace) -> dict:
     from hwsplit.run.config import recipe_settings
 
     return recipe_settings("authors", {})
+
+
+def _long(args: argparse.Namespace) -> dict:
+    return {"epochs": 2 * args.epochs}
 
 
 ARMS = {"flops": {}, "vanilla": {"cost": "none"}, "random": {"selection": "random"}, "lut": {"cost": "lut"},
@@ -62,7 +66,7 @@ ARMS = {"flops": {}, "vanilla": {"cost": "none"}, "random": {"selection": "rando
 ONE_FACTOR_ARMS = {"sqrt": ({"price": "sqrt"}, "√ΔMACs price only"),
                    "groups": ({"group_budgets": "authors"}, "group budgets only"),
                    "caps": ({"max_layer_growth": 1.0, "max_widths": "authors"}, "the authors' caps only"),
-                   "long": ({"epochs": None}, "twice the epochs per stage")}  # None: 2 × --epochs (arm_overrides)
+                   "long": (_long, "twice the epochs per stage")}
 ARMS.update({arm: overrides for arm, (overrides, _) in ONE_FACTOR_ARMS.items()})
 
 
@@ -107,9 +111,7 @@ def arm_overrides(arm: str, args: argparse.Namespace) -> dict:
             n = lut_multiple(args)
             extra = {"channel_multiple": n, "budget": round(lut_budget_ms(args, n), 6)}
         return {**ARMS[arm], "cost_options": {"profile": str(common.resolve(args.profile))}, **extra}
-    if arm == "long":
-        return {"epochs": 2 * args.epochs}
-    return ARMS[arm]() if callable(ARMS[arm]) else ARMS[arm]
+    return ARMS[arm](args) if callable(ARMS[arm]) else ARMS[arm]
 
 
 GROW_STEPS = ("flops", "random", "vanilla", "lut", "authors", "aligned", *ONE_FACTOR_ARMS)

@@ -480,8 +480,9 @@ def test_one_factor_arms_change_one_setting_of_the_default_each(tmp_path):
     args = bench_fair.parse_args(["--preset", "full", "--seeds", "0", "--out", str(tmp_path / "fair_full")])
     base = fair_arms.base_config(args, 0)
     authors = fair_arms.arm_overrides("authors", args)
-    for arm, (overrides, _) in fair_arms.ONE_FACTOR_ARMS.items():
-        config = dataclasses.replace(base, **fair_arms.arm_overrides(arm, args))  # the GrowConfig checks hold
+    for arm in fair_arms.ONE_FACTOR_ARMS:
+        overrides = fair_arms.arm_overrides(arm, args)
+        config = dataclasses.replace(base, **overrides)  # the GrowConfig checks hold
         changed = {f.name for f in dataclasses.fields(config) if getattr(config, f.name) != getattr(base, f.name)}
         assert changed == set(overrides), arm
         assert arm in fair_arms.GROW_STEPS and arm in fair_arms.VALIDATION_ARMS
