@@ -490,7 +490,8 @@ def _schedule(src: Path, root: Path, n_test: int) -> dict:
     verdict this run re-measures)."""
     pairs = []
     here = {r["width_mult"]: r for r in fc.width_curve(root, "width")}
-    for r in fc.width_curve(src, "width"):
+    width_src = fc.width_curve(src, "width")
+    for r in width_src:
         if r["width_mult"] in here:
             pairs.append((f"width × {r['width_mult']:g}", r, here[r["width_mult"]]))
     here = {r["source_stage"]: r for r in fc.derived(root / "grow-flops", "retrain")}
@@ -504,7 +505,7 @@ def _schedule(src: Path, root: Path, n_test: int) -> dict:
                          "test_top1": [a["test_top1"], b["test_top1"]],
                          "val_top1": [a.get("val_top1"), b.get("val_top1")],
                          "gain": b["test_top1"] - a["test_top1"], "two_se": 2 * se})
-    return {"networks": networks, "flops_vs_width": fc.compare(rt_src, fc.width_curve(src, "width"), n_test)}
+    return {"networks": networks, "flops_vs_width": fc.compare(rt_src, width_src, n_test)}
 
 
 # ------------------------------------------------------------------------------------------------
