@@ -12,7 +12,6 @@ from cost_models.base import (
     get_cost_model,
     register_cost_model,
 )
-from cost_models.profiling.meters import NoGpuError
 
 
 @register_cost_model("energy")
@@ -28,7 +27,6 @@ __all__ = [
     "CostModel",
     "LayerCostModel",
     "LayerSpec",
-    "NoGpuError",
     "available_cost_models",
     "get_cost_model",
     "register_cost_model",

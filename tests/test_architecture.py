@@ -100,9 +100,9 @@ def test_cost_models_never_import_the_run_layer():
 
 
 def test_pricing_never_imports_profiling():
-    """``cost_models``' pricing modules read profiles; only ``cost_models.profiling`` runs hardware. The
-    package itself may re-export a profiling name (``NoGpuError``)."""
-    pricing = [m for m in _graph() if m.startswith("cost_models.") and not m.startswith("cost_models.profiling")]
+    """``cost_models``' pricing modules (and the package itself) read profiles; only ``cost_models.profiling``
+    runs hardware, so pricing a network never loads the profiler."""
+    pricing = [m for m in _graph() if m.startswith("cost_models") and not m.startswith("cost_models.profiling")]
     assert pricing and "cost_models.profiling.profiler" in _graph()
     bad = [f"{m} imports {i}" for m in pricing for i in _graph()[m] if i.startswith("cost_models.profiling")]
     assert not bad, "\n".join(bad)
@@ -166,3 +166,19 @@ def test_no_private_name_is_imported_across_modules():
                 bad += [f"{module} imports {node.module}.{a.name}" for a in node.names
                         if a.name.startswith("_") and not a.name.startswith("__")]
     assert not bad, "\n".join(bad)
+
+
+def test_the_installed_packages_are_every_package_in_the_tree():
+    """A non-editable install (``pip install .``) ships every folder with an ``__init__.py``: pyproject finds the
+    packages instead of listing them, so a new subpackage cannot be left out of the wheel."""
+    import tomllib
+    from fnmatch import fnmatchcase
+
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert "packages" not in setuptools or isinstance(setuptools["packages"], dict), "a fixed package list"
+    include = setuptools["packages"]["find"]["include"]
+    tree = {".".join(p.parent.relative_to(ROOT).parts) for pkg in ("hwsplit", "cost_models")
+            for p in (ROOT / pkg).rglob("__init__.py")}
+    missed = sorted(name for name in tree if not any(fnmatchcase(name, pattern) for pattern in include))
+    assert tree and not missed, missed
+    assert (ROOT / "hwsplit" / "py.typed").exists()
