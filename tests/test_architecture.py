@@ -171,8 +171,9 @@ def test_no_private_name_is_imported_across_modules():
 def test_the_installed_packages_are_every_package_in_the_tree():
     """A non-editable install (``pip install .``) ships every folder with an ``__init__.py``: pyproject finds the
     packages instead of listing them, so a new subpackage cannot be left out of the wheel."""
-    import tomllib
     from fnmatch import fnmatchcase
+
+    import tomllib
 
     setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     assert "packages" not in setuptools or isinstance(setuptools["packages"], dict), "a fixed package list"
