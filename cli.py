@@ -307,6 +307,9 @@ def _print_stage(record: dict[str, Any]) -> None:
 @click.option("--final-init", type=click.Choice(["grown", "fresh"]), default="grown", show_default=True,
               help="What --final-epochs trains: the grown weights, or the grown architecture from a fresh "
                    "initialisation.")
+@click.option("--measure/--no-measure", default=None,
+              help="Time each stage's network end to end on the profile's device (latency, or NVML energy) "
+                   "[default: with --profile].")
 @_NO_TENSORBOARD
 @_SGD_OPTIONS
 @click.option("--out", type=click.Path(file_okay=False), default="runs/grow", show_default=True,
@@ -329,7 +332,8 @@ def grow(model: str, model_config: str | None, width_mult: float | None, activat
          selection: str,
          max_layer_growth: float | None, price: str | None, group_budgets: str | None, max_widths: str | None,
          lp_threshold: float | None, recipe: str | None, channel_multiple: str | None, val_fraction: float,
-         post_split: str, final_epochs: int | None, final_init: str, no_tensorboard: bool, batch_size: int,
+         post_split: str, final_epochs: int | None, final_init: str, measure: bool | None, no_tensorboard: bool,
+         batch_size: int,
          lr: float,
          weight_decay: float, device: str, threads: int | None, seed: int, out: str, overwrite: bool,
          resume: str | None) -> None:
@@ -380,7 +384,7 @@ def grow(model: str, model_config: str | None, width_mult: float | None, activat
         channel_multiple=_channel_multiple(channel_multiple),
         batch_size=batch_size, lr=lr, weight_decay=weight_decay, device=device, threads=threads, seed=seed,
         val_fraction=val_fraction, post_split=post_split, final_epochs=final_epochs, final_init=final_init,
-        tensorboard=not no_tensorboard,
+        measure=measure, tensorboard=not no_tensorboard,
     ), budget=budget, recipe=recipe, selection=selection_options)
     if cost in ("lut", "energy") and _main_rank():
         click.echo(f"pricing with {cost_model.name} ({cost_model.unit}) from {profile_path}", err=True)

@@ -66,6 +66,20 @@ def test_grow_with_the_lookup_table_of_the_shipped_profile(tmp_path, cifar_like)
     assert "measured ms" in result.output
 
 
+def test_measure_flag_turns_end_to_end_measurement_off_and_on(tmp_path, cifar_like):
+    """``--no-measure`` skips the end-to-end timing a profile turns on; ``--measure`` times a MAC-priced run."""
+    off, on = tmp_path / "off", tmp_path / "on"
+    result = _invoke("grow", "--cost", "lut", "--profile", str(SHIPPED), "--no-measure", "--out", str(off),
+                     *TINY, *cifar_like)
+    assert result.exit_code == 0, result.output
+    assert json.loads((off / "config.json").read_text())["measure"] is False
+    assert all("measured" not in json.loads(line) for line in (off / "stages.jsonl").read_text().splitlines())
+    result = _invoke("grow", "--cost", "flops", "--measure", "--out", str(on), *TINY, *cifar_like)
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (on / "stages.jsonl").read_text().splitlines()]
+    assert all(r["measured"]["latency_ms"]["median"] > 0 for r in records)
+
+
 def test_grow_against_an_absolute_latency_budget_stops_at_it(tmp_path, cifar_like):
     from cost_models import get_cost_model
     from hwsplit.network.models import build_model
