@@ -1,6 +1,6 @@
 """hwsplit: grow neural networks by splitting neurons under a hardware cost budget.
 
-Public names (docs/design.md §5) are imported lazily so that ``import hwsplit`` stays cheap and the
+Public names (docs/design.md §1) are imported lazily so that ``import hwsplit`` stays cheap and the
 pure parts (``hwsplit.splitting.knapsack``) never pull in model code. The modules live in layer folders
 (docs/design.md §1): ``infra`` → ``network`` → ``splitting`` and ``training`` → ``run``.
 """

@@ -5,7 +5,7 @@ A :class:`Meter` runs a workload (``run_once``: one inference) repeatedly and re
 Meters are small and capability-checked (``supports_energy``), Zeus-style; the NVML meter takes the
 ``pynvml`` module as a constructor argument (imported lazily when not given) so tests pass a fake.
 
-Energy follows docs/design.md §4: after warm-up, windows of at least ``min_window_s`` seconds of
+Energy follows docs/design.md §6: after warm-up, windows of at least ``min_window_s`` seconds of
 repeated runs, separated by idle gaps; the energy of a window is read from NVML's total-energy
 counter as after-minus-before (``nvmlDeviceGetTotalEnergyConsumption``, mJ, Volta and newer), or,
 where the counter is unsupported, by integrating ``nvmlDeviceGetPowerUsage`` samples (mW) with the

@@ -126,7 +126,8 @@ def profile_family(*, family: str = "mobilenet_v1", resolution: int = 32, device
 
     ``quick`` measures only the corners of every channel range (≈ 50 rows) with a short time budget.
     ``time_budget_s`` is the timed period per row (default 1 s, 0.05 s with ``quick``); ``threads``
-    onnxruntime's intra-op threads (default: all cores available to this process). ``layers``
+    onnxruntime's intra-op threads (default :func:`default_profile_threads`: 1 on a machine with at most 2
+    cores, else the cores this process may use). ``layers``
     replaces the grid; ``max_rows`` stops after that many new rows (the profile is still valid and
     a later run resumes). Rows already in ``out`` (same LayerSpec key) are not measured again; an
     ``out`` measured with another device, backend or meter is a ``ValueError``. ``progress`` is
@@ -143,7 +144,6 @@ def profile_family(*, family: str = "mobilenet_v1", resolution: int = 32, device
     flagged and warned about) and ``context``: ``context_networks`` random networks of the family
     (default 96, 6 with ``quick``; half of them with widths divisible by the block) measured end to
     end and node by node (:mod:`cost_models.context`), from which the table is fitted in context.
-    ``threads`` defaults to 1 on a machine with at most 2 cores (:func:`default_profile_threads`).
     """
     check_choice("backend", backend, BACKENDS)
     check_choice("meter", meter, METERS)
@@ -311,8 +311,8 @@ def _measure_networks(profile: dict[str, Any], family: str, resolution: int, n: 
 
 def default_profile_threads() -> int:
     """Intra-op threads a profile uses by default: 1 on a machine with at most 2 cores (there a
-    second thread shares its core with everything else and the same network's latency swings by
-    more than ±10 % from one round to the next), else the cores this process may use."""
+    second thread shares its core with everything else and does not repeat: README "profile"), else the
+    cores this process may use."""
     cores = default_threads()
     return 1 if cores <= 2 else cores
 

@@ -38,9 +38,9 @@ def default_threads() -> int | None:
     """Intra-op threads for training and scoring when the user sets none (``None``: torch's own default).
 
     One thread on machines with at most :data:`SMALL_MACHINE_CORES` cores, unless ``OMP_NUM_THREADS`` says
-    otherwise: there a second thread buys at most about a fifth, and with one other CPU-bound process on the
-    machine torch's default of one thread per core makes training 8-20 times slower (docs/design.md §6).
-    Larger machines keep torch's default (not measured here).
+    otherwise: there a second thread buys little, and with one other CPU-bound process on the machine torch's
+    default of one thread per core collapses (docs/design.md §5, "Training on the CPU"; figures in
+    BENCHMARKS.md). Larger machines keep torch's default.
     """
     if os.environ.get("OMP_NUM_THREADS"):
         return None

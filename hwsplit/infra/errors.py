@@ -1,4 +1,4 @@
-"""The exceptions hwsplit raises on purpose, and the exit status each maps to (docs/design.md §5).
+"""The exceptions hwsplit raises on purpose, and the exit status each maps to (docs/design.md §1).
 
 ``cli.py`` maps by class, never by name: every :class:`HwsplitError` carries its ``exit_code``.
 Each also derives from the built-in exception a Python caller would expect (``ValueError`` for a

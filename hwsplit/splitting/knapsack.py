@@ -199,13 +199,14 @@ def solve_knapsack_bound(
     values: np.ndarray,
     costs: np.ndarray,
     budget: float,
-    layer_of: np.ndarray | None,
-    caps: np.ndarray | None,
-    method: str,
-    time_limit_s: float | None,
+    *,
+    layer_of: np.ndarray | None = None,
+    caps: np.ndarray | None = None,
+    method: str = "lp",
+    time_limit_s: float | None = None,
     lp_threshold: float | None = None,
 ) -> tuple[np.ndarray, float | None]:
-    """:func:`solve_knapsack` (same arguments, all positional here): the mask and, for ``method="lp"``, the LP
+    """:func:`solve_knapsack` (same arguments) with the LP bound: the mask and, for ``method="lp"``, the LP
     relaxation optimum, a lower bound on ``Σ values`` of any feasible choice (None for the other methods and
     when no LP was solved).
 
@@ -344,7 +345,8 @@ def solve_knapsack(
         ValueError: unknown ``method``, mismatched shapes, non-finite values, costs that are not
             finite and positive, NaN budget, ``caps`` without ``layer_of``.
     """
-    return solve_knapsack_bound(values, costs, budget, layer_of, caps, method, time_limit_s, lp_threshold)[0]
+    return solve_knapsack_bound(values, costs, budget, layer_of=layer_of, caps=caps, method=method,
+                                time_limit_s=time_limit_s, lp_threshold=lp_threshold)[0]
 
 
 

@@ -195,8 +195,8 @@ def select_neurons_report(
     v = np.concatenate(values) if values else np.zeros(0)
     c = np.concatenate(cost_parts) if cost_parts else np.zeros(0)
     layer_of = np.concatenate(layer_parts) if layer_parts else np.zeros(0, dtype=np.int64)
-    mask, lp_bound = solve_knapsack_bound(v, c, budget, layer_of, np.asarray(cap_list, dtype=np.float64), method,
-                                          time_limit_s, lp_threshold)
+    mask, lp_bound = solve_knapsack_bound(v, c, budget, layer_of=layer_of, caps=np.asarray(cap_list, dtype=np.float64),
+                                          method=method, time_limit_s=time_limit_s, lp_threshold=lp_threshold)
 
     import torch  # lazily: the solver above is pure numpy
 
