@@ -250,13 +250,13 @@ def _print_stage(record: dict[str, Any]) -> None:
 @click.option("--split-method", type=click.Choice(["rayleigh", "exact"]), default="rayleigh", show_default=True)
 @click.option("--split-vectors", type=click.IntRange(min=0), default=6, show_default=True,
               help="Rayleigh-Ritz vectors per neuron, at least this many in every layer: fewer score faster "
-                   "and rank less like exact (BENCHMARKS.md, issues 13f/13g); 0 = averaged iterate.")
+                   "and rank less like exact scoring (BENCHMARKS.md); 0 = averaged iterate.")
 @click.option("--split-allocation", type=click.Choice(["cost", "uniform"]), default="cost", show_default=True,
               help="cost: more Rayleigh-Ritz vectors in layers where one is cheap (small maps); "
                    "uniform: --split-vectors everywhere.")
 @click.option("--scoring", type=click.Choice(["full", "adaptive"]), default="full", show_default=True,
               help="full: score on every training image each stage; adaptive: on a subsample that stops when the "
-                   "knapsack's choice is decided within the error bars of the indices (BENCHMARKS.md, issue 31).")
+                   "knapsack's choice is decided within the error bars of the indices.")
 @click.option("--scoring-tolerance", type=click.FloatRange(min=0), default=0.05, show_default=True,
               help="adaptive: undecided neurons allowed, as a share of the neurons the knapsack's cut takes.")
 @click.option("--scoring-z", type=click.FloatRange(min=0, min_open=True), default=2.0, show_default=True,
@@ -705,7 +705,8 @@ def summary(model_or_checkpoint: str, resolution: int | None, in_channels: int |
               help="onnxruntime intra-op threads (default 1 on a machine with <= 2 cores, else all).")
 @click.option("--time-budget", "time_budget_s", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Seconds of timed runs per layer (default 1, 0.05 with --quick).")
-@click.option("--quick", is_flag=True, help="A small grid (about 50 layers, under a minute).")
+@click.option("--quick", is_flag=True,
+              help="A small grid (about 50 layers, 0.05 s of timed runs each) and 4 calibration networks.")
 @click.option("--context-networks", type=click.IntRange(min=0), default=None,
               help="random networks timed node by node for the in-context table (default 96, 6 with --quick).")
 @click.option("--networks", type=click.IntRange(min=0), default=None,

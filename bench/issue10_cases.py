@@ -6,7 +6,7 @@ existing run, a user's folder) was deleted or changed. Results go to
 ``bench/results/issue10_cases_<label>.json``.
 
     taskset -c 0 nice -n 5 python bench/issue10_cases.py --label after
-    taskset -c 0 nice -n 5 python bench/issue10_cases.py --root /tmp/wt-before --label before
+    taskset -c 0 nice -n 5 python bench/issue10_cases.py --root ../wt-before --label before
 
 ``--root`` is the checkout whose ``cli.py`` is run (default: this one); the cases and the result
 file are this checkout's. Not timing-sensitive. Some cases need root (a tiny tmpfs via
@@ -479,6 +479,7 @@ def main() -> None:
                 r = run_case(c, section, name, fn)
             except Exception as err:  # a case whose set-up failed is recorded, not fatal
                 r = {"section": section, "case": name, "setup_failed": f"{type(err).__name__}: {err}"[:400]}
+            r = json.loads(json.dumps(r).replace(str(work), "WORK"))  # the scratch folder's name is this machine's
             results.append(r)
             print(json.dumps(r)[:300], flush=True)
             _write(out, root, args.label, t0, results, merge=args.merge)  # after every case: resumable by hand
@@ -495,7 +496,7 @@ def _write(out: Path, root: Path, label: str, t0: float, results: list[dict[str,
         old = json.loads(out.read_text())["cases"]
         cases = [new.pop(r["case"], r) for r in old] + list(new.values())
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"root": str(root), "commit": git.stdout.strip(), "label": label,
+    out.write_text(json.dumps({"root": root.name if root != HERE else ".", "commit": git.stdout.strip(), "label": label,
                                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                                "wall_s": round(time.time() - t0, 1), "cases": cases}, indent=1) + "\n")
 

@@ -10,7 +10,7 @@ for CPU tensors, plus ``nccl`` for CUDA tensors when the machine has a GPU; one 
 so a measurement never overlaps training on the same device. See docs/design.md §5 and README
 "Several processes".
 
-A new command (``finetune``, issue 12) gets all of this by decorating its library entry with
+A new command (as ``finetune`` did) gets all of this by decorating its library entry with
 :func:`entry_point` (or by being called from a CLI command that is), writing its run directory
 through :func:`on_main` or behind :func:`hwsplit.infra.distributed.is_main`, and training with
 :func:`hwsplit.training.train.train` (which wraps the model in DDP itself).

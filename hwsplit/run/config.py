@@ -116,12 +116,12 @@ class GrowConfig:
     split_step: float = 1e-2
     split_lr: float = 0.05
     # Rayleigh–Ritz vectors per neuron, at least this many in every layer (hwsplit.splitting.score.splitting_indices
-    # ritz_vectors): quality for cost, BENCHMARKS.md issues 13f/13g; 0 = the averaged-iterate estimate
+    # ritz_vectors): quality for cost (BENCHMARKS.md, scoring); 0 = the averaged-iterate estimate
     split_vectors: int = 6
-    # "cost": more vectors where one is cheap (small maps), "uniform": split_vectors everywhere (before 13g)
+    # "cost": more vectors where one is cheap (small maps), "uniform": split_vectors everywhere
     split_allocation: str = "cost"
     # "full": every training image once per stage; "adaptive": a subsample sized by the error bars of the
-    # indices (hwsplit.splitting.ritz.AdaptiveScoring; issue 31): stop when at most scoring_tolerance × the neurons the
+    # indices (hwsplit.splitting.ritz.AdaptiveScoring): stop when at most scoring_tolerance × the neurons the
     # knapsack's cut takes are within scoring_z standard errors of it, between scoring_min and scoring_cap
     # (shares of an epoch)
     scoring: str = "full"
@@ -141,10 +141,10 @@ class GrowConfig:
     device: str = "cpu"
     threads: int | None = None  # torch intra-op threads per process; None: hwsplit.infra.devices.default_threads
     seed: int = 0
-    measure: bool | None = None  # measure each stage end to end; None: with --cost lut|energy
+    measure: bool | None = None  # measure each stage end to end; None: when there is a profile
     measure_time_s: float = 1.0
     # grow in multiples of N channels per layer and stage (None: one neuron at a time); "auto": the
-    # profile's channel_block (issue 11; hwsplit/splitting/blocks.py, resolve_channel_multiple)
+    # profile's channel_block (hwsplit/splitting/blocks.py, resolve_channel_multiple)
     channel_multiple: int | str | None = None
     val_fraction: float = 0.0  # share of the training images carved out (seeded) for validation
     post_split: str = "restart"  # training policy after a split: hwsplit.training.schedule.POLICIES
@@ -323,8 +323,8 @@ def recipe_settings(recipe: str | None, given: Mapping[str, Any], *, selection: 
 
 def resolve_channel_multiple(config: GrowConfig, profile: Mapping[str, Any] | None = None) -> int | None:
     """The channel multiple N a run grows by: ``config.channel_multiple``, or for ``"auto"`` the top-level
-    ``channel_block`` of the run's ``profile``, as its cost model loaded it (written by ``profile`` since
-    issue 11; :attr:`hwsplit.run.session.Session.profile`: the file is not read again). ``ConfigError``
+    ``channel_block`` of the run's ``profile``, as its cost model loaded it (written by ``profile``;
+    :attr:`hwsplit.run.session.Session.profile`: the file is not read again). ``ConfigError``
     naming the profile and the field when it is missing, not loaded or not a positive integer.
     """
     n = config.channel_multiple
@@ -336,7 +336,7 @@ def resolve_channel_multiple(config: GrowConfig, profile: Mapping[str, Any] | No
     block = profile.get("channel_block")
     if block is None:
         raise ConfigError(f"channel_multiple: auto needs the field 'channel_block' of the profile {path}, which it "
-                          "lacks (a profile made before issue 11); re-profile the device, or give the number, "
+                          "lacks (a profile made by an older hwsplit); re-profile the device, or give the number, "
                           "e.g. --channel-multiple 16")
     if not (_positive_int(block) and block <= MAX_CHANNEL_MULTIPLE):
         raise ConfigError(f"{path}: channel_block: expected a whole number 1..{MAX_CHANNEL_MULTIPLE}, got {block!r}")

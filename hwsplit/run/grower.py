@@ -1,4 +1,4 @@
-"""Grow a model inside your own training loop: one score → price → select → split step (issue 30).
+"""Grow a model inside your own training loop: one score → price → select → split step.
 
     grower = Grower(model, example_input, cost="flops", growth_ratio=0.5)
     for round in range(3):
@@ -131,7 +131,7 @@ class Grower:
     (default: where ``model``'s parameters are). ``split_method``, ``split_epochs``, ``split_lr``,
     ``split_vectors``, ``split_allocation``: the scoring options of ``grow`` (README, CLI reference).
     ``scoring``: ``"full"`` (every batch of the loader, the default) or ``"adaptive"`` (a subsample that
-    stops when the knapsack's cut is decided within the indices' error bars, issue 31:
+    stops when the knapsack's cut is decided within the indices' error bars:
     :class:`hwsplit.splitting.ritz.AdaptiveScoring` with ``scoring_tolerance``, ``scoring_z``, ``scoring_min`` and
     ``scoring_cap``; needs ``split_method="rayleigh"``, ``split_vectors`` >= 1, ``split_epochs`` 1 and a
     loader with a ``len()``). ``split_candidates``: ``"all"`` (every negative index, the default) or
@@ -335,7 +335,7 @@ class Grower:
         return _Prices(total=total, marginal=marginal, budget=budget, seconds=time.perf_counter() - t0)
 
     def _cut(self, prices: _Prices) -> Callable[[dict[str, torch.Tensor]], dict[str, Any]]:
-        """The fractional knapsack on the marginal costs, the budget and the per-layer caps (issue 31): not the
+        """The fractional knapsack on the marginal costs, the budget and the per-layer caps: not the
         price transforms, group budgets or width ceilings of select_stage."""
         marginal, budget, caps = prices.marginal, prices.budget, self.max_layer_growth
 
@@ -499,9 +499,8 @@ def carry_optimizer(optimizer: torch.optim.Optimizer, old_model: nn.Module, new_
     the parent's place included); the appended offspring entries (rows appended to a producer,
     BatchNorm or depthwise conv, columns appended to a consumer: ``sources``,
     :func:`hwsplit.splitting.surgery.split_sources`) get zeros with ``offspring="fresh"`` (the default: as a new
-    optimizer would start them; ahead on validation loss in BENCHMARKS.md, "Optimizer state of split
-    offspring") or, with ``"parent"``, a copy of their parent's state (not rescaled). Scalar state
-    (Adam's ``step``) is kept. A parameter of
+    optimizer would start them; chosen on validation, BENCHMARKS.md) or, with ``"parent"``, a copy of their
+    parent's state (not rescaled). Scalar state (Adam's ``step``) is kept. A parameter of
     ``new_model`` whose name ``old_model`` lacks is added to the last parameter group, with fresh
     state. ``ValueError`` for an optimizer holding a tensor that is not ``old_model``'s, or a state
     tensor whose shape is not its parameter's (factored optimizers such as Adafactor).

@@ -1,4 +1,4 @@
-"""TensorBoard event files of a run directory (``RUN/tb/``), next to its JSON records (issue 30).
+"""TensorBoard event files of a run directory (``RUN/tb/``), next to its JSON records.
 
 Every command that trains into a run directory (grow, its ``final/``, finetune, the width baseline)
 writes, with ``GrowConfig.tensorboard`` on (``--no-tensorboard`` turns it off):

@@ -190,8 +190,8 @@ class LocalChain:
         return F.conv2d(s, d.weight.detach(), b, d.stride, d.padding, d.dilation, d.groups)
 
     def _dw_transposed(self, grad: torch.Tensor, input_shape: torch.Size) -> torch.Tensor:
-        """Lᵀ grad: the depthwise conv's input gradient, as a transposed convolution (measured 1.5–4× faster
-        on one CPU thread than ``conv2d_input`` for depthwise kernels, 32×32 to 4×4 maps)."""
+        """Lᵀ grad: the depthwise conv's input gradient, as a transposed convolution (faster on the CPU than
+        ``conv2d_input`` for depthwise kernels: docs/design.md §2)."""
         d = self.dw
         if not isinstance(d.padding, str):
             k = d.weight.shape[2:]
@@ -309,9 +309,8 @@ def kinked_activations(group: NeuronGroup) -> list[str]:
 
 def _channel_gram(a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """Σ over samples and positions of a_i c a_k per channel: a (N, n, b, ...), c (N, n, ...) → (n, b, b),
-    as one batched matmul over (sample, channel) pairs, in a's own layout (no copy), summed over samples:
-    measured 1.2–2× faster on one CPU thread than one batched matmul over channels of a transposed copy,
-    and that 1.5–2.5× faster than b(b+1)/2 multiply-reductions over a's slices."""
+    as one batched matmul over (sample, channel) pairs, in a's own layout (no copy), summed over samples
+    (the fastest of the forms compared in docs/design.md §2)."""
     big_n, n, b = a.shape[:3]
     flat = a.reshape(big_n * n, b, -1)
     weights = c.reshape(big_n * n, 1, -1)

@@ -157,8 +157,8 @@ def _solve_milp(
 
     Candidates of one layer with the same cost form a *class*; some optimal solution takes a
     prefix of each class sorted by value, so ``x_next <= x_prev`` is added along each class. These
-    symmetry-breaking rows make branch and bound an order of magnitude faster when whole layers
-    share one marginal cost (the usual case), and are absent when every cost differs."""
+    symmetry-breaking rows prune branch and bound when whole layers share one marginal cost (the usual
+    case), and are absent when every cost differs."""
     limit = budget_limit(budget)
     order = cand[np.lexsort((values[cand], costs[cand], layer_of[cand]))]
     m = order.size

@@ -1,5 +1,5 @@
 """The Rayleigh–Ritz finish of fast scoring: the subspace, its vectors per group, λ with error bars, and
-the adaptive stopping rule (docs/design.md §2, issues 13 and 31).
+the adaptive stopping rule (docs/design.md §2).
 
 Per channel, the iterate of the Rayleigh descent and its last gradients span a frozen subspace V
 (:func:`ritz_basis`, :func:`allocate_ritz_vectors` vectors per group); λ is the smallest eigenvalue of
@@ -197,7 +197,7 @@ def allocate_ritz_vectors(costs: dict[str, float], dims: dict[str, int], vectors
     vectors everywhere that minimises Σ_g 1/b_g (an error falling like 1/b; a Lagrange multiplier gives
     b_g ∝ c_g^(-1/2)), i.e. more vectors where they are cheap (small maps, late layers); the floor b keeps
     the dear groups (the stem) at the uniform count, because which groups need vectors depends on the
-    net (issue 13g: on a CIFAR-10 net after 2 epochs the stem needs 6–8, after 4 epochs 3). Both rules are
+    net and its training (BENCHMARKS.md, scoring). Both rules are
     bounded by the fan-in d_g (``dims``: a basis of d_g vectors spans every direction and is exact), and
     "cost" by RITZ_MAX_FACTOR·b: the basis (n·d·b_g), the b×b sums (n·b_g²) and their eigen-solves grow with
     b_g in ways c_g does not count (a Linear head's vectors cost almost nothing to form)."""
@@ -219,9 +219,8 @@ def ritz_basis(v: torch.Tensor, residuals: list[torch.Tensor], size: int, gen: t
 
     The gradients are residuals of successive iterates on successive batches, so together with v they span
     an approximate Krylov space {v, S v, S² v, …} of the Rayleigh quotient's descent, which is where the
-    eigenvector's remaining error lies (docs/design.md §2). Measured on the 4× CIFAR seed net (issue 13):
-    Spearman against exact 0.82 worst group / 0.93 median at b = 5, against 0.80 / 0.89 from the iterate,
-    its last gradient and the iterates 2 and 4 and 8 steps back."""
+    eigenvector's remaining error lies (docs/design.md §2; its rank agreement with exact scoring against
+    other bases: BENCHMARKS.md, scoring)."""
     cols = [v.flatten(1)] + [g.flatten(1) for g in reversed(residuals)]
     cols = cols[:size]
     while len(cols) < size:

@@ -215,8 +215,8 @@ def splitting_indices(
     the batch-to-batch spread of the quotient along its Ritz vector:
     :func:`~hwsplit.splitting.ritz.ritz_estimate`). With ``adaptive`` (:class:`ScoringOptions`; the loader
     must have a ``len()``) ``SplitScore.images`` is the number of images read, ``SplitScore.stopped`` why
-    it stopped. Measured settings (BENCHMARKS.md, issues 13f/13g): 6 vectors by cost and ``ritz_from=0.35``
-    at one pass.
+    it stopped. The defaults (6 vectors by cost, ``ritz_from=0.35``, one pass) were chosen by measurement
+    (BENCHMARKS.md, scoring).
 
     The model's parameters, buffers, gradients and train/eval modes are exactly as before afterwards.
     """

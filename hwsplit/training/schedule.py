@@ -11,9 +11,8 @@ the one before. What the stage's training does with it is the policy:
 * ``continue`` — one cosine schedule over the whole run (seed epochs + stages × stage epochs);
   each stage trains its segment of it, so the learning rate keeps falling across splits.
 
-`restart` is the default: on validation (BENCHMARKS.md, "Post-split training policy"; 5 seeds each)
-`warm` was behind on digits (−2.08 points) and CIFAR-10 (−3.28), beyond 2 SE, and `continue` ahead
-(+0.59, +1.86) but inside 2 SE on both; `continue` also ends a budget-stopped run at a high rate.
+`restart` is the default, chosen on validation (BENCHMARKS.md, "Post-split training policy");
+`continue` also ends a budget-stopped run at a high rate.
 """
 
 from __future__ import annotations

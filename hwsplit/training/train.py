@@ -67,7 +67,7 @@ class TrainConfig:
         label_smoothing: cross-entropy label smoothing in [0, 1).
         amp: float16 autocast + GradScaler; ``None``: on when the device is CUDA (``True`` needs CUDA).
         channels_last: channels-last memory format for model and inputs during training; ``None``: on for
-            CUDA, and on the CPU when the model has a ``Conv2d`` (faster there for every family measured).
+            CUDA, and on the CPU when the model has a ``Conv2d`` (docs/design.md §5, "Training on the CPU").
         warmup_epochs: linear warm-up of the learning rate from ~0 to ``lr`` over this many epochs
             (fractions allowed; 0: none), multiplied onto the schedule.
         horizon_epochs, offset_epochs: the cosine runs over ``horizon_epochs`` (default ``epochs``)
