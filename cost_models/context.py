@@ -313,10 +313,6 @@ class ContextFit:
     def overhead_network_ms(self) -> float:
         return self.network.overhead_network_ms
 
-    @property
-    def group_scale(self) -> dict[str, float]:
-        return self.network.scale
-
     def has(self, spec: LayerSpec) -> bool:
         return geometry(spec) in self.coef or spec.kind in self.kind_coef
 

@@ -255,6 +255,7 @@ def test_an_mlp_grows():
             nn.functional.cross_entropy(model(xb), yb).backward()
             opt.step()
     grower = Grower(model, x[:1], cost="flops", split_vectors=3)
+    assert grower.unsplittable(model) == {"4": "its channels are outputs of the model"}
     grown = grower.step(model, loader)
     assert grower.records and grown[0].out_features + grown[2].out_features > 16
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import pickle
 from typing import Any
 
 import torch
@@ -154,14 +153,6 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
-def same_on_all_ranks(obj: Any) -> bool:
-    """Whether ``obj`` pickles to the same bytes on every rank (a collective)."""
-    if not _distributed():
-        return True
-    mine = pickle.dumps(obj)
-    return all_ranks_true(broadcast_object(mine) == mine)
-
-
 def data_parallel(model: nn.Module) -> nn.Module:
     """``model`` wrapped in ``DistributedDataParallel`` (``model`` itself with one process).
 
@@ -215,4 +206,4 @@ def checksum(model: nn.Module) -> float:
 
 __all__ = ["all_ranks_true", "average_buffers", "barrier", "broadcast_object", "checksum", "data_parallel",
            "global_sample_count", "is_main", "local_device", "local_rank", "rank", "reduce_sum",
-           "same_on_all_ranks", "sum_across_ranks", "weighted_mean_across_ranks", "world_size"]
+           "sum_across_ranks", "weighted_mean_across_ranks", "world_size"]

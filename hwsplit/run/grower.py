@@ -39,7 +39,14 @@ from hwsplit.splitting.knapsack import PRICES
 from hwsplit.splitting.recipe import GROUP_BUDGETS, select_stage
 from hwsplit.splitting.ritz import RITZ_ALLOCATIONS, AdaptiveScoring
 from hwsplit.splitting.score import METHODS as SPLIT_METHODS
-from hwsplit.splitting.score import SCORINGS, SPLIT_CANDIDATES, scoring_record, significant_scores, splitting_indices
+from hwsplit.splitting.score import (
+    SCORINGS,
+    SPLIT_CANDIDATES,
+    predicted_loss_change,
+    scoring_record,
+    significant_scores,
+    splitting_indices,
+)
 from hwsplit.splitting.select import SELECTIONS, knapsack_cut
 from hwsplit.splitting.surgery import apply_split, split_sources
 
@@ -431,7 +438,7 @@ class Grower:
             "scoring_decided": choice.scoring["decided"],
             "scoring": choice.scoring,
             **({"loss_before_split": split.loss_before, "loss_after_split": split.loss_after} if evaluated else {}),
-            "predicted_loss_change": 0.5 * self.split_step ** 2 * float(chosen.sum()),
+            "predicted_loss_change": predicted_loss_change(float(chosen.sum()), self.split_step),
             "seconds": timings,
         }
 

@@ -1,7 +1,7 @@
 """The run directory: its format, its records, its summary and the rule of one writer per run.
 
 A run directory holds ``config.json`` (what was asked), ``stages.jsonl`` (one JSON record per
-completed stage, see :class:`StageRecord`), ``stage-K.pt`` (architecture + weights, loadable with
+completed stage: RECORD_KEYS and more), ``stage-K.pt`` (architecture + weights, loadable with
 ``weights_only=True``), ``summary.md`` (the same records, for people) and ``.lock`` (held by the
 one process writing it). Every file is written atomically (:mod:`hwsplit.infra.fsio`). A stage is
 complete when its record is in ``stages.jsonl``, which is written after its checkpoint.
@@ -18,7 +18,6 @@ import logging
 import os
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,32 +50,6 @@ class StageFailed(RunFailed):
         super().__init__(message)
         self.stage = stage
         self.run = run
-
-
-@dataclass(frozen=True)
-class StageRecord:
-    """The typed view of one line of ``stages.jsonl`` (the full dict is kept in ``data``).
-
-    ``test_top1`` is a fraction in [0, 1]; ``macs`` multiply-accumulates of one inference;
-    ``cost`` ``{"name", "unit", "value"}`` in the run's cost model.
-    """
-
-    stage: int
-    test_top1: float
-    macs: float
-    params: int
-    cost: dict[str, Any]
-    data: dict[str, Any]
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], *, where: str = "record") -> StageRecord:
-        if not isinstance(data, dict):
-            raise ValueError(f"{where}: expected a JSON object")
-        missing = [k for k in RECORD_KEYS if k not in data]
-        if missing:
-            raise ValueError(f"{where} lacks {', '.join(missing)}")
-        return cls(stage=data["stage"], test_top1=data["test_top1"], macs=data["macs"], params=data["params"],
-                   cost=data["cost"], data=data)
 
 
 class RunDir:
@@ -150,9 +123,6 @@ class RunDir:
             except (json.JSONDecodeError, RecursionError) as err:
                 raise ValueError(f"run: {self.stages} line {i} is not JSON ({type(err).__name__})") from None
         return records
-
-    def typed_records(self) -> list[StageRecord]:
-        return [StageRecord.from_dict(r, where=f"run: {self.stages} record {i}") for i, r in enumerate(self.records())]
 
     def write_records(self, records: list[dict[str, Any]]) -> None:
         atomic_write_text(self.stages, "".join(json.dumps(r, sort_keys=True, allow_nan=False) + "\n"
@@ -563,7 +533,7 @@ def write_summary(run: RunDir, config: Any, records: list[dict[str, Any]], *, st
         log.error("could not write %s: %s", run.summary, err)
 
 
-__all__ = ["DERIVED", "EXPORTS", "RECORD_KEYS", "RunDir", "StageFailed", "StageRecord", "WriteFailed",
+__all__ = ["DERIVED", "EXPORTS", "RECORD_KEYS", "RunDir", "StageFailed", "WriteFailed",
            "check_source", "continue_or_start", "derived_runs", "file_sha256", "lock_holder", "mark_interrupted",
            "record_export", "record_widths", "remove_run_files", "resume_hint", "run_status", "shown_stage",
            "stage_table", "start_fresh", "write_summary"]

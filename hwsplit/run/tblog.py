@@ -66,10 +66,6 @@ class RunBoard:
         self._epochs_done = epochs_done
         self.log_dir = None if log_dir is None else Path(log_dir)
 
-    @property
-    def enabled(self) -> bool:
-        return not self._failed
-
     def _open(self, step: int) -> Any:
         """The writer, opened (purging the view from ``step`` on) at the first event; None when off."""
         if self._writer is None and not self._failed:

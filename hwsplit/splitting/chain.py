@@ -282,10 +282,6 @@ class LocalChain:
                          d.groups * b).unflatten(1, (n, b))
         return _channel_gram(z_dot, ctx["gz2"]) + _channel_gram(h_dot, ctx["gs_e1_2"])
 
-    def hvp(self, x: torch.Tensor, g: torch.Tensor, tangent: torch.Tensor) -> torch.Tensor:
-        """S·V for every channel: the Hessian of ⟨g, a(θ)⟩ at θ = P.weight applied to ``tangent``."""
-        return self.hvp_prepared(self.prepare(x, g), tangent)
-
     def ritz_cost(self, x: torch.Tensor) -> float:
         """Work of one Rayleigh–Ritz vector of every channel on one sample of ``x`` (the producer's input), in
         multiply-adds: the producer (and depthwise) convolution of the tangent, plus RITZ_ELEMENT_MACS per
