@@ -342,6 +342,7 @@ def summarise(out: Path, args: argparse.Namespace) -> dict:
         result["latency"] = {"networks": sum(1 for n in lat.values() if n.get("latency_ms") is not None),
                              "tolerance": fl.resolution(lat),
                              "incomplete": sum(1 for n in lat.values() if n.get("latency_ms") is None),
+                             "machines": fl.machines(lat_table),
                              "sessions": [{f: x.get(f) for f in ("date", "load_before", "load_after", "networks")}
                                           for x in sessions]}
 
@@ -624,6 +625,7 @@ def main(argv=None) -> None:
     if args.fragment_only:
         summarise(out, args)
         return
+    log.info("machine: %s", common.machine_line(common.machine()))  # sittings may run on different machines
     if args.grown_from:
         src = common.resolve(args.grown_from)
         for seed in [int(s) for s in args.seeds.split(",")]:

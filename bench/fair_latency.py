@@ -80,6 +80,11 @@ def measure_latency(out: Path, root: Path, args: argparse.Namespace) -> None:
         log.info("%s: %s", root.name, f"all {len(compared)} architectures are measured already" if compared
                  else "no architecture to time yet")
         return
+    here, before = common.cpu_model(), machines(table)
+    if before and before != [here]:
+        raise SystemExit(f"{path}: its latencies were measured on {', '.join(before)}; this machine is {here}. "
+                         "Latencies of two machines do not compare: time the new architectures on that machine, or "
+                         "move latency.json aside to time every architecture on this one.")
     lut = cost_models.get_cost_model("lut", profile=str(common.resolve(args.profile)))
     models = {}
     for k, r in todo.items():
@@ -112,6 +117,11 @@ def measure_latency(out: Path, root: Path, args: argparse.Namespace) -> None:
             passes[k].append(m["latency_ms"]["median"])
             log.info("%s pass %d: %d/%d %.4f ms", root.name, p + 1, i + 1, len(models), passes[k][-1])
         save()
+
+
+def machines(table: dict) -> list[str]:
+    """The CPUs ``latency.json``'s sessions ran on, in order of first use (one, unless someone mixed them)."""
+    return list(dict.fromkeys(s["machine"]["cpu"] for s in table.get("sessions", []) if s.get("machine")))
 
 
 def resolution(table: dict) -> float:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -21,6 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
 import bench_fair  # noqa: E402
+import common  # noqa: E402
 import fair_arms  # noqa: E402
 import fair_compare  # noqa: E402
 import fair_latency  # noqa: E402
@@ -130,6 +132,16 @@ def test_measure_times_each_architecture_its_passes_and_continues_after_a_kill(t
     assert len(calls) == n
     with pytest.raises(SystemExit, match="without --jobs"):
         bench_fair._expand(args, root, "measure")
+    # a new architecture on another machine: refused, the table's machine and this one named
+    saved = json.loads((out / "latency.json").read_text())
+    assert fair_latency.machines(saved) == [common.cpu_model()]
+    for s in saved["sessions"]:
+        s["machine"]["cpu"] = "Another CPU"
+    (out / "latency.json").write_text(json.dumps(saved))
+    write(root / "width-x3", [rec(arch(3), macs=5e6, acc=0.85, width_mult=3.0)])
+    with pytest.raises(SystemExit, match=re.escape(f"measured on Another CPU; this machine is {common.cpu_model()}")):
+        fair_latency.measure_latency(out, root, args)
+    assert len(calls) == n
 
 
 def test_step_measure_times_the_seeds_of_seeds(tmp_path, monkeypatch):
