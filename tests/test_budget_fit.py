@@ -1,4 +1,4 @@
-"""grower.fit_plan_to_budget with synthetic cost increases above and below the sum of marginals.
+"""select.fit_plan_to_budget with synthetic cost increases above and below the sum of marginals.
 
 The knapsack prices one neuron at a time; the realised increase of splitting several together differs
 (cross terms between neighbouring layers). Whatever ``increase`` does, the plan returned must have been
@@ -14,7 +14,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from hwsplit.run.grower import fit_plan_to_budget
+from hwsplit.splitting.select import fit_plan_to_budget
 
 # three groups; ratio λ/marginal per neuron: a: -4, -3, -2, -1; b: -0.5, -0.25; c: -6, -0.1
 SCORES = {"a": SimpleNamespace(eigenvalues=torch.tensor([-4.0, -3.0, -2.0, -1.0])),

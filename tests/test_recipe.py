@@ -17,10 +17,10 @@ from hwsplit import apply_split, find_neuron_groups
 from hwsplit.infra.errors import ConfigError
 from hwsplit.network.families import MOBILENET_V1_AUTHORS_MAX_WIDTHS, build_seed, width_ceilings
 from hwsplit.run.config import RECIPES, GrowConfig, load_config, recipe_settings
-from hwsplit.run.grower import fit_plan_to_budget
 from hwsplit.splitting.estimators import SplitScore
 from hwsplit.splitting.knapsack import price_transform, search_price_budget, solve_knapsack
 from hwsplit.splitting.recipe import budget_groups, group_shares, layer_caps, output_sides, select_stage
+from hwsplit.splitting.select import fit_plan_to_budget
 
 TINY = ["--stages", "1", "--epochs", "1", "--limit", "300", "--batch-size", "32"]
 

@@ -461,7 +461,7 @@ class Grower:
         The knapsack of docs/design.md §3 on λ and the (transformed) marginal costs, by ``selection``, within
         group budgets, per-layer caps and width ceilings, or per-layer multiples of N
         (:func:`hwsplit.splitting.blocks.select_blocks`); then the plan's real cost on the grown architecture,
-        dropping the least valuable neurons until it fits (:func:`fit_plan_to_budget`).
+        dropping the least valuable neurons until it fits (:func:`hwsplit.splitting.select.fit_plan_to_budget`).
         """
         shape = self.input_shape
         # the random baseline drops neurons from an over-budget plan in random order too
@@ -472,7 +472,7 @@ class Grower:
 
         reference = total / self._flops.total(model, shape) if self.price != "linear" else 1.0
         return select_stage(
-            self.selection, scores, marginal, budget, increase=increase, fit=fit_plan_to_budget,
+            self.selection, scores, marginal, budget, increase=increase,
             seed=[self.seed, stage], rank=rank, max_layer_growth=self.max_layer_growth, price=self.price,
             reference=reference, group_budgets=self.group_budgets, max_widths=self.max_widths,
             lp_threshold=self.lp_threshold, family=self.family, model=model, graph=groups, input_shape=shape,
@@ -604,44 +604,5 @@ def _random_rank(seed: list[int]) -> Callable[[str, int], float]:
     return rank
 
 
-def fit_plan_to_budget(plan: dict[str, torch.Tensor], scores: Mapping[str, Any], marginal: Mapping[str, float],
-                       increase: Callable[[dict[str, torch.Tensor]], float], budget: float,
-                       max_rounds: int = 20, rank: Callable[[str, int], float] | None = None,
-                       ) -> dict[str, torch.Tensor]:
-    """Drop the least valuable chosen neurons until the *actual* cost increase fits the budget.
-
-    The knapsack prices neurons one at a time; splitting neighbouring layers together also adds
-    their cross terms (a conv grows in both its input and its output channels), so the real
-    increase can exceed the sum of marginals by a few percent. ``increase(plan)`` measures it on
-    the architecture the plan would produce; neurons with the worst λ/cost ratio go first, or
-    those with the highest ``rank(group, channel)`` when given (the random baseline). Each of the
-    first ``max_rounds`` rounds drops neurons worth the excess in marginals, later rounds one neuron
-    each; the plan returned is always one whose increase was measured to fit (or the empty plan).
-    """
-    def value(k: str, j: int) -> float:
-        return rank(k, j) if rank is not None else float(scores[k].eigenvalues[j]) / marginal[k]
-
-    items = sorted(((value(k, int(j)), k, int(j)) for k, v in plan.items() for j in v),
-                   reverse=True)  # worst (least negative per cost) first
-    rounds = 0
-    while True:
-        over = increase(plan) - budget
-        if over <= 1e-9 * max(1.0, abs(budget)) or not items:
-            return plan
-        drop, freed = [], 0.0
-        while items and (not drop or (freed < over and rounds < max_rounds)):
-            _, k, j = items.pop(0)
-            drop.append((k, j))
-            freed += marginal[k]
-        dropped: dict[str, set[int]] = {}
-        for k, j in drop:
-            dropped.setdefault(k, set()).add(j)
-        plan = {k: torch.tensor([j for j in v.tolist() if j not in dropped.get(k, ())], dtype=torch.long)
-                for k, v in plan.items()}
-        plan = {k: v for k, v in plan.items() if v.numel()}
-        log.info("dropped %d neurons whose joint cost exceeded the budget by %.4g", len(drop), over)
-        rounds += 1
-
-
 __all__ = ["COSTS_BY_NAME", "OFFSPRING_STATE", "STOP_BUDGET", "STOP_NO_NEGATIVE", "GrowthStep", "Grower",
-           "carry_optimizer", "fit_plan_to_budget"]
+           "carry_optimizer"]

@@ -42,7 +42,7 @@ from torch import nn
 from hwsplit.network.families import width_ceilings
 from hwsplit.splitting.blocks import select_blocks
 from hwsplit.splitting.knapsack import PRICES, budget_limit, price_transform, search_price_budget
-from hwsplit.splitting.select import cap_value, select_by_name
+from hwsplit.splitting.select import cap_value, fit_plan_to_budget, select_by_name
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +200,7 @@ def _drop_blocks(plan: Plan, scores: Mapping[str, Any], prices: Mapping[str, flo
 
 
 def select_stage(method: str, scores: Mapping[str, Any], marginal: Mapping[str, float], budget: float, *,
-                 increase: Callable[[Plan], float], fit: Callable[..., Plan], seed: Any = 0,
+                 increase: Callable[[Plan], float], fit: Callable[..., Plan] = fit_plan_to_budget, seed: Any = 0,
                  rank: Callable[[str, int], float] | None = None, max_layer_growth: float | None = None,
                  price: str = "linear", reference: float = 1.0, group_budgets: str = "none",
                  max_widths: str | Sequence[int] | None = None, lp_threshold: float | None = None,
@@ -216,7 +216,8 @@ def select_stage(method: str, scores: Mapping[str, Any], marginal: Mapping[str, 
         marginal: per group, the real cost of one more neuron (the cost model's unit, > 0).
         budget: the stage budget in that unit; the plan's real increase never exceeds it.
         increase: ``increase(plan)``, the real cost increase of a plan on the real architecture.
-        fit: :func:`hwsplit.run.grower.fit_plan_to_budget` (drops single neurons until ``increase`` fits).
+        fit: how a plan is brought under the budget: :func:`hwsplit.splitting.select.fit_plan_to_budget` (drops
+            single neurons until ``increase`` fits).
         seed, rank: the random baseline's seed, and its order of dropping (``fit``'s ``rank``).
         max_layer_growth, max_widths, family: per-layer caps (:func:`layer_caps`) and ceilings
             (:func:`hwsplit.network.families.width_ceilings` of ``family``).

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -318,6 +318,47 @@ def random_selection(widths: Mapping[str, int], costs: Mapping[str, float], budg
         chosen.setdefault(names[g], []).append(int(channel[k]))
     log.info("random selection: %d neurons, %.4g of budget %.4g", sum(map(len, chosen.values())), used, budget)
     return {n: torch.tensor(sorted(v), dtype=torch.long) for n, v in chosen.items()}
+
+
+def fit_plan_to_budget(plan: dict[str, torch.Tensor], scores: Mapping[str, Any], marginal: Mapping[str, float],
+                       increase: Callable[[dict[str, torch.Tensor]], float], budget: float,
+                       *, max_rounds: int = 20, rank: Callable[[str, int], float] | None = None,
+                       ) -> dict[str, torch.Tensor]:
+    """Drop the least valuable chosen neurons until the *actual* cost increase fits the budget.
+
+    The knapsack prices neurons one at a time; splitting neighbouring layers together also adds
+    their cross terms (a conv grows in both its input and its output channels), so the real
+    increase can exceed the sum of marginals by a few percent. ``increase(plan)`` measures it on
+    the architecture the plan would produce; neurons with the worst λ/cost ratio go first, or
+    those with the highest ``rank(group, channel)`` when given (the random baseline). Each of the
+    first ``max_rounds`` rounds drops neurons worth the excess in marginals, later rounds one neuron
+    each; the plan returned is always one whose increase was measured to fit (or the empty plan).
+    """
+    import torch  # lazily, as below
+
+    def value(k: str, j: int) -> float:
+        return rank(k, j) if rank is not None else float(scores[k].eigenvalues[j]) / marginal[k]
+
+    items = sorted(((value(k, int(j)), k, int(j)) for k, v in plan.items() for j in v),
+                   reverse=True)  # worst (least negative per cost) first
+    rounds = 0
+    while True:
+        over = increase(plan) - budget
+        if over <= 1e-9 * max(1.0, abs(budget)) or not items:
+            return plan
+        drop, freed = [], 0.0
+        while items and (not drop or (freed < over and rounds < max_rounds)):
+            _, k, j = items.pop(0)
+            drop.append((k, j))
+            freed += marginal[k]
+        dropped: dict[str, set[int]] = {}
+        for k, j in drop:
+            dropped.setdefault(k, set()).add(j)
+        plan = {k: torch.tensor([j for j in v.tolist() if j not in dropped.get(k, ())], dtype=torch.long)
+                for k, v in plan.items()}
+        plan = {k: v for k, v in plan.items() if v.numel()}
+        log.info("dropped %d neurons whose joint cost exceeded the budget by %.4g", len(drop), over)
+        rounds += 1
 
 
 def _knapsack_strategy(method: str):
