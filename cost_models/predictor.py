@@ -79,10 +79,6 @@ def _in_context(context: ContextFit, networks: Sequence[dict[str, Any]], source:
 TERMS = ("one", "macs", "in_elems", "out_elems", "weights", "out_pixels",
          # what a blocked backend responds to (docs/design.md §6; zero without a channel block):
          "blocked", "padded_macs", "unblocked_macs", "padded_out_elems", "reorder_elems")
-#: Columns of :func:`layer_features` (descriptive features, log-transformed where they span decades).
-FEATURE_NAMES = tuple(f"kind_{k}" for k in LAYER_KINDS) + (
-    "log_in_channels", "log_out_channels", "kernel", "stride", "log_pixels", "log_macs", "log_params",
-    "log_bytes")
 #: Column order of a numeric array accepted by :meth:`LayerRegressor.fit` in place of LayerSpecs.
 SPEC_COLUMNS = ("kind", "in_channels", "out_channels", "kernel", "stride", "groups", "height", "width", "batch")
 
@@ -127,18 +123,6 @@ def _terms(spec: LayerSpec, block: int = 1, dw_multiple: int = 0) -> list[float]
         return plain + [0.0] * 5
     d = dict(zip(DEVICE_TERMS, device_terms(spec, block, dw_multiple)))
     return plain + [d["blocked"], d["padded_macs"], d["unblocked_macs"], d["padded_out_elems"], d["reorder_elems"]]
-
-
-def layer_features(specs: Sequence[LayerSpec] | Any) -> np.ndarray:
-    """Descriptive features (:data:`FEATURE_NAMES`) of layers: kind one-hot, log channels, kernel,
-    stride, log pixels, log MACs, log params, log bytes moved."""
-    rows = []
-    for s in _as_specs(specs):
-        onehot = [1.0 if s.kind == k else 0.0 for k in LAYER_KINDS]
-        rows.append(onehot + [math.log(s.in_channels), math.log(s.out_channels), float(s.kernel), float(s.stride),
-                              math.log(s.height * s.width * s.batch), math.log(max(s.macs, 1)),
-                              math.log(max(s.params, 1)), math.log(max(s.bytes_moved, 1))])
-    return np.asarray(rows, dtype=float).reshape(-1, len(FEATURE_NAMES))
 
 
 def _fit_kind(T: np.ndarray, y: np.ndarray, alpha: float, relative: bool, mac_floor: float) -> np.ndarray:

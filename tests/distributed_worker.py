@@ -58,11 +58,22 @@ def scenario_scores(rank: int, world: int) -> dict:
             for method in ("exact", "rayleigh")}
 
 
+def checksum(model) -> float:
+    """A float64 checksum of every parameter and buffer (position-weighted, so permutations differ)."""
+    import torch
+
+    total = 0.0
+    for i, t in enumerate(model.state_dict().values()):
+        flat = t.detach().reshape(-1).to(torch.float64).cpu()
+        weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64) / max(flat.numel(), 1)
+        total += (i + 1) * float((flat * weights).sum())
+    return total
+
+
 def scenario_grow(rank: int, world: int, out: Path) -> dict:
     import hwsplit.run.grow as grow_module
     import hwsplit.run.grower as grower_module  # a stage's selection and split are Grower.grow_step's
     import hwsplit.run.stages as stages_module  # every loop trains through stages.record_stage
-    from hwsplit.infra.distributed import checksum
     from hwsplit.run.config import GrowConfig
 
     selected, applied, sums = [], [], []
@@ -101,7 +112,6 @@ def scenario_width(rank: int, world: int, out: Path) -> dict:
     """The width baseline on every rank; rank 1's run directory must stay unwritten."""
     import hwsplit.run.baselines as baselines
     import hwsplit.run.stages as stages_module  # every loop trains through stages.record_stage
-    from hwsplit.infra.distributed import checksum
     from hwsplit.run.config import GrowConfig
 
     sums = []

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from hwsplit.training.bundle import DataBundle, DataError, TensorImageDataset, example_batch
+from hwsplit.training.bundle import DataBundle, DataError, TensorImageDataset
 from hwsplit.training.data import available_datasets, load_dataset
 from hwsplit.training.loaders import TensorBatchLoader, epoch_batches, make_loaders
 
@@ -80,14 +80,6 @@ def test_bad_arguments_name_the_field():
         make_loaders(b, batch_size=0)
     with pytest.raises(ValueError, match="rank"):
         make_loaders(b, batch_size=8, rank=2, world_size=2)
-
-
-def test_example_batch():
-    b = load_dataset("digits", limit=10)
-    x = example_batch(b, n=5)  # more than the 2 test samples: repeats
-    assert x.shape == (5, 1, 8, 8) and x.dtype == torch.float32
-    assert torch.equal(x[0], x[2])
-    assert example_batch(b).shape == (2, 1, 8, 8)
 
 
 # ------------------------------------------------------------------------------------------------ npz
@@ -298,7 +290,7 @@ def test_imagefolder(tmp_path):
     assert xs[0].shape == (4, 3, 16, 16) and xs[1].shape == (2, 3, 16, 16)
     ys = [y for _, y in train]
     assert sorted(torch.cat(ys).tolist()) == [0, 0, 0, 1, 1, 1]
-    assert example_batch(b, n=3).shape == (3, 3, 16, 16)
+    assert b.test[0][0].shape == (3, 16, 16)
     # Same seed, same order of training samples.
     train2, _ = make_loaders(b, batch_size=4, seed=0)
     assert [y.tolist() for _, y in train2] == [y.tolist() for y in ys]

@@ -12,13 +12,11 @@ from sklearn.base import clone
 import hwsplit.network.graph
 from cost_models import get_cost_model
 from cost_models.predictor import (
-    FEATURE_NAMES,
     SPEC_COLUMNS,
     TERMS,
     EnergyPredictorCostModel,
     LayerRegressor,
     fit_report,
-    layer_features,
     profile_targets,
 )
 from cost_models.profile_io import SCHEMA, load_profile, save_profile
@@ -140,13 +138,6 @@ def test_regressor_validates_inputs() -> None:
     # an unseen kind falls back to the pooled model, still positive
     reg = LayerRegressor().fit(specs, [1.0, 2.0])
     assert reg.predict([LayerSpec("linear", 64, 10)])[0] > 0
-
-
-def test_layer_features() -> None:
-    specs = [LayerSpec("dwconv", 32, 32, kernel=3, groups=32, height=16, width=16), LayerSpec("linear", 64, 10)]
-    X = layer_features(specs)
-    assert X.shape == (2, len(FEATURE_NAMES)) and np.all(np.isfinite(X))
-    assert X[0, FEATURE_NAMES.index("kind_dwconv")] == 1 and X[1, FEATURE_NAMES.index("kind_linear")] == 1
 
 
 def test_energy_cost_model_metric_resolution(profile: dict, tmp_path: Path) -> None:

@@ -194,16 +194,6 @@ def average_buffers(model: nn.Module) -> None:
             offset += n
 
 
-def checksum(model: nn.Module) -> float:
-    """A float64 checksum of every parameter and buffer (position-weighted, so permutations differ)."""
-    total = 0.0
-    for i, t in enumerate(model.state_dict().values()):
-        flat = t.detach().reshape(-1).to(torch.float64).cpu()
-        weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64) / max(flat.numel(), 1)
-        total += (i + 1) * float((flat * weights).sum())
-    return total
-
-
-__all__ = ["all_ranks_true", "average_buffers", "barrier", "broadcast_object", "checksum", "data_parallel",
+__all__ = ["all_ranks_true", "average_buffers", "barrier", "broadcast_object", "data_parallel",
            "global_sample_count", "is_main", "local_device", "local_rank", "rank", "reduce_sum",
            "sum_across_ranks", "weighted_mean_across_ranks", "world_size"]

@@ -342,18 +342,6 @@ def preprocessing(bundle: DataBundle) -> dict[str, Any]:
     }
 
 
-def example_batch(bundle: DataBundle, n: int = 2) -> torch.Tensor:
-    """``n`` normalised test inputs, shape (n, C, H, W) float32 (for tracing); test samples repeat if few."""
-    if n < 1:
-        raise ValueError(f"n: must be >= 1, got {n}")
-    test = bundle.test
-    size = len(test)  # type: ignore[arg-type]
-    index = torch.arange(n) % size
-    if isinstance(test, TensorImageDataset):
-        return test.batch(index)[0].cpu()
-    return torch.stack([test[int(i)][0] for i in index])
-
-
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "BadImageError", "DataBundle", "DataError", "TensorImageDataset",
-           "channel_stats", "check_image_size", "check_labels", "example_batch", "in_memory_bundle", "label_space",
+           "channel_stats", "check_image_size", "check_labels", "in_memory_bundle", "label_space",
            "preprocessing", "split_validation"]
