@@ -93,7 +93,7 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class GrowConfig:
     """Everything a growth run depends on (saved as config.json); invalid values raise ``ValueError``."""
 

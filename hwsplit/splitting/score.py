@@ -104,7 +104,7 @@ def significant_scores(scores: dict[str, SplitScore], z: float) -> dict[str, Spl
             for k, s in scores.items()}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ScoringOptions:
     """How :func:`splitting_indices` estimates the indices: the method and its settings (docs/design.md §2).
 

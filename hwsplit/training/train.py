@@ -49,7 +49,7 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 _SCHEDULES = ("cosine", "step", "constant")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainConfig:
     """Hyper-parameters of SGD training.
 
