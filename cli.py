@@ -405,16 +405,18 @@ def _run_status(run: str) -> str:
 
 def _print_final(config: Any, out: str, records: list[dict[str, Any]]) -> None:
     """With --final-epochs: the shipped network's accuracy next to the seed's."""
+    from hwsplit.run.finetune import FINAL_DIR, finetune_dir
     from hwsplit.run.rundir import RunDir
 
-    final = RunDir(Path(out) / "final").records() if config.final_epochs else []
+    where = finetune_dir(out, kind=FINAL_DIR)
+    final = RunDir(where).records() if config.final_epochs else []
     if not final or not records:
         return
     f, seed = final[-1], records[0]
     how = "retrained from a fresh initialisation" if f.get("from_scratch") else "fine-tuned"
     click.echo(f"\nfinal network (stage {f['source_stage']} {how} {f['epochs']} epochs, "
                f"{f['epochs_in_all']} in all): test top-1 {f['test_top1']:.4f} at {f['macs'] / 1e3:.4g}k MACs; "
-               f"seed: {seed['test_top1']:.4f} at {seed['macs'] / 1e3:.4g}k MACs  -> {Path(out) / 'final'}")
+               f"seed: {seed['test_top1']:.4f} at {seed['macs'] / 1e3:.4g}k MACs  -> {where}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -533,7 +535,8 @@ def baseline_prune(like: str, method: str, width_mult: float | None, train_epoch
                    max_pruning_ratio: float | None, from_scratch: bool,
                    out: str | None, overwrite: bool) -> None:
     """Train a wide network of RUN's family, prune it to each target cost (Torch-Pruning), fine-tune it."""
-    from hwsplit.run.prune import DEFAULT_SLIMMING_L1, MAX_PRUNING_RATIO, prune_baseline
+    from hwsplit.run.finetune import finetune_dir
+    from hwsplit.run.prune import DEFAULT_SLIMMING_L1, MAX_PRUNING_RATIO, prune_baseline, prune_dir
     from hwsplit.run.rundir import stage_table
 
     if slimming_l1 is not None and method != "slimming":
@@ -543,7 +546,7 @@ def baseline_prune(like: str, method: str, width_mult: float | None, train_epoch
                              slimming_l1=DEFAULT_SLIMMING_L1 if slimming_l1 is None else slimming_l1,
                              max_pruning_ratio=MAX_PRUNING_RATIO if max_pruning_ratio is None else max_pruning_ratio,
                              overwrite=overwrite, progress=_progress, on_stage=_print_stage)
-    dest = out or str(Path(like) / f"prune-{method}")
+    dest = out or str(prune_dir(like, method))
     click.echo(_table(stage_table(records)))
     rows = [["stage", "target", "cost", "top-1 pruned", "top-1 fine-tuned", "epochs in all"]]
     for r in records[1:]:
@@ -551,7 +554,8 @@ def baseline_prune(like: str, method: str, width_mult: float | None, train_epoch
                      f"{r['pruned_top1_before_finetune']:.4f}", f"{r['test_top1']:.4f}", str(r["epochs_in_all"])])
     click.echo("")
     click.echo(_table(rows))
-    click.echo(f"\nrun directory: {dest}" + (f" (retrained: {Path(dest) / 'retrain'})" if from_scratch else ""))
+    click.echo(f"\nrun directory: {dest}" + (f" (retrained: {finetune_dir(dest, from_scratch=True)})"
+                                            if from_scratch else ""))
 
 
 # --------------------------------------------------------------------------------------------
@@ -584,6 +588,7 @@ def finetune(run: str, stages: tuple[int, ...], all_stages: bool, epochs: int, f
     """Fine-tune (or retrain from scratch) grown stages of RUN for the same schedule; resumable."""
     from hwsplit.infra.devices import check_device
     from hwsplit.run.finetune import finetune as run_finetune
+    from hwsplit.run.finetune import finetune_dir
     from hwsplit.run.rundir import stage_table
 
     if all_stages and stages:
@@ -598,7 +603,7 @@ def finetune(run: str, stages: tuple[int, ...], all_stages: bool, epochs: int, f
                            overrides=overrides, overwrite=overwrite, progress=_progress, on_stage=_print_stage)
     if _main_rank():
         click.echo(_table(stage_table(records)))
-        dest = out or str(Path(run) / ("retrain" if from_scratch else "finetune"))
+        dest = out or str(finetune_dir(run, from_scratch=from_scratch))
         click.echo(f"\nrun directory: {dest}")
 
 

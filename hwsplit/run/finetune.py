@@ -91,7 +91,7 @@ def finetune(run: str | Path, *, epochs: int, stages: Sequence[int] | None = Non
         raise ConfigError(f"stage: {', '.join(map(str, missing)) or chosen} not among the completed stages of "
                           f"{src.path} ({', '.join(map(str, sorted(done)))}), or given twice")
     kind = kind or (RETRAIN_DIR if from_scratch else FINETUNE_DIR)
-    dest = RunDir(out if out is not None else src.path / kind)
+    dest = RunDir(out if out is not None else finetune_dir(src.path, kind=kind))
     check_writable_name(dest.summary)
     if session is None:
         session = open_session(config)
@@ -168,6 +168,12 @@ def _samples_in_all(source: dict[str, Any], session: Session, epochs: int, from_
     return {"train_samples_in_all": before + epochs * len(session.bundle.train)}
 
 
+def finetune_dir(run: str | Path, *, from_scratch: bool = False, kind: str | None = None) -> Path:
+    """Where :func:`finetune` writes when given no ``out``: ``RUN/finetune``, ``RUN/retrain`` with
+    ``from_scratch``, or ``RUN/<kind>``."""
+    return Path(run) / (kind or (RETRAIN_DIR if from_scratch else FINETUNE_DIR))
+
+
 def ship_stage(config: GrowConfig, records: Sequence[dict[str, Any]]) -> tuple[int, str]:
     """The stage ``grow --final-epochs`` ships, and why: the last one; with a budget and a validation
     split, the one with the best validation accuracy among those within the budget (earliest on ties)."""
@@ -193,4 +199,5 @@ def final_network(run: str | Path, config: GrowConfig, session: Session, records
     return out[-1]
 
 
-__all__ = ["FINAL_DIR", "FINETUNE_DIR", "OVERRIDABLE", "RETRAIN_DIR", "final_network", "finetune", "ship_stage"]
+__all__ = ["FINAL_DIR", "FINETUNE_DIR", "OVERRIDABLE", "RETRAIN_DIR", "final_network", "finetune", "finetune_dir",
+           "ship_stage"]

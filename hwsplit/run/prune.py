@@ -475,7 +475,7 @@ def prune_baseline(run: str | Path, *, method: str, out: str | Path | None = Non
                           f"{round_to or 1} channel(s); see --max-pruning-ratio)")
     epochs_wide = train_epochs if train_epochs is not None else stage_epochs_in_all(config, config.stages)
     epochs_ft = finetune_epochs if finetune_epochs is not None else config.epochs
-    dest = RunDir(out if out is not None else src.path / f"prune-{method}")
+    dest = RunDir(out if out is not None else prune_dir(src.path, method))
     check_writable_name(dest.summary)
     info = {**config.to_dict(), "baseline": PRUNE_BASELINE, RUN_INFO_WORLD_SIZE: 1,
             "prune": {"source": str(src.path.resolve()), "method": method, "wide_width_mult": mult,
@@ -493,6 +493,11 @@ def prune_baseline(run: str | Path, *, method: str, out: str | Path | None = Non
         finetune(dest.path, epochs=epochs_ft, stages=list(range(1, len(records))), from_scratch=True,
                  session=session, progress=progress, on_stage=on_stage, kind=RETRAIN_DIR)
     return records
+
+
+def prune_dir(run: str | Path, method: str) -> Path:
+    """Where :func:`prune_baseline` writes when given no ``out``: ``RUN/prune-METHOD``."""
+    return Path(run) / f"prune-{method}"
 
 
 def _torch_pruning_version() -> str:
@@ -576,5 +581,5 @@ def _taylor_batches(session: Session, index: int) -> list[tuple[torch.Tensor, to
 
 
 __all__ = ["DEFAULT_SLIMMING_L1", "MAX_PRUNING_RATIO", "METHODS", "PRUNABLE_FAMILIES", "PRUNE_BASELINE", "STEP_RATIO",
-           "TOLERANCE", "layer_floor", "minimum_widths_model", "parse_targets", "prune_baseline", "prune_to_cost",
-           "slimming_loss", "wide_width_mult"]
+           "TOLERANCE", "layer_floor", "minimum_widths_model", "parse_targets", "prune_baseline", "prune_dir",
+           "prune_to_cost", "slimming_loss", "wide_width_mult"]
