@@ -465,30 +465,29 @@ def baseline_width(multipliers: str, like: str | None, model: str, model_config:
     """Train the family uniformly scaled by width multipliers, from scratch, on grow's schedule."""
     from hwsplit.infra.devices import check_device
     from hwsplit.run.baselines import parse_multipliers, width_baseline
-    from hwsplit.run.config import config_like, stage_epochs_in_all
+    from hwsplit.run.config import stage_epochs_in_all
+    from hwsplit.run.options import width_settings
     from hwsplit.run.rundir import stage_table
 
     mults = parse_multipliers(multipliers)
-    use = (lambda name: like is None or _given(name))
-    overrides: dict[str, Any] = {}
-    for option, key, value in (("model", "model", model), ("dataset", "dataset", dataset),
-                               ("data_dir", "data_dir", data_dir), ("download", "download", download),
-                               ("limit", "data_limit", limit), ("test_limit", "test_limit", _test_limit(test_limit)),
-                               ("stages", "stages", stages),
-                               ("stage_epochs", "epochs", stage_epochs), ("seed_epochs", "seed_epochs", seed_epochs),
-                               ("batch_size", "batch_size", batch_size), ("lr", "lr", lr),
-                               ("weight_decay", "weight_decay", weight_decay), ("device", "device", device),
-                               ("threads", "threads", threads), ("seed", "seed", seed),
-                               ("channel_multiple", "channel_multiple", _channel_multiple(channel_multiple)),
-                               ("no_tensorboard", "tensorboard", not no_tensorboard)):
-        if use(option):
-            overrides[key] = value
-    if any(use(o) for o in ("model_config", "width_mult", "activation")):
-        overrides["model_options"] = _model_options(model_config, width_mult, activation)
-    if any(use(o) for o in ("cost", "profile_path", "metric")):
-        overrides["cost"] = cost
-        overrides["cost_options"] = _cost_options(cost, profile_path, metric)
-    config = config_like(like, overrides)
+    # GrowConfig field ← (its value, the options that set it)
+    fields: dict[str, tuple[Any, tuple[str, ...]]] = {
+        "model": (model, ("model",)), "dataset": (dataset, ("dataset",)), "data_dir": (data_dir, ("data_dir",)),
+        "download": (download, ("download",)), "data_limit": (limit, ("limit",)),
+        "test_limit": (_test_limit(test_limit), ("test_limit",)), "stages": (stages, ("stages",)),
+        "epochs": (stage_epochs, ("stage_epochs",)), "seed_epochs": (seed_epochs, ("seed_epochs",)),
+        "batch_size": (batch_size, ("batch_size",)), "lr": (lr, ("lr",)),
+        "weight_decay": (weight_decay, ("weight_decay",)), "device": (device, ("device",)),
+        "threads": (threads, ("threads",)), "seed": (seed, ("seed",)),
+        "channel_multiple": (_channel_multiple(channel_multiple), ("channel_multiple",)),
+        "tensorboard": (not no_tensorboard, ("no_tensorboard",)),
+        "model_options": (_model_options(model_config, width_mult, activation),
+                          ("model_config", "width_mult", "activation")),
+        "cost": (cost, ("cost", "profile_path", "metric")),
+        "cost_options": (_cost_options(cost, profile_path, metric), ("cost", "profile_path", "metric")),
+    }
+    config = width_settings(like, {k: v for k, (v, _) in fields.items()},
+                            given={k for k, (_, options) in fields.items() if any(_given(o) for o in options)})
     check_device(config.device)
     total = epochs if epochs is not None else stage_epochs_in_all(config, config.stages)
     if _main_rank():

@@ -13,8 +13,22 @@ from hwsplit.infra.errors import ConfigError
 from hwsplit.network.checkpoint import save_checkpoint
 from hwsplit.network.models import architecture, build_model
 from hwsplit.run.config import GrowConfig, stage_epochs_in_all
-from hwsplit.run.options import grow_settings, resume_settings
+from hwsplit.run.options import grow_settings, resume_settings, width_settings
 from hwsplit.run.rundir import RunDir
+
+
+def test_width_settings_take_a_runs_settings_and_replace_only_what_was_given(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    grown = GrowConfig(model="mobilenet_v1_cifar", model_options={"width_mult": 1.0, "activation": "relu"},
+                       batch_size=32, epochs=3, data_limit=300)
+    (run / "config.json").write_text(json.dumps(grown.to_dict()))
+    fields = {"batch_size": 64, "epochs": 15, "data_limit": None, "lr": 0.05, "model_options": {"width_mult": 2.0}}
+    config = width_settings(run, fields, given={"lr", "model_options"})
+    assert (config.batch_size, config.epochs, config.data_limit) == (32, 3, 300)  # the run's, not the defaults
+    assert config.lr == 0.05 and config.model_options == {"width_mult": 2.0, "activation": "relu"}  # merged
+    alone = width_settings(None, fields, given=set())  # no run: every value counts, given or default
+    assert (alone.batch_size, alone.epochs, alone.lr) == (64, 15, 0.05)
 
 
 def test_grow_settings_parse_the_budget_in_the_cost_models_unit_and_apply_the_recipe():

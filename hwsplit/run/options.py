@@ -8,12 +8,12 @@ about settings stays in :mod:`hwsplit.run.config` (docs/design.md §1, §5).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
 from hwsplit.infra.parallel import on_main
-from hwsplit.run.config import GrowConfig, load_config, parse_budget, recipe_settings
+from hwsplit.run.config import GrowConfig, config_like, load_config, parse_budget, recipe_settings
 from hwsplit.run.session import build_cost_model
 
 
@@ -38,6 +38,15 @@ def grow_settings(fields: Mapping[str, Any], *, budget: str | None = None, recip
     return config, cost_model
 
 
+def width_settings(like: str | Path | None, fields: Mapping[str, Any], *, given: Collection[str]) -> GrowConfig:
+    """The settings of a width baseline (``baseline width``): without ``like``, ``fields`` (GrowConfig fields, the
+    options' values whether given or default) over the defaults; with ``like`` (a grow run), that run's settings with
+    only the fields in ``given`` (those the user set) replaced, so the widths train on the run's schedule and data.
+    ``model_options`` merge into the run's (:func:`~hwsplit.run.config.config_like`)."""
+    overrides = {k: v for k, v in fields.items() if like is None or k in given}
+    return config_like(like, overrides)
+
+
 def resume_settings(run: str | Path, *, stages: int | None = None, threads: int | None = None) -> GrowConfig:
     """The settings ``grow --resume RUN`` continues with: RUN's config.json (read by rank 0, shared with the
     others), with ``stages`` (to extend the run) and ``threads`` replaced when given."""
@@ -60,4 +69,4 @@ def fit_profile(path: str | Path, *, metric: str | None = None, test_size: float
     return fit_report(data, metric, test_size=test_size, seed=seed)
 
 
-__all__ = ["fit_profile", "grow_settings", "resume_settings"]
+__all__ = ["fit_profile", "grow_settings", "resume_settings", "width_settings"]
