@@ -726,7 +726,6 @@ def profile(device: str, backend: str, meter: str, family: str, resolution: int,
     from hwsplit.infra.devices import check_device
 
     check_device(device, field="--device")
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
     result = profile_family(family=family, resolution=resolution, device=device, backend=backend, meter=meter,
                             out=out, quick=quick, threads=threads, time_budget_s=time_budget_s,
                             activation=activation, progress=_progress, networks=networks,

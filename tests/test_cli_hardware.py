@@ -111,7 +111,7 @@ def test_fit_prints_the_accuracy_report():
 
 
 def test_quick_profile_then_resume(tmp_path):
-    out = tmp_path / "quick.json"
+    out = tmp_path / "new" / "quick.json"  # its folder is made
     result = _invoke("profile", "--quick", "--time-budget", "0.005", "--out", str(out))
     assert result.exit_code == 0, result.output
     rows = json.loads(out.read_text())["rows"]
