@@ -231,18 +231,19 @@ class _PowerSampler:
         self._stop.set()
         self._thread.join(timeout=5.0)
 
-    def window(self, t0: float, t1: float) -> list[tuple[float, float]]:
+    def window(self, t0_s: float, t1_s: float) -> list[tuple[float, float]]:
+        """The samples ``(time_s, power_mw)`` taken in ``[t0_s, t1_s]`` (seconds of the meter's clock)."""
         with self._lock:
-            return sorted(s for s in self.samples if t0 <= s[0] <= t1)
+            return sorted(s for s in self.samples if t0_s <= s[0] <= t1_s)
 
 
-def integrate_power_mj(samples: Sequence[tuple[float, float]], t0: float, t1: float) -> float:
-    """Energy (mJ) of power samples ``(time_s, power_mw)`` over ``[t0, t1]``: trapezoid rule between
+def integrate_power_mj(samples: Sequence[tuple[float, float]], t0_s: float, t1_s: float) -> float:
+    """Energy (mJ) of power samples ``(time_s, power_mw)`` over ``[t0_s, t1_s]`` (seconds): trapezoid rule between
     samples, the first/last value held constant to the window's edges."""
     if not samples:
         raise ValueError("samples: no power samples in the window")
     pts = sorted(samples)
-    energy = pts[0][1] * max(0.0, pts[0][0] - t0) + pts[-1][1] * max(0.0, t1 - pts[-1][0])
+    energy = pts[0][1] * max(0.0, pts[0][0] - t0_s) + pts[-1][1] * max(0.0, t1_s - pts[-1][0])
     for (ta, pa), (tb, pb) in itertools.pairwise(pts):
         energy += 0.5 * (pa + pb) * (tb - ta)
     return energy  # mW · s = mJ
