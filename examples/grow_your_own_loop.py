@@ -1,7 +1,7 @@
 """Grow torchvision's MobileNetV2 inside a plain PyTorch training loop (hwsplit.Grower).
 
     python examples/grow_your_own_loop.py --data path/to/images       # an ImageFolder: train/ and val/ class folders
-    python examples/grow_your_own_loop.py --npz ../shared/data/cifar10  # train.npz / test.npz (x uint8 NxHxWxC, y)
+    python examples/grow_your_own_loop.py --npz data/cifar10  # train.npz / test.npz (x uint8 NxHxWxC, y)
 
 The loop below is an ordinary one — your data, your augmentation, your optimizer and schedule. Between
 rounds of training, ``grower.step(model, loader)`` scores every neuron on the training loader, prices
