@@ -403,10 +403,10 @@ def profile_drift(profile: dict[str, Any], *, networks: int = 4, time_budget_s: 
     multiple, half not, where the profile has both) timed again end to end with the profile's protocol, against
     the times the profile recorded. Returns ``{"ratio": median now/then, "kinds": {"aligned"|"other": median
     now/then}, "networks": [{"then_ms", "now_ms", "aligned"}], "drifted": any of these beyond DRIFT_LIMIT_PCT %,
-    "limit_pct"}``. On a shared VM the host's load moves the latencies (BENCHMARKS.md, drift). A table's absolute
-    milliseconds and a budget in ms do not survive a drift; its rankings, between networks on the blocked kernels
-    and the others too, survive only one that moves both kinds alike, hence the two kinds apart. ``measure``
-    replaces :func:`cost_models.profiling.measure.measure_model` (tests)."""
+    "limit_pct"}``. On a shared VM the host's load moves the latencies (BENCHMARKS.md, "Device tables on this CPU").
+    A table's absolute milliseconds and a budget in ms do not survive a drift; its rankings, between networks on
+    the blocked kernels and the others too, survive only one that moves both kinds alike, hence the two kinds
+    apart. ``measure`` replaces :func:`cost_models.profiling.measure.measure_model` (tests)."""
     import statistics
 
     nets = [n for n in (profile.get("context") or {}).get("networks", []) if n.get("latency_ms")]

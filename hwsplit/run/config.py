@@ -116,7 +116,7 @@ class GrowConfig:
     split_step: float = 1e-2
     split_lr: float = 0.05
     # Rayleigh–Ritz vectors per neuron, at least this many in every layer (hwsplit.splitting.score.splitting_indices
-    # ritz_vectors): quality for cost (BENCHMARKS.md, scoring); 0 = the averaged-iterate estimate
+    # ritz_vectors): quality for cost (BENCHMARKS.md, "Splitting core"); 0 = the averaged-iterate estimate
     split_vectors: int = 6
     # "cost": more vectors where one is cheap (small maps), "uniform": split_vectors everywhere
     split_allocation: str = "cost"

@@ -28,7 +28,8 @@ KINKED = ("relu", "relu6", "hardswish", "leaky_relu")
 
 # Per element of the tangents ḣ and ż, the Rayleigh–Ritz forms' elementwise products and b×b sums cost
 # about as much as this many multiply-adds of their convolutions: least squares over the 14 groups' measured
-# times on the 4× CIFAR seed net, one CPU thread (the forms are memory-bound on maps ≥ 8×8; BENCHMARKS.md, scoring).
+# times on the 4× CIFAR seed net, one CPU thread (the forms are memory-bound on maps ≥ 8×8; BENCHMARKS.md,
+# "Splitting core").
 RITZ_ELEMENT_MACS = 20  # not tuned for GPUs (there the split only shifts vectors between groups)
 
 

@@ -197,7 +197,7 @@ def allocate_ritz_vectors(costs: dict[str, float], dims: dict[str, int], vectors
     vectors everywhere that minimises Σ_g 1/b_g (an error falling like 1/b; a Lagrange multiplier gives
     b_g ∝ c_g^(-1/2)), i.e. more vectors where they are cheap (small maps, late layers); the floor b keeps
     the dear groups (the stem) at the uniform count, because which groups need vectors depends on the
-    net and its training (BENCHMARKS.md, scoring). Both rules are
+    net and its training (BENCHMARKS.md, "Splitting core"). Both rules are
     bounded by the fan-in d_g (``dims``: a basis of d_g vectors spans every direction and is exact), and
     "cost" by RITZ_MAX_FACTOR·b: the basis (n·d·b_g), the b×b sums (n·b_g²) and their eigen-solves grow with
     b_g in ways c_g does not count (a Linear head's vectors cost almost nothing to form)."""
@@ -220,7 +220,7 @@ def ritz_basis(v: torch.Tensor, residuals: list[torch.Tensor], size: int, gen: t
     The gradients are residuals of successive iterates on successive batches, so together with v they span
     an approximate Krylov space {v, S v, S² v, …} of the Rayleigh quotient's descent, which is where the
     eigenvector's remaining error lies (docs/design.md §2; its rank agreement with exact scoring against
-    other bases: BENCHMARKS.md, scoring)."""
+    other bases: BENCHMARKS.md, "Splitting core")."""
     cols = [v.flatten(1)] + [g.flatten(1) for g in reversed(residuals)]
     cols = cols[:size]
     while len(cols) < size:

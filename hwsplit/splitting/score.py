@@ -216,7 +216,7 @@ def splitting_indices(
     :func:`~hwsplit.splitting.ritz.ritz_estimate`). With ``adaptive`` (:class:`ScoringOptions`; the loader
     must have a ``len()``) ``SplitScore.images`` is the number of images read, ``SplitScore.stopped`` why
     it stopped. The defaults (6 vectors by cost, ``ritz_from=0.35``, one pass) were chosen by measurement
-    (BENCHMARKS.md, scoring).
+    (BENCHMARKS.md, "Splitting core").
 
     The model's parameters, buffers, gradients and train/eval modes are exactly as before afterwards.
     """
