@@ -1,10 +1,11 @@
 """The run directory: its format, its records, its summary and the rule of one writer per run.
 
 A run directory holds ``config.json`` (what was asked), ``stages.jsonl`` (one JSON record per
-completed stage: RECORD_KEYS and more), ``stage-K.pt`` (architecture + weights, loadable with
-``weights_only=True``), ``summary.md`` (the same records, for people) and ``.lock`` (held by the
-one process writing it). Every file is written atomically (:mod:`hwsplit.infra.fsio`). A stage is
-complete when its record is in ``stages.jsonl``, which is written after its checkpoint.
+completed stage: at least ``stage``, ``test_top1``, ``macs``, ``params``, ``cost``), ``stage-K.pt``
+(architecture + weights, loadable with ``weights_only=True``), ``summary.md`` (the same records, for
+people) and ``.lock`` (held by the one process writing it). Every file is written atomically
+(:mod:`hwsplit.infra.fsio`). A stage is complete when its record is in ``stages.jsonl``, which is written after
+its checkpoint.
 See docs/design.md §5.
 """
 
@@ -28,8 +29,6 @@ from hwsplit.infra.units import fmt_si
 
 log = logging.getLogger(__name__)
 
-#: Keys every stage record has (grow, baseline and finetune records alike).
-RECORD_KEYS = ("stage", "test_top1", "macs", "params", "cost")
 #: Sub-directories of a grow run that hold networks derived from its stages (hwsplit.run.finetune).
 DERIVED = ("final", "finetune", "retrain")
 #: The run's list of the ONNX files ``export`` wrote from it (removed with the run it came from).
@@ -533,7 +532,7 @@ def write_summary(run: RunDir, config: Any, records: list[dict[str, Any]], *, st
         log.error("could not write %s: %s", run.summary, err)
 
 
-__all__ = ["DERIVED", "EXPORTS", "RECORD_KEYS", "RunDir", "StageFailed", "WriteFailed",
+__all__ = ["DERIVED", "EXPORTS", "RunDir", "StageFailed", "WriteFailed",
            "check_source", "continue_or_start", "derived_runs", "file_sha256", "lock_holder", "mark_interrupted",
            "record_export", "record_widths", "remove_run_files", "resume_hint", "run_status", "shown_stage",
            "stage_table", "start_fresh", "write_summary"]

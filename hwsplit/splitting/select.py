@@ -12,8 +12,10 @@ eigenvalues, negative = worth splitting), its marginal costs and its cap into on
 :data:`SELECTIONS` dispatches every strategy (``lp``, ``milp``, ``greedy``, ``random``) by name with one
 signature (:func:`select_by_name`).
 
-numpy and scipy only at import: :func:`select_neurons` and :func:`random_selection` import torch inside
-the function to build their ``LongTensor`` results.
+:func:`fit_plan_to_budget` drops the least valuable chosen neurons until a plan's real cost increase fits.
+
+numpy and scipy only at import: :func:`select_neurons`, :func:`random_selection` and :func:`fit_plan_to_budget`
+import torch inside the function to build their ``LongTensor`` results.
 """
 
 from __future__ import annotations
