@@ -186,8 +186,8 @@ def fragment(result: dict, args: argparse.Namespace) -> str:
     lines = [f"## Fair protocol, {scale}: {'claim 4' if args.claim4 else 'claims 2 and 3'}", "",
              f"- command: {_command(args)}" + (" (steps flops,lut,width,retrain-flops,retrain-lut; then `--steps "
                                                "measure` on a quiet core)" if args.claim4 else ""),
-             "- machines: each training on a 2-vCPU VM, one thread per process (the CPU of each sitting is in the "
-             "log's `machine:` lines; accuracy does not depend on it, wall times do)"
+             "- machines: every training one thread per process (the machine of each sitting is in the log's "
+             "`machine:` lines; accuracy does not depend on it, wall times do)"
              + (f"; latencies measured on {', '.join(result['latency']['machines'])} (`latency.json`)"
                 if result.get("latency", {}).get("machines") else ""),
              f"- rebuilt: {common.now()} on {common.machine_line(common.machine())}",
