@@ -778,6 +778,9 @@ def drift(profile_path: str, networks: int, time_budget_s: float) -> None:
         kind = "aligned" if r.get("aligned") else "other"
         click.echo(f"  {kind:<7}  then {r['then_ms']:.4f} ms  now {r['now_ms']:.4f} ms  ({change:+.1f} %)")
     verdict = "DRIFTED: profile again for budgets in ms" if result["drifted"] else "within the limit"
+    if not result.get("same_device", True):
+        click.echo(f"  the profile was made on {result['profile_device']}; this machine is {result['this_device']}: "
+                   "another machine, not a drift of the profile's")
     kinds = ", ".join(f"{k} {x:.3f}×" for k, x in result.get("kinds", {}).items())
     click.echo(f"{profile_path}: whole networks run at {result['ratio']:.3f}× the profile's times"
                f"{f' ({kinds})' if kinds else ''} (limit ±{result['limit_pct']:.0f} %): {verdict}")

@@ -182,3 +182,9 @@ def test_drift_prints_the_ratio_and_exits_1_when_the_machine_drifted(monkeypatch
         result = CliRunner().invoke(main, ["drift", profile])
         assert result.exit_code == code, result.output
         assert f"{ratio:.3f}×" in result.output and ("DRIFTED" in result.output) == drifted
+        assert "another machine" not in result.output
+    fake = {"ratio": 0.87, "drifted": True, "limit_pct": 10.0, "networks": [], "same_device": False,
+            "profile_device": "Intel(R) Xeon(R) Processor", "this_device": "AMD EPYC"}
+    monkeypatch.setattr(profiler, "profile_drift", lambda p, **kw: fake)
+    result = CliRunner().invoke(main, ["drift", profile])
+    assert "made on Intel(R) Xeon(R) Processor; this machine is AMD EPYC: another machine" in result.output

@@ -265,6 +265,9 @@ def test_profile_drift_compares_context_networks_now_and_then() -> None:
     assert calls[0]["threads"] == 1 and calls[0]["meter"] == "latency"
     fast = profile_drift(profile, networks=3, measure=timer(0.7))
     assert fast["drifted"] and fast["ratio"] == pytest.approx(0.7)
+    assert same["same_device"] and fast["same_device"]  # a profile naming no device is taken as this one's
+    other = profile_drift({**profile, "device": {"threads": 1, "name": "Another CPU"}}, networks=2, measure=timer(1))
+    assert not other["same_device"] and other["profile_device"] == "Another CPU"
     with pytest.raises(ValueError, match="context"):
         profile_drift({"context": {"networks": []}})
 

@@ -40,7 +40,7 @@ from cost_models.profiling.grid import (
     family_grid,
     growth_architectures,
 )
-from cost_models.profiling.machine import default_threads, device_info, parse_device
+from cost_models.profiling.machine import cpu_name, default_threads, device_info, parse_device
 from cost_models.profiling.measure import measure_model, measure_rounds, repeatability
 from cost_models.profiling.meters import Measurement, NvmlEnergyMeter
 from cost_models.profiling.node_trace import attribute_nodes, node_times
@@ -403,7 +403,9 @@ def profile_drift(profile: dict[str, Any], *, networks: int = 4, time_budget_s: 
     multiple, half not, where the profile has both) timed again end to end with the profile's protocol, against
     the times the profile recorded. Returns ``{"ratio": median now/then, "kinds": {"aligned"|"other": median
     now/then}, "networks": [{"then_ms", "now_ms", "aligned"}], "drifted": any of these beyond DRIFT_LIMIT_PCT %,
-    "limit_pct"}``. On a shared VM the host's load moves the latencies (BENCHMARKS.md, "Device tables on this CPU").
+    "limit_pct", "profile_device": the CPU the profile names, "this_device": this machine's, "same_device"}``
+    (a profile of another CPU model is compared all the same, and said so: its milliseconds were never this
+    machine's). On a shared VM the host's load moves the latencies (BENCHMARKS.md, "Device tables on this CPU").
     A table's absolute milliseconds and a budget in ms do not survive a drift; its rankings, between networks on
     the blocked kernels and the others too, survive only one that moves both kinds alike, hence the two kinds
     apart. ``measure`` replaces :func:`cost_models.profiling.measure.measure_model` (tests)."""
@@ -444,4 +446,10 @@ def profile_drift(profile: dict[str, Any], *, networks: int = 4, time_budget_s: 
     if len(kinds) == 2 and abs(kinds["aligned"] - kinds["other"]) * 100 > DRIFT_LIMIT_PCT:
         log.warning("aligned and other networks moved apart (%+.0f %% vs %+.0f %%): the table's rankings between "
                     "them no longer hold either", 100 * (kinds["aligned"] - 1), 100 * (kinds["other"] - 1))
-    return {"ratio": ratio, "kinds": kinds, "networks": rows, "drifted": drifted, "limit_pct": DRIFT_LIMIT_PCT}
+    then_device, here = profile.get("device", {}).get("name"), cpu_name()
+    same = then_device is None or then_device == here
+    if not same:
+        log.warning("the profile was made on %r, this machine is %r: the difference is between two machines, not "
+                    "a drift of one", then_device, here)
+    return {"ratio": ratio, "kinds": kinds, "networks": rows, "drifted": drifted, "limit_pct": DRIFT_LIMIT_PCT,
+            "profile_device": then_device, "this_device": here, "same_device": same}
