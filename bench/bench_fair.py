@@ -27,7 +27,9 @@ stage's checkpoint stands for its retrained copy.
 Step ``measure`` works for any arms (``fair_latency.compared_architectures``: width multipliers, every arm's grown
 stages and their retrained and fine-tuned copies, the pruned networks fine-tuned and retrained, each architecture
 once) on the seeds of ``--seeds``; it is resumable (``latency.json`` is saved after every pass) and refuses
-``--jobs``. Whenever ``<out>/latency.json`` exists, the summary adds, beside the MACs comparisons, retrained
+``--jobs``, and to add to a ``latency.json`` of another machine (another CPU model, or two of its networks timed
+again off their recorded latency by more than ±10 %: ``fair_latency.check_same_machine``). Whenever
+``<out>/latency.json`` exists, the summary adds, beside the MACs comparisons, retrained
 flops − width, retrained authors − width and retrained flops − each pruning method (fine-tuned and retrained) at
 matched measured latency, over the networks that have one, and
 ``<out>/accuracy_vs_latency.png`` beside ``accuracy_vs_macs.png``.

@@ -144,6 +144,35 @@ def test_measure_times_each_architecture_its_passes_and_continues_after_a_kill(t
     assert len(calls) == n
 
 
+def test_new_architectures_are_timed_only_where_the_table_was(tmp_path, monkeypatch):
+    """Before adding to a table, its fastest and slowest networks are timed again: beyond ±10 % of their recorded
+    latency this is another host (or a drifted one), refused; within it the new network is timed."""
+    import cost_models.profiling.measure
+
+    out = tmp_path / "fair_full"
+    root = out / "s0"
+    write(root / "width-x1", [rec(arch(1), macs=550e3, acc=0.7, width_mult=1.0)])
+    write(root / "width-x2", [rec(arch(2), macs=2.2e6, acc=0.8, width_mult=2.0)])
+    factor, calls = [1.0], []
+
+    def timer(model, shape, **kw):  # latency ∝ the last layer's width, times the machine's factor
+        calls.append(1)
+        return {"latency_ms": {"median": factor[0] * 1e-3 * list(model.modules())[-1].in_features}}
+
+    monkeypatch.setattr(cost_models.profiling.measure, "measure_model", timer)
+    args = bench_fair.parse_args(["--preset", "full", "--seeds", "0", "--out", str(out), "--measure-passes", "1"])
+    fair_latency.measure_latency(out, root, args)  # a new table: nothing to check
+    assert len(calls) == 2
+    write(root / "width-x3", [rec(arch(3), macs=5e6, acc=0.85, width_mult=3.0)])
+    factor[0] = 1.5
+    with pytest.raises(SystemExit, match=r"1\.50× their recorded latency"):
+        fair_latency.measure_latency(out, root, args)
+    assert len(calls) == 4 and key(arch(3)) not in json.loads((out / "latency.json").read_text())["networks"]
+    factor[0] = 1.04  # the same host a little slower: within the limit, the new network is timed
+    fair_latency.measure_latency(out, root, args)
+    assert len(calls) == 7 and key(arch(3)) in json.loads((out / "latency.json").read_text())["networks"]
+
+
 def test_step_measure_times_the_seeds_of_seeds(tmp_path, monkeypatch):
     import cost_models.profiling.measure
 
@@ -157,7 +186,8 @@ def test_step_measure_times_the_seeds_of_seeds(tmp_path, monkeypatch):
     bench_fair.main(["--preset", "full", "--steps", "measure", "--seeds", "0,2", "--measure-passes", "1",
                      "--out", str(out)])
     table = json.loads((out / "latency.json").read_text())["networks"]
-    assert set(table) == {key(arch(1.0)), key(arch(2.0))} and len(timed) == 2  # seed 1 is not in --seeds
+    assert set(table) == {key(arch(1.0)), key(arch(2.0))}  # seed 1 is not in --seeds
+    assert len(timed) == 3  # each network once, and seed 0's again before seed 2's joined it (same machine?)
     assert "| width × 1 (30 ep.) | 70.00 | 70.00 | 550k | 0.1000 |" in (tmp_path / "fair_full.md").read_text()
     with pytest.raises(SystemExit, match="without --jobs"):
         bench_fair.main(["--preset", "full", "--steps", "measure", "--jobs", "2", "--out", str(out)])
