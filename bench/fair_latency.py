@@ -22,9 +22,6 @@ from common import log  # noqa: E402
 from fair_arms import ARMS, PRUNE_METHODS  # noqa: E402
 
 INPUT_SHAPE = (1, 3, 32, 32)
-#: Two networks the table holds, timed again before new ones are added, may differ from their recorded latency by
-#: at most this much (%): beyond it this is another machine, or the same one drifted (hwsplit's `drift` limit).
-SAME_MACHINE_PCT = 10.0
 
 
 def arch_key(arch: dict) -> str:
@@ -68,7 +65,6 @@ def measure_latency(out: Path, root: Path, args: argparse.Namespace) -> None:
     import torch
 
     import cost_models
-    from cost_models.profiling.measure import measure_model
     from hwsplit.network.models import model_from_architecture
 
     path = out / "latency.json"
@@ -117,20 +113,27 @@ def measure_latency(out: Path, root: Path, args: argparse.Namespace) -> None:
         for i, (k, model) in enumerate(models.items()):
             if len(passes[k]) >= args.measure_passes:
                 continue
-            m = measure_model(model, INPUT_SHAPE, backend="onnxruntime", threads=1, time_budget_s=args.measure_time)
-            passes[k].append(m["latency_ms"]["median"])
+            passes[k].append(_time_once(model, args.measure_time))
             log.info("%s pass %d: %d/%d %.4f ms", root.name, p + 1, i + 1, len(models), passes[k][-1])
         save()
 
 
+def _time_once(model, time_budget_s: float) -> float:
+    """One end-to-end latency (ms) of ``model``: onnxruntime, 1 thread, batch 1, the protocol of every entry."""
+    from cost_models.profiling.measure import measure_model
+
+    return measure_model(model, INPUT_SHAPE, backend="onnxruntime", threads=1,
+                         time_budget_s=time_budget_s)["latency_ms"]["median"]
+
+
 def check_same_machine(table: dict, path: Path, time_budget_s: float) -> None:
     """Time the fastest and the slowest network ``table`` holds once more and refuse (``SystemExit``) when the median
-    of now ÷ then is beyond ±:data:`SAME_MACHINE_PCT` %: the CPU model a VM reports does not identify its host
-    (BENCHMARKS.md: two "AMD EPYC" hosts 1.85× apart), and latencies of two hosts, or of one that drifted, do not
-    compare. Nothing to check in a table without a finished network."""
+    of now ÷ then is beyond ±``DRIFT_LIMIT_PCT`` % (the limit of hwsplit's ``drift``): the CPU model a VM reports
+    does not identify its host (BENCHMARKS.md: two "AMD EPYC" hosts 1.85× apart), and latencies of two hosts, or of
+    one that drifted, do not compare. Nothing to check in a table without a finished network."""
     import torch
 
-    from cost_models.profiling.measure import measure_model
+    from cost_models.profiling.profiler import DRIFT_LIMIT_PCT
     from hwsplit.network.models import model_from_architecture
 
     done = sorted((n for n in table.get("networks", {}).values() if n.get("latency_ms")), key=lambda n: n["latency_ms"])
@@ -140,14 +143,13 @@ def check_same_machine(table: dict, path: Path, time_budget_s: float) -> None:
     for n in {id(n): n for n in (done[0], done[-1])}.values():
         torch.manual_seed(0)
         model = model_from_architecture(n["architecture"]).eval()
-        now = measure_model(model, INPUT_SHAPE, backend="onnxruntime", threads=1, time_budget_s=time_budget_s)
-        ratios.append(now["latency_ms"]["median"] / n["latency_ms"])
+        ratios.append(_time_once(model, time_budget_s) / n["latency_ms"])
     ratio = statistics.median(ratios)
     log.info("same-machine check: %d network(s) of %s now at %.3f× their recorded latency", len(ratios), path.name,
              ratio)
-    if abs(ratio - 1) * 100 > SAME_MACHINE_PCT:
+    if abs(ratio - 1) * 100 > DRIFT_LIMIT_PCT:
         raise SystemExit(f"{path}: networks it holds now run at {ratio:.2f}× their recorded latency (limit "
-                         f"±{SAME_MACHINE_PCT:g} %): this is another machine than the one that timed them, or it "
+                         f"±{DRIFT_LIMIT_PCT:g} %): this is another machine than the one that timed them, or it "
                          "drifted. Time the new architectures there, or move latency.json aside to time every "
                          "architecture again here.")
 
